@@ -1,0 +1,1 @@
+"""The `hexray` command: argument parsing and rich rendering only."""

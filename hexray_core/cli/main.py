@@ -1,0 +1,80 @@
+"""Entry point of the `hexray` command.
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and ``run(args)``;
+modules are imported only when their command runs, so `hexray replay` never pays for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hexray_core import __version__
+from hexray_core.errors import HexRayError
+from trace_format.errors import TraceFormatError
+
+COMMANDS = {
+    "record": "hexray_core.cli.record_cmd",
+    "replay": "hexray_core.cli.replay_cmd",
+    "diff": "hexray_core.cli.diff_cmd",
+    "info": "hexray_core.cli.info_cmd",
+    "verify": "hexray_core.cli.verify_cmd",
+    "lsp": "hexray_core.cli.lsp_cmd",
+}
+HELP = {
+    "record": "run a model on prompts and record the forward pass into a .hxr trace",
+    "replay": "attribution, logit lens, attention, residual and CoT views from a trace",
+    "diff": "compare the attribution of two runs or two traces",
+    "info": "summarise a trace: runs, tokens, tensors, sizes, provenance",
+    "verify": "check every record and checksum of a trace (like gzip -t)",
+    "lsp": "language server: per-token attribution in the editor",
+}
+
+
+def _load(command: str):
+    return importlib.import_module(COMMANDS[command])
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hexray",
+        description="HexRay: an X-ray for transformer language models.",
+        epilog="One-shot mode (record and replay in one go): hexray --prompt TEXT [--top-k-attribution N] [--cot-debug]",
+    )
+    parser.add_argument("--version", action="version", version=f"hexray {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        if name == command:
+            _load(name).add_parser(sub)
+        else:
+            sub.add_parser(name, help=HELP[name], add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        if command not in COMMANDS and any(a == "--prompt" or a.startswith("--prompt=") for a in argv):
+            from hexray_core.cli import oneshot_cmd
+
+            return oneshot_cmd.main(argv)
+        parser = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(_load(args.command).run(args) or 0)
+    except (HexRayError, TraceFormatError) as e:
+        print(f"hexray: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hexray: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

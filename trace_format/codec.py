@@ -1,0 +1,104 @@
+"""Encoding and safe decoding of record payloads (zstd frames, byte-shuffle, msgpack)."""
+
+from __future__ import annotations
+
+import threading
+
+import msgpack
+import zstandard
+
+from .dtypes import shuffle, unshuffle
+from .errors import TraceFormatError
+from .layout import CODEC_NONE, CODEC_ZSTD, FILTER_NONE, FILTER_SHUFFLE, crc32
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # ZstdCompressor is not thread-safe: one per thread and level.
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return cache[level]
+
+
+def encode(data, *, level: int | None, itemsize: int, use_shuffle: bool) -> tuple[int, int, bytes, int]:
+    """Encode one payload. Returns (codec, filter, payload, crc of payload).
+
+    level None stores the bytes as they are. A chunk that zstd cannot shrink is stored raw too.
+    """
+    raw = memoryview(data).cast("B")
+    if level is None or len(raw) == 0:
+        payload = bytes(raw)
+        return CODEC_NONE, FILTER_NONE, payload, crc32(payload)
+    filt = FILTER_SHUFFLE if use_shuffle and itemsize > 1 else FILTER_NONE
+    src = shuffle(raw, itemsize) if filt == FILTER_SHUFFLE else raw
+    payload = _compressor(level).compress(src)
+    if len(payload) >= len(raw):
+        payload, codec, filt = bytes(raw), CODEC_NONE, FILTER_NONE
+    else:
+        codec = CODEC_ZSTD
+    return codec, filt, payload, crc32(payload)
+
+
+def decode(payload: bytes, *, codec: int, filt: int, raw_len: int, itemsize: int, where: str) -> bytes:
+    """Decode one payload whose decoded length must be exactly raw_len (already checked against limits)."""
+    if codec == CODEC_NONE:
+        if filt != FILTER_NONE or len(payload) != raw_len:
+            raise TraceFormatError(f"{where}: stored chunk length {len(payload)} != {raw_len}")
+        return payload
+    if codec != CODEC_ZSTD:
+        raise TraceFormatError(f"{where}: unknown codec {codec}")
+    try:
+        # python-zstandard allocates whatever the frame header claims and ignores max_output_size
+        # when the frame declares its size: check the claim against the index first.
+        claimed = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as e:
+        raise TraceFormatError(f"{where}: not a zstd frame ({e})") from None
+    if claimed != raw_len:
+        raise TraceFormatError(f"{where}: zstd frame claims {claimed} bytes, index says {raw_len}")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_len)
+    except zstandard.ZstdError as e:
+        raise TraceFormatError(f"{where}: zstd decoding failed ({e})") from None
+    if len(out) != raw_len:
+        raise TraceFormatError(f"{where}: decoded {len(out)} bytes, expected {raw_len}")
+    if filt == FILTER_SHUFFLE:
+        if itemsize <= 1 or raw_len % itemsize:
+            raise TraceFormatError(f"{where}: shuffle filter on itemsize {itemsize}")
+        return unshuffle(out, itemsize).data
+    if filt != FILTER_NONE:
+        raise TraceFormatError(f"{where}: unknown filter {filt}")
+    return out
+
+
+def _reject_ext(code, data):
+    raise ValueError(f"msgpack ext type {code} is not allowed in a trace")
+
+
+def pack_obj(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+_PLAIN = (str, int, float, bool, bytes, type(None))
+
+
+def unpack_obj(data: bytes, where: str):
+    try:
+        # unpackb derives its size limits from len(data); ext types are refused by ext_hook...
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True)
+    except Exception as e:  # msgpack raises ValueError, StackError, FormatError, UnicodeDecodeError...
+        raise TraceFormatError(f"{where}: malformed msgpack ({type(e).__name__}: {e})") from None
+    # ...except the Timestamp ext (-1), which msgpack decodes without asking ext_hook.
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif not isinstance(x, _PLAIN):
+            raise TraceFormatError(f"{where}: msgpack holds a {type(x).__name__}, which traces never contain")
+    return obj

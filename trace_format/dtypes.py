@@ -1,0 +1,69 @@
+"""The dtypes a trace may hold, and the byte-level transforms applied to chunks.
+
+bfloat16 has no numpy dtype: it is stored as raw 16-bit words (the top half of a float32) and
+handed in and out as ``uint16`` arrays tagged ``"bf16"``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Stored dtype tag -> numpy dtype of its raw words (little-endian).
+DTYPES: dict[str, np.dtype] = {
+    "f32": np.dtype("<f4"),
+    "f16": np.dtype("<f2"),
+    "bf16": np.dtype("<u2"),
+    "f64": np.dtype("<f8"),
+    "i64": np.dtype("<i8"),
+    "i32": np.dtype("<i4"),
+    "i16": np.dtype("<i2"),
+    "i8": np.dtype("i1"),
+    "u8": np.dtype("u1"),
+    "bool": np.dtype("?"),
+}
+FLOAT_TAGS = ("f32", "f16", "bf16", "f64")
+_TAG_OF = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items() if k != "bf16"}
+
+
+def tag_of(dtype: np.dtype) -> str:
+    """The stored tag for a numpy dtype (uint16 is not accepted: pass dtype="bf16" for bfloat16)."""
+    tag = _TAG_OF.get(np.dtype(dtype).newbyteorder("="))
+    if tag is None:
+        raise TypeError(f"dtype {dtype} cannot be stored in a trace (allowed: {', '.join(DTYPES)})")
+    return tag
+
+
+def bf16_to_f32(words: np.ndarray) -> np.ndarray:
+    return (words.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 words (NaN stays NaN)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))
+    out = (rounded >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def to_float32(raw: np.ndarray, tag: str) -> np.ndarray:
+    if tag == "bf16":
+        return bf16_to_f32(raw)
+    return raw.astype(np.float32, copy=False)
+
+
+def shuffle(buf: memoryview | bytes, itemsize: int) -> bytes:
+    """Byte-shuffle: group the k-th byte of every element together (helps zstd on floats)."""
+    a = np.frombuffer(buf, dtype=np.uint8)
+    return a.reshape(-1, itemsize).T.tobytes()
+
+
+def unshuffle(buf: bytes, itemsize: int) -> np.ndarray:
+    planes = np.frombuffer(buf, dtype=np.uint8).reshape(itemsize, -1)
+    out = np.empty(planes.size, dtype=np.uint8)
+    # Strided assignment per byte plane: measured 5x faster than a transpose copy.
+    for i in range(itemsize):
+        out[i::itemsize] = planes[i]
+    return out

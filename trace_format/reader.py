@@ -1,0 +1,368 @@
+"""TraceReader: random access to an `.hxr` file with every number checked before it is trusted.
+
+Opening costs one read of the file's tail (trailer and, usually, the index). Reading a tensor,
+or a row range of it, reads and decodes only the chunks that hold those rows. Nothing a file
+claims is allocated before it has been checked against the index and the limits; every
+failure is a ``TraceFormatError`` naming what is wrong and where.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import layout
+from .codec import decode, unpack_obj
+from .dtypes import DTYPES, FLOAT_TAGS, to_float32
+from .errors import TraceFormatError
+from .layout import KIND_CHUNK, KIND_INDEX, RecordHeader, Trailer, padded
+from .limits import DEFAULT_LIMITS, Limits
+from .writer import WEIGHTS_RUN, rows_of
+
+TAIL_READ = 64 * 1024
+KNOWN_FEATURES: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the index says about one stored tensor."""
+
+    id: int
+    run: int
+    name: str
+    dtype: str  # stored tag: f32 f16 bf16 f64 i64 i32 i16 i8 u8 bool
+    shape: tuple[int, ...]
+    chunk_rows: int
+    chunks: np.ndarray  # [n, 4] uint64: offset, payload_len, raw_len, crc
+    attrs: dict
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=object)) * DTYPES[self.dtype].itemsize
+
+    @property
+    def stored_bytes(self) -> int:
+        return int(self.chunks[:, 1].sum()) if len(self.chunks) else 0
+
+
+def _guarded(method):
+    """No exception but TraceFormatError may escape the reader for a malformed file."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (TraceFormatError, KeyError, IndexError, ValueError, TypeError) as e:
+            if isinstance(e, TraceFormatError) or not getattr(e, "_hexray_user_error", False):
+                if isinstance(e, TraceFormatError):
+                    raise
+                raise TraceFormatError(f"{self.path}: malformed trace ({type(e).__name__}: {e})") from None
+            raise
+        except (OverflowError, MemoryError, RecursionError, UnicodeError) as e:
+            raise TraceFormatError(f"{self.path}: malformed trace ({type(e).__name__}: {e})") from None
+
+    return wrapper
+
+
+def _user_error(exc: Exception) -> Exception:
+    """Mark a KeyError/ValueError as the caller's mistake (unknown name...), not a corrupt file."""
+    exc._hexray_user_error = True
+    return exc
+
+
+class TraceReader:
+    """Read a trace.
+
+    >>> with TraceReader("t.hxr") as r:
+    ...     r.runs[0]["prompt"], r.names(0)
+    ...     resid = r.read("blocks.0.hook_resid_post", run=0)          # float32 ndarray
+    ...     row = r.read("blocks.0.attn.hook_pattern", run=0, index=(3, slice(10, 11)))
+    """
+
+    def __init__(self, path: str | os.PathLike, *, limits: Limits = DEFAULT_LIMITS):
+        self.path = os.fspath(path)
+        self.limits = limits
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise TraceFormatError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise TraceFormatError(f"{self.path}: is a directory, not a trace") from None
+        except OSError as e:
+            raise TraceFormatError(f"{self.path}: cannot open ({e.strerror})") from None
+        try:
+            self._open()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @_guarded
+    def _open(self) -> None:
+        self.size = os.fstat(self._fd).st_size
+        if os.path.isdir(self.path):
+            raise TraceFormatError(f"{self.path}: is a directory, not a trace")
+        self.file_uuid = layout.check_preamble(self._pread(0, layout.PREAMBLE_SIZE), self.path)
+        min_size = layout.PREAMBLE_SIZE + 2 * layout.HEADER_SIZE + layout.TRAILER_SIZE
+        if self.size < min_size:
+            raise TraceFormatError(f"{self.path}: truncated ({self.size} bytes; a trace has at least {min_size})")
+        tail_start = max(0, self.size - TAIL_READ)
+        tail = self._pread(tail_start, self.size - tail_start)
+        trailer_at = self.size - layout.TRAILER_SIZE
+        self._trailer = t = Trailer.unpack(tail[-layout.TRAILER_SIZE:], trailer_at, self.path)
+        if t.data_end != trailer_at:
+            raise TraceFormatError(f"{self.path}: trailer says data ends at {t.data_end}, file is {self.size} bytes "
+                                   "(truncated or extended)", offset=trailer_at)
+        if (t.index_offset % layout.ALIGN or t.index_offset < layout.PREAMBLE_SIZE + layout.HEADER_SIZE
+                or t.index_len < layout.HEADER_SIZE or padded(t.index_offset + t.index_len) != t.data_end):
+            raise TraceFormatError(f"{self.path}: trailer points at an impossible index position", offset=trailer_at)
+        if t.prev_trailer and (t.prev_trailer % layout.ALIGN or t.prev_trailer >= t.index_offset):
+            raise TraceFormatError(f"{self.path}: trailer's previous-trailer link is impossible", offset=trailer_at)
+        if t.index_offset >= tail_start:
+            raw = tail[t.index_offset - tail_start: t.index_offset - tail_start + t.index_len]
+        else:
+            raw = self._pread(t.index_offset, t.index_len)
+        self._index_end = t.index_offset
+        index = self._decode_record(raw, t.index_offset, expect_kind=KIND_INDEX, raw_cap=self.limits.max_index_bytes,
+                                    what="INDEX")
+        if self._header_crc != t.index_crc:
+            raise TraceFormatError(f"{self.path}: index checksum differs from the trailer's", offset=t.index_offset)
+        self._index = self._check_index(unpack_obj(index, f"{self.path}: INDEX"))
+
+    def _decode_record(self, raw: bytes, offset: int, *, expect_kind: int, raw_cap: int, what: str,
+                       itemsize: int = 1) -> bytes:
+        header = RecordHeader.unpack(raw[:layout.HEADER_SIZE], offset, self.path)
+        if header.kind != expect_kind:
+            raise TraceFormatError(f"{self.path}: expected a {what} record, found kind {header.kind:#x}", offset=offset)
+        payload = raw[layout.HEADER_SIZE:]
+        if header.payload_len != len(payload):
+            raise TraceFormatError(f"{self.path}: {what} record length disagrees with the index", offset=offset)
+        if header.raw_len > raw_cap:
+            raise TraceFormatError(f"{self.path}: {what} claims {header.raw_len} bytes, over the limit of {raw_cap}",
+                                   offset=offset)
+        if layout.crc32(payload) != header.payload_crc:
+            raise TraceFormatError(f"{self.path}: checksum mismatch in {what}", offset=offset)
+        self._header_crc = header.payload_crc
+        return decode(payload, codec=header.codec, filt=header.filter, raw_len=header.raw_len, itemsize=itemsize,
+                      where=f"{self.path}: {what} at byte {offset}")
+
+    def _check_index(self, index) -> dict:
+        """Validate the index's structure and every chunk position before anything uses them."""
+        lim, where = self.limits, f"{self.path}: INDEX"
+
+        def need(cond, msg):
+            if not cond:
+                raise TraceFormatError(f"{where}: {msg}", offset=self._trailer.index_offset)
+
+        need(isinstance(index, dict), "not a map")
+        version = index.get("hxr")
+        need(isinstance(version, list) and len(version) == 2 and all(type(v) is int for v in version), "no version")
+        layout.check_version(version[0], self.path)
+        features = index.get("features", [])
+        need(isinstance(features, list) and all(isinstance(f, str) for f in features), "bad features list")
+        unknown = [f for f in features if f not in KNOWN_FEATURES]
+        if unknown:
+            raise TraceFormatError(f"{self.path}: needs feature(s) this HexRay does not know: {', '.join(unknown)}; "
+                                   "upgrade hexray")
+        need(isinstance(index.get("meta"), dict), "meta is not a map")
+        runs = index.get("runs")
+        need(isinstance(runs, list) and len(runs) <= lim.max_runs, "bad run list")
+        for i, run in enumerate(runs):
+            need(isinstance(run, dict) and run.get("id") == i, f"run {i} is malformed")
+        tensors = index.get("tensors")
+        need(isinstance(tensors, list) and len(tensors) <= lim.max_tensors, "bad tensor list")
+        self._by_name: dict[tuple[int, str], TensorInfo] = {}
+        spans = []
+        for i, t in enumerate(tensors):
+            need(isinstance(t, dict), f"tensor {i} is not a map")
+            name = t.get("name")
+            need(isinstance(name, str) and 0 < len(name) <= lim.max_name_len, f"tensor {i} has a bad name")
+            where_t = f"{where}: tensor {name!r}"
+            run, dtype, shape, chunk_rows = t.get("run"), t.get("dtype"), t.get("shape"), t.get("chunk_rows")
+            need(type(run) is int and (run == WEIGHTS_RUN or 0 <= run < len(runs)), f"tensor {name!r}: bad run")
+            need(dtype in DTYPES, f"tensor {name!r}: unknown dtype {dtype!r}")
+            need(isinstance(shape, list) and len(shape) <= lim.max_ndim
+                 and all(type(d) is int and 0 <= d < lim.max_dim for d in shape), f"tensor {name!r}: bad shape")
+            need(type(chunk_rows) is int and chunk_rows >= 1, f"tensor {name!r}: bad chunk_rows")
+            attrs = t.get("attrs", {})
+            need(isinstance(attrs, dict), f"tensor {name!r}: attrs is not a map")
+            table = t.get("chunks")
+            need(isinstance(table, bytes) and len(table) % 32 == 0, f"tensor {name!r}: bad chunk table")
+            chunks = np.frombuffer(table, dtype="<u8").reshape(-1, 4)
+            rows, row_elems = rows_of(tuple(shape))
+            itemsize = DTYPES[dtype].itemsize
+            row_bytes = row_elems * itemsize
+            n_expected = 0 if row_bytes == 0 or rows == 0 else -(-rows // chunk_rows)
+            need(len(chunks) == n_expected, f"tensor {name!r}: {len(chunks)} chunks for shape {shape}, "
+                                            f"expected {n_expected}")
+            if n_expected:
+                full = chunk_rows * row_bytes
+                expect_raw = np.full(n_expected, full, dtype=object)
+                expect_raw[-1] = (rows - (n_expected - 1) * chunk_rows) * row_bytes
+                if full > lim.max_chunk_bytes and n_expected > 1 or int(expect_raw[-1]) > lim.max_chunk_bytes:
+                    raise TraceFormatError(f"{where_t}: chunk of {full} bytes over the limit of {lim.max_chunk_bytes}")
+                raw_lens = chunks[:, 2]
+                if not all(int(a) == int(b) for a, b in zip(raw_lens, expect_raw)):
+                    raise TraceFormatError(f"{where_t}: chunk lengths disagree with its shape {shape}")
+                offs, plens = chunks[:, 0], chunks[:, 1]
+                bad = ((offs % layout.ALIGN != 0) | (offs < layout.PREAMBLE_SIZE)
+                       | (plens > raw_lens + (raw_lens >> np.uint64(7)) + np.uint64(1024))
+                       | (offs > np.uint64(self._index_end)))
+                need(not bad.any(), f"tensor {name!r}: chunk position or length out of bounds")
+                ends = offs + np.uint64(layout.HEADER_SIZE) + plens
+                need(bool((ends <= np.uint64(self._index_end)).all()), f"tensor {name!r}: chunk runs past the data")
+                spans.append(np.stack([offs, ends], axis=1))
+            key = (run, name)
+            need(key not in self._by_name, f"tensor {name!r} appears twice in run {run}")
+            self._by_name[key] = TensorInfo(i, run, name, dtype, tuple(shape), chunk_rows, chunks, attrs)
+        if spans:
+            allspans = np.concatenate(spans)
+            allspans = allspans[np.argsort(allspans[:, 0], kind="stable")]
+            need(bool((allspans[1:, 0] >= allspans[:-1, 1]).all()), "two chunks overlap")
+        self._runs = runs
+        return index
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def meta(self) -> dict:
+        """File metadata: model, tokenizer, provenance, storage settings, user attrs."""
+        return self._index["meta"]
+
+    @property
+    def runs(self) -> list[dict]:
+        """One dict per run (prompt): its id, prompt text, tokens and whatever the recorder stored."""
+        return self._runs
+
+    def names(self, run: int = 0) -> list[str]:
+        """Names of the tensors stored for a run (``WEIGHTS_RUN`` for file-level weights)."""
+        return [name for (r, name) in self._by_name if r == run]
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._by_name.values())
+
+    def has(self, name: str, run: int = 0) -> bool:
+        return (run, name) in self._by_name
+
+    def info(self, name: str, run: int = 0) -> TensorInfo:
+        try:
+            return self._by_name[(run, name)]
+        except KeyError:
+            where = "the file's weights" if run == WEIGHTS_RUN else f"run {run}"
+            raise _user_error(KeyError(f"no tensor {name!r} in {where} of {self.path}")) from None
+
+    @_guarded
+    def read(self, name: str, run: int = 0, *, index=(), dtype: str = "float32") -> np.ndarray:
+        """Read a tensor, or part of it, decoding only the chunks needed.
+
+        ``index`` selects along the leading axes: integers, optionally followed by one slice, e.g.
+        ``(3,)`` or ``(3, slice(10, 20))`` on ``[heads, q, k]``. ``dtype="float32"`` (default)
+        upcasts 16-bit floats; ``"stored"`` returns the stored width (bf16 as uint16 words).
+        """
+        info = self.info(name, run)
+        shape = info.shape
+        r0, r1, out_shape = _row_range(shape, index)
+        rows, row_elems = rows_of(shape)
+        itemsize = DTYPES[info.dtype].itemsize
+        row_bytes = row_elems * itemsize
+        total = (r1 - r0) * row_bytes
+        if total > self.limits.max_tensor_bytes:
+            raise TraceFormatError(f"{self.path}: tensor {name!r} read of {total} bytes is over the limit of "
+                                   f"{self.limits.max_tensor_bytes}")
+        raw = np.empty(total, dtype=np.uint8)
+        if total:
+            first, last = r0 // info.chunk_rows, (r1 - 1) // info.chunk_rows
+            for c in range(first, last + 1):
+                data = np.frombuffer(self._read_chunk(info, c), dtype=np.uint8)
+                c0 = c * info.chunk_rows
+                lo, hi = max(r0, c0), min(r1, c0 + info.chunk_rows)
+                raw[(lo - r0) * row_bytes:(hi - r0) * row_bytes] = data[(lo - c0) * row_bytes:(hi - c0) * row_bytes]
+        arr = raw.view(DTYPES[info.dtype]).reshape(out_shape)
+        if dtype == "float32" and info.dtype in FLOAT_TAGS:
+            return to_float32(arr, info.dtype)
+        if dtype not in ("float32", "stored"):
+            raise _user_error(ValueError(f"dtype must be 'float32' or 'stored', not {dtype!r}"))
+        return arr
+
+    def _read_chunk(self, info: TensorInfo, c: int) -> bytes:
+        offset, plen, raw_len, crc = (int(v) for v in info.chunks[c])
+        what = f"chunk {c} of {info.name!r}"
+        raw = self._pread(offset, layout.HEADER_SIZE + plen)
+        header = RecordHeader.unpack(raw[:layout.HEADER_SIZE], offset, self.path)
+        if (header.kind != KIND_CHUNK or header.ident != info.id or header.chunk != c or header.payload_len != plen
+                or header.raw_len != raw_len or header.payload_crc != crc):
+            raise TraceFormatError(f"{self.path}: {what}: record header disagrees with the index", offset=offset,
+                                   what=what)
+        payload = raw[layout.HEADER_SIZE:]
+        if layout.crc32(payload) != crc:
+            raise TraceFormatError(f"{self.path}: checksum mismatch in {what}", offset=offset, what=what)
+        return decode(payload, codec=header.codec, filt=header.filter, raw_len=raw_len,
+                      itemsize=DTYPES[info.dtype].itemsize, where=f"{self.path}: {what} at byte {offset}")
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        if offset < 0 or n < 0 or offset + n > getattr(self, "size", offset + n):
+            raise TraceFormatError(f"{self.path}: read of {n} bytes past the end of the file", offset=offset)
+        try:
+            data = os.pread(self._fd, n, offset)
+        except OSError as e:
+            raise TraceFormatError(f"{self.path}: read failed ({e.strerror})", offset=offset) from None
+        if len(data) != n:
+            raise TraceFormatError(f"{self.path}: file shrank while reading (truncated)", offset=offset)
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> TraceReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"TraceReader({self.path!r}: {len(self._runs)} runs, {len(self._by_name)} tensors)"
+
+
+def _row_range(shape: tuple[int, ...], index) -> tuple[int, int, tuple[int, ...]]:
+    """Flat row range [r0, r1) and result shape for leading-axis integer indices plus one optional slice."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    lead = shape[:-1] if len(shape) >= 2 else shape
+    rest = shape[len(lead):]
+    if len(index) > len(lead):
+        raise _user_error(ValueError(f"index {index} has more leading indices than shape {shape} allows"))
+    strides = [int(np.prod(lead[i + 1:], dtype=np.int64)) for i in range(len(lead))]
+    r0, out_lead = 0, []
+    for axis, ix in enumerate(index):
+        n = lead[axis]
+        if isinstance(ix, slice):
+            if axis != len(index) - 1:
+                raise _user_error(ValueError("only the last index may be a slice"))
+            start, stop, step = ix.indices(n)
+            if step != 1:
+                raise _user_error(ValueError("slices must have step 1"))
+            stop = max(stop, start)
+            r0 += start * strides[axis]
+            out_lead.append(stop - start)
+            count = (stop - start) * strides[axis]
+            return r0, r0 + count, (*out_lead, *lead[axis + 1:], *rest)
+        ix = int(ix)
+        if not -n <= ix < n:
+            raise _user_error(IndexError(f"index {ix} out of range for axis {axis} of size {n}"))
+        r0 += (ix % n) * strides[axis]
+    remaining = lead[len(index):]
+    count = int(np.prod(remaining, dtype=np.int64)) if remaining else 1
+    if not shape:
+        count = 1
+    return r0, r0 + count, (*remaining, *rest)
