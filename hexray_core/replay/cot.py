@@ -1,0 +1,144 @@
+"""Chain-of-thought breakdown: split a recorded text into steps and explain how each was produced.
+
+For every token of a step, the attribution of its logit at the position before it (the model
+producing that token) is computed by component; a step's figure for a component is the sum over
+its tokens. Each step also gets the attention mass its tokens put on every earlier step
+(averaged over layers, heads and the step's tokens; the first token is left out as a sink).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from hexray_core.errors import HexRayError
+
+from .attribution import component_stack, final_direction
+
+SPLIT_MODES = ("auto", "lines", "sentences", "regex")
+
+
+@dataclass
+class CotStep:
+    index: int
+    text: str
+    char_range: tuple[int, int]
+    tokens: tuple[int, int]  # token positions [start, end) of the step
+    total: float  # summed logit of the step's tokens
+    mean_logprob: float | None  # average log-probability the model gave the step's tokens
+    components: list[tuple[str, float]]  # every component, largest |value| first
+    attends_to: list[tuple[int, float]] = field(default_factory=list)  # (earlier step, attention mass)
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        return self.components[:k]
+
+
+@dataclass
+class CotBreakdown:
+    run: int
+    mode: str
+    steps: list[CotStep]
+    attention: list[list[float]]  # [step, step] mean attention mass from row step to column step
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_steps(text: str, mode: str = "auto", step_regex: str | None = None) -> list[tuple[int, int]]:
+    """Character ranges of the steps of a text (whitespace-only steps are dropped)."""
+    if step_regex:
+        mode = "regex"
+    if mode not in SPLIT_MODES:
+        raise HexRayError(f"step split must be one of {', '.join(SPLIT_MODES)}, not {mode!r}")
+    if mode == "auto":
+        mode = "lines" if len([ln for ln in text.splitlines() if ln.strip()]) >= 2 else "sentences"
+    if mode == "regex":
+        if not step_regex:
+            raise HexRayError("--step-regex is required for regex step splitting")
+        try:
+            starts = [m.start() for m in re.finditer(step_regex, text)]
+        except re.error as e:
+            raise HexRayError(f"bad --step-regex {step_regex!r}: {e}") from None
+        if not starts:
+            raise HexRayError(f"--step-regex {step_regex!r} matches nowhere in the text")
+        bounds = sorted({0, *starts})
+    elif mode == "lines":
+        bounds = [0] + [m.end() for m in re.finditer(r"\n", text)]
+    else:  # sentences: a break after . ! ? (and closing quotes/brackets) followed by space, or a newline
+        bounds = [0] + [m.end() for m in re.finditer(r"(?<=[.!?])[\"')\]]*\s+|\n+", text)]
+    bounds = sorted(set(b for b in bounds if b < len(text))) + [len(text)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if text[a:b].strip()]
+
+
+def _token_steps(run, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """Step index of each token (-1 for special tokens and whitespace between steps)."""
+    ends = np.array([b for _, b in ranges])
+    out = np.full(run.n_tokens, -1)
+    for i, (s, e) in enumerate(run.char_spans):
+        if s < 0 or e <= s:
+            continue
+        step = int(np.searchsorted(ends, e - 1, side="right"))  # a token belongs where its last character is
+        if step < len(ranges) and ranges[step][0] <= e - 1:
+            out[i] = step
+    return out
+
+
+def next_token_attributions(trace, run: int) -> tuple[list[str], np.ndarray]:
+    """Labels and [n_components + 1, n_tokens - 1] contributions to each actual next token's logit.
+
+    Column p explains the logit of token p+1 at position p; the last row is the bias term.
+    """
+    r = trace.run(run)
+    labels, stack = component_stack(trace, r.id)
+    n = r.n_tokens
+    values = np.zeros((len(labels) + 1, max(n - 1, 0)))
+    for p in range(n - 1):
+        u, bias = final_direction(trace, r.id, p, r.tokens[p + 1], None)
+        values[:-1, p] = stack[:, p, :] @ u
+        values[-1, p] = bias
+    return [lab for lab, _, _ in labels] + ["Bias"], values
+
+
+def step_attention(trace, run: int, steps_of: np.ndarray, n_steps: int) -> np.ndarray:
+    """[n_steps, n_steps]: mean over layers, heads and query tokens of the attention mass on each step."""
+    mass = np.zeros((n_steps, n_steps))
+    onehot = np.zeros((len(steps_of), n_steps))
+    valid = steps_of >= 0
+    onehot[np.nonzero(valid)[0], steps_of[valid]] = 1.0
+    onehot[0] = 0.0  # the first token: an attention sink, not content
+    for layer in range(trace.n_layers):
+        pattern = trace.tensor(f"blocks.{layer}.attn.hook_pattern", run).mean(0)  # [q, k]
+        per_query = pattern @ onehot  # [q, steps]
+        for s in range(n_steps):
+            rows = np.nonzero(steps_of == s)[0]
+            if rows.size:
+                mass[s] += per_query[rows].mean(0)
+    return mass / max(trace.n_layers, 1)
+
+
+def cot_breakdown(trace, *, run: int = 0, mode: str = "auto", step_regex: str | None = None) -> CotBreakdown:
+    r = trace.run(run)
+    ranges = split_steps(r.prompt, mode, step_regex)
+    if not ranges:
+        raise HexRayError(f"run {r.id} has no text to split into steps")
+    steps_of = _token_steps(r, ranges)
+    labels, values = next_token_attributions(trace, r.id)
+    logprobs = None
+    if trace.has("hexray.next_logit", r.id) and trace.has("hexray.logsumexp", r.id):
+        logprobs = trace.tensor("hexray.next_logit", r.id) - trace.tensor("hexray.logsumexp", r.id)
+    attention = step_attention(trace, r.id, steps_of, len(ranges))
+    steps = []
+    for i, (a, b) in enumerate(ranges):
+        toks = np.nonzero(steps_of == i)[0]
+        produced = toks[toks >= 1] - 1  # positions whose prediction is one of the step's tokens
+        per_comp = values[:, produced].sum(1) if produced.size else np.zeros(len(labels))
+        order = np.argsort(-np.abs(per_comp[:-1]), kind="stable")
+        comps = [(labels[j], float(per_comp[j])) for j in order]
+        mean_lp = float(logprobs[produced].mean()) if logprobs is not None and produced.size else None
+        span = (int(toks.min()), int(toks.max()) + 1) if toks.size else (0, 0)
+        attends = [(j, float(attention[i, j])) for j in range(i)]
+        attends.sort(key=lambda x: -x[1])
+        steps.append(CotStep(i, r.prompt[a:b].strip(), (a, b), span, float(per_comp.sum()), mean_lp, comps, attends))
+    return CotBreakdown(r.id, "regex" if step_regex else mode, steps, attention.tolist())

@@ -1,0 +1,67 @@
+"""Finding and reading the model kit: the weights replay needs beyond the trace itself.
+
+A kit is bundled in the trace (tensors ``kit/<name>`` at WEIGHTS_RUN) or cached per user as
+``$HEXRAY_CACHE/kits/<sha256>.hxr`` (tensors ``<name>`` at WEIGHTS_RUN, vocabulary in its meta).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from trace_format import WEIGHTS_RUN, TraceFormatError, TraceReader
+
+KIT_TENSORS = ("W_U", "b_U", "W_O", "b_O", "W_out", "b_out")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HEXRAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hexray")
+    return Path(root)
+
+
+def kit_path(sha256: str) -> Path:
+    return cache_dir() / "kits" / f"{sha256}.hxr"
+
+
+class Kit:
+    """Model weights read lazily (float32) from a trace's bundle or a cached kit file."""
+
+    def __init__(self, reader: TraceReader, prefix: str, sha256: str | None, vocab: list[str] | None):
+        self.reader, self.prefix, self.sha256 = reader, prefix, sha256
+        self.vocab = vocab
+        self._weights: dict[str, np.ndarray] = {}
+
+    def has(self, name: str) -> bool:
+        return self.reader.has(self.prefix + name, WEIGHTS_RUN)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._weights:
+            arr = self.reader.read(self.prefix + name, WEIGHTS_RUN)
+            arr.setflags(write=False)
+            self._weights[name] = arr
+        return self._weights[name]
+
+    @property
+    def source(self) -> str:
+        return "bundled in the trace" if self.prefix else self.reader.path
+
+
+def find_kit(trace_reader: TraceReader) -> Kit | None:
+    """The kit a trace refers to: bundled first, then the user cache. None when not found."""
+    ref = trace_reader.meta.get("kit") or {}
+    sha = ref.get("sha256")
+    vocab = ref.get("vocab")
+    if trace_reader.has("kit/W_U", WEIGHTS_RUN):
+        return Kit(trace_reader, "kit/", sha, vocab or trace_reader.meta.get("vocab"))
+    if not isinstance(sha, str) or not sha.isalnum():
+        return None
+    path = kit_path(sha)
+    if not path.exists():
+        return None
+    try:
+        reader = TraceReader(path)
+    except TraceFormatError:
+        return None
+    return Kit(reader, "", sha, vocab or reader.meta.get("vocab"))

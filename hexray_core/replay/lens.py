@@ -1,0 +1,85 @@
+"""Logit lens: read the residual stream after each layer through the final norm and unembedding.
+
+As in TransformerLens's ``logit_lens``: the stream before each block and after the last one,
+normalised with statistics recomputed from that stream (the final norm's gain and bias are
+already folded into W_U and b_U in compatibility mode), times W_U, plus b_U.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from hexray_core.errors import HexRayError
+
+from .attribution import resolve_target
+
+
+@dataclass(frozen=True)
+class LensLayer:
+    label: str  # "L0 pre" ... "final"
+    top: list[tuple[int, str, float]]  # (token id, text, probability)
+    target_rank: int  # 1 = top
+    target_prob: float
+    target_logit: float
+
+
+@dataclass
+class LogitLens:
+    run: int
+    position: int
+    token: str
+    target_id: int
+    target: str
+    layers: list[LensLayer] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def residual_stack(trace, run: int, position: int) -> tuple[list[str], np.ndarray]:
+    """[n_layers + 1, d_model]: the stream entering each block, then the final stream."""
+    labels, rows = [], []
+    for layer in range(trace.n_layers):
+        labels.append(f"L{layer} pre")
+        name = f"blocks.{layer}.hook_resid_pre"
+        if not trace.has(name, run):
+            raise HexRayError(f"the logit lens needs {name}, which this trace did not record (record with --hooks default)")
+        rows.append(trace.tensor(name, run)[position])
+    labels.append("final")
+    rows.append(trace.tensor(f"blocks.{trace.n_layers - 1}.hook_resid_post", run)[position])
+    return labels, np.stack(rows).astype(np.float64)
+
+
+def normalise(trace, x: np.ndarray) -> np.ndarray:
+    """The final norm without its (folded) gain: centre for LayerNorm, divide by the recomputed scale."""
+    if trace.uses_layernorm:
+        x = x - x.mean(-1, keepdims=True)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + trace.eps)
+
+
+def logit_lens(trace, *, position: int = -1, run: int = 0, target: str | int | None = None,
+               top_k: int = 10) -> LogitLens:
+    r = trace.run(run)
+    p = r.position(position)
+    kit = trace.require_kit("the logit lens (full W_U)")
+    tid = resolve_target(trace, r.id, p, target)
+    labels, resid = residual_stack(trace, r.id, p)
+    W_U, b_U = kit["W_U"], kit["b_U"]
+    logits = normalise(trace, resid).astype(np.float32) @ W_U + b_U  # [layers + 1, vocab]
+    out = LogitLens(r.id, p, r.token_strs[p], tid, trace.token_str(tid, r.id))
+    k = max(1, min(top_k, logits.shape[1]))
+    for label, row in zip(labels, logits, strict=True):
+        row = row.astype(np.float64)
+        lse = np.logaddexp.reduce(row)
+        top = np.argpartition(-row, k - 1)[:k]
+        top = top[np.argsort(-row[top])]
+        out.layers.append(LensLayer(
+            label,
+            [(int(i), trace.token_str(int(i), r.id), float(np.exp(row[i] - lse))) for i in top],
+            int((row > row[tid]).sum()) + 1,
+            float(np.exp(row[tid] - lse)),
+            float(row[tid]),
+        ))
+    return out
