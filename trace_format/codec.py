@@ -24,6 +24,13 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return cache[level]
 
 
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
 def encode(data, *, level: int | None, itemsize: int, use_shuffle: bool) -> tuple[int, int, bytes, int]:
     """Encode one payload. Returns (codec, filter, payload, crc of payload).
 
@@ -43,34 +50,43 @@ def encode(data, *, level: int | None, itemsize: int, use_shuffle: bool) -> tupl
     return codec, filt, payload, crc32(payload)
 
 
-def decode(payload: bytes, *, codec: int, filt: int, raw_len: int, itemsize: int, where: str) -> bytes:
-    """Decode one payload whose decoded length must be exactly raw_len (already checked against limits)."""
+def decode(payload: bytes, *, codec: int, filt: int, raw_len: int, itemsize: int, where: str):
+    """Decode one payload whose decoded length must be exactly raw_len (already checked against limits).
+
+    Returns a bytes-like object (bytes or memoryview) of exactly raw_len bytes.
+    """
     if codec == CODEC_NONE:
-        if filt != FILTER_NONE or len(payload) != raw_len:
-            raise TraceFormatError(f"{where}: stored chunk length {len(payload)} != {raw_len}")
+        if filt != FILTER_NONE:
+            raise TraceFormatError(f"{where}: filter {filt} on an uncompressed payload")
+        if len(payload) != raw_len:
+            raise TraceFormatError(f"{where}: stored length {len(payload)} != decoded length {raw_len}")
         return payload
     if codec != CODEC_ZSTD:
         raise TraceFormatError(f"{where}: unknown codec {codec}")
+    if filt not in (FILTER_NONE, FILTER_SHUFFLE):
+        raise TraceFormatError(f"{where}: unknown filter {filt}")
+    if filt == FILTER_SHUFFLE and (itemsize <= 1 or raw_len % itemsize):
+        raise TraceFormatError(f"{where}: shuffle filter with element size {itemsize} on {raw_len} bytes")
     try:
         # python-zstandard allocates whatever the frame header claims and ignores max_output_size
         # when the frame declares its size: check the claim against the index first.
-        claimed = zstandard.frame_content_size(payload)
+        params = zstandard.get_frame_parameters(payload)
     except zstandard.ZstdError as e:
         raise TraceFormatError(f"{where}: not a zstd frame ({e})") from None
-    if claimed != raw_len:
-        raise TraceFormatError(f"{where}: zstd frame claims {claimed} bytes, index says {raw_len}")
+    if params.content_size != raw_len:
+        claimed = "no size" if params.content_size == zstandard.CONTENTSIZE_UNKNOWN else f"{params.content_size} bytes"
+        raise TraceFormatError(f"{where}: zstd frame claims {claimed}, index says {raw_len}")
+    if not params.has_checksum or params.dict_id:
+        raise TraceFormatError(f"{where}: zstd frame without content checksum or with a dictionary")
     try:
-        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_len)
+        # One frame, nothing after it: hidden trailing data is refused, not ignored.
+        out = _decompressor().decompress(payload, max_output_size=raw_len, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise TraceFormatError(f"{where}: zstd decoding failed ({e})") from None
     if len(out) != raw_len:
         raise TraceFormatError(f"{where}: decoded {len(out)} bytes, expected {raw_len}")
     if filt == FILTER_SHUFFLE:
-        if itemsize <= 1 or raw_len % itemsize:
-            raise TraceFormatError(f"{where}: shuffle filter on itemsize {itemsize}")
         return unshuffle(out, itemsize).data
-    if filt != FILTER_NONE:
-        raise TraceFormatError(f"{where}: unknown filter {filt}")
     return out
 
 

@@ -5,6 +5,7 @@ Everything is little-endian. SPEC.md is the normative description; this module i
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -20,11 +21,12 @@ MAJOR, MINOR = 1, 0
 ALIGN = 64
 PREAMBLE_SIZE = HEADER_SIZE = TRAILER_SIZE = 64
 
-# Record kinds. Bit 7 marks a kind as critical: a reader that does not know it must stop.
+# Record kinds. Bit 7 marks a kind as critical: a reader that does not know it must stop; a kind
+# without bit 7 may be skipped by its length. All kinds of v1.0 are critical.
+CRITICAL = 0x80
 KIND_META = 0x81
 KIND_CHUNK = 0x82
 KIND_INDEX = 0x83
-CRITICAL = 0x80
 KIND_NAMES = {KIND_META: "META", KIND_CHUNK: "CHUNK", KIND_INDEX: "INDEX"}
 
 CODEC_NONE, CODEC_ZSTD = 0, 1
@@ -37,6 +39,19 @@ _TRAILER = struct.Struct("<8sHHIQQQQI")  # + trailer CRC + END_MAGIC
 
 def crc32(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def rows_of(shape) -> tuple[int, int]:
+    """(rows, elements per row) of a tensor viewed as 2-D along its last axis (exact Python ints).
+
+    0-d: (1, 1); 1-d ``[n]``: (n, 1); otherwise (product of all axes but the last, last axis).
+    """
+    shape = tuple(shape)
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return int(shape[0]), 1
+    return math.prod(int(d) for d in shape[:-1]), int(shape[-1])
 
 
 def padded(n: int) -> int:
@@ -52,6 +67,8 @@ def pack_preamble(file_uuid: bytes) -> bytes:
 def check_preamble(raw: bytes, path: str) -> bytes:
     """Validate the 64-byte preamble; return the file uuid."""
     if len(raw) < PREAMBLE_SIZE:
+        if len(raw) and MAGIC.startswith(raw[:8]):
+            raise TraceFormatError(f"{path}: truncated ({len(raw)} bytes, not even a whole preamble)", offset=0)
         raise TraceFormatError(f"{path}: not an .hxr trace (file is {len(raw)} bytes)", offset=0)
     magic, major, _minor, flags, file_uuid, reserved = _PREAMBLE.unpack(raw[:60])
     if magic != MAGIC:
@@ -78,16 +95,16 @@ class RecordHeader:
     filter: int
     flags: int
     ident: int  # tensor id for CHUNK records, else 0
-    chunk: int  # chunk number within the tensor
-    payload_len: int
-    raw_len: int
-    elem_offset: int  # first row of this chunk in its tensor (lets a scan place it without the index)
+    chunk: int  # chunk number within the tensor, else 0
+    payload_len: int  # stored bytes after the header (padding not included)
+    raw_len: int  # bytes after decoding
+    first_row: int  # first row of this chunk in its tensor (lets a scan place it without the index), else 0
     payload_crc: int
 
     def pack(self) -> bytes:
         body = _HEADER.pack(
             RECORD_MAGIC, self.kind, self.codec, self.filter, self.flags, self.ident, self.chunk,
-            self.payload_len, self.raw_len, self.elem_offset, self.payload_crc, bytes(16),
+            self.payload_len, self.raw_len, self.first_row, self.payload_crc, bytes(16),
         )
         return body + struct.pack("<I", crc32(body))
 
@@ -101,8 +118,8 @@ class RecordHeader:
             raise TraceFormatError(f"{path}: no record at this offset (bad record magic)", offset=offset)
         if crc32(body) != crc:
             raise TraceFormatError(f"{path}: record header checksum mismatch", offset=offset)
-        if any(fields[11]):
-            raise TraceFormatError(f"{path}: record header has reserved bytes set", offset=offset)
+        if fields[4] or any(fields[11]):
+            raise TraceFormatError(f"{path}: record header has reserved flags or bytes set", offset=offset)
         return cls(*fields[1:11])
 
 

@@ -9,7 +9,10 @@ failure is a ``TraceFormatError`` naming what is wrong and where.
 from __future__ import annotations
 
 import functools
+import math
+import operator
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,9 +21,9 @@ from . import layout
 from .codec import decode, unpack_obj
 from .dtypes import DTYPES, FLOAT_TAGS, to_float32
 from .errors import TraceFormatError
-from .layout import KIND_CHUNK, KIND_INDEX, RecordHeader, Trailer, padded
+from .layout import KIND_CHUNK, KIND_INDEX, RecordHeader, Trailer, padded, rows_of
 from .limits import DEFAULT_LIMITS, Limits
-from .writer import WEIGHTS_RUN, rows_of
+from .writer import WEIGHTS_RUN
 
 TAIL_READ = 64 * 1024
 KNOWN_FEATURES: frozenset[str] = frozenset()
@@ -41,7 +44,8 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=object)) * DTYPES[self.dtype].itemsize
+        """Decoded size in bytes (at the stored dtype)."""
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
     @property
     def stored_bytes(self) -> int:
@@ -55,13 +59,13 @@ def _guarded(method):
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except (TraceFormatError, KeyError, IndexError, ValueError, TypeError) as e:
+        except (TraceFormatError, KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
             if isinstance(e, TraceFormatError) or not getattr(e, "_hexray_user_error", False):
                 if isinstance(e, TraceFormatError):
                     raise
                 raise TraceFormatError(f"{self.path}: malformed trace ({type(e).__name__}: {e})") from None
             raise
-        except (OverflowError, MemoryError, RecursionError, UnicodeError) as e:
+        except (OverflowError, MemoryError, RecursionError, UnicodeError, struct.error) as e:
             raise TraceFormatError(f"{self.path}: malformed trace ({type(e).__name__}: {e})") from None
 
     return wrapper
@@ -107,12 +111,15 @@ class TraceReader:
         self.size = os.fstat(self._fd).st_size
         if os.path.isdir(self.path):
             raise TraceFormatError(f"{self.path}: is a directory, not a trace")
-        self.file_uuid = layout.check_preamble(self._pread(0, layout.PREAMBLE_SIZE), self.path)
+        # One read of the tail; for a small file it is the whole file, preamble included.
+        tail_start = max(0, self.size - TAIL_READ)
+        tail = self._pread(tail_start, self.size - tail_start)
+        head = tail[:layout.PREAMBLE_SIZE] if tail_start == 0 else self._pread(0, min(self.size, layout.PREAMBLE_SIZE))
+        self.file_uuid = layout.check_preamble(head, self.path)
+        self.minor = struct.unpack_from("<H", head, 10)[0]
         min_size = layout.PREAMBLE_SIZE + 2 * layout.HEADER_SIZE + layout.TRAILER_SIZE
         if self.size < min_size:
             raise TraceFormatError(f"{self.path}: truncated ({self.size} bytes; a trace has at least {min_size})")
-        tail_start = max(0, self.size - TAIL_READ)
-        tail = self._pread(tail_start, self.size - tail_start)
         trailer_at = self.size - layout.TRAILER_SIZE
         self._trailer = t = Trailer.unpack(tail[-layout.TRAILER_SIZE:], trailer_at, self.path)
         if t.data_end != trailer_at:
@@ -121,35 +128,39 @@ class TraceReader:
         if (t.index_offset % layout.ALIGN or t.index_offset < layout.PREAMBLE_SIZE + layout.HEADER_SIZE
                 or t.index_len < layout.HEADER_SIZE or padded(t.index_offset + t.index_len) != t.data_end):
             raise TraceFormatError(f"{self.path}: trailer points at an impossible index position", offset=trailer_at)
-        if t.prev_trailer and (t.prev_trailer % layout.ALIGN or t.prev_trailer >= t.index_offset):
+        if t.index_len - layout.HEADER_SIZE > self.limits.max_index_bytes:
+            raise TraceFormatError(f"{self.path}: INDEX record of {t.index_len} bytes is over the limit of "
+                                   f"{self.limits.max_index_bytes}", offset=t.index_offset)
+        if t.prev_trailer and (t.prev_trailer % layout.ALIGN or t.prev_trailer >= t.index_offset
+                               or t.prev_trailer < layout.PREAMBLE_SIZE + layout.HEADER_SIZE):
             raise TraceFormatError(f"{self.path}: trailer's previous-trailer link is impossible", offset=trailer_at)
         if t.index_offset >= tail_start:
             raw = tail[t.index_offset - tail_start: t.index_offset - tail_start + t.index_len]
         else:
             raw = self._pread(t.index_offset, t.index_len)
         self._index_end = t.index_offset
-        index = self._decode_record(raw, t.index_offset, expect_kind=KIND_INDEX, raw_cap=self.limits.max_index_bytes,
-                                    what="INDEX")
-        if self._header_crc != t.index_crc:
-            raise TraceFormatError(f"{self.path}: index checksum differs from the trailer's", offset=t.index_offset)
-        self._index = self._check_index(unpack_obj(index, f"{self.path}: INDEX"))
+        index, crc = self._decode_record(raw, t.index_offset, expect_kind=KIND_INDEX,
+                                         raw_cap=self.limits.max_index_bytes, what="INDEX record")
+        if crc != t.index_crc:
+            raise TraceFormatError(f"{self.path}: INDEX checksum differs from the trailer's", offset=t.index_offset)
+        self._index = self._check_index(unpack_obj(bytes(index), f"{self.path}: INDEX record"))
 
-    def _decode_record(self, raw: bytes, offset: int, *, expect_kind: int, raw_cap: int, what: str,
-                       itemsize: int = 1) -> bytes:
+    def _decode_record(self, raw: bytes, offset: int, *, expect_kind: int, raw_cap: int, what: str):
+        """Check and decode a META or INDEX record held whole in ``raw``. Returns (decoded bytes, payload CRC)."""
         header = RecordHeader.unpack(raw[:layout.HEADER_SIZE], offset, self.path)
         if header.kind != expect_kind:
-            raise TraceFormatError(f"{self.path}: expected a {what} record, found kind {header.kind:#x}", offset=offset)
+            raise TraceFormatError(f"{self.path}: expected an {what}, found kind {header.kind:#x}", offset=offset)
         payload = raw[layout.HEADER_SIZE:]
         if header.payload_len != len(payload):
-            raise TraceFormatError(f"{self.path}: {what} record length disagrees with the index", offset=offset)
+            raise TraceFormatError(f"{self.path}: {what} length disagrees with the trailer", offset=offset)
         if header.raw_len > raw_cap:
             raise TraceFormatError(f"{self.path}: {what} claims {header.raw_len} bytes, over the limit of {raw_cap}",
                                    offset=offset)
         if layout.crc32(payload) != header.payload_crc:
             raise TraceFormatError(f"{self.path}: checksum mismatch in {what}", offset=offset)
-        self._header_crc = header.payload_crc
-        return decode(payload, codec=header.codec, filt=header.filter, raw_len=header.raw_len, itemsize=itemsize,
+        data = decode(payload, codec=header.codec, filt=header.filter, raw_len=header.raw_len, itemsize=1,
                       where=f"{self.path}: {what} at byte {offset}")
+        return data, header.payload_crc
 
     def _check_index(self, index) -> dict:
         """Validate the index's structure and every chunk position before anything uses them."""
@@ -163,12 +174,15 @@ class TraceReader:
         version = index.get("hxr")
         need(isinstance(version, list) and len(version) == 2 and all(type(v) is int for v in version), "no version")
         layout.check_version(version[0], self.path)
+        self.version = (version[0], version[1])
         features = index.get("features", [])
         need(isinstance(features, list) and all(isinstance(f, str) for f in features), "bad features list")
         unknown = [f for f in features if f not in KNOWN_FEATURES]
         if unknown:
-            raise TraceFormatError(f"{self.path}: needs feature(s) this HexRay does not know: {', '.join(unknown)}; "
-                                   "upgrade hexray")
+            raise TraceFormatError(f"{self.path}: needs feature(s) this HexRay does not know: "
+                                   f"{', '.join(map(repr, unknown))}; upgrade hexray",
+                                   offset=self._trailer.index_offset)
+        self.features = list(features)
         need(isinstance(index.get("meta"), dict), "meta is not a map")
         runs = index.get("runs")
         need(isinstance(runs, list) and len(runs) <= lim.max_runs, "bad run list")
@@ -178,44 +192,46 @@ class TraceReader:
         need(isinstance(tensors, list) and len(tensors) <= lim.max_tensors, "bad tensor list")
         self._by_name: dict[tuple[int, str], TensorInfo] = {}
         spans = []
+        index_end = np.uint64(self._index_end)
         for i, t in enumerate(tensors):
             need(isinstance(t, dict), f"tensor {i} is not a map")
             name = t.get("name")
             need(isinstance(name, str) and 0 < len(name) <= lim.max_name_len, f"tensor {i} has a bad name")
             where_t = f"{where}: tensor {name!r}"
             run, dtype, shape, chunk_rows = t.get("run"), t.get("dtype"), t.get("shape"), t.get("chunk_rows")
+            need(t.get("id", i) == i, f"tensor {name!r}: id {t.get('id')!r} is not its position {i}")
             need(type(run) is int and (run == WEIGHTS_RUN or 0 <= run < len(runs)), f"tensor {name!r}: bad run")
-            need(dtype in DTYPES, f"tensor {name!r}: unknown dtype {dtype!r}")
+            need(isinstance(dtype, str) and dtype in DTYPES, f"tensor {name!r}: unknown dtype {dtype!r}")
             need(isinstance(shape, list) and len(shape) <= lim.max_ndim
-                 and all(type(d) is int and 0 <= d < lim.max_dim for d in shape), f"tensor {name!r}: bad shape")
+                 and all(type(d) is int and 0 <= d <= lim.max_dim for d in shape), f"tensor {name!r}: bad shape")
             need(type(chunk_rows) is int and chunk_rows >= 1, f"tensor {name!r}: bad chunk_rows")
             attrs = t.get("attrs", {})
             need(isinstance(attrs, dict), f"tensor {name!r}: attrs is not a map")
             table = t.get("chunks")
             need(isinstance(table, bytes) and len(table) % 32 == 0, f"tensor {name!r}: bad chunk table")
             chunks = np.frombuffer(table, dtype="<u8").reshape(-1, 4)
-            rows, row_elems = rows_of(tuple(shape))
-            itemsize = DTYPES[dtype].itemsize
-            row_bytes = row_elems * itemsize
+            rows, row_elems = rows_of(shape)
+            row_bytes = row_elems * DTYPES[dtype].itemsize
             n_expected = 0 if row_bytes == 0 or rows == 0 else -(-rows // chunk_rows)
             need(len(chunks) == n_expected, f"tensor {name!r}: {len(chunks)} chunks for shape {shape}, "
                                             f"expected {n_expected}")
             if n_expected:
-                full = chunk_rows * row_bytes
-                expect_raw = np.full(n_expected, full, dtype=object)
-                expect_raw[-1] = (rows - (n_expected - 1) * chunk_rows) * row_bytes
-                if full > lim.max_chunk_bytes and n_expected > 1 or int(expect_raw[-1]) > lim.max_chunk_bytes:
-                    raise TraceFormatError(f"{where_t}: chunk of {full} bytes over the limit of {lim.max_chunk_bytes}")
+                full = min(chunk_rows, rows) * row_bytes
+                last = (rows - (n_expected - 1) * chunk_rows) * row_bytes
+                if full > lim.max_chunk_bytes:
+                    raise TraceFormatError(f"{where_t}: shape {shape} claims chunks of {full} bytes, over the limit "
+                                           f"of {lim.max_chunk_bytes}", offset=self._trailer.index_offset)
                 raw_lens = chunks[:, 2]
-                if not all(int(a) == int(b) for a, b in zip(raw_lens, expect_raw)):
-                    raise TraceFormatError(f"{where_t}: chunk lengths disagree with its shape {shape}")
+                need(bool((raw_lens[:-1] == np.uint64(full)).all()) and int(raw_lens[-1]) == last,
+                     f"tensor {name!r}: chunk lengths disagree with its shape {shape}")
                 offs, plens = chunks[:, 0], chunks[:, 1]
-                bad = ((offs % layout.ALIGN != 0) | (offs < layout.PREAMBLE_SIZE)
+                # A stored payload is never longer than zstd's worst case for its decoded size.
+                bad = ((offs % np.uint64(layout.ALIGN) != 0) | (offs < np.uint64(layout.PREAMBLE_SIZE))
                        | (plens > raw_lens + (raw_lens >> np.uint64(7)) + np.uint64(1024))
-                       | (offs > np.uint64(self._index_end)))
+                       | (offs >= index_end))
                 need(not bad.any(), f"tensor {name!r}: chunk position or length out of bounds")
                 ends = offs + np.uint64(layout.HEADER_SIZE) + plens
-                need(bool((ends <= np.uint64(self._index_end)).all()), f"tensor {name!r}: chunk runs past the data")
+                need(bool((ends <= index_end).all()), f"tensor {name!r}: chunk runs past the data")
                 spans.append(np.stack([offs, ends], axis=1))
             key = (run, name)
             need(key not in self._by_name, f"tensor {name!r} appears twice in run {run}")
@@ -239,20 +255,49 @@ class TraceReader:
         """One dict per run (prompt): its id, prompt text, tokens and whatever the recorder stored."""
         return self._runs
 
+    @property
+    def appends(self) -> int:
+        """How many times runs were appended to the file after it was first written."""
+        return len(self.trailer_chain()) - 1
+
+    @_guarded
+    def trailer_chain(self) -> list[int]:
+        """Byte offsets of the final trailer and of each trailer it supersedes (newest first).
+
+        Every earlier trailer is checked (CRC, position, its own index position); offsets strictly
+        decrease, so a crafted loop cannot make this run forever.
+        """
+        chain, t = [self._trailer.data_end], self._trailer
+        while t.prev_trailer:
+            at = t.prev_trailer
+            if at % layout.ALIGN or at >= chain[-1] or at < layout.PREAMBLE_SIZE + layout.HEADER_SIZE:
+                raise TraceFormatError(f"{self.path}: broken chain of previous trailers", offset=chain[-1])
+            t = Trailer.unpack(self._pread(at, layout.TRAILER_SIZE), at, self.path)
+            if (t.data_end != at or t.index_offset % layout.ALIGN or t.index_len < layout.HEADER_SIZE
+                    or padded(t.index_offset + t.index_len) != at):
+                raise TraceFormatError(f"{self.path}: superseded trailer points at an impossible index", offset=at)
+            chain.append(at)
+        return chain
+
     def names(self, run: int = 0) -> list[str]:
-        """Names of the tensors stored for a run (``WEIGHTS_RUN`` for file-level weights)."""
+        """Names of the tensors stored for a run (``WEIGHTS_RUN`` for file-level weights), in write order."""
         return [name for (r, name) in self._by_name if r == run]
 
-    def tensors(self) -> list[TensorInfo]:
-        return list(self._by_name.values())
+    def tensors(self, run: int | None = None) -> list[TensorInfo]:
+        """Every tensor in the file (or of one run), in write order."""
+        return [t for t in self._by_name.values() if run is None or t.run == run]
 
     def has(self, name: str, run: int = 0) -> bool:
         return (run, name) in self._by_name
 
+    def __contains__(self, key) -> bool:
+        """``name in reader`` (run 0) or ``(run, name) in reader``."""
+        return (key if isinstance(key, tuple) else (0, key)) in self._by_name
+
     def info(self, name: str, run: int = 0) -> TensorInfo:
         try:
             return self._by_name[(run, name)]
-        except KeyError:
+        except (KeyError, TypeError):
             where = "the file's weights" if run == WEIGHTS_RUN else f"run {run}"
             raise _user_error(KeyError(f"no tensor {name!r} in {where} of {self.path}")) from None
 
@@ -260,10 +305,16 @@ class TraceReader:
     def read(self, name: str, run: int = 0, *, index=(), dtype: str = "float32") -> np.ndarray:
         """Read a tensor, or part of it, decoding only the chunks needed.
 
-        ``index`` selects along the leading axes: integers, optionally followed by one slice, e.g.
-        ``(3,)`` or ``(3, slice(10, 20))`` on ``[heads, q, k]``. ``dtype="float32"`` (default)
-        upcasts 16-bit floats; ``"stored"`` returns the stored width (bf16 as uint16 words).
+        ``index`` selects along the leading axes (every axis but the last; for a 1-d tensor, its
+        only axis): integers, optionally followed by one slice of step 1, e.g. ``(3,)`` or
+        ``(3, slice(10, 20))`` on ``[heads, q, k]``; the result has numpy's shape for ``x[index]``.
+        ``dtype="float32"`` (default) returns floating tensors as float32 (16-bit floats upcast
+        exactly, bf16 words decoded, f64 narrowed) and integer/bool tensors as stored;
+        ``"stored"`` returns the stored dtype (bf16 as uint16 words). The result is a new,
+        writeable array.
         """
+        if dtype not in ("float32", "stored"):
+            raise _user_error(ValueError(f"dtype must be 'float32' or 'stored', not {dtype!r}"))
         info = self.info(name, run)
         shape = info.shape
         r0, r1, out_shape = _row_range(shape, index)
@@ -285,17 +336,17 @@ class TraceReader:
         arr = raw.view(DTYPES[info.dtype]).reshape(out_shape)
         if dtype == "float32" and info.dtype in FLOAT_TAGS:
             return to_float32(arr, info.dtype)
-        if dtype not in ("float32", "stored"):
-            raise _user_error(ValueError(f"dtype must be 'float32' or 'stored', not {dtype!r}"))
         return arr
 
-    def _read_chunk(self, info: TensorInfo, c: int) -> bytes:
+    def _read_chunk(self, info: TensorInfo, c: int):
+        """Read, check and decode chunk ``c`` of a tensor. Returns exactly its raw_len bytes."""
         offset, plen, raw_len, crc = (int(v) for v in info.chunks[c])
-        what = f"chunk {c} of {info.name!r}"
+        what = f"chunk {c} of {info.name!r} (run {info.run})"
         raw = self._pread(offset, layout.HEADER_SIZE + plen)
         header = RecordHeader.unpack(raw[:layout.HEADER_SIZE], offset, self.path)
         if (header.kind != KIND_CHUNK or header.ident != info.id or header.chunk != c or header.payload_len != plen
-                or header.raw_len != raw_len or header.payload_crc != crc):
+                or header.raw_len != raw_len or header.payload_crc != crc
+                or header.first_row != c * info.chunk_rows):
             raise TraceFormatError(f"{self.path}: {what}: record header disagrees with the index", offset=offset,
                                    what=what)
         payload = raw[layout.HEADER_SIZE:]
@@ -341,28 +392,32 @@ def _row_range(shape: tuple[int, ...], index) -> tuple[int, int, tuple[int, ...]
     lead = shape[:-1] if len(shape) >= 2 else shape
     rest = shape[len(lead):]
     if len(index) > len(lead):
-        raise _user_error(ValueError(f"index {index} has more leading indices than shape {shape} allows"))
-    strides = [int(np.prod(lead[i + 1:], dtype=np.int64)) for i in range(len(lead))]
-    r0, out_lead = 0, []
+        raise _user_error(IndexError(f"index {index} has more leading indices than shape {shape} allows "
+                                     "(the last axis cannot be indexed)"))
+    strides = [math.prod(lead[i + 1:]) for i in range(len(lead))]
+    r0 = 0
     for axis, ix in enumerate(index):
         n = lead[axis]
         if isinstance(ix, slice):
             if axis != len(index) - 1:
-                raise _user_error(ValueError("only the last index may be a slice"))
-            start, stop, step = ix.indices(n)
+                raise _user_error(IndexError("only the last index may be a slice"))
+            try:
+                start, stop, step = ix.indices(n)
+            except TypeError as e:
+                raise _user_error(TypeError(f"bad slice {ix}: {e}")) from None
             if step != 1:
-                raise _user_error(ValueError("slices must have step 1"))
+                raise _user_error(IndexError("slices must have step 1"))
             stop = max(stop, start)
             r0 += start * strides[axis]
-            out_lead.append(stop - start)
-            count = (stop - start) * strides[axis]
-            return r0, r0 + count, (*out_lead, *lead[axis + 1:], *rest)
-        ix = int(ix)
+            return r0, r0 + (stop - start) * strides[axis], (stop - start, *lead[axis + 1:], *rest)
+        try:
+            ix = operator.index(ix)
+        except TypeError:
+            raise _user_error(TypeError(f"indices must be integers or one final slice, not {type(ix).__name__}")) \
+                from None
         if not -n <= ix < n:
             raise _user_error(IndexError(f"index {ix} out of range for axis {axis} of size {n}"))
         r0 += (ix % n) * strides[axis]
     remaining = lead[len(index):]
-    count = int(np.prod(remaining, dtype=np.int64)) if remaining else 1
-    if not shape:
-        count = 1
+    count = math.prod(remaining)
     return r0, r0 + count, (*remaining, *rest)

@@ -20,23 +20,35 @@ import numpy as np
 
 from . import layout
 from .codec import encode, pack_obj
-from .dtypes import DTYPES, FLOAT_TAGS, tag_of
+from .dtypes import DTYPES, FLOAT_TAGS, f32_to_bf16, tag_of
 from .errors import TraceFormatError
-from .layout import KIND_CHUNK, KIND_INDEX, KIND_META, RecordHeader, Trailer, padded
+from .layout import KIND_CHUNK, KIND_INDEX, KIND_META, RecordHeader, Trailer, padded, rows_of
 from .limits import DEFAULT_LIMITS
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory lock
+    fcntl = None
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_LEVEL = 1  # measured: level 1 compresses as well as 3 on activations, at twice the speed
 WEIGHTS_RUN = -1  # run id of file-level tensors (model kit weights)
 
 
-def rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(rows, elements per row) of a tensor viewed as 2-D along its last axis."""
-    if len(shape) == 0:
-        return 1, 1
-    if len(shape) == 1:
-        return shape[0], 1
-    return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
+__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_LEVEL", "WEIGHTS_RUN", "TraceWriter", "rows_of"]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _check_packable(obj, what: str) -> None:
+    """Fail at the call that brought a value msgpack cannot store, not at close() (which would lose the file)."""
+    try:
+        pack_obj(obj)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"{what} cannot be stored in a trace ({e}); use str, int, float, bool, bytes, None, "
+                        "lists and str-keyed dicts") from None
 
 
 class TraceWriter:
@@ -46,6 +58,13 @@ class TraceWriter:
     ...     run = w.begin_run(prompt="Hello")
     ...     w.write("blocks.0.hook_resid_post", resid)
     ...     w.end_run()
+
+    ``level``: zstd level (default 1), or None to store chunks uncompressed. ``shuffle``: byte-shuffle
+    float chunks before zstd. ``chunk_bytes``: target decoded size of one chunk (whole rows; at least
+    one row). ``threads``: compression threads. ``max_inflight``: chunks queued or compressed but not
+    yet written (bounds memory). ``append=True`` adds runs to an existing trace; ``meta`` is then merged
+    over the file's metadata. Exiting the ``with`` block by an exception (KeyboardInterrupt included)
+    calls ``abort()``.
     """
 
     def __init__(
@@ -65,21 +84,32 @@ class TraceWriter:
         self.level, self.shuffle, self.chunk_bytes, self.fsync = level, shuffle, chunk_bytes, fsync
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be positive")
+        if level is not None and not -7 <= level <= 22:
+            raise ValueError("level must be a zstd level (-7..22) or None")
+        self._closed = True  # until the file is open: abort() and __del__ have nothing to do
+        _check_packable(meta or {}, "meta")
         threads = threads or max(1, min(8, os.cpu_count() or 1))
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="hxr-compress")
         self._max_inflight = max_inflight or 4 * threads
         self._pending: collections.deque[tuple[Future, int, int, int, list]] = collections.deque()
         self._tensors: list[dict] = []
         self._names: set[tuple[int, str]] = set()
         self._runs: list[dict] = []
         self._current_run: int | None = None
-        self._closed = False
         self._prev_trailer = 0
+        self._tmp: str | None = None
+        self._f = None
+        self._rollback_size: int | None = None
         self.meta = dict(meta or {})
-        if append:
-            self._open_for_append()
-        else:
-            self._open_new()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="hxr-compress")
+        self._closed = False
+        try:
+            if append:
+                self._open_for_append()
+            else:
+                self._open_new()
+        except BaseException:
+            self.abort()
+            raise
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -87,26 +117,36 @@ class TraceWriter:
         folder = os.path.dirname(os.path.abspath(self.path))
         self._tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         self._f = open(self._tmp, "xb")
-        self._rollback_size = None
         self.file_uuid = uuid.uuid4().bytes
-        self.meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.meta.setdefault("created", _now())
         self._f.write(layout.pack_preamble(self.file_uuid))
         self._pos = layout.PREAMBLE_SIZE
-        self._write_record(KIND_META, pack_obj(self.meta), ident=0, chunk=0, elem_offset=0)
+        self._write_record(KIND_META, pack_obj(self.meta), ident=0, chunk=0, first_row=0)
 
     def _open_for_append(self) -> None:
         from .reader import TraceReader
 
+        try:
+            f = open(self.path, "r+b")
+        except FileNotFoundError:
+            raise TraceFormatError(f"{self.path}: no such file to append to") from None
+        except IsADirectoryError:
+            raise TraceFormatError(f"{self.path}: is a directory, not a trace") from None
+        self._f = f
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise TraceFormatError(f"{self.path}: another writer is appending to this file") from None
         with TraceReader(self.path) as old:
             index = old._index
             self.file_uuid = old.file_uuid
             trailer_at = old._trailer.data_end
-        self._tmp = None
-        self._f = open(self.path, "r+b")
-        self._f.seek(0, os.SEEK_END)
-        self._rollback_size = self._pos = self._f.tell()
+        f.seek(0, os.SEEK_END)
+        self._pos = f.tell()
         if self._pos != trailer_at + layout.TRAILER_SIZE:
             raise TraceFormatError(f"{self.path}: changed while opening for append")
+        self._rollback_size = self._pos
         self._prev_trailer = trailer_at
         self.meta = {**index["meta"], **self.meta}
         self._runs = [dict(r) for r in index["runs"]]
@@ -120,7 +160,9 @@ class TraceWriter:
         self._check_open()
         if self._current_run is not None:
             self.end_run()
+        _check_packable(info, "run info")
         run_id = len(self._runs)
+        info.pop("id", None)
         self._runs.append({"id": run_id, **info, "status": "recording"})
         self._current_run = run_id
         return run_id
@@ -129,6 +171,8 @@ class TraceWriter:
         """Finish the current run, merging ``info`` into its record."""
         if self._current_run is None:
             raise ValueError("no run in progress")
+        _check_packable(info, "run info")
+        info.pop("id", None)
         self._runs[self._current_run].update(info, status="complete")
         self._current_run = None
 
@@ -136,16 +180,26 @@ class TraceWriter:
         """Merge ``info`` into the current run's record."""
         if self._current_run is None:
             raise ValueError("no run in progress")
+        _check_packable(info, "run info")
+        info.pop("id", None)
         self._runs[self._current_run].update(info)
 
     # -- tensors ---------------------------------------------------------------------------
 
-    def write(self, name: str, array, *, run: int | None = None, dtype: str | None = None, attrs: dict | None = None) -> None:
+    def write(
+        self, name: str, array, *, run: int | None = None, dtype: str | None = None, attrs: dict | None = None
+    ) -> None:
         """Queue one tensor. ``run`` defaults to the current run; ``WEIGHTS_RUN`` for file-level weights.
 
-        ``dtype="bf16"`` marks a uint16 array as raw bfloat16 words. Non-contiguous arrays are copied.
+        ``dtype`` is the stored tag (f32 f16 bf16 f64 i64 i32 i16 i8 u8 bool); by default the array's own.
+        ``dtype="bf16"`` takes raw bfloat16 words as a uint16 array, or converts a float array
+        (round to nearest even). Narrowing floats to ``"f16"`` refuses values that would overflow to inf.
+        Non-contiguous arrays are copied; a C-contiguous array is NOT copied: it is read by the
+        compression threads later, so do not modify it until ``flush()`` or ``close()`` returns.
         """
         self._check_open()
+        if not isinstance(name, str) or not 0 < len(name) <= DEFAULT_LIMITS.max_name_len:
+            raise ValueError(f"tensor name must be a non-empty str of at most {DEFAULT_LIMITS.max_name_len} characters")
         if run is None:
             if self._current_run is None:
                 raise ValueError("write() outside a run: call begin_run() or pass run=WEIGHTS_RUN")
@@ -154,19 +208,15 @@ class TraceWriter:
             raise ValueError(f"unknown run {run}")
         if (run, name) in self._names:
             raise ValueError(f"tensor {name!r} already written in run {run}")
-        arr = np.asarray(array)
-        if dtype == "bf16":
-            if arr.dtype != np.uint16:
-                raise TypeError("dtype='bf16' needs the raw words as a uint16 array")
-            tag = "bf16"
-        elif dtype is not None:
-            tag = dtype
-            arr = arr.astype(DTYPES[tag])
-        else:
-            tag = tag_of(arr.dtype)
+        if attrs:
+            _check_packable(attrs, f"attrs of {name!r}")
+        arr = _as_stored(np.asarray(array), dtype, name)
+        tag = "bf16" if dtype == "bf16" else tag_of(arr.dtype)
         arr = np.ascontiguousarray(arr, dtype=DTYPES[tag])
         itemsize = arr.dtype.itemsize
         shape = tuple(int(d) for d in arr.shape)
+        if len(shape) > DEFAULT_LIMITS.max_ndim:
+            raise ValueError(f"tensor {name!r} has {len(shape)} axes; a trace holds at most {DEFAULT_LIMITS.max_ndim}")
         rows, row_elems = rows_of(shape)
         row_bytes = row_elems * itemsize
         if row_bytes > DEFAULT_LIMITS.max_chunk_bytes:
@@ -178,10 +228,10 @@ class TraceWriter:
         }
         self._tensors.append(entry)
         self._names.add((run, name))
-        flat = arr.reshape(-1).view(np.uint8) if arr.size else arr.reshape(-1)
-        use_shuffle = self.shuffle and tag in FLOAT_TAGS
-        if row_bytes == 0:
+        if row_bytes == 0 or rows == 0:
             return
+        flat = arr.reshape(-1).view(np.uint8)
+        use_shuffle = self.shuffle and tag in FLOAT_TAGS
         for c, r0 in enumerate(range(0, rows, chunk_rows)):
             r1 = min(rows, r0 + chunk_rows)
             piece = memoryview(flat[r0 * row_bytes: r1 * row_bytes])
@@ -189,13 +239,18 @@ class TraceWriter:
             self._pending.append((fut, entry["id"], c, r0, entry["chunks"]))
             self._drain(block=len(self._pending) > self._max_inflight)
 
+    def flush(self) -> None:
+        """Wait until every queued chunk is compressed and written (arrays passed to write() are then free)."""
+        self._check_open()
+        self._drain(block=True)
+
     def _drain(self, block: bool) -> None:
         """Write finished chunks in submission order; wait for the oldest while over the in-flight cap."""
         while self._pending and (block or self._pending[0][0].done()):
             fut, tid, c, r0, chunks = self._pending.popleft()
             codec, filt, payload, crc = fut.result()
             raw_len = self._raw_len(tid, c)
-            offset = self._write_record(KIND_CHUNK, payload, ident=tid, chunk=c, elem_offset=r0, codec=codec,
+            offset = self._write_record(KIND_CHUNK, payload, ident=tid, chunk=c, first_row=r0, codec=codec,
                                         filt=filt, crc=crc, raw_len=raw_len)
             chunks.append((offset, len(payload), raw_len, crc))
             block = len(self._pending) > self._max_inflight
@@ -206,11 +261,11 @@ class TraceWriter:
         r0 = c * t["chunk_rows"]
         return (min(rows, r0 + t["chunk_rows"]) - r0) * row_elems * DTYPES[t["dtype"]].itemsize
 
-    def _write_record(self, kind, payload, *, ident, chunk, elem_offset, codec=0, filt=0, crc=None, raw_len=None):
+    def _write_record(self, kind, payload, *, ident, chunk, first_row, codec=0, filt=0, crc=None, raw_len=None):
         if crc is None:
             crc = layout.crc32(payload)
         header = RecordHeader(kind, codec, filt, 0, ident, chunk, len(payload),
-                              len(payload) if raw_len is None else raw_len, elem_offset, crc)
+                              len(payload) if raw_len is None else raw_len, first_row, crc)
         pad = padded(layout.HEADER_SIZE + len(payload)) - layout.HEADER_SIZE - len(payload)
         self._f.write(header.pack())
         self._f.write(payload)
@@ -230,7 +285,7 @@ class TraceWriter:
             self._drain(block=True)
             if self._current_run is not None:
                 self.end_run()
-            self.meta["closed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.meta["closed"] = _now()
             index = {
                 "hxr": [layout.MAJOR, layout.MINOR],
                 "features": [],
@@ -244,7 +299,7 @@ class TraceWriter:
             }
             raw = pack_obj(index)
             codec, _, payload, crc = encode(raw, level=3, itemsize=1, use_shuffle=False)
-            index_at = self._write_record(KIND_INDEX, payload, ident=0, chunk=0, elem_offset=0, codec=codec,
+            index_at = self._write_record(KIND_INDEX, payload, ident=0, chunk=0, first_row=0, codec=codec,
                                           crc=crc, raw_len=len(raw))
             trailer = Trailer(index_at, layout.HEADER_SIZE + len(payload), self._pos, self._prev_trailer, crc)
             self._f.write(trailer.pack())
@@ -254,6 +309,9 @@ class TraceWriter:
             self._f.close()
             if self._tmp is not None:
                 os.replace(self._tmp, self.path)
+                self._tmp = None
+                if self.fsync:
+                    _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except BaseException:
             self.abort()
             raise
@@ -262,7 +320,7 @@ class TraceWriter:
         return self.path
 
     def abort(self) -> None:
-        """Give up: remove the temporary file (or roll an append back). Never raises."""
+        """Give up: remove the temporary file (or roll an append back to the original bytes). Never raises."""
         if self._closed:
             return
         self._closed = True
@@ -270,17 +328,24 @@ class TraceWriter:
             fut.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        try:
-            if self._rollback_size is not None and not self._f.closed:
-                self._f.truncate(self._rollback_size)
-            self._f.close()
-        except OSError:
-            pass
+        f = self._f
+        if f is not None:
+            try:
+                if self._rollback_size is not None and not f.closed:
+                    f.flush()
+                    f.truncate(self._rollback_size)
+            except OSError:
+                pass
+            try:
+                f.close()
+            except OSError:
+                pass
         if self._tmp is not None:
             try:
                 os.unlink(self._tmp)
             except OSError:
                 pass
+            self._tmp = None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -303,3 +368,39 @@ class TraceWriter:
         if not getattr(self, "_closed", True):
             self.abort()
 
+
+def _as_stored(arr: np.ndarray, dtype: str | None, name: str) -> np.ndarray:
+    """Convert an array to the requested stored tag, refusing lossy surprises."""
+    if dtype is None:
+        return arr
+    if dtype not in DTYPES:
+        raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})")
+    if dtype == "bf16":
+        if arr.dtype == np.uint16:
+            return arr
+        if arr.dtype.kind != "f":
+            raise TypeError(f"tensor {name!r}: dtype='bf16' takes raw uint16 words or a float array, not {arr.dtype}")
+        return f32_to_bf16(arr.astype(np.float32, copy=False))
+    target = DTYPES[dtype]
+    if arr.dtype == target:
+        return arr
+    out = arr.astype(target)
+    if dtype == "f16" and arr.dtype.kind == "f":
+        overflow = np.isinf(out) & ~np.isinf(arr)
+        if overflow.any():
+            raise ValueError(f"tensor {name!r}: values up to {float(np.nanmax(np.abs(arr))):g} overflow float16 "
+                             "(max 65504); store it as bf16 or f32")
+    return out
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
