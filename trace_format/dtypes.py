@@ -49,9 +49,11 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 
 
 def to_float32(raw: np.ndarray, tag: str) -> np.ndarray:
+    """Stored words of a float tag -> float32 (exact for f16/bf16; f64 beyond float32's range -> inf)."""
     if tag == "bf16":
         return bf16_to_f32(raw)
-    return raw.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):
+        return raw.astype(np.float32, copy=False)
 
 
 def shuffle(buf: memoryview | bytes, itemsize: int) -> bytes:

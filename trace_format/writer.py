@@ -212,7 +212,8 @@ class TraceWriter:
             _check_packable(attrs, f"attrs of {name!r}")
         arr = _as_stored(np.asarray(array), dtype, name)
         tag = "bf16" if dtype == "bf16" else tag_of(arr.dtype)
-        arr = np.ascontiguousarray(arr, dtype=DTYPES[tag])
+        # (not np.ascontiguousarray: it turns a 0-d array into shape (1,))
+        arr = arr.astype(DTYPES[tag], order="C", copy=False)
         itemsize = arr.dtype.itemsize
         shape = tuple(int(d) for d in arr.shape)
         if len(shape) > DEFAULT_LIMITS.max_ndim:
@@ -237,23 +238,29 @@ class TraceWriter:
             piece = memoryview(flat[r0 * row_bytes: r1 * row_bytes])
             fut = self._pool.submit(encode, piece, level=self.level, itemsize=itemsize, use_shuffle=use_shuffle)
             self._pending.append((fut, entry["id"], c, r0, entry["chunks"]))
-            self._drain(block=len(self._pending) > self._max_inflight)
+            self._drain(block=True)
 
     def flush(self) -> None:
         """Wait until every queued chunk is compressed and written (arrays passed to write() are then free)."""
         self._check_open()
-        self._drain(block=True)
+        self._drain(wait_all=True)
 
-    def _drain(self, block: bool) -> None:
-        """Write finished chunks in submission order; wait for the oldest while over the in-flight cap."""
-        while self._pending and (block or self._pending[0][0].done()):
+    def _drain(self, block: bool = False, *, wait_all: bool = False) -> None:
+        """Write finished chunks in submission order.
+
+        Waits for the oldest chunk while more than ``max_inflight`` are pending (``block``), or
+        until none is pending (``wait_all``); otherwise writes only those already done.
+        """
+        while self._pending:
+            over_cap = len(self._pending) > self._max_inflight
+            if not (wait_all or (block and over_cap) or self._pending[0][0].done()):
+                break
             fut, tid, c, r0, chunks = self._pending.popleft()
             codec, filt, payload, crc = fut.result()
             raw_len = self._raw_len(tid, c)
             offset = self._write_record(KIND_CHUNK, payload, ident=tid, chunk=c, first_row=r0, codec=codec,
                                         filt=filt, crc=crc, raw_len=raw_len)
             chunks.append((offset, len(payload), raw_len, crc))
-            block = len(self._pending) > self._max_inflight
 
     def _raw_len(self, tid: int, c: int) -> int:
         t = self._tensors[tid]
@@ -282,9 +289,15 @@ class TraceWriter:
         if self._closed:
             return self.path
         try:
-            self._drain(block=True)
+            self._drain(wait_all=True)
             if self._current_run is not None:
                 self.end_run()
+            for t in self._tensors:
+                if isinstance(t["chunks"], list):
+                    rows, row_elems = rows_of(t["shape"])
+                    n = 0 if rows == 0 or row_elems == 0 else -(-rows // t["chunk_rows"])
+                    if len(t["chunks"]) != n:  # pragma: no cover - would be a writer bug
+                        raise RuntimeError(f"tensor {t['name']!r}: {len(t['chunks'])} of {n} chunks written")
             self.meta["closed"] = _now()
             index = {
                 "hxr": [layout.MAJOR, layout.MINOR],
@@ -384,7 +397,8 @@ def _as_stored(arr: np.ndarray, dtype: str | None, name: str) -> np.ndarray:
     target = DTYPES[dtype]
     if arr.dtype == target:
         return arr
-    out = arr.astype(target)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(target)
     if dtype == "f16" and arr.dtype.kind == "f":
         overflow = np.isinf(out) & ~np.isinf(arr)
         if overflow.any():
