@@ -1,0 +1,253 @@
+"""`hexray record`: run a model on prompts and record the forward pass into a .hxr trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from hexray_core.errors import HexRayError
+
+DESCRIPTION = """\
+Run a model on one or more prompts and record every layer, head and neuron of the forward pass
+into a .hxr trace (one run per prompt; the model is loaded once). Replay it later without the
+model: hexray replay trace.hxr.
+
+Logits are those of the Hugging Face model; weights are processed as TransformerLens's
+compatibility mode does (LayerNorm folded, writing weights centred) so that attribution sums
+exactly to each logit. The weights replay needs (W_U, W_O, W_out...) form a "model kit" cached
+once per model in $HEXRAY_CACHE (default ~/.cache/hexray); --bundle copies it into the trace."""
+
+EPILOG = """\
+examples:
+  hexray record --model hexray-demo --prompt "It is a truth universally" -o t.hxr
+  hexray record --model ./my-model --prompts-file prompts.jsonl --hooks full --act-dtype float32 -o t.hxr
+  hexray record --model gpt2 --prompt "Step 1:" --generate 40 --temperature 0.7 --seed 1 -o cot.hxr
+  hexray record --model gpt2 --list-hooks"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("record", help="run a model on prompts and record the forward pass into a .hxr trace",
+                              description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT", help="the prompt text")
+    src.add_argument("--prompt-file", metavar="FILE", help="one prompt: the whole file, exactly (- for stdin)")
+    src.add_argument("--prompts-file", metavar="FILE",
+                     help="many prompts, one run each: one per line, or JSONL objects with a \"prompt\" key "
+                          "(blank lines skipped; - for stdin)")
+    p.add_argument("-o", "--output", metavar="TRACE", help="trace file to write (replaced when complete)")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="gpt2",
+                   help="hub id (default gpt2; gpt2-small is an alias), local save_pretrained folder, local .gguf "
+                        "file, or hexray-demo (the small model shipped with HexRay)")
+    m.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    m.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
+    m.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weights dtype (default float32)")
+    m.add_argument("--n-devices", type=int, metavar="N", help="split the model over N CUDA devices")
+    m.add_argument("--device-map", metavar="MAP", help="accelerate device map: auto, balanced, or JSON")
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="allow models whose repository ships its own Python code (only for models you trust)")
+
+    r = p.add_argument_group("what to record")
+    r.add_argument("--hooks", default="default", metavar="SPEC",
+                   help="default | full | hook names and globs, comma-separated, e.g. default,blocks.*.attn.hook_q "
+                        "(default: default; full = every distinct activation but the logits)")
+    r.add_argument("--act-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="storage dtype of activations (auto: float16 for a float32 model, else the model's; "
+                        "float32 for attribution exact to 1e-6; LayerNorm scales are always float32)")
+    r.add_argument("--overflow-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype for a tensor that would overflow float16 (default float32; noted in its attrs)")
+    r.add_argument("--top-k", type=int, default=20, metavar="K",
+                   help="top predictions stored per position (default 20)")
+    r.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    r.add_argument("--list-hooks", action="store_true", help="print the model's hook names and exit")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="continue each prompt by up to N tokens, then record prompt + continuation in one pass")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    g.add_argument("--seed", type=int, help="sampling seed (one is drawn and recorded if omitted)")
+
+    k = p.add_argument_group("model kit")
+    k.add_argument("--bundle", action="store_true",
+                   help="embed the model kit in the trace so it replays with no cache (adds W_U, W_O, W_out...)")
+    k.add_argument("--cache-dir", metavar="DIR", help="kit cache folder (default $HEXRAY_CACHE or ~/.cache/hexray)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors and the summary line")
+    return p
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(os.path.expanduser(path), "rb") as f:
+                data = f.read()
+    except FileNotFoundError:
+        raise HexRayError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise HexRayError(f"{what} {path}: is a folder") from None
+    except OSError as e:
+        raise HexRayError(f"{what} {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HexRayError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
+
+
+def parse_prompts_file(text: str, path: str = "prompts") -> list[str]:
+    """One prompt per line, or JSONL objects with a "prompt" key. Blank lines are skipped."""
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if not lines:
+        raise HexRayError(f"--prompts-file {path}: no prompts in it")
+    if not lines[0][1].lstrip().startswith("{"):
+        return [line for _, line in lines]
+    prompts = []
+    for number, line in lines:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HexRayError(f"--prompts-file {path}:{number}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise HexRayError(f"--prompts-file {path}:{number}: expected an object with a \"prompt\" string")
+        prompts.append(obj["prompt"])
+    return prompts
+
+
+def gather_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompt_file is not None:
+        return [_read_text(args.prompt_file, "--prompt-file")]
+    if args.prompts_file is not None:
+        return parse_prompts_file(_read_text(args.prompts_file, "--prompts-file"), args.prompts_file)
+    raise HexRayError("nothing to record: give --prompt TEXT, --prompt-file FILE or --prompts-file FILE")
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+class Progress:
+    """Progress on stderr: a rich bar on a terminal, plain lines otherwise, nothing with --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.live = None
+        self.task = None
+        self.total = 0
+        self.t0 = time.perf_counter()
+        if not quiet and sys.stderr.isatty():
+            try:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.live = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                     console=Console(stderr=True), transient=True)
+            except ImportError:
+                self.live = None
+
+    def __enter__(self):
+        if self.live is not None:
+            self.live.start()
+            self.task = self.live.add_task("loading", total=None, info="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.stop()
+
+    def __call__(self, event: str, **info) -> None:
+        if self.quiet and event != "warning":
+            return
+        from hexray_core.record.recorder import human_bytes
+
+        if event == "warning":
+            self._line(f"hexray: warning: {info['message']}")
+        elif event == "status":
+            if self.live is not None:
+                self.live.update(self.task, description=info["message"])
+            else:
+                self._line(f"hexray: {info['message']}")
+        elif event == "kit":
+            what = "wrote model kit to" if info["written"] else "using cached model kit"
+            self._line(f"hexray: {what} {info['path']}")
+        elif event == "run_start":
+            self.total = info["total"]
+            if self.live is not None:
+                self.live.update(self.task, description="recording", total=info["total"], completed=info["index"])
+        elif event == "run_done":
+            msg = f"{info['tokens']} tokens, {human_bytes(info['bytes'])} written"
+            if self.live is not None:
+                self.live.update(self.task, completed=info["index"] + 1, info=msg)
+            else:
+                self._line(f"hexray: [{info['index'] + 1}/{info['total']}] {msg}")
+
+    def _line(self, text: str) -> None:
+        if self.live is not None:
+            self.live.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+
+# -- running -----------------------------------------------------------------------------------
+
+def _device_map(value: str | None):
+    if value is None:
+        return None
+    value = value.strip()
+    if value.startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise HexRayError(f"--device-map: not JSON ({e.msg})") from None
+    return value
+
+
+def run(args) -> int:
+    if args.top_k < 1:
+        raise HexRayError(f"--top-k must be at least 1, not {args.top_k}")
+    if args.generate < 0:
+        raise HexRayError(f"--generate must be 0 or more, not {args.generate}")
+    if args.temperature < 0:
+        raise HexRayError(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
+    prompts = None
+    if not args.list_hooks:
+        prompts = gather_prompts(args)
+        from hexray_core.record.recorder import check_output_path, normalize_prompts
+
+        normalize_prompts(prompts)
+        if not args.output:
+            raise HexRayError("no output file: add -o trace.hxr")
+        check_output_path(args.output)
+    if args.cache_dir:
+        os.environ["HEXRAY_CACHE"] = os.path.expanduser(args.cache_dir)
+    with Progress(args.quiet) as progress:
+        progress("status", message="importing torch and TransformerLens")
+        from hexray_core.record.recorder import Recorder
+
+        rec = Recorder(args.model, device=args.device, dtype=args.dtype, n_devices=args.n_devices,
+                       device_map=_device_map(args.device_map), trust_remote_code=args.trust_remote_code,
+                       revision=args.revision, progress=progress)
+        if args.list_hooks:
+            from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
+
+            default = set(plan_hooks(rec.bridge, "default").names)
+            progress.__exit__()
+            print(f"# hooks of {args.model}; * = in --hooks default ({', '.join(DEFAULT_HOOKS[:3])}, ...)")
+            for name, others in list_hooks(rec.bridge):
+                mark = "*" if name in default else " "
+                print(f"{mark} {name}" + (f"    (also: {', '.join(others)})" if others else ""))
+            return 0
+        result = rec.record(prompts, args.output, hooks=args.hooks, act_dtype=args.act_dtype,
+                            overflow=args.overflow_dtype, top_k=args.top_k, generate=args.generate,
+                            temperature=args.temperature, seed=args.seed, prepend_bos=False if args.no_bos else None,
+                            bundle=args.bundle, progress=progress)
+    print(f"hexray: {result.summary()}")
+    return 0

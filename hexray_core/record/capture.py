@@ -1,0 +1,242 @@
+"""Streaming capture: each hooked tensor goes to the trace writer the moment its hook fires.
+
+Nothing is cached: a hook function converts its tensor (batch dimension dropped, narrowed to the
+storage dtype on the model's device) and hands it to ``TraceWriter.write``, which compresses it
+on a thread pool with a bounded number of chunks in flight. On CUDA the device-to-host copy is
+asynchronous into pinned memory, and a single drain thread waits for each copy and feeds the
+writer, so the forward pass is not held up by the copies.
+
+Storage dtype (``act_dtype``): ``f32``, ``f16`` or ``bf16``. ``*.hook_scale`` (LayerNorm /
+RMSNorm scales, ``[n, 1]``) are always float32: exact attribution divides by them. A tensor that
+would overflow float16 (finite |x| > 65504) is stored as ``overflow`` (``f32`` by default, or
+``bf16``) and its attrs say so: ``{"overflow": {"wanted": "f16", "absmax": 1.2e5}}``. Non-finite
+values (``-inf`` in masked attention scores) are stored as they are and counted in
+``attrs["nonfinite"]``.
+
+Deduplication: a hook point has one canonical name (hooks.py); beyond that, distinct hook points
+often carry the very same tensor (``attn.hook_in`` is ``ln1.hook_out``). Tensors that are not
+*protected* (default-set names and explicit names) are written once per distinct tensor: a later
+hook whose tensor is still alive, at the same address, with the same shape, strides, dtype and
+in-place version counter, is recorded as an alias of the first (``run["aliases"]``).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import weakref
+
+import numpy as np
+import torch
+
+F16_MAX = 65504.0
+_TAG = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64"}
+_TORCH = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+ACT_DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "f32": "f32", "f16": "f16", "bf16": "bf16"}
+
+
+def resolve_act_dtype(act_dtype: str, model_dtype: torch.dtype) -> str:
+    """``auto``: a 16-bit model's own dtype; float16 for a float32 model (half the size; use float32 for
+    attribution exact to 1e-6)."""
+    if act_dtype in (None, "auto"):
+        return {torch.bfloat16: "bf16", torch.float16: "f16"}.get(model_dtype, "f16")
+    try:
+        return ACT_DTYPES[act_dtype]
+    except KeyError:
+        raise ValueError(f"act dtype must be auto, float32, float16 or bfloat16, not {act_dtype!r}") from None
+
+
+def to_host(t: torch.Tensor, tag: str, *, overflow: str = "f32", force_f32: bool = False):
+    """Convert one activation to its stored form on the device.
+
+    Returns ``(tensor, stored_tag, attrs)``; the tensor is still on the device (on CPU: never sharing
+    memory with the model's tensor).
+    """
+    attrs: dict = {}
+    if t.dim() >= 1 and t.shape[0] == 1:
+        t = t[0]
+    if not t.is_floating_point():
+        x = t.to(torch.int64) if t.dtype not in (torch.int32, torch.int64, torch.bool) else t
+        return (x.clone() if x.data_ptr() == t.data_ptr() and x.device.type == "cpu" else x), None, attrs
+    want = "f32" if force_f32 else tag
+    src = _TAG.get(t.dtype, "f32")
+    if want == "f16" and src != "f16" and t.numel():
+        amax = float(torch.linalg.vector_norm(t, float("inf")))
+        if not math.isfinite(amax):
+            finite = t[torch.isfinite(t)]
+            amax = float(finite.abs().max()) if finite.numel() else 0.0
+            attrs["nonfinite"] = {"nan": int(torch.isnan(t).sum()), "inf": int(torch.isinf(t).sum())}
+        if amax > F16_MAX:
+            want = overflow
+            attrs["overflow"] = {"wanted": "f16", "absmax": amax}
+    elif src == "f32" and want == "f32" and t.numel() and not bool(torch.isfinite(t).all()):
+        attrs["nonfinite"] = {"nan": int(torch.isnan(t).sum()), "inf": int(torch.isinf(t).sum())}
+    x = t.to(_TORCH[want])
+    if x.device.type == "cpu" and x.data_ptr() == t.data_ptr():
+        x = x.clone()  # the model may still change its tensor in place; the writer compresses later
+    if want != src:
+        attrs.setdefault("src_dtype", src)
+    return x, want, attrs
+
+
+def as_numpy(x: torch.Tensor, tag: str | None) -> tuple[np.ndarray, str | None]:
+    """Host tensor -> (ndarray, writer dtype argument)."""
+    if tag == "bf16":
+        return x.contiguous().view(torch.int16).numpy().view(np.uint16), "bf16"
+    return x.numpy(), None
+
+
+class _DrainThread:
+    """CUDA path: waits for each asynchronous copy, then writes it. Bounded by bytes in flight."""
+
+    def __init__(self, write, max_bytes: int = 512 << 20):
+        self._write = write
+        self._q: queue.Queue = queue.Queue()
+        self._cv = threading.Condition()
+        self._inflight = 0
+        self._max = max_bytes
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="hexray-d2h", daemon=True)
+        self._thread.start()
+
+    def submit(self, name, host, event, tag, attrs):
+        if self.error is not None:
+            raise self.error
+        n = host.numel() * host.element_size()
+        with self._cv:
+            while self._inflight > 0 and self._inflight + n > self._max and self.error is None:
+                self._cv.wait()
+            self._inflight += n
+        self._q.put((name, host, event, tag, attrs, n))
+
+    def _loop(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            name, host, event, tag, attrs, n = item
+            try:
+                if self.error is None:
+                    event.synchronize()
+                    arr, dt = as_numpy(host, tag)
+                    self._write(name, arr, dt, attrs)
+            except BaseException as e:  # handed back to the forward pass's thread
+                self.error = e
+            finally:
+                with self._cv:
+                    self._inflight -= n
+                    self._cv.notify_all()
+
+    def flush(self):
+        """Wait until every submitted tensor has been written; re-raise a write error."""
+        with self._cv:
+            while self._inflight > 0 and self.error is None:
+                self._cv.wait(timeout=0.05)
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self._q.put(None)
+        self._thread.join(timeout=30)
+
+
+class Capture:
+    """Hooks for one model and one hook plan; ``forward(...)`` records one run's activations."""
+
+    def __init__(self, bridge, plan, writer, *, act_tag: str, overflow: str = "f32", dedupe: bool = True):
+        self.bridge, self.plan, self.writer = bridge, plan, writer
+        self.act_tag, self.overflow, self.dedupe = act_tag, overflow, dedupe
+        hook_dict = dict(bridge.hook_dict)
+        self._name_of: dict[int, str] = {}
+        for n, hp in hook_dict.items():
+            c = plan.canon.get(n, n)
+            if c in plan._set:
+                self._name_of[id(hp)] = c
+        self._reset()
+
+    def _reset(self):
+        self.aliases: dict[str, str] = {}
+        self.written: list[str] = []
+        self.refired: list[str] = []
+        self._seen: dict[tuple, tuple] = {}
+        self._done: set[str] = set()
+
+    # -- the hook --------------------------------------------------------------------------
+
+    def _filter(self, name: str) -> bool:
+        hp = self.bridge.hook_dict.get(name)
+        return hp is not None and id(hp) in self._name_of
+
+    def _hook(self, tensor, hook):
+        if isinstance(tensor, tuple):
+            tensor = tensor[0] if tensor and isinstance(tensor[0], torch.Tensor) else None
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        name = self._name_of.get(id(hook))
+        if name is None:
+            return None
+        if name in self._done:
+            self.refired.append(name)
+            return None
+        protected = name in self.plan.protected
+        if not protected and not tensor.is_floating_point():
+            return None  # token ids / positions: the run already has them
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if self.dedupe and not protected:
+            prev = self._seen.get(key)
+            if prev is not None:
+                ref, version, first = prev
+                alive = ref()
+                if alive is not None and alive._version == tensor._version and alive.data_ptr() == key[1]:
+                    self.aliases[name] = first
+                    self._done.add(name)
+                    return None
+        try:
+            self._seen[key] = (weakref.ref(tensor), tensor._version, name)
+        except TypeError:
+            pass
+        self._done.add(name)
+        with torch.no_grad():
+            x, tag, attrs = to_host(tensor.detach(), self.act_tag, overflow=self.overflow,
+                                    force_f32=name.endswith("hook_scale"))
+            if x.device.type == "cuda":
+                host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                host.copy_(x, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self._drain.submit(name, host, event, tag, attrs)
+            else:
+                arr, dt = as_numpy(x, tag)
+                self._write(name, arr, dt, attrs)
+        self.written.append(name)
+        return None
+
+    def _write(self, name, arr, dt, attrs):
+        self.writer.write(name, arr, dtype=dt, attrs=attrs or None)
+
+    # -- one forward pass --------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor):
+        """Run the model on ``tokens`` ``[1, n]`` with the capture hooks; returns the logits ``[1, n, d_vocab]``."""
+        self._reset()
+        restore = {}
+        for flag in set(self.plan.gated.values()):
+            restore[flag] = bool(getattr(self.bridge.cfg, flag, False))
+            getattr(self.bridge, f"set_{flag}")(True)
+        cuda = tokens.device.type == "cuda"
+        self._drain = _DrainThread(self._write) if cuda else None
+        try:
+            with torch.no_grad():
+                logits = self.bridge.run_with_hooks(tokens, fwd_hooks=[(self._filter, self._hook)],
+                                                    return_type="logits")
+            if self._drain is not None:
+                self._drain.flush()
+        finally:
+            if self._drain is not None:
+                self._drain.close()
+                self._drain = None
+            for flag, value in restore.items():
+                getattr(self.bridge, f"set_{flag}")(value)
+        self._seen.clear()
+        return logits

@@ -1,0 +1,300 @@
+"""Record prompts into one trace: ``record(...)`` and the reusable ``Recorder``.
+
+    from hexray_core.record import record, Recorder
+    path = record(["Hello", "World"], model="hexray-demo", output="t.hxr")   # one run per prompt
+
+    rec = Recorder(model=hf_model, tokenizer=tok)       # or a TransformerBridge, a name, a path
+    result = rec.record("Hello", "t.hxr", hooks="full", act_dtype="float32")
+
+The model is loaded once per ``Recorder``; each prompt is one run. What a run and the file hold
+is specified in docs/ARCHITECTURE.md ("What a recording contains").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hexray_core.errors import HexRayError
+from trace_format import TraceWriter
+
+from . import kit as kitmod
+from .capture import Capture, resolve_act_dtype
+from .generate import generate as run_generation
+from .generate import no_generation
+from .hooks import plan_hooks
+from .models import LoadedModel, from_objects, load_model, writer_meta
+from .tokens import encode_prompt, token_text
+
+DEFAULT_TOP_K = 20
+CODEC = "zstd:1"
+
+
+@dataclass
+class RecordResult:
+    path: str
+    runs: int
+    tokens: int
+    tensors: int
+    bytes: int
+    seconds: float
+    kit_sha256: str
+    kit_path: str | None
+    kit_written: bool
+    bundled: bool
+
+    def summary(self) -> str:
+        kit = "bundled" if self.bundled else ("written to cache" if self.kit_written else "cached")
+        return (f"recorded {self.runs} run{'s' if self.runs != 1 else ''}, {self.tokens} tokens, "
+                f"{self.tensors} tensors, {human_bytes(self.bytes)} in {self.seconds:.1f} s -> {self.path} "
+                f"(kit {self.kit_sha256[:12]}, {kit})")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def normalize_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise HexRayError("no prompts to record")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise HexRayError(f"prompt {i + 1} is a {type(p).__name__}, not text")
+        if p == "":
+            raise HexRayError("empty prompt: nothing to record" if len(prompts) == 1 else f"prompt {i + 1} is empty")
+    return prompts
+
+
+def check_output_path(path: str) -> str:
+    """Fail early (before loading a model) when ``path`` cannot be written."""
+    path = os.path.expanduser(os.fspath(path))
+    if not path:
+        raise HexRayError("no output path given (-o trace.hxr)")
+    if os.path.isdir(path):
+        raise HexRayError(f"cannot write {path}: it is a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise HexRayError(f"cannot write {path}: no such folder {folder}")
+    probe = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.probe")
+    try:
+        with open(probe, "xb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise HexRayError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def _write_error(path: str, e: OSError) -> HexRayError:
+    why = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        why = "no space left on device"
+    elif e.errno == errno.EFBIG:
+        why = "file too large (disk quota or file size limit)"
+    return HexRayError(f"cannot write {path}: {why}; nothing was written there")
+
+
+class Recorder:
+    """A model loaded once, ready to record any number of prompts into traces."""
+
+    def __init__(self, model="gpt2", *, tokenizer=None, device: str | None = "auto", dtype="float32",
+                 n_devices: int | None = None, device_map=None, trust_remote_code: bool = False,
+                 revision: str | None = None, progress=None):
+        if isinstance(model, LoadedModel):
+            self.loaded = model
+        elif isinstance(model, str | os.PathLike):
+            self.loaded = load_model(os.fspath(model), device=device, dtype=dtype, n_devices=n_devices,
+                                     device_map=device_map, trust_remote_code=trust_remote_code,
+                                     revision=revision, progress=progress)
+        else:
+            self.loaded = from_objects(model, tokenizer)
+
+    @property
+    def bridge(self):
+        return self.loaded.bridge
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def kit(self) -> kitmod.Kit:
+        """The model's kit (computed once per loaded model)."""
+        k = self.loaded.cache.get("kit")
+        if k is None:
+            k = kitmod.Kit(kitmod.kit_arrays(self.bridge), self.loaded.model_meta)
+            self.loaded.cache["kit"] = k
+        return k
+
+    def tokenize(self, prompt: str, prepend_bos: bool | None = None) -> list[int]:
+        if prepend_bos is None:
+            prepend_bos = bool(getattr(self.bridge.cfg, "default_prepend_bos", True))
+        return encode_prompt(self.tokenizer, prompt, prepend_bos)
+
+    def record(self, prompts, output: str | os.PathLike | None = None, *, hooks="default", act_dtype: str = "auto",
+               overflow: str = "f32", top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
+               seed: int | None = None, prepend_bos: bool | None = None, bundle: bool = False,
+               cache_dir: str | None = None, progress=None) -> RecordResult:
+        """Record each prompt as one run of a new trace at ``output`` (replaced atomically when complete)."""
+        t0 = time.perf_counter()
+        prompts = normalize_prompts(prompts)
+        if output is None:
+            folder = os.path.join(cache_dir or kitmod.cache_dir(), "traces")
+            os.makedirs(folder, exist_ok=True)
+            output = os.path.join(folder, time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8] + ".hxr")
+        output = check_output_path(os.fspath(output))
+        if int(top_k) < 1:
+            raise HexRayError(f"--top-k must be at least 1, not {top_k}")
+        if int(generate) < 0:
+            raise HexRayError(f"--generate must be 0 or more, not {generate}")
+        if float(temperature) < 0:
+            raise HexRayError(f"--temperature must be 0 (greedy) or more, not {temperature}")
+        if overflow not in ("f32", "bf16", "float32", "bfloat16"):
+            raise HexRayError(f"overflow fallback must be float32 or bfloat16, not {overflow}")
+        overflow = {"float32": "f32", "bfloat16": "bf16"}.get(overflow, overflow)
+        try:
+            act_tag = resolve_act_dtype(act_dtype, self.loaded.dtype)
+        except ValueError as e:
+            raise HexRayError(f"--act-dtype: {e}") from None
+        if prepend_bos is None:
+            prepend_bos = bool(getattr(self.bridge.cfg, "default_prepend_bos", True))
+        lm, tok = self.loaded, self.tokenizer
+        k = min(int(top_k), lm.d_vocab)
+        token_lists = [self.tokenize(p, prepend_bos) for p in prompts]
+        for i, ids in enumerate(token_lists):
+            n = len(ids) + int(generate)
+            if len(ids) == 0:
+                raise HexRayError(f"prompt {i + 1} has no tokens")
+            if n > lm.n_ctx:
+                extra = f" + {generate} to generate" if generate else ""
+                which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+                raise HexRayError(f"{which} is {len(ids)} tokens{extra}, over the model's context of {lm.n_ctx} tokens")
+        plan = plan_hooks(self.bridge, hooks)
+
+        kit = self.kit()
+        try:
+            kit.ensure_cached(cache_dir)
+        except OSError as e:
+            _emit(progress, "warning", message=f"could not cache the model kit ({e.strerror or e}); "
+                                               "the trace will name it but replay may lack its weights")
+        else:
+            _emit(progress, "kit", path=kit.path, written=kit.written, sha256=kit.sha256)
+
+        meta = {
+            "hexray": {"version": _version(), "trace": "recording"},
+            "model": lm.model_meta,
+            "tokenizer": lm.tokenizer_meta,
+            "kit": {"sha256": kit.sha256, "bundled": bool(bundle)},
+            "hooks": {"set": plan.label, "requested": list(plan.requested)},
+            "storage": {"act_dtype": act_tag, "codec": CODEC, "chunk_bytes": 1 << 20,
+                        "overflow_fallback": overflow, "scales": "f32"},
+            "writer": writer_meta(lm.device),
+        }
+        try:
+            writer = TraceWriter(output, meta=meta)
+        except OSError as e:
+            raise _write_error(output, e) from None
+        capture = Capture(self.bridge, plan, writer, act_tag=act_tag, overflow=overflow,
+                          dedupe=plan.label != "default")
+        eos = getattr(tok, "eos_token_id", None)
+        total_tokens = 0
+        try:
+            if bundle:
+                _emit(progress, "status", message="bundling the model kit")
+                kit.write_into(writer)
+            for i, (prompt, ids) in enumerate(zip(prompts, token_lists, strict=True)):
+                _emit(progress, "run_start", index=i, total=len(prompts))
+                gen = run_generation(self.bridge, ids, int(generate), device=lm.input_device,
+                                     temperature=temperature, seed=seed, eos_token_id=eos)
+                gen_info = gen.info() if generate else no_generation()
+                all_ids = ids + gen.tokens
+                text = token_text(tok, all_ids, len(ids), prompt)
+                writer.begin_run(prompt=text.text, tokens=all_ids, token_strs=text.token_strs,
+                                 char_spans=text.char_spans, byte_spans=text.byte_spans,
+                                 n_prompt_tokens=len(ids), generated=gen_info, prepend_bos=bool(prepend_bos))
+                tokens_t = torch.tensor([all_ids], device=lm.input_device)
+                logits = capture.forward(tokens_t)
+                _write_run_tensors(writer, self.bridge, logits, all_ids, k)
+                info = {"aliases": dict(capture.aliases)}
+                if capture.refired:
+                    info["refired"] = sorted(set(capture.refired))
+                writer.end_run(**info)
+                total_tokens += len(all_ids)
+                _emit(progress, "run_done", index=i, total=len(prompts), tokens=len(all_ids),
+                      bytes=writer.bytes_written)
+            _emit(progress, "status", message="finishing the trace")
+            n_tensors = len(writer._tensors)
+            path = writer.close()
+        except OSError as e:
+            writer.abort()
+            raise _write_error(output, e) from None
+        except BaseException:
+            writer.abort()
+            raise
+        size = os.path.getsize(path)
+        return RecordResult(path=path, runs=len(prompts), tokens=total_tokens, tensors=n_tensors, bytes=size,
+                            seconds=time.perf_counter() - t0, kit_sha256=kit.sha256, kit_path=kit.path,
+                            kit_written=kit.written, bundled=bool(bundle))
+
+
+def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: list[int], k: int) -> None:
+    """hexray.* per-run tensors: top-k, next-token logit, logsumexp, unembedding of the tokens needed."""
+    with torch.no_grad():
+        lg = logits[0].float()
+        n = lg.shape[0]
+        top = lg.topk(k, dim=-1)
+        lse = torch.logsumexp(lg, dim=-1)
+        ids_t = torch.tensor(ids, device=lg.device)
+        next_logit = torch.full((n,), float("nan"), device=lg.device)
+        if n > 1:
+            next_logit[:-1] = lg[torch.arange(n - 1, device=lg.device), ids_t[1:]]
+        topk_ids = top.indices.to(torch.int32).cpu().numpy()
+        need = np.unique(np.concatenate([np.asarray(ids, dtype=np.int64), topk_ids.reshape(-1).astype(np.int64)]))
+        need_t = torch.as_tensor(need, device=bridge.W_U.device)
+        cols = bridge.W_U[:, need_t].T.float().cpu().numpy()
+        bias = bridge.b_U[need_t.to(bridge.b_U.device)].float().cpu().numpy()
+    writer.write("hexray.topk_ids", topk_ids)
+    writer.write("hexray.topk_logits", top.values.cpu().numpy().astype(np.float32))
+    writer.write("hexray.next_logit", next_logit.cpu().numpy().astype(np.float32))
+    writer.write("hexray.logsumexp", lse.cpu().numpy().astype(np.float32))
+    writer.write("hexray.unembed_ids", need.astype(np.int32))
+    writer.write("hexray.unembed_cols", np.ascontiguousarray(cols, dtype=np.float32))
+    writer.write("hexray.unembed_bias", bias.astype(np.float32))
+
+
+def _emit(progress, event: str, **info) -> None:
+    if progress is not None:
+        progress(event, **info)
+
+
+def _version() -> str:
+    from hexray_core import __version__
+
+    return __version__
+
+
+def record(prompts, model="gpt2", output: str | os.PathLike | None = None, *, tokenizer=None,
+           device: str | None = "auto", dtype="float32", n_devices: int | None = None, device_map=None,
+           trust_remote_code: bool = False, revision: str | None = None, progress=None, **opts) -> str:
+    """Record one prompt or a list of prompts (one run each) and return the trace's path.
+
+    ``model``: a hub id, a local folder, a .gguf file, ``"hexray-demo"``, a ``TransformerBridge``, or a
+    Hugging Face model (with ``tokenizer=``). Other options as ``Recorder.record``: ``hooks``,
+    ``act_dtype``, ``top_k``, ``generate``, ``temperature``, ``seed``, ``prepend_bos``, ``bundle``,
+    ``cache_dir``. Without ``output`` the trace goes to ``$HEXRAY_CACHE/traces/``.
+    """
+    rec = Recorder(model, tokenizer=tokenizer, device=device, dtype=dtype, n_devices=n_devices,
+                   device_map=device_map, trust_remote_code=trust_remote_code, revision=revision, progress=progress)
+    return rec.record(prompts, output, progress=progress, **opts).path
