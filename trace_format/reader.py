@@ -26,6 +26,7 @@ from .limits import DEFAULT_LIMITS, Limits
 from .writer import WEIGHTS_RUN
 
 TAIL_READ = 64 * 1024
+MAX_ZSTD_RATIO = 32768  # no zstd frame decodes to more than this many times its own size (4 B per 128 KiB block)
 KNOWN_FEATURES: frozenset[str] = frozenset()
 
 
@@ -225,9 +226,11 @@ class TraceReader:
                 need(bool((raw_lens[:-1] == np.uint64(full)).all()) and int(raw_lens[-1]) == last,
                      f"tensor {name!r}: chunk lengths disagree with its shape {shape}")
                 offs, plens = chunks[:, 0], chunks[:, 1]
-                # A stored payload is never longer than zstd's worst case for its decoded size.
+                # A stored payload is never longer than zstd's worst case for its decoded size, nor
+                # shorter than zstd's best case: every block of <= 128 KiB costs >= 4 bytes.
                 bad = ((offs % np.uint64(layout.ALIGN) != 0) | (offs < np.uint64(layout.PREAMBLE_SIZE))
                        | (plens > raw_lens + (raw_lens >> np.uint64(7)) + np.uint64(1024))
+                       | (raw_lens > plens * np.uint64(MAX_ZSTD_RATIO))
                        | (offs >= index_end))
                 need(not bad.any(), f"tensor {name!r}: chunk position or length out of bounds")
                 ends = offs + np.uint64(layout.HEADER_SIZE) + plens
@@ -325,17 +328,24 @@ class TraceReader:
         if total > self.limits.max_tensor_bytes:
             raise TraceFormatError(f"{self.path}: tensor {name!r} read of {total} bytes is over the limit of "
                                    f"{self.limits.max_tensor_bytes}")
-        raw = np.empty(total, dtype=np.uint8)
-        if total:
-            first, last = r0 // info.chunk_rows, (r1 - 1) // info.chunk_rows
-            for c in range(first, last + 1):
+        first, last = r0 // info.chunk_rows, (r1 - 1) // info.chunk_rows
+        borrowed = bool(total) and first == last
+        if borrowed:  # one chunk: slice it, allocate nothing the file merely claims
+            c0 = first * info.chunk_rows
+            data = np.frombuffer(self._read_chunk(info, first), dtype=np.uint8)
+            raw = data[(r0 - c0) * row_bytes:(r1 - c0) * row_bytes]  # a view: copied below unless converted
+        else:  # bounded by max_tensor_bytes and by MAX_ZSTD_RATIO x the stored bytes (checked at open)
+            raw = np.empty(total, dtype=np.uint8)
+            for c in range(first, last + 1) if total else ():
                 data = np.frombuffer(self._read_chunk(info, c), dtype=np.uint8)
                 c0 = c * info.chunk_rows
                 lo, hi = max(r0, c0), min(r1, c0 + info.chunk_rows)
                 raw[(lo - r0) * row_bytes:(hi - r0) * row_bytes] = data[(lo - c0) * row_bytes:(hi - c0) * row_bytes]
         arr = raw.view(DTYPES[info.dtype]).reshape(out_shape)
         if dtype == "float32" and info.dtype in FLOAT_TAGS:
-            return to_float32(arr, info.dtype)
+            arr = to_float32(arr, info.dtype)
+        if borrowed and np.shares_memory(arr, raw):
+            arr = arr.copy()  # a new, writeable array that does not keep the whole chunk alive
         return arr
 
     def _read_chunk(self, info: TensorInfo, c: int):

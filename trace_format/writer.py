@@ -241,9 +241,10 @@ class TraceWriter:
             self._drain(block=True)
 
     def flush(self) -> None:
-        """Wait until every queued chunk is compressed and written (arrays passed to write() are then free)."""
+        """Wait until every queued chunk is compressed and handed to the OS (arrays passed to write() are then free)."""
         self._check_open()
         self._drain(wait_all=True)
+        self._f.flush()
 
     def _drain(self, block: bool = False, *, wait_all: bool = False) -> None:
         """Write finished chunks in submission order.
