@@ -1,0 +1,40 @@
+"""Code lens on the first line: record the trace (with the trace's state), or cancel a recording."""
+
+from __future__ import annotations
+
+from lsprotocol import types as t
+
+from .commands import CANCEL
+from .diagnostics import RECORD
+
+_STATE = {"fresh": "trace up to date", "stale": "trace stale", "none": "no trace", "error": "trace unreadable",
+          "loading": "loading trace…"}
+
+
+def lenses(ls, uri: str) -> list[t.CodeLens]:
+    doc = ls.served(uri)
+    if doc is None:
+        return []
+    top = t.Range(start=t.Position(line=0, character=0), end=t.Position(line=0, character=0))
+    rec = ls.recordings.get(uri)
+    if rec is not None:
+        done = f" {rec.percentage}%" if rec.percentage else ""
+        return [t.CodeLens(range=top, command=t.Command(title=f"■ HexRay: recording…{done} (cancel)", command=CANCEL,
+                                                        arguments=[uri]))]
+    state = ls.status_now(doc).state
+    model = ls.settings.model_factory or ls.settings.model
+    verb = "record again" if state == "fresh" else "record trace"
+    return [t.CodeLens(range=top, command=t.Command(title=f"▶ HexRay: {verb} ({_STATE.get(state, state)} · {model})",
+                                                    command=RECORD, arguments=[uri]))]
+
+
+def register(server) -> None:
+    @server.feature(t.TEXT_DOCUMENT_CODE_LENS)
+    def on_code_lens(ls, params: t.CodeLensParams):
+        try:
+            return lenses(ls, params.text_document.uri)
+        except Exception:  # a lens is never worth an error popup
+            import logging
+
+            logging.getLogger(__name__).exception("code lens failed")
+            return []

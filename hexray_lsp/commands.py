@@ -1,0 +1,291 @@
+"""Commands: record a document's trace in the worker (with progress and cancellation), and friends.
+
+    hexray.recordTrace      [uri]   record the document's current text; returns {"status": "recorded", ...}
+    hexray.cancelRecording  [uri]   cancel the document's recording (all recordings without a uri)
+    hexray.restartWorker            stop the worker; the next recording starts a fresh one
+    hexray.status                   what the server knows: settings, worker, documents and their traces
+
+A recording snapshots the text, sends it to the worker, reports ``$/progress`` (server-initiated,
+cancellable) and, when the trace is written, loads it and refreshes diagnostics, inlay hints and
+code lenses. It can be cancelled from the progress UI, by ``$/cancelRequest`` on the command, by
+``hexray.cancelRecording``, or by a newer recording of the same document (record on save). A
+failure is a message and a diagnostic, never an exception out of the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import uuid
+
+from lsprotocol import types as t
+
+from .diagnostics import RECORD, SOURCE
+from .documents import Document, fs_path
+from .traces import record_path
+from .worker import WorkerCancelled, WorkerError
+
+log = logging.getLogger(__name__)
+
+CANCEL = "hexray.cancelRecording"
+RESTART = "hexray.restartWorker"
+STATUS = "hexray.status"
+
+
+def worker_config(settings) -> dict:
+    return {"model": settings.model, "factory": settings.model_factory, "device": settings.device,
+            "extra_paths": list(settings.extra_paths)}
+
+
+class Recording:
+    """One recording in flight."""
+
+    def __init__(self, ls, uri: str, reason: str):
+        self.ls = ls
+        self.uri = uri
+        self.reason = reason
+        self.req_id: int | None = None
+        self.cancelled = False
+        self.why = "cancelled"
+        self.percentage = 0
+        self.message = ""
+        self.done = asyncio.get_running_loop().create_future()
+
+    def cancel(self, why: str = "cancelled") -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self.why = why
+        if self.req_id is not None:
+            self.ls.worker.cancel(self.req_id)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class _Progress:
+    """Server-initiated work-done progress, when the client supports it."""
+
+    def __init__(self, ls):
+        self.ls = ls
+        self.token: str | None = None
+        self.last: tuple | None = None
+
+    async def begin(self, title: str, message: str, on_cancel) -> None:
+        window = getattr(self.ls.client_capabilities, "window", None)
+        if window is None or not window.work_done_progress:
+            return
+        token = f"hexray-record-{uuid.uuid4().hex[:12]}"
+        try:
+            await asyncio.wait_for(self.ls.work_done_progress.create_async(token), 5.0)
+        except Exception as e:  # no progress UI: record anyway
+            log.info("window/workDoneProgress/create failed: %s", e)
+            return
+        self.token = token
+        fut = self.ls.work_done_progress.tokens.get(token)
+        if fut is not None:
+            fut.add_done_callback(lambda f: f.cancelled() and on_cancel())
+        self.ls.work_done_progress.begin(token, t.WorkDoneProgressBegin(title=title, message=message, percentage=0,
+                                                                        cancellable=True))
+
+    def report(self, message: str, percentage: int | None) -> None:
+        if self.token is None or (message, percentage) == self.last:
+            return
+        self.last = (message, percentage)
+        self.ls.work_done_progress.report(self.token, t.WorkDoneProgressReport(message=message, percentage=percentage,
+                                                                               cancellable=True))
+
+    def end(self, message: str) -> None:
+        if self.token is None:
+            return
+        self.ls.work_done_progress.end(self.token, t.WorkDoneProgressEnd(message=message))
+        self.ls.work_done_progress.tokens.pop(self.token, None)
+        self.token = None
+
+
+def _document(ls, uri: str) -> Document | None:
+    doc = ls.docs.get(uri)
+    if doc is not None:
+        return doc
+    path = fs_path(uri)  # not open: record the file as it is on disk
+    if path and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return Document(uri=uri, text=text, version=None, path=path)
+    return None
+
+
+def _outer_request_future(ls):
+    """The future pygls cancels on $/cancelRequest for the executeCommand being handled (if any)."""
+    proto = ls.protocol
+    try:
+        return proto._request_futures.get(proto.msg_id)
+    except AttributeError:
+        return None
+
+
+async def record_document(ls, uri: str, reason: str = "command", request_future=None) -> dict:
+    doc = _document(ls, uri)
+    if doc is None:
+        return _fail(ls, uri, f"{uri} is not open and is not a readable file", reason, diagnostic=False)
+    text = doc.text
+    if not text.strip():
+        return _fail(ls, uri, "the document is empty: there is nothing to record", reason)
+    from .documents import unusable_reason
+
+    why_not = unusable_reason(doc, ls.settings)
+    if why_not:
+        return _fail(ls, uri, why_not, reason)
+    output = record_path(doc, ls.settings, ls.roots())
+    prev = ls.recordings.get(uri)
+    if prev is not None:
+        prev.cancel("superseded by a newer recording")
+    rec = Recording(ls, uri, reason)
+    ls.recordings[uri] = rec
+    if request_future is not None:
+        request_future.add_done_callback(lambda f: f.cancelled() and rec.cancel())
+    progress = _Progress(ls)
+    ls.request_refresh()  # code lens: "recording…"
+    settings = ls.settings
+    try:
+        await progress.begin(f"HexRay: recording {doc.name}", f"{settings.model_factory or settings.model}",
+                             rec.cancel)
+        if rec.cancelled:
+            raise WorkerCancelled(rec.why)
+
+        def on_event(msg: dict) -> None:
+            rec.message = str(msg.get("message") or "")
+            pct = msg.get("percentage")
+            if isinstance(pct, (int, float)):
+                rec.percentage = int(pct)
+            progress.report(rec.message, rec.percentage)
+
+        req_id, fut = await ls.worker.submit("record", {"config": worker_config(settings), "text": text,
+                                                        "output": output, "options": dict(settings.record_options)},
+                                             on_event)
+        rec.req_id = req_id
+        if rec.cancelled:
+            ls.worker.cancel(req_id)
+        await asyncio.wait([fut, rec.done], return_when=asyncio.FIRST_COMPLETED)
+        if rec.cancelled and not fut.done():
+            ls.worker.cancel(req_id)
+        result = await fut
+    except WorkerCancelled as e:
+        progress.end("cancelled")
+        return {"status": "superseded" if "superseded" in rec.why else "cancelled", "message": str(e)}
+    except WorkerError as e:
+        progress.end("failed")
+        return _fail(ls, uri, str(e), reason)
+    except Exception as e:  # anything else is a bug, but still only a message
+        log.exception("recording %s failed", uri)
+        progress.end("failed")
+        return _fail(ls, uri, f"{type(e).__name__}: {e}", reason)
+    finally:
+        if ls.recordings.get(uri) is rec:
+            del ls.recordings[uri]
+        ls.request_refresh()
+    ls.record_errors.pop(uri, None)
+    path = result.get("path", output)
+    await ls.traces.ensure([path])
+    fresh = False
+    current = ls.docs.get(uri)
+    if current is not None:
+        status = ls.status_now(current)
+        fresh = status.fresh
+        ls.publish(uri)
+    ls.hint_cache.clear()
+    ls.request_refresh()
+    progress.end(f"{result.get('tokens', '?')} tokens in {float(result.get('seconds') or 0):.2f} s")
+    return {"status": "recorded", "path": path, "tokens": result.get("tokens"), "seconds": result.get("seconds"),
+            "model": result.get("model"), "fresh": fresh}
+
+
+def _fail(ls, uri: str, message: str, reason: str, diagnostic: bool = True) -> dict:
+    log.warning("recording %s failed: %s", uri, message)
+    if diagnostic and ls.docs.get(uri) is not None:
+        ls.record_errors[uri] = message
+        ls.publish(uri)
+    if reason == "command":
+        ls.window_show_message(t.ShowMessageParams(type=t.MessageType.Error,
+                                                   message=f"HexRay: recording failed: {message}"))
+    return {"status": "error", "message": message}
+
+
+def schedule_record(ls, uri: str, delay: float) -> None:
+    """Record ``uri`` after ``delay`` seconds, unless another save comes first (debounce)."""
+    old = ls.save_timers.pop(uri, None)
+    if old is not None:
+        old.cancel()
+    loop = asyncio.get_running_loop()
+
+    def fire():
+        ls.save_timers.pop(uri, None)
+        asyncio.ensure_future(record_document(ls, uri, reason="save"))
+
+    ls.save_timers[uri] = loop.call_later(max(0.0, delay), fire)
+
+
+def status_report(ls) -> dict:
+    docs = {}
+    for doc in ls.docs:
+        st = ls.status_now(doc)
+        docs[doc.uri] = {"state": st.state, "trace": st.path, "version": doc.version,
+                         "recording": doc.uri in ls.recordings}
+    w = ls.worker
+    return {
+        "server": {"pid": os.getpid(), "python": sys.executable, "torch_imported": "torch" in sys.modules,
+                   "position_encoding": ls.encoding},
+        "worker": {"pid": w.pid, "alive": w.alive, "starts": w.starts, "python": w.python, "loaded": w.loaded},
+        "settings": ls.settings.to_json(),
+        "documents": docs,
+    }
+
+
+def register(server) -> None:
+    @server.command(RECORD)
+    async def record_cmd(ls, *args):
+        uri = args[0] if args and isinstance(args[0], str) else None
+        if uri is None:
+            ls.window_show_message(t.ShowMessageParams(type=t.MessageType.Error,
+                                                       message="HexRay: record which document? (pass its URI)"))
+            return {"status": "error", "message": "no document URI given"}
+        return await record_document(ls, uri, "command", _outer_request_future(ls))
+
+    @server.command(CANCEL)
+    def cancel_cmd(ls, *args):
+        uri = args[0] if args and isinstance(args[0], str) else None
+        n = 0
+        for u, rec in list(ls.recordings.items()):
+            if uri is None or u == uri:
+                rec.cancel()
+                n += 1
+        return {"cancelled": n}
+
+    @server.command(RESTART)
+    async def restart_cmd(ls, *args):
+        for rec in list(ls.recordings.values()):
+            rec.cancel("the worker restarted")
+        await ls.worker.stop("the worker restarted")
+        return {"status": "stopped"}
+
+    @server.command(STATUS)
+    def status_cmd(ls, *args):
+        return status_report(ls)
+
+    @server.feature(t.TEXT_DOCUMENT_CODE_ACTION,
+                    t.CodeActionOptions(code_action_kinds=[t.CodeActionKind.QuickFix]))
+    def code_actions(ls, params: t.CodeActionParams):
+        uri = params.text_document.uri
+        if ls.served(uri) is None:
+            return None
+        fixable = ("no-trace", "stale-trace", "trace-unreadable", "recording-failed")
+        wanted = [d for d in params.context.diagnostics if d.source == SOURCE and d.code in fixable]
+        if not wanted:
+            return None
+        command = t.Command(title="Record trace", command=RECORD, arguments=[uri])
+        return [t.CodeAction(title="HexRay: record trace", kind=t.CodeActionKind.QuickFix, diagnostics=wanted,
+                             is_preferred=True, command=command)]
