@@ -166,7 +166,7 @@ class Progress:
     def __call__(self, event: str, **info) -> None:
         if self.quiet and event != "warning":
             return
-        from hexray_core.record.recorder import human_bytes
+        from hexray_core.record.spec import human_bytes
 
         if event == "warning":
             self._line(f"hexray: warning: {info['message']}")
@@ -220,12 +220,15 @@ def run(args) -> int:
     prompts = None
     if not args.list_hooks:
         prompts = gather_prompts(args)
-        from hexray_core.record.recorder import check_output_path, normalize_prompts
+        from hexray_core.record.spec import check_output_path, normalize_prompts
 
         normalize_prompts(prompts)
         if not args.output:
             raise HexRayError("no output file: add -o trace.hxr")
         check_output_path(args.output)
+    from hexray_core.record.spec import precheck
+
+    precheck(args.model)  # bad --model values fail here, before torch is imported
     if args.cache_dir:
         os.environ["HEXRAY_CACHE"] = os.path.expanduser(args.cache_dir)
     with Progress(args.quiet) as progress:

@@ -32,27 +32,36 @@ def no_generation() -> dict:
 
 def generate(bridge, tokens: list[int], n: int, *, device, temperature: float = 0.0, seed: int | None = None,
              eos_token_id: int | None = None) -> Generated:
-    """Continue ``tokens`` by up to ``n`` tokens with the bridge (KV cache on)."""
-    if n <= 0:
-        return Generated([], float(temperature or 0.0), None)
+    """Continue ``tokens`` by up to ``n`` tokens.
+
+    Each step is a full forward pass over the sequence so far, without a KV cache: TransformerLens
+    4.3's ``bridge.generate`` with its KV cache continues differently from the bridge's own forward
+    pass in compatibility mode (checked on GPT-2 and Llama), and the continuation must be the one
+    the recorded forward pass predicts. Sampling draws from a CPU generator, so a seed gives the same
+    tokens on any device (up to the logits' own numerical differences).
+    """
     temperature = float(temperature or 0.0)
+    if n <= 0:
+        return Generated([], temperature, None)
     sample = temperature > 0
     if sample and seed is None:
         seed = secrets.randbits(31)
     if not sample:
         seed = None
-    inp = torch.tensor([tokens], device=device)
-    cuda_devices = [inp.device] if inp.device.type == "cuda" else []
-    kwargs = dict(max_new_tokens=int(n), do_sample=sample, stop_at_eos=eos_token_id is not None,
-                  eos_token_id=eos_token_id, return_type="tokens", verbose=False, use_past_kv_cache=True)
-    if sample:
-        kwargs["temperature"] = temperature
-    with torch.random.fork_rng(devices=cuda_devices), warnings.catch_warnings(), torch.no_grad():
+    gen = torch.Generator().manual_seed(int(seed)) if sample else None
+    seq = list(tokens)
+    new: list[int] = []
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        if seed is not None:
-            torch.manual_seed(seed)
-        out = bridge.generate(inp, **kwargs)
-    new = [int(t) for t in out[0, len(tokens):].tolist()]
-    if eos_token_id is not None and eos_token_id in new:
-        new = new[: new.index(eos_token_id) + 1]
+        for _ in range(int(n)):
+            logits = bridge(torch.tensor([seq], device=device), return_type="logits")[0, -1].float().cpu()
+            if sample:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = int(torch.multinomial(probs, 1, generator=gen))
+            else:
+                nxt = int(logits.argmax())
+            seq.append(nxt)
+            new.append(nxt)
+            if eos_token_id is not None and nxt == eos_token_id:
+                break
     return Generated(new, temperature, seed)

@@ -10,7 +10,8 @@ A kit is an ``.hxr`` file with no runs; its tensors sit at ``WEIGHTS_RUN``:
     b_out  [n_layers, d_model]
 
 all after TransformerLens compatibility-mode processing, in the model's dtype (bfloat16 as raw
-words tagged ``bf16``). Its id is a sha256 over the tensors in name order; for each tensor::
+words tagged ``bf16``). Its metadata holds ``vocab``: the decoded string of every token id (so replay
+can name any prediction). Its id is a sha256 over the tensors in name order; for each tensor::
 
     name  NUL  dtype tag  NUL  comma-separated shape  NUL  raw little-endian bytes
 
@@ -77,10 +78,11 @@ def kit_sha256(arrays: dict[str, tuple[np.ndarray, str]]) -> str:
 class Kit:
     """A model's kit in memory: arrays, id, and where it is cached."""
 
-    def __init__(self, arrays: dict[str, tuple[np.ndarray, str]], model_meta: dict):
+    def __init__(self, arrays: dict[str, tuple[np.ndarray, str]], model_meta: dict, vocab: list[str] | None = None):
         self.arrays = arrays
         self.sha256 = kit_sha256(arrays)
         self.model_meta = model_meta
+        self.vocab = vocab
         self.path: str | None = None
         self.written = False  # True when this process wrote the cache file
 
@@ -97,6 +99,8 @@ class Kit:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         meta = {"hexray": {"version": _version(), "trace": "kit"}, "model": self.model_meta,
                 "kit": {"sha256": self.sha256, "tensors": sorted(self.arrays)}}
+        if self.vocab is not None:
+            meta["vocab"] = self.vocab
         writer = TraceWriter(path, meta=meta, level=1)
         try:
             self.write_into(writer, prefix="")
@@ -135,3 +139,10 @@ def _version() -> str:
     from hexray_core import __version__
 
     return __version__
+
+
+def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
+    """The decoded text of each token id ("" for ids past the tokenizer's vocabulary)."""
+    n = min(len(tokenizer), d_vocab)
+    strs = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
+    return [str(s) for s in strs] + [""] * (d_vocab - n)

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -32,24 +31,13 @@ import torch
 from hexray_core import __version__
 from hexray_core.errors import HexRayError
 
-ALIASES = {"gpt2-small": "gpt2"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-DEMO_NAME = "hexray-demo"
+from .spec import ALIASES, ALTERNATIVES, precheck
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PROCESSING = {"compatibility_mode": True, "fold_ln": True, "center_writing_weights": True,
               "center_unembed": False, "fold_value_biases": True}
-ALTERNATIVES = ("use a local model folder (--model ./my-model, written by save_pretrained), "
-                "a local .gguf file (--model model.gguf), or the embedded demo model (--model hexray-demo)")
-
-
-def demo_model_dir() -> str:
-    import hexray_core
-
-    return os.path.join(os.path.dirname(os.path.abspath(hexray_core.__file__)), "models", DEMO_NAME)
-
-
 @dataclass
 class LoadedModel:
     """A bridge ready to record, with what a trace's metadata says about it."""
@@ -113,42 +101,18 @@ def resolve_dtype(dtype) -> torch.dtype:
         raise HexRayError(f"--dtype {dtype}: expected float32, float16 or bfloat16") from None
 
 
-def classify(spec: str) -> tuple[str, str]:
-    """(source, location) for a --model value: hub/local/gguf/embedded."""
-    spec = ALIASES.get(spec, spec)
-    if spec == DEMO_NAME:
-        return "embedded", demo_model_dir()
-    path = os.path.expanduser(spec)
-    if spec.lower().endswith(".gguf"):
-        if not os.path.isfile(path):
-            raise HexRayError(f"--model {spec}: no such .gguf file")
-        return "gguf", os.path.abspath(path)
-    if os.path.isdir(path):
-        return "local", os.path.abspath(path)
-    if os.path.exists(path):
-        raise HexRayError(f"--model {spec}: not a model folder or .gguf file")
-    if not _HUB_ID.match(spec) or spec.startswith("."):
-        raise HexRayError(f"--model {spec}: no such model folder (and not a hub id like gpt2 or org/name)")
-    return "hub", spec
-
-
 # -- loading -----------------------------------------------------------------------------------
 
 def load_model(spec: str = "gpt2", *, device: str | None = "auto", dtype="float32", n_devices: int | None = None,
                device_map=None, trust_remote_code: bool = False, revision: str | None = None,
                progress=None) -> LoadedModel:
     """Load ``spec`` (hub id, folder, .gguf or hexray-demo) as a bridge in compatibility mode."""
-    source, where = classify(spec)
+    source, where = precheck(spec)
     torch_dtype = resolve_dtype(dtype)
     multi = (n_devices is not None and n_devices > 1) or device_map is not None
     dev = None if multi else resolve_device(device)
     if multi and not torch.cuda.is_available():
         raise HexRayError("--n-devices/--device-map need CUDA, which is not available on this machine")
-    if source == "embedded" and not os.path.isfile(os.path.join(where, "config.json")):
-        raise HexRayError(f"the embedded demo model is not installed (expected it in {where}); "
-                          "train it with scripts/train_demo_model.py, or use --model with a hub id, folder or .gguf")
-    if source == "local" and not os.path.isfile(os.path.join(where, "config.json")):
-        raise HexRayError(f"--model {spec}: {where} has no config.json (expected a save_pretrained folder)")
     _say(progress, f"loading {spec} ({source}) on {dev or 'multiple devices'}")
     _quiet_libraries()
     if source == "gguf":
@@ -228,6 +192,12 @@ def _quiet_libraries() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     except Exception:
         pass
 

@@ -30,9 +30,12 @@ from .generate import generate as run_generation
 from .generate import no_generation
 from .hooks import plan_hooks
 from .models import LoadedModel, from_objects, load_model, writer_meta
+from .spec import check_output_path, human_bytes, normalize_prompts
 from .tokens import encode_prompt, token_text
 
 DEFAULT_TOP_K = 20
+RUN_TENSORS = ("hexray.topk_ids", "hexray.topk_logits", "hexray.next_logit", "hexray.logsumexp",
+               "hexray.unembed_ids", "hexray.unembed_cols", "hexray.unembed_bias")
 CODEC = "zstd:1"
 
 
@@ -54,48 +57,6 @@ class RecordResult:
         return (f"recorded {self.runs} run{'s' if self.runs != 1 else ''}, {self.tokens} tokens, "
                 f"{self.tensors} tensors, {human_bytes(self.bytes)} in {self.seconds:.1f} s -> {self.path} "
                 f"(kit {self.kit_sha256[:12]}, {kit})")
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def normalize_prompts(prompts) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise HexRayError("no prompts to record")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise HexRayError(f"prompt {i + 1} is a {type(p).__name__}, not text")
-        if p == "":
-            raise HexRayError("empty prompt: nothing to record" if len(prompts) == 1 else f"prompt {i + 1} is empty")
-    return prompts
-
-
-def check_output_path(path: str) -> str:
-    """Fail early (before loading a model) when ``path`` cannot be written."""
-    path = os.path.expanduser(os.fspath(path))
-    if not path:
-        raise HexRayError("no output path given (-o trace.hxr)")
-    if os.path.isdir(path):
-        raise HexRayError(f"cannot write {path}: it is a folder")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise HexRayError(f"cannot write {path}: no such folder {folder}")
-    probe = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.probe")
-    try:
-        with open(probe, "xb"):
-            pass
-        os.unlink(probe)
-    except OSError as e:
-        raise HexRayError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
 
 
 def _write_error(path: str, e: OSError) -> HexRayError:
@@ -134,7 +95,8 @@ class Recorder:
         """The model's kit (computed once per loaded model)."""
         k = self.loaded.cache.get("kit")
         if k is None:
-            k = kitmod.Kit(kitmod.kit_arrays(self.bridge), self.loaded.model_meta)
+            vocab = kitmod.vocab_strings(self.tokenizer, self.loaded.d_vocab)
+            k = kitmod.Kit(kitmod.kit_arrays(self.bridge), self.loaded.model_meta, vocab)
             self.loaded.cache["kit"] = k
         return k
 
@@ -202,6 +164,8 @@ class Recorder:
                         "overflow_fallback": overflow, "scales": "f32"},
             "writer": writer_meta(lm.device),
         }
+        if bundle:
+            meta["vocab"] = kit.vocab  # a bundled trace replays with no cache: it needs the token strings too
         try:
             writer = TraceWriter(output, meta=meta)
         except OSError as e:
@@ -210,6 +174,7 @@ class Recorder:
                           dedupe=plan.label != "default")
         eos = getattr(tok, "eos_token_id", None)
         total_tokens = 0
+        n_tensors = len(kit.arrays) if bundle else 0
         try:
             if bundle:
                 _emit(progress, "status", message="bundling the model kit")
@@ -220,7 +185,9 @@ class Recorder:
                                      temperature=temperature, seed=seed, eos_token_id=eos)
                 gen_info = gen.info() if generate else no_generation()
                 all_ids = ids + gen.tokens
-                text = token_text(tok, all_ids, len(ids), prompt)
+                bos = getattr(tok, "bos_token_id", None)
+                prepended = int(bool(prepend_bos) and bos is not None and ids[0] == bos)
+                text = token_text(tok, all_ids, len(ids), prompt, prepended=prepended)
                 writer.begin_run(prompt=text.text, tokens=all_ids, token_strs=text.token_strs,
                                  char_spans=text.char_spans, byte_spans=text.byte_spans,
                                  n_prompt_tokens=len(ids), generated=gen_info, prepend_bos=bool(prepend_bos))
@@ -232,10 +199,10 @@ class Recorder:
                     info["refired"] = sorted(set(capture.refired))
                 writer.end_run(**info)
                 total_tokens += len(all_ids)
+                n_tensors += len(capture.written) + len(RUN_TENSORS)
                 _emit(progress, "run_done", index=i, total=len(prompts), tokens=len(all_ids),
                       bytes=writer.bytes_written)
             _emit(progress, "status", message="finishing the trace")
-            n_tensors = len(writer._tensors)
             path = writer.close()
         except OSError as e:
             writer.abort()

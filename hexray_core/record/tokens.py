@@ -161,22 +161,24 @@ def _spans_from_pieces(pieces: list[bytes | None], raw: bytes, text: str, owner:
     return char_spans, byte_spans
 
 
-def token_text(tokenizer, ids: list[int], n_prompt: int, prompt: str) -> TokenText:
+def token_text(tokenizer, ids: list[int], n_prompt: int, prompt: str, *, prepended: int = 0) -> TokenText:
     """Text, token strings and spans for ``ids``, whose first ``n_prompt`` tokens encode ``prompt``.
 
+    ``prepended``: how many leading tokens (a BOS the recorder added) are not part of the text.
+    Special tokens written literally in the prompt (``<|endoftext|>``) get the span of that text.
     Tokens after ``n_prompt`` (a generated continuation) are decoded from their bytes and appended
     to the prompt; a continuation that stops inside a character ends in U+FFFD.
     """
     ids = [int(i) for i in ids]
     token_strs = [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
     pieces = token_bytes(tokenizer, ids)
-    prompt_pieces, gen_pieces = pieces[:n_prompt], pieces[n_prompt:]
     prompt_raw = prompt.encode("utf-8", errors="surrogatepass")
+    prompt_pieces = _place_specials(tokenizer, ids[:n_prompt], pieces[:n_prompt], prompt_raw, prepended)
+    gen_pieces = pieces[n_prompt:]
     joined = b"".join(p for p in prompt_pieces if p is not None)
     if joined != prompt_raw and joined.startswith(b" ") and joined[1:] == prompt_raw:
         # SentencePiece adds a prefix space ('▁Hello'): it belongs to no character of the text.
         first = next(i for i, p in enumerate(prompt_pieces) if p is not None)
-        prompt_pieces = list(prompt_pieces)
         prompt_pieces[first] = prompt_pieces[first][1:]
         joined = joined[1:]
     gen_raw = b"".join(p for p in gen_pieces if p is not None)
@@ -185,7 +187,7 @@ def token_text(tokenizer, ids: list[int], n_prompt: int, prompt: str) -> TokenTe
         _, prompt_owner = _decode_with_map(prompt_raw)
         cs_p, bs_p = _spans_from_pieces(prompt_pieces, prompt_raw, prompt, prompt_owner)
     else:  # the tokens do not spell the prompt byte for byte (a normalizer): use the tokenizer's offsets
-        cs_p, bs_p = _spans_from_offsets(tokenizer, prompt, ids[:n_prompt])
+        cs_p, bs_p = _spans_from_offsets(tokenizer, prompt, ids[:n_prompt], prepended)
     # The prompt is valid UTF-8 but a continuation may not be: its spans are computed on its own.
     cs_g, bs_g = _spans_from_pieces(gen_pieces, gen_raw, gen_text, gen_owner)
     oc, ob = len(prompt), len(prompt_raw)
@@ -194,29 +196,37 @@ def token_text(tokenizer, ids: list[int], n_prompt: int, prompt: str) -> TokenTe
     return TokenText(prompt + gen_text, token_strs, cs_p + cs_g, bs_p + bs_g)
 
 
-def _spans_from_offsets(tokenizer, prompt: str, ids: list[int]):
+def _place_specials(tokenizer, ids, pieces, raw: bytes, prepended: int) -> list[bytes | None]:
+    """Give a special token the bytes of its text when the prompt spells it out at that point."""
+    out = list(pieces)
+    pos = 0
+    for i, (tid, piece) in enumerate(zip(ids, pieces, strict=True)):
+        if piece is not None:
+            pos += len(piece)
+            continue
+        if i < prepended:
+            continue
+        text = tokenizer.convert_ids_to_tokens(tid)
+        if isinstance(text, str) and text and raw.startswith(text.encode("utf-8"), pos):
+            out[i] = text.encode("utf-8")
+            pos += len(out[i])
+    return out
+
+
+def _spans_from_offsets(tokenizer, prompt: str, ids: list[int], prepended: int):
     """Fallback: character offsets from the tokenizer, converted to bytes (whole characters only)."""
-    specials = special_ids(tokenizer)
     starts = _char_byte_starts(prompt)
+    none = [list(NO_SPAN) for _ in ids]
     try:
         enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
         offsets = [tuple(o) for o in enc["offset_mapping"]]
-        enc_ids = list(enc["input_ids"])
+        enc_ids = [int(i) for i in enc["input_ids"]]
     except Exception:
-        offsets, enc_ids = [], []
-    char_spans, byte_spans = [], []
-    k = 0
-    for tid in ids:
-        if tid in specials or k >= len(offsets) or enc_ids[k] != tid:
-            char_spans.append(list(NO_SPAN))
-            byte_spans.append(list(NO_SPAN))
-            if tid not in specials:
-                k += 1
-            continue
-        c0, c1 = offsets[k]
-        k += 1
-        char_spans.append([c0, c1])
-        byte_spans.append([starts[c0], starts[c1]])
+        return none, [list(s) for s in none]
+    if enc_ids != ids[prepended:]:
+        return none, [list(s) for s in none]
+    char_spans = [list(NO_SPAN)] * prepended + [[int(a), int(b)] for a, b in offsets]
+    byte_spans = [list(NO_SPAN)] * prepended + [[starts[a], starts[b]] for a, b in offsets]
     return char_spans, byte_spans
 
 

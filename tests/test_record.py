@@ -1,0 +1,282 @@
+"""Recording on tiny in-memory GPT-2 and Llama models: tensors, logits, attribution identity, runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hexray_core.errors import HexRayError
+from hexray_core.record.hooks import DEFAULT_HOOKS, plan_hooks
+from trace_format import WEIGHTS_RUN, TraceReader
+
+PROMPT = "Alice and Bob went to the store. Bob gave a drink to"
+
+
+def cache_of(recorder, ids):
+    import torch
+
+    with torch.no_grad():
+        logits, cache = recorder.bridge.run_with_cache(torch.tensor([ids]))
+    return logits[0].float().numpy(), cache
+
+
+@pytest.mark.parametrize("hooks", ["default", "full"])
+def test_recorded_tensors_equal_run_with_cache(tiny_recorder, tmp_path, hooks):
+    res = tiny_recorder.record([PROMPT, "東京 🍕"], tmp_path / "t.hxr", hooks=hooks, act_dtype="float32")
+    with TraceReader(res.path) as r:
+        assert len(r.runs) == 2
+        for run in r.runs:
+            ids = run["tokens"]
+            _, cache = cache_of(tiny_recorder, ids)
+            names = [n for n in r.names(run["id"]) if not n.startswith("hexray.")]
+            assert names
+            for name in names:
+                got = r.read(name, run["id"])
+                want = cache[name][0].float().numpy()
+                assert got.shape == want.shape, name
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)
+            for alias, target in run["aliases"].items():
+                np.testing.assert_array_equal(cache[alias][0].float().numpy(), r.read(target, run["id"]))
+    if hooks == "default":
+        cfg = tiny_recorder.loaded.model_meta["config"]
+        expected = set()
+        for pat in DEFAULT_HOOKS:
+            for layer in range(cfg["n_layers"]):
+                expected.add(pat.replace("*", str(layer)))
+        if cfg["positional_embedding_type"] != "standard":
+            expected.discard("hook_pos_embed")  # rotary: no learned positions (ARCHITECTURE.md)
+        assert set(names) == expected
+
+
+@pytest.mark.parametrize("hooks", ["default", "full"])
+def test_full_is_a_superset_of_default_and_aliases_are_unique(tiny_recorder, hooks):
+    plan = plan_hooks(tiny_recorder.bridge, hooks)
+    default = set(plan_hooks(tiny_recorder.bridge, "default").names)
+    assert default <= set(plan.names)
+    assert len(plan.names) == len(set(plan.names))
+    assert "hook_unembed" not in plan.names
+    assert "blocks.0.hook_in" not in plan.names and "blocks.0.hook_resid_pre" in plan.names
+
+
+def test_explicit_and_glob_hooks(tiny_gpt2_recorder, tmp_path):
+    res = tiny_gpt2_recorder.record("hello", tmp_path / "t.hxr",
+                                    hooks="blocks.0.hook_in,blocks.*.attn.hook_q,blocks.0.attn.hook_result")
+    with TraceReader(res.path) as r:
+        names = set(r.names(0))
+        assert r.meta["hooks"] == {"set": "custom", "requested": ["blocks.0.hook_in", "blocks.*.attn.hook_q",
+                                                                  "blocks.0.attn.hook_result"]}
+    # an explicit alias is stored under its canonical legacy name; gated hooks are switched on
+    assert {"blocks.0.hook_resid_pre", "blocks.0.attn.hook_q", "blocks.1.attn.hook_q",
+            "blocks.0.attn.hook_result"} <= names
+    assert not tiny_gpt2_recorder.bridge.cfg.use_attn_result  # switched back off afterwards
+    with pytest.raises(HexRayError, match="no hook named"):
+        plan_hooks(tiny_gpt2_recorder.bridge, "blocks.0.hook_nope")
+    with pytest.raises(HexRayError, match="matches no hook"):
+        plan_hooks(tiny_gpt2_recorder.bridge, "blocks.9*")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_logits_equal_hf(tiny, tiny_tokenizer, tmp_path, arch):
+    """Stored top-k and next-token logits equal the HF model's, computed before the bridge touched it."""
+    from hexray_core.record import Recorder
+
+    build = tiny.build_tiny_gpt2 if arch == "gpt2" else tiny.build_tiny_llama
+    hf = build(tiny_tokenizer, seed=3)
+    ids = [tiny_tokenizer.bos_token_id] + tiny_tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    ref = tiny.hf_logits(hf, ids).numpy()
+    rec0 = Recorder(hf, tokenizer=tiny_tokenizer)
+    res = rec0.record(PROMPT, tmp_path / "t.hxr", top_k=7)
+    with TraceReader(res.path) as r:
+        run = r.runs[0]
+        assert run["tokens"] == ids
+        top_ids = r.read("hexray.topk_ids", 0, dtype="stored")
+        top_logits = r.read("hexray.topk_logits", 0)
+        nxt = r.read("hexray.next_logit", 0)
+        lse = r.read("hexray.logsumexp", 0)
+    assert top_ids.shape == (len(ids), 7) and top_ids.dtype == np.int32
+    np.testing.assert_allclose(top_logits, np.take_along_axis(ref, top_ids.astype(np.int64), 1), atol=1e-4)
+    np.testing.assert_array_equal(top_ids[:, 0], ref.argmax(-1))
+    np.testing.assert_allclose(nxt[:-1], ref[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
+    assert np.isnan(nxt[-1])
+    np.testing.assert_allclose(lse, np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1)) + ref.max(-1),
+                               atol=1e-4)
+    assert r.meta["model"]["processing"]["center_unembed"] is False
+
+
+def test_attribution_identity_from_the_trace_alone(tiny_recorder, tmp_path):
+    """Σ_c (c − mean c)/scale · W_U[:, t] + b_U[t] = recorded logit, with what the trace holds (no kit)."""
+    res = tiny_recorder.record(PROMPT, tmp_path / "t.hxr", act_dtype="float32", top_k=5)
+    with TraceReader(res.path) as r:
+        meta, run = r.meta, r.runs[0]
+        cfg = meta["model"]["config"]
+        rms = cfg["normalization_type"].startswith("RMS")
+        comps = [r.read("hook_embed")]
+        if r.has("hook_pos_embed"):
+            comps.append(r.read("hook_pos_embed"))
+        for layer in range(cfg["n_layers"]):
+            comps += [r.read(f"blocks.{layer}.hook_attn_out"), r.read(f"blocks.{layer}.hook_mlp_out")]
+        scale = r.read("ln_final.hook_scale")
+        uids = list(r.read("hexray.unembed_ids", dtype="stored"))
+        cols, bias = r.read("hexray.unembed_cols"), r.read("hexray.unembed_bias")
+        nxt, top_ids, top_logits = r.read("hexray.next_logit"), r.read("hexray.topk_ids", dtype="stored"), \
+            r.read("hexray.topk_logits")
+        assert r.info("ln_final.hook_scale").dtype == "f32"
+    ids = run["tokens"]
+    assert set(ids) | set(top_ids.reshape(-1).tolist()) == set(uids) and uids == sorted(uids)
+
+    def logit(p, t):
+        j = uids.index(t)
+        return sum(((c[p] if rms else c[p] - c[p].mean()) / scale[p, 0]) @ cols[j] for c in comps) + bias[j]
+
+    for p in range(len(ids) - 1):
+        assert logit(p, ids[p + 1]) == pytest.approx(nxt[p], abs=1e-4)
+        for k in range(top_ids.shape[1]):
+            assert logit(p, int(top_ids[p, k])) == pytest.approx(top_logits[p, k], abs=1e-4)
+
+
+def test_per_head_split_with_the_bundled_kit(tiny_recorder, tmp_path):
+    """attn_out = Σ_h z_h · W_O[h] + b_O and mlp_out = post · W_out + b_out, using the kit's weights."""
+    res = tiny_recorder.record(PROMPT, tmp_path / "t.hxr", act_dtype="float32", bundle=True)
+    with TraceReader(res.path) as r:
+        W_O, b_O = r.read("kit/W_O", WEIGHTS_RUN), r.read("kit/b_O", WEIGHTS_RUN)
+        W_out, b_out = r.read("kit/W_out", WEIGHTS_RUN), r.read("kit/b_out", WEIGHTS_RUN)
+        for layer in range(r.meta["model"]["config"]["n_layers"]):
+            z = r.read(f"blocks.{layer}.attn.hook_z")
+            attn = np.einsum("phd,hdm->pm", z, W_O[layer]) + b_O[layer]
+            np.testing.assert_allclose(attn, r.read(f"blocks.{layer}.hook_attn_out"), atol=1e-4)
+            mlp = r.read(f"blocks.{layer}.mlp.hook_post") @ W_out[layer] + b_out[layer]
+            np.testing.assert_allclose(mlp, r.read(f"blocks.{layer}.hook_mlp_out"), atol=1e-4)
+
+
+def test_meta_and_run_keys(tiny_gpt2_recorder, tmp_path):
+    res = tiny_gpt2_recorder.record(["one", "two 🍕", "three"], tmp_path / "t.hxr", hooks="default")
+    with TraceReader(res.path) as r:
+        meta = r.meta
+        assert meta["hexray"]["trace"] == "recording"
+        m = meta["model"]
+        assert m["source"] == "memory" and m["class"] == "GPT2LMHeadModel" and m["dtype"] == "float32"
+        assert set(m["config"]) >= {"n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn",
+                                    "normalization_type", "positional_embedding_type", "gated_mlp"}
+        assert m["processing"] == {"compatibility_mode": True, "fold_ln": True, "center_writing_weights": True,
+                                   "center_unembed": False, "fold_value_biases": True}
+        assert set(meta["tokenizer"]) >= {"name", "vocab_size", "bos_token_id", "sha256"}
+        assert meta["kit"]["bundled"] is False and len(meta["kit"]["sha256"]) == 64
+        assert meta["storage"]["act_dtype"] == "f16" and meta["storage"]["codec"] == "zstd:1"
+        assert {"hexray", "python", "torch", "transformers", "transformer_lens", "numpy", "device"} <= set(
+            meta["writer"])
+        assert [run["prompt"] for run in r.runs] == ["one", "two 🍕", "three"]
+        for run in r.runs:
+            assert run["status"] == "complete"
+            assert run["n_prompt_tokens"] == len(run["tokens"]) and run["prepend_bos"] is True
+            assert run["generated"] == {"n": 0, "temperature": 0.0, "seed": None}
+            assert r.info("blocks.0.hook_resid_post", run["id"]).dtype == "f16"
+            assert r.info("blocks.0.attn.hook_pattern", run["id"]).shape == (4, len(run["tokens"]),
+                                                                             len(run["tokens"]))
+
+
+def test_streaming_writes_while_the_forward_runs(tiny_gpt2_recorder, tmp_path, monkeypatch):
+    """Tensors reach the writer as their hooks fire, not after the forward pass."""
+    from trace_format import TraceWriter
+
+    written: list[str] = []
+    seen_at_last_layer: list[int] = []
+    real_write = TraceWriter.write
+
+    def spy(self, name, array, **kw):
+        written.append(name)
+        return real_write(self, name, array, **kw)
+
+    monkeypatch.setattr(TraceWriter, "write", spy)
+    bridge = tiny_gpt2_recorder.bridge
+    hp = bridge.hook_dict["ln_final.hook_scale"]
+    hp.add_hook(lambda t, hook: seen_at_last_layer.append(len(written)))
+    try:
+        tiny_gpt2_recorder.record(PROMPT, tmp_path / "t.hxr")
+    finally:
+        hp.remove_hooks("fwd")
+    n_layers = bridge.cfg.n_layers
+    assert seen_at_last_layer and seen_at_last_layer[0] >= 9 * n_layers  # all block tensors already handed over
+
+
+def test_fp16_overflow_falls_back_and_says_so(tiny, tiny_tokenizer, tmp_path):
+    import torch
+
+    from hexray_core.record import Recorder
+    from hexray_core.record.capture import to_host
+
+    x, tag, attrs = to_host(torch.tensor([[[1.0, -7e4, 3.0]]]), "f16")
+    assert tag == "f32" and attrs["overflow"] == {"wanted": "f16", "absmax": 7e4} and x.dtype == torch.float32
+    x, tag, attrs = to_host(torch.tensor([[[1.0, -7e4, 3.0]]]), "f16", overflow="bf16")
+    assert tag == "bf16" and x.dtype == torch.bfloat16
+    x, tag, attrs = to_host(torch.tensor([[[1.0, -float("inf"), 3.0]]]), "f16")
+    assert tag == "f16" and attrs["nonfinite"] == {"nan": 0, "inf": 1}
+
+    hf = tiny.build_tiny_gpt2(tiny_tokenizer)
+    with torch.no_grad():
+        hf.transformer.wte.weight.mul_(1e6)  # embeddings far beyond float16's range
+    rec = Recorder(hf, tokenizer=tiny_tokenizer)
+    res = rec.record("hello", tmp_path / "t.hxr", act_dtype="float16")
+    with TraceReader(res.path) as r:
+        info = r.info("hook_embed")
+        assert info.dtype == "f32" and info.attrs["overflow"]["wanted"] == "f16"
+        assert info.attrs["overflow"]["absmax"] > 65504
+        assert np.isfinite(r.read("hook_embed")).all()
+        assert r.info("blocks.0.hook_attn_out").dtype == "f16"  # LayerNorm brought the rest back in range
+        _, cache = cache_of(rec, r.runs[0]["tokens"])
+        np.testing.assert_array_equal(r.read("hook_embed"), cache["hook_embed"][0].numpy())
+
+
+def test_bfloat16_activations(tiny_gpt2_recorder, tmp_path):
+    res = tiny_gpt2_recorder.record("hello there", tmp_path / "t.hxr", act_dtype="bfloat16")
+    with TraceReader(res.path) as r:
+        assert r.meta["storage"]["act_dtype"] == "bf16"
+        assert r.info("blocks.0.hook_resid_post").dtype == "bf16"
+        _, cache = cache_of(tiny_gpt2_recorder, r.runs[0]["tokens"])
+        want = cache["blocks.0.hook_resid_post"][0].numpy()
+        np.testing.assert_allclose(r.read("blocks.0.hook_resid_post"), want, rtol=1e-2, atol=1e-2)
+
+
+def test_generation_marks_tokens(tiny_gpt2_recorder, tmp_path):
+    res = tiny_gpt2_recorder.record(["The quick", "Alice"], tmp_path / "t.hxr", generate=4)
+    with TraceReader(res.path) as r:
+        for run in r.runs:
+            n_prompt = run["n_prompt_tokens"]
+            prompt_ids = tiny_gpt2_recorder.tokenize(["The quick", "Alice"][run["id"]])
+            assert run["tokens"][:n_prompt] == prompt_ids
+            assert run["generated"]["n"] == len(run["tokens"]) - n_prompt == 4
+            assert run["generated"]["temperature"] == 0.0 and run["generated"]["seed"] is None
+            # greedy: each generated token is the argmax of the recorded logits before it
+            top = r.read("hexray.topk_ids", run["id"], dtype="stored")
+            assert [int(top[p, 0]) for p in range(n_prompt - 1, len(run["tokens"]) - 1)] == run["tokens"][n_prompt:]
+            assert run["prompt"].startswith(["The quick", "Alice"][run["id"]])
+            assert r.info("blocks.0.hook_resid_post", run["id"]).shape[0] == len(run["tokens"])
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_gpt2_recorder, tmp_path):
+    kw = dict(generate=6, temperature=1.5, seed=1234)
+    a = tiny_gpt2_recorder.record("Bob", tmp_path / "a.hxr", **kw)
+    b = tiny_gpt2_recorder.record("Bob", tmp_path / "b.hxr", **kw)
+    c = tiny_gpt2_recorder.record("Bob", tmp_path / "c.hxr", generate=6, temperature=1.5)
+    with TraceReader(a.path) as ra, TraceReader(b.path) as rb, TraceReader(c.path) as rc:
+        assert ra.runs[0]["tokens"] == rb.runs[0]["tokens"]
+        assert ra.runs[0]["generated"] == {"n": ra.runs[0]["generated"]["n"], "temperature": 1.5, "seed": 1234}
+        assert isinstance(rc.runs[0]["generated"]["seed"], int)  # drawn and recorded
+
+
+def test_input_errors(tiny_gpt2_recorder, tmp_path):
+    rec = tiny_gpt2_recorder
+    with pytest.raises(HexRayError, match="empty prompt"):
+        rec.record("", tmp_path / "t.hxr")
+    with pytest.raises(HexRayError, match="prompt 2 is empty"):
+        rec.record(["a", ""], tmp_path / "t.hxr")
+    with pytest.raises(HexRayError, match=r"over the model's context of 64 tokens"):
+        rec.record("word " * 100, tmp_path / "t.hxr")
+    with pytest.raises(HexRayError, match=r"\+ 60 to generate"):
+        rec.record("word " * 5, tmp_path / "t.hxr", generate=60)
+    with pytest.raises(HexRayError, match="no such folder"):
+        rec.record("a", tmp_path / "missing" / "t.hxr")
+    with pytest.raises(HexRayError, match="it is a folder"):
+        rec.record("a", tmp_path)
+    with pytest.raises(HexRayError, match="top-k"):
+        rec.record("a", tmp_path / "t.hxr", top_k=0)
+    assert not (tmp_path / "t.hxr").exists()
