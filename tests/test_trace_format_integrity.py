@@ -449,7 +449,7 @@ def test_crafted_files_are_refused_by_name_without_allocating(crafted, tmp_path)
     # claims, and decodes all of a 256 MiB bomb although max_output_size is 1 MiB.
     assert out["control:claims_2GiB"]["vm_kb"] > 1024 * 1024, out["control:claims_2GiB"]
     assert out["control:bomb_256MiB"]["result"] == 256 << 20
-    assert out["control:bomb_256MiB"]["rss_kb"] > 200 * 1024
+    assert out["control:bomb_256MiB"]["rss_kb"] > 64 * 1024  # RSS is noisy on a busy VM; the length is exact
 
 
 def test_unknown_ancillary_record_kind_is_skipped(tmp_path):
