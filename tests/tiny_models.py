@@ -105,11 +105,11 @@ def build_tiny_gpt2(tok=None, *, n_layer: int = 2, d_model: int = 64, n_head: in
 
 
 def build_tiny_llama(tok=None, *, n_layer: int = 2, d_model: int = 64, n_head: int = 4, n_kv_head: int = 2,
-                     n_ctx: int = 64, seed: int = 0):
+                     n_ctx: int = 64, seed: int = 0, biases: bool = True):
     """A random LlamaForCausalLM (rotary, RMSNorm, gated SiLU MLP, GQA, untied unembedding).
 
-    Llama has no biases by default; ``attention_bias``/``mlp_bias`` are turned on so that
-    bias folding is exercised too.
+    Llama has no biases by default; ``attention_bias``/``mlp_bias`` are turned on (``biases=True``)
+    so that bias folding is exercised too. GGUF has no place for them: use ``biases=False`` there.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -117,7 +117,7 @@ def build_tiny_llama(tok=None, *, n_layer: int = 2, d_model: int = 64, n_head: i
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d_model, intermediate_size=2 * d_model,
                       num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
-                      max_position_embeddings=n_ctx, initializer_range=0.2, attention_bias=True, mlp_bias=True,
+                      max_position_embeddings=n_ctx, initializer_range=0.2, attention_bias=biases, mlp_bias=biases,
                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=None)
     model = LlamaForCausalLM(cfg).eval()
@@ -131,6 +131,66 @@ def save_tiny_model(model, tok, path) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def save_tiny_gguf(model, tok, path) -> str:
+    """Write a bias-free tiny Llama and its byte-level BPE tokenizer as a float32 GGUF file (as llama.cpp's
+    converter would: Q/K rows permuted, llama.* keys, tokenizer.ggml.* with model "gpt2"). Needs ``gguf``."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // n_head
+
+    def permute(w, heads):  # llama.cpp's convert_hf_to_gguf permutation of q/k rows (undone on load)
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = gguf.GGUFWriter(os.fspath(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(0)
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
+    special = set(tok.all_special_ids)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], n_head))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], n_kv))
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    del np
+    return os.fspath(path)
 
 
 def hf_logits(model, token_ids) -> torch.Tensor:
