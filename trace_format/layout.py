@@ -115,7 +115,7 @@ class RecordHeader:
         body, (crc,) = raw[:60], struct.unpack("<I", raw[60:64])
         fields = _HEADER.unpack(body)
         if fields[0] != RECORD_MAGIC:
-            raise TraceFormatError(f"{path}: no record at this offset (bad record magic)", offset=offset)
+            raise TraceFormatError(f"{path}: bad record header magic (no record starts here)", offset=offset)
         if crc32(body) != crc:
             raise TraceFormatError(f"{path}: record header checksum mismatch", offset=offset)
         if fields[4] or any(fields[11]):
