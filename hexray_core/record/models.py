@@ -293,6 +293,7 @@ def _config_meta(cfg) -> dict:
         "n_ctx": int(get("n_ctx")), "act_fn": get("act_fn"), "normalization_type": norm,
         "positional_embedding_type": get("positional_embedding_type"), "gated_mlp": bool(get("gated_mlp", False)),
         "n_key_value_heads": int(get("n_key_value_heads") or get("n_heads")),
+        "eps": float(get("eps", 1e-5)),  # the final norm's epsilon: the logit lens recomputes the norm
     }
 
 

@@ -20,6 +20,7 @@ from .attribution import resolve_target
 class LensLayer:
     label: str  # "L0 pre" ... "final"
     top: list[tuple[int, str, float]]  # (token id, text, probability)
+    top_logits: list[float]
     target_rank: int  # 1 = top
     target_prob: float
     target_logit: float
@@ -45,7 +46,8 @@ def residual_stack(trace, run: int, position: int) -> tuple[list[str], np.ndarra
         labels.append(f"L{layer} pre")
         name = f"blocks.{layer}.hook_resid_pre"
         if not trace.has(name, run):
-            raise HexRayError(f"the logit lens needs {name}, which this trace did not record (record with --hooks default)")
+            raise HexRayError(f"the logit lens needs {name}, which this trace did not record "
+                              "(record with --hooks default)")
         rows.append(trace.tensor(name, run)[position])
     labels.append("final")
     rows.append(trace.tensor(f"blocks.{trace.n_layers - 1}.hook_resid_post", run)[position])
@@ -78,6 +80,7 @@ def logit_lens(trace, *, position: int = -1, run: int = 0, target: str | int | N
         out.layers.append(LensLayer(
             label,
             [(int(i), trace.token_str(int(i), r.id), float(np.exp(row[i] - lse))) for i in top],
+            [float(row[i]) for i in top],
             int((row > row[tid]).sum()) + 1,
             float(np.exp(row[tid] - lse)),
             float(row[tid]),

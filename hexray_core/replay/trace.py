@@ -187,7 +187,8 @@ class Trace:
                 pass
         if s.isdigit():
             return int(s)
-        hint = "" if vocab is not None else " (without the model kit only the run's own tokens and predictions are known)"
+        hint = "" if vocab is not None else (" (without the model kit only the run's own tokens and predictions "
+                                             "are known)")
         raise HexRayError(f"unknown target token {s!r}: it is not a single token of {self.model_name}{hint}")
 
     # -- model kit -------------------------------------------------------------------------
