@@ -44,13 +44,13 @@ def run(args) -> int:
     return 0
 
 
-def show(trace, args, top_k: int) -> None:
+def show(trace, args, top_k: int, *, always_attribution: bool = False) -> None:
     """Compute and print the views the options ask for (attribution unless another view is chosen)."""
     from hexray_core.cli import render
 
     views = [v for v in ("lens", "resid", "attention", "cot") if getattr(args, v)]
     results = {}
-    if not views or args.target or args.baseline or args.by != "component":
+    if always_attribution or not views or args.target or args.baseline or args.by != "component":
         results["attribution"] = trace.attribution(args.position, args.run, target=args.target,
                                                    baseline=args.baseline, by=args.by)
     if "lens" in views:

@@ -1,0 +1,190 @@
+"""`hexray replay` / `hexray diff` / the one-shot mode on real traces, and the replay helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hexray_core.errors import HexRayError
+from hexray_core.replay import open_trace, split_steps
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COT = "If John has 3 apples and buys 2 more,\nhe has 3 + 2 = 5 apples.\nSo the answer is 5 🍎."
+
+
+@pytest.fixture(scope="module")
+def traces(tiny_gpt2_recorder, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("replay-cli")
+    main = tiny_gpt2_recorder.record(["The quick brown fox jumps over the lazy dog.", COT],
+                                     folder / "t.hxr", act_dtype="float32").path
+    other = tiny_gpt2_recorder.record("A lazy dog sleeps.", folder / "other.hxr", act_dtype="float32").path
+    return main, other
+
+
+def hexray(*args, env=None, input=None):
+    return subprocess.run([sys.executable, "-m", "hexray_core", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, input=input, timeout=300)
+
+
+def test_replay_prints_the_seed_table_without_importing_torch(traces):
+    code = ("import sys; from hexray_core.cli.main import main; rc = main(['replay', sys.argv[1], '--top-k', '5']); "
+            "bad = [m for m in ('torch', 'transformer_lens', 'transformers') if m in sys.modules]; "
+            "print('IMPORTED', bad); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, traces[0]], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "IMPORTED []" in out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0] == 'Token: "." (index -1)'
+    assert lines[2] == "Top Contributors to Final Logit:"
+    rows = [ln for ln in lines if ln.startswith("- ")]
+    assert len(rows) == 5
+    import re
+
+    pattern = re.compile(r"^- (Embed   |PosEmbed|Attn L\d|MLP  L\d) ?: [+-]\d+\.\d\d \(\d+\.\d%\)$")
+    assert all(pattern.match(r) for r in rows), rows
+    shares = [float(r.rsplit("(", 1)[1].rstrip("%)")) for r in rows]
+    assert sum(shares) == pytest.approx(100, abs=0.3)
+
+
+def test_replay_json_schema_and_completeness(traces):
+    out = hexray("replay", traces[0], "--json", "--top-k", "3", "--position", "4", "--target", "next")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)["attribution"]
+    trace = open_trace(traces[0])
+    assert data["position"] == 4 and data["target_id"] == trace.runs[0].tokens[5]
+    assert {"token", "target", "logit", "total", "error", "probability", "contributions", "top"} <= set(data)
+    assert abs(sum(c["value"] for c in data["contributions"]) - data["logit"]) < 1e-4
+    assert [c["label"] for c in data["top"]] == [c.label for c in trace.attribution(4, target="next").top(3)]
+
+
+def test_all_views_render_and_json(traces):
+    out = hexray("replay", traces[0], "--run", "1", "--lens", "--resid", "--attention", "--cot")
+    assert out.returncode == 0, out.stderr
+    for text in ("Logit lens", "Residual stream", "Attention from", "Chain of Thought Attribution Trace", "Step 3:"):
+        assert text in out.stdout
+    data = json.loads(hexray("replay", traces[0], "--run", "1", "--lens", "--resid", "--attention", "--cot",
+                             "--json").stdout)
+    assert set(data) == {"lens", "resid", "attention", "cot"}
+    assert len(data["lens"]["layers"]) == 3
+    assert len(data["resid"]["resid_norm"]) == 2
+    assert len(data["cot"]["steps"]) == 3
+
+
+def test_baseline_is_a_logit_difference(traces):
+    trace = open_trace(traces[0])
+    run = trace.runs[0]
+    a = trace.attribution(-1, target="top")
+    second = int(trace.tensor("hexray.topk_ids")[-1, 1])
+    d = trace.attribution(-1, target="top", baseline=f"#{second}")
+    b = trace.attribution(-1, target=f"#{second}")
+    assert d.logit == pytest.approx(a.logit - b.logit, abs=1e-5)
+    assert d.error < 1e-4
+    assert run.n_tokens > 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["replay", "/nonexistent/t.hxr"], "no such file"),
+    (["replay", "{trace}", "--position", "999"], "position 999 is out of range"),
+    (["replay", "{trace}", "--run", "7"], "there is no run 7"),
+    (["replay", "{trace}", "--target", "zzzz-not-a-token"], "unknown target token"),
+    (["replay", "{notatrace}"], "not an .hxr trace"),
+    (["replay", "{corrupt}"], "hexray: error:"),
+])
+def test_bad_input_is_one_line_and_nonzero(traces, tmp_path, args, message):
+    notatrace = tmp_path / "x.hxr"
+    notatrace.write_text("hello, I am a text file, not a trace at all; " * 4)
+    corrupt = tmp_path / "c.hxr"
+    data = bytearray(open(traces[0], "rb").read())
+    corrupt.write_bytes(bytes(data[: len(data) // 2]))
+    args = [a.format(trace=traces[0], notatrace=notatrace, corrupt=corrupt) for a in args]
+    out = hexray(*args)
+    assert out.returncode != 0
+    assert out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert message in out.stderr
+
+
+def test_missing_kit_is_named_and_the_rest_still_works(traces, tmp_path):
+    env = {"HEXRAY_CACHE": str(tmp_path / "empty-cache")}
+    sha = open_trace(traces[0]).meta["kit"]["sha256"]
+    out = hexray("replay", traces[0], "--by", "head", env=env)
+    assert out.returncode == 1
+    assert sha[:16] in out.stderr and "--bundle" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert hexray("replay", traces[0], env=env).returncode == 0  # per-layer attribution needs no kit
+    assert hexray("replay", traces[0], "--cot", "--run", "1", env=env).returncode == 0
+
+
+def test_diff_two_traces_and_two_runs(traces):
+    out = hexray("diff", traces[0], traces[1], "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["a"]["target"] == data["b"]["target"]
+    deltas = [abs(r["delta"]) for r in data["rows"]]
+    assert deltas == sorted(deltas, reverse=True)
+    for r in data["rows"]:
+        assert r["delta"] == pytest.approx((r["b"] or 0) - (r["a"] or 0))
+    out = hexray("diff", traces[0], "--runs", "0", "1")
+    assert out.returncode == 0 and "Largest changes" in out.stdout
+
+
+def test_step_splitting():
+    text = "Step 1: add.\nStep 2: carry the one. Then stop.\n\nStep 3: done!"
+    assert [text[a:b].strip() for a, b in split_steps(text, "lines")] == [
+        "Step 1: add.", "Step 2: carry the one. Then stop.", "Step 3: done!"]
+    assert [text[a:b].strip() for a, b in split_steps(text, "sentences")] == [
+        "Step 1: add.", "Step 2: carry the one.", "Then stop.", "Step 3: done!"]
+    assert [text[a:b].strip() for a, b in split_steps(text, step_regex=r"Step \d+:")] == [
+        "Step 1: add.", "Step 2: carry the one. Then stop.", "Step 3: done!"]
+    one = "One sentence only. And two."
+    assert [one[a:b] for a, b in split_steps(one)] == ["One sentence only. ", "And two."]
+    with pytest.raises(HexRayError, match="matches nowhere"):
+        split_steps(text, step_regex="Lemma")
+    with pytest.raises(HexRayError, match="bad --step-regex"):
+        split_steps(text, step_regex="(")
+
+
+def test_cot_aggregates_each_steps_next_token_attribution(traces):
+    trace = open_trace(traces[0])
+    cot = trace.cot(1)
+    run = trace.runs[1]
+    assert [s.text for s in cot.steps] == [ln.strip() for ln in COT.splitlines()]
+    for step in cot.steps:
+        start, end = step.tokens
+        # A step's total is the sum of the recorded logits of its tokens (each explained at the position before).
+        expected = sum(trace.attribution(p - 1, 1, target="next").logit for p in range(max(start, 1), end))
+        assert step.total == pytest.approx(expected, abs=1e-3)
+        assert sum(v for _, v in step.components) + 0 == pytest.approx(
+            step.total - sum(trace.attribution(p - 1, 1, target="next").by_label()["Bias"]
+                             for p in range(max(start, 1), end)), abs=1e-3)
+    assert cot.steps[0].attends_to == []
+    assert [j for j, _ in cot.steps[2].attends_to] and {j for j, _ in cot.steps[2].attends_to} == {0, 1}
+    masses = cot.attention
+    for i, row in enumerate(masses):
+        assert sum(row[: i + 1]) <= 1.0 + 1e-6 and all(m == 0 for m in row[i + 1:])
+    assert run.n_tokens == len(run.char_spans)
+
+
+def test_oneshot_records_and_replays_with_the_model_loaded_once(tiny_gpt2_dir):
+    out = hexray("--prompt", COT, "--cot-debug", "--top-k-attribution", "4", "--model", tiny_gpt2_dir)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith('Token: "')
+    assert "Top Contributors to Final Logit:" in out.stdout
+    assert "Chain of Thought Attribution Trace" in out.stdout
+    assert len([ln for ln in out.stdout.splitlines() if ln.startswith("- ")]) == 4
+    assert out.stderr.count("loading ") == 1
+
+
+def test_python_api(traces):
+    import hexray
+
+    t = hexray.open(traces[0])
+    assert t.runs[0].prompt.startswith("The quick")
+    resid = t.tensor("blocks.1.hook_resid_post")
+    assert resid.shape == (t.runs[0].n_tokens, 64) and str(resid.dtype) == "float32"
+    assert t.attribution().top(3)[0].label
+    assert t.logit_lens().layers[-1].target_rank == 1
