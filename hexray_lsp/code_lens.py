@@ -27,14 +27,3 @@ def lenses(ls, uri: str) -> list[t.CodeLens]:
     return [t.CodeLens(range=top, command=t.Command(title=f"▶ HexRay: {verb} ({_STATE.get(state, state)} · {model})",
                                                     command=RECORD, arguments=[uri]))]
 
-
-def register(server) -> None:
-    @server.feature(t.TEXT_DOCUMENT_CODE_LENS)
-    def on_code_lens(ls, params: t.CodeLensParams):
-        try:
-            return lenses(ls, params.text_document.uri)
-        except Exception:  # a lens is never worth an error popup
-            import logging
-
-            logging.getLogger(__name__).exception("code lens failed")
-            return []

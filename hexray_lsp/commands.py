@@ -245,47 +245,40 @@ def status_report(ls) -> dict:
     }
 
 
-def register(server) -> None:
-    @server.command(RECORD)
-    async def record_cmd(ls, *args):
-        uri = args[0] if args and isinstance(args[0], str) else None
-        if uri is None:
-            ls.window_show_message(t.ShowMessageParams(type=t.MessageType.Error,
-                                                       message="HexRay: record which document? (pass its URI)"))
-            return {"status": "error", "message": "no document URI given"}
-        return await record_document(ls, uri, "command", _outer_request_future(ls))
+async def record_command(ls, args) -> dict:
+    uri = args[0] if args and isinstance(args[0], str) else None
+    if uri is None:
+        ls.window_show_message(t.ShowMessageParams(type=t.MessageType.Error,
+                                                   message="HexRay: record which document? (pass its URI)"))
+        return {"status": "error", "message": "no document URI given"}
+    return await record_document(ls, uri, "command", _outer_request_future(ls))
 
-    @server.command(CANCEL)
-    def cancel_cmd(ls, *args):
-        uri = args[0] if args and isinstance(args[0], str) else None
-        n = 0
-        for u, rec in list(ls.recordings.items()):
-            if uri is None or u == uri:
-                rec.cancel()
-                n += 1
-        return {"cancelled": n}
 
-    @server.command(RESTART)
-    async def restart_cmd(ls, *args):
-        for rec in list(ls.recordings.values()):
-            rec.cancel("the worker restarted")
-        await ls.worker.stop("the worker restarted")
-        return {"status": "stopped"}
+def cancel_command(ls, args) -> dict:
+    uri = args[0] if args and isinstance(args[0], str) else None
+    n = 0
+    for u, rec in list(ls.recordings.items()):
+        if uri is None or u == uri:
+            rec.cancel()
+            n += 1
+    return {"cancelled": n}
 
-    @server.command(STATUS)
-    def status_cmd(ls, *args):
-        return status_report(ls)
 
-    @server.feature(t.TEXT_DOCUMENT_CODE_ACTION,
-                    t.CodeActionOptions(code_action_kinds=[t.CodeActionKind.QuickFix]))
-    def code_actions(ls, params: t.CodeActionParams):
-        uri = params.text_document.uri
-        if ls.served(uri) is None:
-            return None
-        fixable = ("no-trace", "stale-trace", "trace-unreadable", "recording-failed")
-        wanted = [d for d in params.context.diagnostics if d.source == SOURCE and d.code in fixable]
-        if not wanted:
-            return None
-        command = t.Command(title="Record trace", command=RECORD, arguments=[uri])
-        return [t.CodeAction(title="HexRay: record trace", kind=t.CodeActionKind.QuickFix, diagnostics=wanted,
-                             is_preferred=True, command=command)]
+async def restart_command(ls, args) -> dict:
+    for rec in list(ls.recordings.values()):
+        rec.cancel("the worker restarted")
+    await ls.worker.stop("the worker restarted")
+    return {"status": "stopped"}
+
+
+def code_actions(ls, params: t.CodeActionParams):
+    uri = params.text_document.uri
+    if ls.served(uri) is None:
+        return None
+    fixable = ("no-trace", "stale-trace", "trace-unreadable", "recording-failed")
+    wanted = [d for d in params.context.diagnostics if d.source == SOURCE and d.code in fixable]
+    if not wanted:
+        return None
+    command = t.Command(title="Record trace", command=RECORD, arguments=[uri])
+    return [t.CodeAction(title="HexRay: record trace", kind=t.CodeActionKind.QuickFix, diagnostics=wanted,
+                         is_preferred=True, command=command)]

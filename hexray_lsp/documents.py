@@ -9,11 +9,14 @@ from __future__ import annotations
 import fnmatch
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pygls.uris import to_fs_path
 
-from .line_index import LineIndex
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .line_index import LineIndex
 
 LANGUAGE_ID = "hexray-prompt"
 
@@ -29,6 +32,8 @@ class Document:
 
     def index(self, encoding: str) -> LineIndex:
         if self._index is None or self._index.encoding != encoding:
+            from .line_index import LineIndex  # numpy: imported after the handshake, not at start-up
+
             self._index = LineIndex(self.text, encoding)
         return self._index
 

@@ -199,12 +199,3 @@ async def hover(ls, params: t.HoverParams) -> t.Hover | None:
     return t.Hover(contents=t.MarkupContent(kind=kind, value=value),
                    range=rng if status.state == "fresh" else None)
 
-
-def register(server) -> None:
-    @server.feature(t.TEXT_DOCUMENT_HOVER)
-    async def on_hover(ls, params: t.HoverParams):
-        try:
-            return await hover(ls, params)
-        except Exception:  # a hover is never worth an error popup
-            log.exception("hover failed")
-            return None

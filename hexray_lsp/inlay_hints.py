@@ -160,20 +160,3 @@ def resolve(ls, hint: t.InlayHint) -> t.InlayHint:
     hint.tooltip = t.MarkupContent(kind=t.MarkupKind.Markdown, value=tooltip(status.view, rv, j0, j1, doc.text))
     return hint
 
-
-def register(server) -> None:
-    @server.feature(t.TEXT_DOCUMENT_INLAY_HINT, t.InlayHintOptions(resolve_provider=True))
-    async def on_inlay_hints(ls, params: t.InlayHintParams):
-        try:
-            return await inlay_hints(ls, params)
-        except Exception:  # hints are never worth an error popup
-            log.exception("inlay hints failed")
-            return []
-
-    @server.feature(t.INLAY_HINT_RESOLVE)
-    def on_resolve(ls, hint: t.InlayHint):
-        try:
-            return resolve(ls, hint)
-        except Exception:
-            log.exception("inlay hint resolve failed")
-            return hint

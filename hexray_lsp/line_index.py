@@ -14,8 +14,9 @@ LSP breaks lines only at ``\\n``, ``\\r\\n`` and ``\\r``. ``str.splitlines`` (an
 A client may send a column that falls inside a character (the second UTF-16 unit of an emoji,
 or a byte inside a UTF-8 sequence): ``offset`` maps it to the start of that character. A
 column past the end of a line means the end of the line (LSP 3.17 §Position); a line past the
-end of the document means the end of the document. Combining marks are code points of their
-own, exactly as every encoding counts them.
+end of the document means the end of the document. An offset between the ``\\r`` and ``\\n`` of
+one line break (a tokenizer may split them) has no position of its own and maps to the end of
+its line. Combining marks are code points of their own, exactly as every encoding counts them.
 
 Non-ASCII lines get a cumulative-units table built once, lazily, with numpy, so converting
 thousands of token ends on one long line stays O(1) each.

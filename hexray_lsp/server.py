@@ -1,9 +1,13 @@
 """`HexRayServer`: the language server, and `create_server()` which wires the feature modules.
 
 One model under every feature: `DocumentStore` (what the editor has open) and `TraceStore`
-(traces on disk, loaded off the event loop), joined by `HexRayServer.status(doc)`. Feature
-modules (`hover`, `inlay_hints`, `code_lens`, `commands`) each register their handlers; this
-module handles the document lifecycle, settings and diagnostics.
+(traces on disk, loaded off the event loop), joined by `HexRayServer.status(doc)`. The feature
+modules (`hover`, `inlay_hints`, `diagnostics`, `code_lens`, `commands`) hold the logic; this
+module handles the document lifecycle and settings and routes requests to them.
+
+Start-up: only pygls, lsprotocol and the light modules are imported before the ``initialize``
+answer; the feature modules (numpy, the replay engine) are imported on first use, and warmed
+in a background thread right after ``initialized``.
 
 Concurrency: handlers run on the asyncio loop and never block on the model. Traces load in one
 dedicated thread (`hexray-trace`), never pygls' shared pool (it also reads stdin). The model
@@ -24,16 +28,18 @@ from pygls.lsp.server import LanguageServer
 from hexray_core import __version__
 
 from . import settings as settings_mod
-from .diagnostics import compute as compute_diagnostics
-from .documents import Document, DocumentStore, is_served, unusable_reason
+from .documents import Document, DocumentStore, fs_path, is_served, unusable_reason
 from .protocol import HexRayProtocol
 from .settings import Settings
-from .traces import TraceStatus, TraceStore, candidate_paths
 from .worker import WorkerClient
 
 log = logging.getLogger("hexray_lsp")
 
 POLL_SECONDS = 1.0
+RECORD = "hexray.recordTrace"
+CANCEL = "hexray.cancelRecording"
+RESTART = "hexray.restartWorker"
+STATUS = "hexray.status"
 
 
 class HexRayServer(LanguageServer):
@@ -44,7 +50,7 @@ class HexRayServer(LanguageServer):
         self.settings = Settings()
         self.docs = DocumentStore()
         self.trace_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hexray-trace")
-        self.traces = TraceStore(self.trace_executor, on_change=self._trace_changed)
+        self._traces = None
         self.worker = WorkerClient()
         self.recordings: dict = {}  # uri -> commands.Recording
         self.record_errors: dict[str, str] = {}  # uri -> message of the last failed recording
@@ -56,6 +62,14 @@ class HexRayServer(LanguageServer):
         self._refresh_handle: asyncio.Handle | None = None
         self._published: dict[str, tuple] = {}
         atexit.register(self.worker.kill_now)
+
+    @property
+    def traces(self):
+        if self._traces is None:
+            from .traces import TraceStore
+
+            self._traces = TraceStore(self.trace_executor, on_change=self._trace_changed)
+        return self._traces
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -85,7 +99,7 @@ class HexRayServer(LanguageServer):
         except RuntimeError:
             return out
         for folder in ws.folders.values():
-            p = _fs(folder.uri)
+            p = fs_path(folder.uri)
             if p:
                 out.append(p)
         if ws.root_path and ws.root_path not in out:
@@ -102,15 +116,17 @@ class HexRayServer(LanguageServer):
         return doc
 
     def paths_for(self, doc: Document) -> list[str]:
+        from .traces import candidate_paths
+
         return candidate_paths(doc, self.settings, self.roots())
 
-    async def status(self, doc: Document) -> TraceStatus:
+    async def status(self, doc: Document):
         """The document's trace as of now: checks the files, waits for a (re)load it starts."""
         paths = self.paths_for(doc)
         await self.traces.ensure(paths)
         return self.traces.status(doc, paths)
 
-    def status_now(self, doc: Document) -> TraceStatus:
+    def status_now(self, doc: Document):
         return self.traces.status(doc, self.paths_for(doc))
 
     # -- diagnostics and refreshes ---------------------------------------------------------------
@@ -123,6 +139,9 @@ class HexRayServer(LanguageServer):
             if self._published.pop(uri, None) is not None:
                 self._send_diagnostics(uri, doc.version, [])
             return
+        from .diagnostics import compute as compute_diagnostics
+        from .traces import TraceStatus
+
         unusable = unusable_reason(doc, self.settings)
         status = TraceStatus("none") if unusable else self.status_now(doc)
         if status.state == "loading":
@@ -246,10 +265,9 @@ def _ignore_result(fut) -> None:
         fut.exception()
 
 
-def _fs(uri: str) -> str | None:
-    from .documents import fs_path
-
-    return fs_path(uri)
+def _warm_imports() -> None:
+    """Import the feature modules (numpy, replay) in the background right after the handshake."""
+    from . import code_lens, commands, diagnostics, hover, inlay_hints, line_index, traces  # noqa: F401
 
 
 # ==========================================================================================
@@ -258,8 +276,6 @@ def _fs(uri: str) -> str | None:
 
 
 def create_server() -> HexRayServer:
-    from . import code_lens, commands, hover, inlay_hints
-
     server = HexRayServer()
 
     @server.feature(t.INITIALIZE)
@@ -271,6 +287,7 @@ def create_server() -> HexRayServer:
     @server.feature(t.INITIALIZED)
     async def on_initialized(ls: HexRayServer, params: t.InitializedParams):
         log.info("initialized: position encoding %s, roots %s", ls.encoding, ls.roots())
+        ls.trace_executor.submit(_warm_imports)
         ls.worker.cwd = (ls.roots() or [None])[0]
         ls._poll_task = asyncio.ensure_future(ls.poll())
         await ls.pull_settings()
@@ -294,10 +311,9 @@ def create_server() -> HexRayServer:
     @server.feature(t.TEXT_DOCUMENT_DID_CHANGE)
     def did_change(ls: HexRayServer, params: t.DidChangeTextDocumentParams):
         uri = params.text_document.uri
-        text = None
         changes = params.content_changes
-        if changes and isinstance(changes[-1], t.TextDocumentContentChangeWholeDocument) and len(changes) == 1:
-            text = changes[-1].text
+        if len(changes) == 1 and isinstance(changes[0], t.TextDocumentContentChangeWholeDocument):
+            text = changes[0].text
         else:  # a client that sends ranges anyway: take pygls' copy of the document
             try:
                 text = ls.workspace.get_text_document(uri).source
@@ -318,7 +334,9 @@ def create_server() -> HexRayServer:
             ls.docs.update(uri, params.text, doc.version)
         await ls.publish_after_check(uri)
         if ls.settings.record_on_save and ls.served(uri) is not None:
-            commands.schedule_record(ls, uri, ls.settings.record_on_save_delay_ms / 1000.0)
+            from .commands import schedule_record
+
+            schedule_record(ls, uri, ls.settings.record_on_save_delay_ms / 1000.0)
 
     @server.feature(t.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: HexRayServer, params: t.DidCloseTextDocumentParams):
@@ -334,7 +352,7 @@ def create_server() -> HexRayServer:
     @server.feature(t.WORKSPACE_DID_CHANGE_WATCHED_FILES)
     def watched(ls: HexRayServer, params: t.DidChangeWatchedFilesParams):
         for ev in params.changes:
-            p = _fs(ev.uri)
+            p = fs_path(ev.uri)
             if p:
                 ls.traces.check(p)
 
@@ -346,10 +364,83 @@ def create_server() -> HexRayServer:
             rec.cancel()
         await ls.worker.stop("the language server is shutting down")
         ls.trace_executor.shutdown(wait=False, cancel_futures=True)
-        ls.traces.close()
+        if ls._traces is not None:
+            ls._traces.close()
 
-    hover.register(server)
-    inlay_hints.register(server)
-    code_lens.register(server)
-    commands.register(server)
+    # -- features (modules imported on first use) -------------------------------------------------
+
+    @server.feature(t.TEXT_DOCUMENT_HOVER)
+    async def on_hover(ls: HexRayServer, params: t.HoverParams):
+        from .hover import hover
+
+        try:
+            return await hover(ls, params)
+        except Exception:  # a hover is never worth an error popup
+            log.exception("hover failed")
+            return None
+
+    @server.feature(t.TEXT_DOCUMENT_INLAY_HINT, t.InlayHintOptions(resolve_provider=True))
+    async def on_inlay_hints(ls: HexRayServer, params: t.InlayHintParams):
+        from .inlay_hints import inlay_hints
+
+        try:
+            return await inlay_hints(ls, params)
+        except Exception:
+            log.exception("inlay hints failed")
+            return []
+
+    @server.feature(t.INLAY_HINT_RESOLVE)
+    def on_inlay_hint_resolve(ls: HexRayServer, hint: t.InlayHint):
+        from .inlay_hints import resolve
+
+        try:
+            return resolve(ls, hint)
+        except Exception:
+            log.exception("inlay hint resolve failed")
+            return hint
+
+    @server.feature(t.TEXT_DOCUMENT_CODE_LENS)
+    def on_code_lens(ls: HexRayServer, params: t.CodeLensParams):
+        from .code_lens import lenses
+
+        try:
+            return lenses(ls, params.text_document.uri)
+        except Exception:
+            log.exception("code lens failed")
+            return []
+
+    @server.feature(t.TEXT_DOCUMENT_CODE_ACTION, t.CodeActionOptions(code_action_kinds=[t.CodeActionKind.QuickFix]))
+    def on_code_action(ls: HexRayServer, params: t.CodeActionParams):
+        from .commands import code_actions
+
+        try:
+            return code_actions(ls, params)
+        except Exception:
+            log.exception("code actions failed")
+            return None
+
+    @server.command(RECORD)
+    async def record_cmd(ls: HexRayServer, *args):
+        from .commands import record_command
+
+        return await record_command(ls, args)
+
+    @server.command(CANCEL)
+    def cancel_cmd(ls: HexRayServer, *args):
+        from .commands import cancel_command
+
+        return cancel_command(ls, args)
+
+    @server.command(RESTART)
+    async def restart_cmd(ls: HexRayServer, *args):
+        from .commands import restart_command
+
+        return await restart_command(ls, args)
+
+    @server.command(STATUS)
+    def status_cmd(ls: HexRayServer, *args):
+        from .commands import status_report
+
+        return status_report(ls)
+
     return server

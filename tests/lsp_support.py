@@ -8,14 +8,23 @@
   generated continuation, no kit).
 * `tiny_gpt2_factory` / `tiny_gpt2_big_context_factory` / `crashing_factory`: model factories for
   the record worker's ``modelFactory`` setting (``tests.lsp_support:tiny_gpt2_factory``).
-* LSP client helpers shared by the test modules: `units`, `hover_at`, `open_doc`.
+* `recorded_traces`: real traces of the test prompts, recorded once per test session with the
+  conftest's ``tiny_gpt2_recorder`` (in-process, no worker).
+* LSP client helpers shared by the test modules: `start_client`, `stop_client`, `open_doc`,
+  `hover_at`, `units`, `position_of`.
+
+Every client runs the real server over stdio (``python -m hexray_lsp``) with the capabilities
+pytest-lsp recorded from VS Code 1.65 (utf-16), Neovim 0.11 (utf-8) and Emacs 29 eglot (utf-32).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -199,7 +208,13 @@ def units(s: str, encoding: str) -> int:
 
 
 def position_of(text: str, offset: int, encoding: str) -> tuple[int, int]:
-    """LSP (line, character) of a code point offset, computed independently of the server's index."""
+    """LSP (line, character) of a code point offset, computed independently of the server's index.
+
+    An offset between the ``\\r`` and ``\\n`` of one line break has no position of its own: it is
+    the end of its line (where the ``\\r`` is).
+    """
+    if 0 < offset < len(text) and text[offset - 1] == "\r" and text[offset] == "\n":
+        offset -= 1
     line_start = 0
     line = 0
     for m in re.finditer(r"\r\n|\r|\n", text):
@@ -208,3 +223,134 @@ def position_of(text: str, offset: int, encoding: str) -> tuple[int, int]:
         line += 1
         line_start = m.end()
     return line, units(text[line_start:offset], encoding)
+
+
+# -- test prompts and their traces -------------------------------------------------------------
+
+CLIENTS = ["visual-studio-code", "neovim@v0.11.0", "emacs"]
+ENCODINGS = {"visual-studio-code": "utf-16", "neovim@v0.11.0": "utf-8", "emacs": "utf-32"}
+
+#: ASCII, emoji (incl. a ZWJ sequence), CJK, a combining mark, CRLF, a lone CR, U+2028 and a
+#: form feed (not line breaks in LSP).
+PROMPTS = {
+    "mixed": "The cat 🐱 sat on the mat.\r\n東京は日本の首都です。\rnaïve cafe\u0301 👨\u200d👩\u200d👧 ok\n",
+    "ascii": "The quick brown fox jumps over the lazy dog.\nAlice and Bob went to the store.\n",
+    "odd": "a\u2028b 🙂\x0cc\nthe model 😀 predicts\n",
+}
+
+_RECORDED: dict[str, str] = {}
+
+
+def recorded_traces(recorder, folder) -> dict[str, str]:
+    """``{name: trace path}`` of PROMPTS recorded once per session (kit in $HEXRAY_CACHE)."""
+    if not _RECORDED:
+        os.makedirs(folder, exist_ok=True)
+        for name, text in PROMPTS.items():
+            _RECORDED[name] = recorder.record(text, os.path.join(folder, f"{name}.hxr")).path
+    return dict(_RECORDED)
+
+
+def make_workspace(root, traces: dict[str, str]) -> Path:
+    """A workspace: name.prompt + name.hxr for every prompt, cached/cjk.prompt with its trace in the
+    trace folder, and nothing.prompt without a trace."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in PROMPTS.items():
+        (root / f"{name}.prompt").write_text(text, encoding="utf-8", newline="")
+        shutil.copy(traces[name], root / f"{name}.hxr")
+    (root / "sub").mkdir(exist_ok=True)
+    (root / "sub" / "cached.prompt").write_text(PROMPTS["mixed"], encoding="utf-8", newline="")
+    cache = root / ".hexray" / "traces" / "sub"
+    cache.mkdir(parents=True, exist_ok=True)
+    shutil.copy(traces["mixed"], cache / "cached.hxr")
+    (root / "nothing.prompt").write_text("No trace for me.\n", encoding="utf-8")
+    return root
+
+
+# -- clients ---------------------------------------------------------------------------------------
+
+def server_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+async def start_client(client_name: str, root, settings: dict | None = None, **env):
+    """Start ``python -m hexray_lsp`` and initialize it as ``client_name`` would."""
+    from lsprotocol import types as t
+    from pytest_lsp import ClientServerConfig, client_capabilities
+
+    config = ClientServerConfig(server_command=[sys.executable, "-m", "hexray_lsp"], server_env=server_env(**env))
+    client = await config.start()
+    client.refreshes = []
+    for method in (t.WORKSPACE_INLAY_HINT_REFRESH, t.WORKSPACE_CODE_LENS_REFRESH):
+        client.feature(method)(lambda params, m=method: client.refreshes.append(m))
+    if settings is not None:
+        client.set_configuration({"hexray": settings})
+    root_uri = Path(root).as_uri()
+    result = await client.initialize_session(t.InitializeParams(
+        capabilities=client_capabilities(client_name), root_uri=root_uri,
+        workspace_folders=[t.WorkspaceFolder(uri=root_uri, name="ws")],
+        initialization_options={"hexray": settings} if settings is not None else None))
+    client.position_encoding = result.capabilities.position_encoding or "utf-16"
+    client.server_capabilities = result.capabilities
+    return client
+
+
+async def stop_client(client) -> None:
+    try:
+        await asyncio.wait_for(client.shutdown_session(), 15)
+    finally:
+        await client.stop()
+
+
+def open_doc(client, path, text: str | None = None, language_id: str = "hexray-prompt", version: int = 1) -> str:
+    from lsprotocol import types as t
+
+    path = Path(path)
+    if text is None:
+        text = path.read_bytes().decode("utf-8") if path.exists() else ""
+    uri = path.as_uri()
+    client.text_document_did_open(t.DidOpenTextDocumentParams(
+        text_document=t.TextDocumentItem(uri=uri, language_id=language_id, version=version, text=text)))
+    return uri
+
+
+async def wait_diagnostics(client, uri: str, pred, timeout: float = 10.0):
+    """Wait until the diagnostics published for ``uri`` satisfy ``pred`` (a function of the list)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        diags = list(client.diagnostics.get(uri, ()))
+        if uri in client.diagnostics and pred(diags):
+            return diags
+        if loop.time() > end:
+            raise AssertionError(f"diagnostics for {uri} never matched; last: {[(d.code, d.message) for d in diags]}")
+        await asyncio.sleep(0.02)
+
+
+def codes(diags) -> list:
+    return [d.code for d in diags]
+
+
+async def hover_at(client, uri: str, line: int, character: int):
+    from lsprotocol import types as t
+
+    return await client.text_document_hover_async(t.HoverParams(
+        text_document=t.TextDocumentIdentifier(uri=uri), position=t.Position(line=line, character=character)))
+
+
+async def inlay_hints(client, uri: str, start=(0, 0), end=(10_000, 0)):
+    from lsprotocol import types as t
+
+    return await client.text_document_inlay_hint_async(t.InlayHintParams(
+        text_document=t.TextDocumentIdentifier(uri=uri),
+        range=t.Range(start=t.Position(line=start[0], character=start[1]),
+                      end=t.Position(line=end[0], character=end[1]))))
+
+
+async def execute(client, command: str, *args):
+    from lsprotocol import types as t
+
+    return await client.workspace_execute_command_async(t.ExecuteCommandParams(command=command, arguments=list(args)))
