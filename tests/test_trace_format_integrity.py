@@ -382,13 +382,13 @@ def crafted(tmp_path_factory):
 
 
 _PROBE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     sys.path.insert(0, sys.argv[1])
     from trace_format import TraceFormatError, TraceReader, verify
 
-    def peak():
-        vm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmPeak")][0]
-        return vm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def peak():  # VmPeak / VmHWM of this process image (ru_maxrss would include the parent's, from before exec)
+        status = {l.split(":")[0]: l.split()[1] for l in open("/proc/self/status") if l.startswith("Vm")}
+        return int(status["VmPeak"]), int(status["VmHWM"])
 
     with TraceReader(sys.argv[2]) as r:  # warm up every code path on a good file first
         for t in r.tensors():
@@ -449,7 +449,7 @@ def test_crafted_files_are_refused_by_name_without_allocating(crafted, tmp_path)
     # claims, and decodes all of a 256 MiB bomb although max_output_size is 1 MiB.
     assert out["control:claims_2GiB"]["vm_kb"] > 1024 * 1024, out["control:claims_2GiB"]
     assert out["control:bomb_256MiB"]["result"] == 256 << 20
-    assert out["control:bomb_256MiB"]["rss_kb"] > 64 * 1024  # RSS is noisy on a busy VM; the length is exact
+    assert out["control:bomb_256MiB"]["rss_kb"] > 250 * 1024
 
 
 def test_unknown_ancillary_record_kind_is_skipped(tmp_path):

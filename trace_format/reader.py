@@ -192,13 +192,13 @@ class TraceReader:
         tensors = index.get("tensors")
         need(isinstance(tensors, list) and len(tensors) <= lim.max_tensors, "bad tensor list")
         self._by_name: dict[tuple[int, str], TensorInfo] = {}
-        spans = []
-        index_end = np.uint64(self._index_end)
+        # Per tensor: cheap Python checks; the chunk tables are then checked all at once (one numpy
+        # pass over every chunk of the file, not a dozen small numpy calls per tensor).
+        tables, expect_full, expect_last, counts, pending = [], [], [], [], []
         for i, t in enumerate(tensors):
             need(isinstance(t, dict), f"tensor {i} is not a map")
             name = t.get("name")
             need(isinstance(name, str) and 0 < len(name) <= lim.max_name_len, f"tensor {i} has a bad name")
-            where_t = f"{where}: tensor {name!r}"
             run, dtype, shape, chunk_rows = t.get("run"), t.get("dtype"), t.get("shape"), t.get("chunk_rows")
             need(t.get("id", i) == i, f"tensor {name!r}: id {t.get('id')!r} is not its position {i}")
             need(type(run) is int and (run == WEIGHTS_RUN or 0 <= run < len(runs)), f"tensor {name!r}: bad run")
@@ -210,39 +210,56 @@ class TraceReader:
             need(isinstance(attrs, dict), f"tensor {name!r}: attrs is not a map")
             table = t.get("chunks")
             need(isinstance(table, bytes) and len(table) % 32 == 0, f"tensor {name!r}: bad chunk table")
-            chunks = np.frombuffer(table, dtype="<u8").reshape(-1, 4)
+            n_chunks = len(table) // 32
             rows, row_elems = rows_of(shape)
             row_bytes = row_elems * DTYPES[dtype].itemsize
             n_expected = 0 if row_bytes == 0 or rows == 0 else -(-rows // chunk_rows)
-            need(len(chunks) == n_expected, f"tensor {name!r}: {len(chunks)} chunks for shape {shape}, "
-                                            f"expected {n_expected}")
+            need(n_chunks == n_expected, f"tensor {name!r}: {n_chunks} chunks for shape {shape}, expected {n_expected}")
             if n_expected:
                 full = min(chunk_rows, rows) * row_bytes
-                last = (rows - (n_expected - 1) * chunk_rows) * row_bytes
                 if full > lim.max_chunk_bytes:
-                    raise TraceFormatError(f"{where_t}: shape {shape} claims chunks of {full} bytes, over the limit "
-                                           f"of {lim.max_chunk_bytes}", offset=self._trailer.index_offset)
-                raw_lens = chunks[:, 2]
-                need(bool((raw_lens[:-1] == np.uint64(full)).all()) and int(raw_lens[-1]) == last,
-                     f"tensor {name!r}: chunk lengths disagree with its shape {shape}")
-                offs, plens = chunks[:, 0], chunks[:, 1]
-                # A stored payload is never longer than zstd's worst case for its decoded size, nor
-                # shorter than zstd's best case: every block of <= 128 KiB costs >= 4 bytes.
-                bad = ((offs % np.uint64(layout.ALIGN) != 0) | (offs < np.uint64(layout.PREAMBLE_SIZE))
-                       | (plens > raw_lens + (raw_lens >> np.uint64(7)) + np.uint64(1024))
-                       | (raw_lens > plens * np.uint64(MAX_ZSTD_RATIO))
-                       | (offs >= index_end))
-                need(not bad.any(), f"tensor {name!r}: chunk position or length out of bounds")
-                ends = offs + np.uint64(layout.HEADER_SIZE) + plens
-                need(bool((ends <= index_end).all()), f"tensor {name!r}: chunk runs past the data")
-                spans.append(np.stack([offs, ends], axis=1))
+                    need(False, f"tensor {name!r}: shape {shape} claims chunks of {full} bytes, over the limit of "
+                                f"{lim.max_chunk_bytes}")
+                tables.append(table)
+                expect_full.append(full)
+                expect_last.append((rows - (n_expected - 1) * chunk_rows) * row_bytes)
+                counts.append(n_expected)
             key = (run, name)
             need(key not in self._by_name, f"tensor {name!r} appears twice in run {run}")
-            self._by_name[key] = TensorInfo(i, run, name, dtype, tuple(shape), chunk_rows, chunks, attrs)
-        if spans:
-            allspans = np.concatenate(spans)
-            allspans = allspans[np.argsort(allspans[:, 0], kind="stable")]
-            need(bool((allspans[1:, 0] >= allspans[:-1, 1]).all()), "two chunks overlap")
+            self._by_name[key] = None  # placeholder keeps the write order
+            pending.append((key, i, run, name, dtype, tuple(shape), chunk_rows, n_expected, attrs))
+        allchunks = np.frombuffer(b"".join(tables), dtype="<u8").reshape(-1, 4)
+        if len(allchunks):
+            counts_a = np.asarray(counts, dtype=np.int64)
+            starts = np.cumsum(counts_a) - counts_a
+            expect = np.repeat(np.asarray(expect_full, dtype=np.uint64), counts_a)
+            expect[starts + counts_a - 1] = np.asarray(expect_last, dtype=np.uint64)
+            offs, plens, raw_lens = allchunks[:, 0], allchunks[:, 1], allchunks[:, 2]
+            with_chunks = [p[3] for p in pending if p[7]]
+
+            def owner(mask) -> str:  # name of the tensor holding the first chunk flagged in mask
+                return with_chunks[int(np.searchsorted(starts, int(np.argmax(mask)), side="right")) - 1]
+
+            wrong = raw_lens != expect
+            if wrong.any():
+                need(False, f"tensor {owner(wrong)!r}: chunk lengths disagree with its shape")
+            index_end = np.uint64(self._index_end)
+            # A stored payload is never longer than zstd's worst case for its decoded size, nor
+            # shorter than zstd's best case: every block of <= 128 KiB costs >= 4 bytes.
+            ends = offs + np.uint64(layout.HEADER_SIZE) + plens
+            bad = ((offs % np.uint64(layout.ALIGN) != 0) | (offs < np.uint64(layout.PREAMBLE_SIZE))
+                   | (plens > raw_lens + (raw_lens >> np.uint64(7)) + np.uint64(1024))
+                   | (raw_lens > plens * np.uint64(MAX_ZSTD_RATIO))
+                   | (offs >= index_end) | (ends > index_end))
+            if bad.any():
+                need(False, f"tensor {owner(bad)!r}: chunk position or length out of bounds (chunk runs past the "
+                            "data or claims an impossible size)")
+            order = np.argsort(offs, kind="stable")
+            need(bool((offs[order][1:] >= ends[order][:-1]).all()), "two chunks overlap")
+        pos = 0
+        for key, i, run, name, dtype, shape, chunk_rows, n, attrs in pending:
+            self._by_name[key] = TensorInfo(i, run, name, dtype, shape, chunk_rows, allchunks[pos:pos + n], attrs)
+            pos += n
         self._runs = runs
         return index
 
