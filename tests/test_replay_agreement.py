@@ -57,7 +57,6 @@ def _tl_dla(cache, bridge, stack, p, target):
 
 def _bound(cache, bridge, stack, p, target, eps):
     """eps · Σ_i |c_i u_i| per component, u the scaled, centred unembedding direction."""
-    import torch
 
     u = bridge.W_U[:, target].double()
     if bridge.cfg.normalization_type.upper().startswith("LN"):

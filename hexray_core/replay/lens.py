@@ -72,17 +72,20 @@ def logit_lens(trace, *, position: int = -1, run: int = 0, target: str | int | N
     logits = normalise(trace, resid).astype(np.float32) @ W_U + b_U  # [layers + 1, vocab]
     out = LogitLens(r.id, p, r.token_strs[p], tid, trace.token_str(tid, r.id))
     k = max(1, min(top_k, logits.shape[1]))
-    for label, row in zip(labels, logits, strict=True):
-        row = row.astype(np.float64)
-        lse = np.logaddexp.reduce(row)
-        top = np.argpartition(-row, k - 1)[:k]
-        top = top[np.argsort(-row[top])]
+    # Whole-matrix numpy operations: one pass each over [layers + 1, vocab] (a hover pays for this).
+    peak = logits.max(1, keepdims=True)
+    lse = (np.log(np.exp(logits - peak).sum(1, keepdims=True, dtype=np.float64)) + peak)[:, 0]
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    target_logits = logits[:, tid]
+    ranks = (logits > target_logits[:, None]).sum(1) + 1
+    for i, label in enumerate(labels):
+        ids = top[i][np.argsort(-logits[i, top[i]], kind="stable")]
         out.layers.append(LensLayer(
             label,
-            [(int(i), trace.token_str(int(i), r.id), float(np.exp(row[i] - lse))) for i in top],
-            [float(row[i]) for i in top],
-            int((row > row[tid]).sum()) + 1,
-            float(np.exp(row[tid] - lse)),
-            float(row[tid]),
+            [(int(t), trace.token_str(int(t), r.id), float(np.exp(logits[i, t] - lse[i]))) for t in ids],
+            [float(logits[i, t]) for t in ids],
+            int(ranks[i]),
+            float(np.exp(target_logits[i] - lse[i])),
+            float(target_logits[i]),
         ))
     return out
