@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import msgpack
+import numpy as np
 import zstandard
 
 from .dtypes import shuffle, unshuffle
@@ -31,6 +32,14 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+def _scratch(n: int):
+    """A per-thread reusable buffer of at least n bytes (fresh 1 MiB buffers cost page faults per chunk)."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.size < n:
+        buf = _local.scratch = np.empty(max(n, 1 << 20), dtype=np.uint8)
+    return buf
+
+
 def encode(data, *, level: int | None, itemsize: int, use_shuffle: bool) -> tuple[int, int, bytes, int]:
     """Encode one payload. Returns (codec, filter, payload, crc of payload).
 
@@ -41,7 +50,7 @@ def encode(data, *, level: int | None, itemsize: int, use_shuffle: bool) -> tupl
         payload = bytes(raw)
         return CODEC_NONE, FILTER_NONE, payload, crc32(payload)
     filt = FILTER_SHUFFLE if use_shuffle and itemsize > 1 else FILTER_NONE
-    src = shuffle(raw, itemsize) if filt == FILTER_SHUFFLE else raw
+    src = shuffle(raw, itemsize, out=_scratch(len(raw))).data if filt == FILTER_SHUFFLE else raw
     payload = _compressor(level).compress(src)
     if len(payload) >= len(raw):
         payload, codec, filt = bytes(raw), CODEC_NONE, FILTER_NONE
@@ -50,16 +59,20 @@ def encode(data, *, level: int | None, itemsize: int, use_shuffle: bool) -> tupl
     return codec, filt, payload, crc32(payload)
 
 
-def decode(payload: bytes, *, codec: int, filt: int, raw_len: int, itemsize: int, where: str):
+def decode(payload, *, codec: int, filt: int, raw_len: int, itemsize: int, where: str, out=None):
     """Decode one payload whose decoded length must be exactly raw_len (already checked against limits).
 
-    Returns a bytes-like object (bytes or memoryview) of exactly raw_len bytes.
+    Returns a bytes-like object of exactly raw_len bytes; with ``out`` (a uint8 array of raw_len
+    bytes) the result is written there and ``out`` is returned.
     """
     if codec == CODEC_NONE:
         if filt != FILTER_NONE:
             raise TraceFormatError(f"{where}: filter {filt} on an uncompressed payload")
         if len(payload) != raw_len:
             raise TraceFormatError(f"{where}: stored length {len(payload)} != decoded length {raw_len}")
+        if out is not None:
+            out[:] = memoryview(payload).cast("B")
+            return out
         return payload
     if codec != CODEC_ZSTD:
         raise TraceFormatError(f"{where}: unknown codec {codec}")
@@ -80,14 +93,17 @@ def decode(payload: bytes, *, codec: int, filt: int, raw_len: int, itemsize: int
         raise TraceFormatError(f"{where}: zstd frame without content checksum or with a dictionary")
     try:
         # One frame, nothing after it: hidden trailing data is refused, not ignored.
-        out = _decompressor().decompress(payload, max_output_size=raw_len, allow_extra_data=False)
+        data = _decompressor().decompress(payload, max_output_size=raw_len, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise TraceFormatError(f"{where}: zstd decoding failed ({e})") from None
-    if len(out) != raw_len:
-        raise TraceFormatError(f"{where}: decoded {len(out)} bytes, expected {raw_len}")
+    if len(data) != raw_len:
+        raise TraceFormatError(f"{where}: decoded {len(data)} bytes, expected {raw_len}")
     if filt == FILTER_SHUFFLE:
-        return unshuffle(out, itemsize).data
-    return out
+        return unshuffle(data, itemsize, out=out)
+    if out is not None:
+        out[:] = memoryview(data)
+        return out
+    return data
 
 
 def _reject_ext(code, data):

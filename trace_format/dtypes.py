@@ -56,16 +56,35 @@ def to_float32(raw: np.ndarray, tag: str) -> np.ndarray:
         return raw.astype(np.float32, copy=False)
 
 
-def shuffle(buf: memoryview | bytes, itemsize: int) -> bytes:
-    """Byte-shuffle: group the k-th byte of every element together (helps zstd on floats)."""
+def shuffle(buf, itemsize: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Byte-shuffle: byte k of every element, for k = 0..itemsize-1, one plane after another.
+
+    Helps zstd on floats (exponent bytes group together). Returns a uint8 array (``out`` if given:
+    a uint8 array at least as long as ``buf``, of which the first len(buf) bytes are used).
+    """
     a = np.frombuffer(buf, dtype=np.uint8)
-    return a.reshape(-1, itemsize).T.tobytes()
+    n = a.size
+    dst = np.empty(n, dtype=np.uint8) if out is None else out[:n]
+    if itemsize == 2:  # word arithmetic (vectorised) is 2x faster than a strided byte transpose
+        w = a.view("<u2")
+        m = w.size
+        np.copyto(dst[:m], w, casting="unsafe")  # low bytes (truncating cast)
+        np.copyto(dst[m:], w >> 8, casting="unsafe")  # high bytes
+    else:
+        dst.reshape(itemsize, -1)[...] = a.reshape(-1, itemsize).T
+    return dst
 
 
-def unshuffle(buf: bytes, itemsize: int) -> np.ndarray:
+def unshuffle(buf, itemsize: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of ``shuffle``. Returns a uint8 array (``out`` if given: a uint8 array of len(buf) bytes)."""
     planes = np.frombuffer(buf, dtype=np.uint8).reshape(itemsize, -1)
-    out = np.empty(planes.size, dtype=np.uint8)
-    # Strided assignment per byte plane: measured 5x faster than a transpose copy.
-    for i in range(itemsize):
-        out[i::itemsize] = planes[i]
-    return out
+    dst = np.empty(planes.size, dtype=np.uint8) if out is None else out
+    if itemsize == 2:
+        w = dst.view("<u2")
+        np.left_shift(planes[1], 8, out=w, dtype=np.uint16)
+        w |= planes[0]
+    else:
+        # Strided assignment per byte plane: measured 5x faster than a transpose copy.
+        for i in range(itemsize):
+            dst[i::itemsize] = planes[i]
+    return dst

@@ -354,10 +354,14 @@ class TraceReader:
         else:  # bounded by max_tensor_bytes and by MAX_ZSTD_RATIO x the stored bytes (checked at open)
             raw = np.empty(total, dtype=np.uint8)
             for c in range(first, last + 1) if total else ():
-                data = np.frombuffer(self._read_chunk(info, c), dtype=np.uint8)
                 c0 = c * info.chunk_rows
-                lo, hi = max(r0, c0), min(r1, c0 + info.chunk_rows)
-                raw[(lo - r0) * row_bytes:(hi - r0) * row_bytes] = data[(lo - c0) * row_bytes:(hi - c0) * row_bytes]
+                lo, hi = max(r0, c0), min(r1, c0 + info.chunk_rows, rows)
+                dst = raw[(lo - r0) * row_bytes:(hi - r0) * row_bytes]
+                if lo == c0 and hi == min(c0 + info.chunk_rows, rows):  # whole chunk: decode in place
+                    self._read_chunk(info, c, out=dst)
+                else:
+                    data = np.frombuffer(self._read_chunk(info, c), dtype=np.uint8)
+                    dst[:] = data[(lo - c0) * row_bytes:(hi - c0) * row_bytes]
         arr = raw.view(DTYPES[info.dtype]).reshape(out_shape)
         if dtype == "float32" and info.dtype in FLOAT_TAGS:
             arr = to_float32(arr, info.dtype)
@@ -365,8 +369,8 @@ class TraceReader:
             arr = arr.copy()  # a new, writeable array that does not keep the whole chunk alive
         return arr
 
-    def _read_chunk(self, info: TensorInfo, c: int):
-        """Read, check and decode chunk ``c`` of a tensor. Returns exactly its raw_len bytes."""
+    def _read_chunk(self, info: TensorInfo, c: int, out: np.ndarray | None = None):
+        """Read, check and decode chunk ``c`` of a tensor. Returns exactly its raw_len bytes (in ``out`` if given)."""
         offset, plen, raw_len, crc = (int(v) for v in info.chunks[c])
         what = f"chunk {c} of {info.name!r} (run {info.run})"
         raw = self._pread(offset, layout.HEADER_SIZE + plen)
@@ -376,11 +380,11 @@ class TraceReader:
                 or header.first_row != c * info.chunk_rows):
             raise TraceFormatError(f"{self.path}: {what}: record header disagrees with the index", offset=offset,
                                    what=what)
-        payload = raw[layout.HEADER_SIZE:]
+        payload = memoryview(raw)[layout.HEADER_SIZE:]
         if layout.crc32(payload) != crc:
             raise TraceFormatError(f"{self.path}: checksum mismatch in {what}", offset=offset, what=what)
         return decode(payload, codec=header.codec, filt=header.filter, raw_len=raw_len,
-                      itemsize=DTYPES[info.dtype].itemsize, where=f"{self.path}: {what} at byte {offset}")
+                      itemsize=DTYPES[info.dtype].itemsize, where=f"{self.path}: {what} at byte {offset}", out=out)
 
     def _pread(self, offset: int, n: int) -> bytes:
         if offset < 0 or n < 0 or offset + n > getattr(self, "size", offset + n):
