@@ -93,6 +93,8 @@ class Kit:
     def ensure_cached(self, root: str | None = None) -> str:
         """Write the kit to the cache unless a readable copy is already there. Returns its path."""
         path = kit_path(self.sha256, root)
+        if path == self.path and os.path.isfile(path):
+            return path  # checked (or written) earlier in this process
         if _valid_kit(path, self.sha256, self.arrays):
             self.path = path
             return path

@@ -143,7 +143,10 @@ class Recorder:
                 extra = f" + {generate} to generate" if generate else ""
                 which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
                 raise HexRayError(f"{which} is {len(ids)} tokens{extra}, over the model's context of {lm.n_ctx} tokens")
-        plan = plan_hooks(self.bridge, hooks)
+        plan_key = ("plan", hooks if isinstance(hooks, str | None) else tuple(hooks))
+        plan = lm.cache.get(plan_key)
+        if plan is None:
+            plan = lm.cache[plan_key] = plan_hooks(self.bridge, hooks)
 
         kit = self.kit()
         try:
