@@ -234,7 +234,10 @@ class HexRayServer(LanguageServer):
             for doc in self.docs:
                 self.publish(doc.uri)
             self.request_refresh()
-        if new.record_on_save and not old.record_on_save:
+        model_changed = (new.model, new.model_factory, new.device) != (old.model, old.model_factory, old.device)
+        started = self._poll_task is not None  # after `initialized`
+        if started and new.record_on_save and (not old.record_on_save or model_changed
+                                               or new.worker_key() != old.worker_key()):
             asyncio.ensure_future(self.preload_worker())
 
     async def preload_worker(self) -> None:

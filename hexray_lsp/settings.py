@@ -69,8 +69,12 @@ class Settings:
     max_document_bytes: int = 2_000_000
 
     def worker_key(self) -> tuple:
-        """What the worker process depends on: a change restarts it."""
-        return (self.python, self.model, self.model_factory, self.device, self.extra_paths)
+        """What the worker *process* depends on: a change restarts it.
+
+        A change of model, modelFactory or device does not need a new process: the next request
+        carries the new configuration and the warm worker loads that model instead.
+        """
+        return (self.python, self.extra_paths)
 
     def to_json(self) -> dict:
         return {_CAMEL[f.name]: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -348,8 +348,12 @@ class _Worker:
         key = json.dumps(config, sort_keys=True)
         if self.recorder is not None and key == self.config_key:
             return
-        self.recorder = None
-        self._remove_hooks()
+        if self.recorder is not None:
+            self.recorder = None
+            self._remove_hooks()
+            import gc
+
+            gc.collect()
         for p in reversed(config.get("extra_paths") or []):
             if p not in sys.path:
                 sys.path.insert(0, p)
@@ -430,13 +434,13 @@ class _Worker:
 
     def do_record(self, job: _Job) -> dict:
         msg = job.msg
-        self.ensure_model(msg.get("config") or {}, job)
-        if job.cancelled.is_set():
-            raise _Cancelled()
         text = msg.get("text")
         output = msg.get("output")
         if not isinstance(text, str) or not isinstance(output, str):
             raise _UserError("record needs text and output")
+        self.ensure_model(msg.get("config") or {}, job)
+        if job.cancelled.is_set():
+            raise _Cancelled()
         options = dict(msg.get("options") or {})
         for k in ("progress", "output", "prompts"):
             options.pop(k, None)

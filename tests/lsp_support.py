@@ -173,17 +173,36 @@ def write_synthetic_trace(path, texts, *, n_layers: int = 2, d_model: int = 16, 
 
 # -- model factories for the worker's `modelFactory` setting ------------------------------------
 
+SLOW_FLAG_ENV = "HEXRAY_TEST_SLOW_FLAG"
+
+
 def _tiny(n_ctx: int):
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
     from tests import tiny_models
 
     tok = tiny_models.build_tokenizer()
-    return tiny_models.build_tiny_gpt2(tok, n_ctx=n_ctx), tok
+    model = tiny_models.build_tiny_gpt2(tok, n_ctx=n_ctx)
+    flag = os.environ.get(SLOW_FLAG_ENV)
+    if flag:
+        # While the flag file exists every block takes 0.6 s longer: recordings last long enough to
+        # be cancelled, or to have their worker killed, in the middle of the forward pass.
+        import time
+
+        def slow(_module, _inputs, _output):
+            if os.path.exists(flag):
+                time.sleep(0.6)
+
+        for block in model.transformer.h:
+            block.register_forward_hook(slow)
+    return model, tok
 
 
 def tiny_gpt2_factory():
-    """Tiny GPT-2 (2 layers, d_model 64, n_ctx 256) with the in-memory byte-level BPE tokenizer."""
+    """Tiny GPT-2 (2 layers, d_model 64, n_ctx 256) with the in-memory byte-level BPE tokenizer.
+
+    With $HEXRAY_TEST_SLOW_FLAG set to a path, each block sleeps 0.6 s while that file exists.
+    """
     return _tiny(256)
 
 

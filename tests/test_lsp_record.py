@@ -1,0 +1,234 @@
+"""The record command end to end: `hexray lsp` drives its record worker (a subprocess with a tiny
+GPT-2 from ``tests.lsp_support:tiny_gpt2_factory``), reports progress, refreshes, records on save
+(debounced), cancels, and survives the worker dying.
+
+One server (and one warm worker) per client capability set; the cancellation and crash tests run
+once, as VS Code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import pytest_asyncio
+from lsp_support import (
+    CLIENTS,
+    PROMPTS,
+    REPO,
+    SLOW_FLAG_ENV,
+    codes,
+    execute,
+    hover_at,
+    inlay_hints,
+    open_doc,
+    position_of,
+    start_client,
+    stop_client,
+    wait_diagnostics,
+)
+from lsprotocol import types as t
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SETTINGS = {"modelFactory": "tests.lsp_support:tiny_gpt2_factory", "extraPaths": [REPO]}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=CLIENTS)
+async def client(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rec")
+    flag = root / "slow.flag"
+    c = await start_client(request.param, root, settings=dict(SETTINGS), **{SLOW_FLAG_ENV: str(flag)})
+    c.name, c.root, c.flag = request.param, root, flag
+    yield c
+    if flag.exists():
+        flag.unlink()
+    await stop_client(c)
+
+
+# runs once, with the VS Code capabilities (and that client's server and warm worker)
+vscode_only = pytest.mark.parametrize("client", ["visual-studio-code"], indirect=True)
+
+
+async def set_settings(client, settings: dict) -> None:
+    client.set_configuration({"hexray": settings})
+    client.workspace_did_change_configuration(t.DidChangeConfigurationParams(settings={"hexray": settings}))
+    await asyncio.sleep(0.05)
+
+
+def new_doc(client, name: str, text: str) -> str:
+    path = client.root / name
+    path.write_text(text, encoding="utf-8", newline="")
+    return open_doc(client, path, text)
+
+
+def edit(client, uri: str, text: str, version: int) -> None:
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        text_document=t.VersionedTextDocumentIdentifier(uri=uri, version=version),
+        content_changes=[t.TextDocumentContentChangeWholeDocument(text=text)]))
+
+
+def progress_of(client, token_before: set) -> list:
+    new = [tok for tok in client.progress_reports if tok not in token_before]
+    return [client.progress_reports[tok] for tok in new]
+
+
+async def wait_until(pred, timeout: float = 20.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_record_command_end_to_end(client):
+    text = PROMPTS["mixed"]
+    uri = new_doc(client, "hello.prompt", text)
+    await wait_diagnostics(client, uri, lambda d: codes(d) == ["no-trace"])
+    before = set(client.progress_reports)
+    res = await asyncio.wait_for(execute(client, "hexray.recordTrace", uri), 120)
+    assert res["status"] == "recorded" and res["fresh"] is True and res["tokens"] > 20
+    assert res["path"] == str(client.root / "hello.hxr") and os.path.exists(res["path"])
+
+    [reports] = progress_of(client, before)
+    assert isinstance(reports[0], t.WorkDoneProgressBegin) and reports[0].cancellable
+    assert any(isinstance(r, t.WorkDoneProgressReport) and "layer" in (r.message or "") for r in reports)
+    pcts = [r.percentage for r in reports if isinstance(r, t.WorkDoneProgressReport) and r.percentage is not None]
+    assert pcts == sorted(pcts)
+    assert isinstance(reports[-1], t.WorkDoneProgressEnd) and "tokens" in reports[-1].message
+
+    await wait_diagnostics(client, uri, lambda d: codes(d) == [])
+    off = text.index("🐱")
+    line, col = position_of(text, off, client.position_encoding)
+    h = await hover_at(client, uri, line, col)
+    assert h is not None and "🐱" in h.contents.value and "Top contributors" in h.contents.value
+    assert len(await inlay_hints(client, uri)) > 10
+    lens = await client.text_document_code_lens_async(t.CodeLensParams(text_document=t.TextDocumentIdentifier(uri=uri)))
+    assert "up to date" in lens[0].command.title
+    status = await execute(client, "hexray.status")
+    assert status["server"]["torch_imported"] is False
+    assert status["worker"]["alive"] and status["worker"]["pid"] != status["server"]["pid"]
+
+
+async def test_record_on_save_is_debounced(client):
+    text = PROMPTS["ascii"]
+    uri = new_doc(client, "save.prompt", text)
+    await wait_diagnostics(client, uri, lambda d: codes(d) == ["no-trace"])
+    await set_settings(client, {**SETTINGS, "recordOnSave": True, "recordOnSaveDelayMs": 150})
+    try:
+        edited = text + "One more line.\n"
+        edit(client, uri, edited, 2)
+        before = set(client.progress_reports)
+        t0 = time.monotonic()
+        for _ in range(3):  # three saves in a row: one recording
+            client.text_document_did_save(t.DidSaveTextDocumentParams(text_document=t.TextDocumentIdentifier(uri=uri)))
+            await asyncio.sleep(0.03)
+        await wait_diagnostics(client, uri, lambda d: codes(d) == [], timeout=60)
+        elapsed = time.monotonic() - t0
+        h = await hover_at(client, uri, 2, 1)
+        assert h is not None and "Predicted after" in h.contents.value
+        await wait_until(lambda: all(r and isinstance(r[-1], t.WorkDoneProgressEnd)
+                                     for r in progress_of(client, before)), what="progress end")
+        assert len(progress_of(client, before)) == 1
+        assert elapsed < 30
+    finally:
+        await set_settings(client, dict(SETTINGS))
+
+
+@vscode_only
+async def test_hover_while_recording_and_cancel(client):
+    text = PROMPTS["ascii"]
+    uri = new_doc(client, "cancel.prompt", text)
+    assert (await execute(client, "hexray.recordTrace", uri))["status"] == "recorded"
+    other = (client.root / "hello.prompt").as_uri()
+    trace = client.root / "cancel.hxr"
+    mtime = trace.stat().st_mtime_ns
+    edit(client, uri, text + "Changed.\n", 2)
+    await wait_diagnostics(client, uri, lambda d: codes(d) == ["stale-trace"])
+    client.flag.write_text("slow")
+    try:
+        # 1. cancel from the progress UI (window/workDoneProgress/cancel)
+        before = set(client.progress_reports)
+        task = asyncio.ensure_future(execute(client, "hexray.recordTrace", uri))
+        await wait_until(lambda: progress_of(client, before), what="progress begin")
+        [token] = [tok for tok in client.progress_reports if tok not in before]
+        await asyncio.sleep(0.3)
+        lat = []
+        for _ in range(20):  # the server answers while the worker computes
+            t0 = time.perf_counter()
+            assert await hover_at(client, other, 0, 1) is not None
+            lat.append(time.perf_counter() - t0)
+        assert max(lat) < 0.5, lat
+        assert not task.done()
+        client.protocol.notify(t.WINDOW_WORK_DONE_PROGRESS_CANCEL, t.WorkDoneProgressCancelParams(token=token))
+        res = await asyncio.wait_for(task, 10)
+        assert res["status"] == "cancelled"
+        assert isinstance(client.progress_reports[token][-1], t.WorkDoneProgressEnd)
+
+        # 2. cancel with the command
+        task = asyncio.ensure_future(execute(client, "hexray.recordTrace", uri))
+        await asyncio.sleep(0.5)
+        assert (await execute(client, "hexray.cancelRecording", uri))["cancelled"] == 1
+        assert (await asyncio.wait_for(task, 10))["status"] == "cancelled"
+
+        # 3. a newer recording of the same document supersedes the running one
+        first = asyncio.ensure_future(execute(client, "hexray.recordTrace", uri))
+        await asyncio.sleep(0.3)
+        client.flag.unlink()
+        second = asyncio.ensure_future(execute(client, "hexray.recordTrace", uri))
+        assert (await asyncio.wait_for(first, 30))["status"] == "superseded"
+        assert (await asyncio.wait_for(second, 60))["status"] == "recorded"
+    finally:
+        if client.flag.exists():
+            client.flag.unlink()
+    assert trace.stat().st_mtime_ns != mtime
+    await wait_diagnostics(client, uri, lambda d: codes(d) == [])
+    assert not [p for p in os.listdir(client.root) if p.endswith(".recording.hxr")]
+
+
+@vscode_only
+async def test_cancel_request(client):
+    uri = new_doc(client, "cancel2.prompt", "Cancel me, please.\n")
+    client.flag.write_text("slow")
+    try:
+        pending = set(client.protocol._request_futures)
+        task = asyncio.ensure_future(execute(client, "hexray.recordTrace", uri))
+        await asyncio.sleep(0.5)
+        [msg_id] = [i for i in client.protocol._request_futures if i not in pending]
+        client.protocol.notify(t.CANCEL_REQUEST, t.CancelParams(id=msg_id))
+        with pytest.raises(Exception, match="cancel"):
+            await asyncio.wait_for(task, 10)
+    finally:
+        client.flag.unlink()
+    status = await execute(client, "hexray.status")
+    assert status["documents"][uri]["recording"] is False
+    assert not (client.root / "cancel2.hxr").exists()
+    # the worker is still warm and usable
+    assert (await asyncio.wait_for(execute(client, "hexray.recordTrace", uri), 60))["status"] == "recorded"
+
+
+@vscode_only
+async def test_worker_crash_is_survived(client):
+    uri = new_doc(client, "crash.prompt", "The worker dies while recording this.\n")
+    starts = (await execute(client, "hexray.status"))["worker"]["starts"]
+    client.flag.write_text("slow")
+    try:
+        task = asyncio.ensure_future(execute(client, "hexray.recordTrace", uri))
+        await asyncio.sleep(0.6)
+        pid = (await execute(client, "hexray.status"))["worker"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        res = await asyncio.wait_for(task, 10)
+        assert res["status"] == "error" and "exited unexpectedly" in res["message"]
+    finally:
+        client.flag.unlink()
+    await wait_diagnostics(client, uri, lambda d: "recording-failed" in codes(d))
+    other = (client.root / "hello.prompt").as_uri()
+    assert await hover_at(client, other, 0, 1) is not None
+    res = await asyncio.wait_for(execute(client, "hexray.recordTrace", uri), 120)
+    assert res["status"] == "recorded"
+    status = await execute(client, "hexray.status")
+    assert status["worker"]["starts"] == starts + 1 and status["worker"]["alive"]
+    await wait_diagnostics(client, uri, lambda d: codes(d) == [])
