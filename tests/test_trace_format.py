@@ -416,3 +416,76 @@ def test_close_waits_for_chunks_still_compressing(tmp_path, monkeypatch):
     with TraceReader(path) as r:
         assert len(r.info("x").chunks) == 40
         np.testing.assert_array_equal(r.read("x"), x)
+
+
+def _spec_reader(data: bytes) -> dict:
+    """A minimal reader written from SPEC.md alone (struct, zlib, zstandard, msgpack): {(run, name): array}."""
+    import struct
+    import zlib
+
+    import msgpack
+    import zstandard
+
+    def crc(b) -> int:
+        return zlib.crc32(b) & 0xFFFFFFFF
+
+    assert data[:8] == b"\x89HXR\r\n\x1a\n" and struct.unpack_from("<H", data, 8)[0] == 1
+    assert struct.unpack_from("<I", data, 60)[0] == crc(data[:60])
+    tr = data[-64:]
+    assert tr[:8] == b"HXRTRAIL" and tr[56:] == b"HXR-END\n" and struct.unpack_from("<I", tr, 52)[0] == crc(tr[:52])
+    index_offset, index_len, data_end, _prev, index_crc = struct.unpack_from("<QQQQI", tr, 16)
+    assert data_end == len(data) - 64
+
+    def record(off):
+        h = data[off:off + 64]
+        assert h[:4] == b"HXRr" and struct.unpack_from("<I", h, 60)[0] == crc(h[:60])
+        kind, codec, filt, _flags, ident, chunk, plen, raw_len, first_row, pcrc = struct.unpack_from(
+            "<BBBBIIQQQI", h, 4)
+        payload = data[off + 64:off + 64 + plen]
+        assert crc(payload) == pcrc
+        if codec == 1:
+            assert zstandard.get_frame_parameters(payload).content_size == raw_len
+            payload = zstandard.ZstdDecompressor().decompress(payload)
+        return kind, filt, ident, chunk, first_row, pcrc, payload
+
+    kind, _, _, _, _, pcrc, raw = record(index_offset)
+    assert kind == 0x83 and pcrc == index_crc
+    index = msgpack.unpackb(raw, raw=False)
+    assert index["hxr"][0] == 1 and index["features"] == []
+    sizes = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "u8": 1, "bool": 1}
+    numpy_of = {"f32": "<f4", "f16": "<f2", "bf16": "<u2", "f64": "<f8", "i64": "<i8", "i32": "<i4", "i16": "<i2",
+                "i8": "i1", "u8": "u1", "bool": "?"}
+    out = {}
+    for tid, t in enumerate(index["tensors"]):
+        k = sizes[t["dtype"]]
+        table = struct.iter_unpack("<QQQQ", t["chunks"])
+        parts = []
+        for c, (off, _plen, _raw_len, _crc) in enumerate(table):
+            kind, filt, ident, chunk, first_row, _, payload = record(off)
+            assert (kind, ident, chunk, first_row) == (0x82, tid, c, c * t["chunk_rows"])
+            if filt == 1:  # unshuffle: byte i*k+j <- plane j, element i
+                n = len(payload) // k
+                payload = bytes(payload[j * n + i] for i in range(n) for j in range(k))
+            parts.append(payload)
+        out[(t["run"], t["name"])] = np.frombuffer(b"".join(parts), dtype=numpy_of[t["dtype"]]).reshape(t["shape"])
+    return out
+
+
+def test_spec_is_enough_to_write_a_reader(tmp_path):
+    path = tmp_path / "t.hxr"
+    rng = np.random.default_rng(3)
+    with TraceWriter(path, chunk_bytes=100) as w:
+        w.begin_run(prompt="a")
+        w.write("h", rng.standard_normal((5, 7)).astype(np.float16))
+        w.write("b", f32_to_bf16(rng.standard_normal((3, 2)).astype(np.float32)), dtype="bf16")
+        w.write("i", np.arange(10, dtype=np.int64))
+        w.write("s", np.float64(2.5))
+        w.write("e", np.zeros((0, 3), np.float32))
+    with TraceWriter(path, append=True) as w:
+        w.begin_run(prompt="b")
+        w.write("h", rng.standard_normal((2, 40)).astype(np.float32))
+    mine = _spec_reader(path.read_bytes())
+    with TraceReader(path) as r:
+        assert set(mine) == {(t.run, t.name) for t in r.tensors()}
+        for (run, name), x in mine.items():
+            assert _same_bits(x, r.read(name, run, dtype="stored")), name

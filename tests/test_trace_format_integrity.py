@@ -367,6 +367,8 @@ def crafted(tmp_path_factory):
          index_bytes=msgpack.packb({"hxr": [1, 0], "meta": msgpack.ExtType(5, b"x")}))
     case("msgpack_timestamp", "open", "Timestamp",
          index_bytes=msgpack.packb({"hxr": [1, 0], "meta": {"created": msgpack.Timestamp(0)}}, datetime=False))
+    case("msgpack_bytes_key", "open", "key that is not a str",
+         index_bytes=msgpack.packb({"hxr": [1, 0], "meta": {b"raw": 1}}, use_bin_type=True))
     case("deep_nesting", "open", "malformed msgpack", index_bytes=b"\x91" * 100_000 + b"\xc0")
     case("huge_array_claim", "open", "malformed msgpack", index_bytes=b"\xdd\xff\xff\xff\xff")
     case("unknown_major_preamble", "open", "file is .hxr v2, this HexRay reads v1", major=2)

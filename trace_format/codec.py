@@ -128,6 +128,8 @@ def unpack_obj(data: bytes, where: str):
     while stack:
         x = stack.pop()
         if isinstance(x, dict):
+            if not all(type(k) is str for k in x):
+                raise TraceFormatError(f"{where}: msgpack map with a key that is not a str")
             stack.extend(x.values())
         elif isinstance(x, list):
             stack.extend(x)
