@@ -43,17 +43,17 @@ def _scratch(n: int):
 def encode(data, *, level: int | None, itemsize: int, use_shuffle: bool) -> tuple[int, int, bytes, int]:
     """Encode one payload. Returns (codec, filter, payload, crc of payload).
 
-    level None stores the bytes as they are. A chunk that zstd cannot shrink is stored raw too.
+    level None stores the bytes as they are. A chunk that zstd cannot shrink is stored raw too; the
+    payload is then a memoryview of ``data`` (which must stay unchanged until it is written).
     """
     raw = memoryview(data).cast("B")
-    if level is None or len(raw) == 0:
-        payload = bytes(raw)
-        return CODEC_NONE, FILTER_NONE, payload, crc32(payload)
+    if level is None or len(raw) == 0:  # stored as is: the caller's buffer, no copy
+        return CODEC_NONE, FILTER_NONE, raw, crc32(raw)
     filt = FILTER_SHUFFLE if use_shuffle and itemsize > 1 else FILTER_NONE
     src = shuffle(raw, itemsize, out=_scratch(len(raw))).data if filt == FILTER_SHUFFLE else raw
     payload = _compressor(level).compress(src)
     if len(payload) >= len(raw):
-        payload, codec, filt = bytes(raw), CODEC_NONE, FILTER_NONE
+        payload, codec, filt = raw, CODEC_NONE, FILTER_NONE
     else:
         codec = CODEC_ZSTD
     return codec, filt, payload, crc32(payload)
