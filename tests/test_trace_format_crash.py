@@ -157,3 +157,31 @@ def test_reader_opened_before_an_append_keeps_working(tmp_path):
         assert len(old.runs) == 1
     with TraceReader(target) as new:
         assert len(new.runs) == 2 and new.read("resid", run=1).shape == (5, 4)
+
+
+def test_append_on_a_full_disk_rolls_back(tmp_path):
+    target = tmp_path / "t.hxr"
+    original = _small_trace(target)
+
+    class DiskFull:  # the writer's file, failing like a full disk after some bytes went through
+        def __init__(self, f):
+            self.f, self.budget = f, 5000
+
+        def write(self, b):
+            if len(b) > self.budget:
+                self.f.write(bytes(b)[:self.budget])
+                raise OSError(28, "No space left on device")
+            self.budget -= len(b)
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    with pytest.raises(OSError, match="No space"):
+        with TraceWriter(target, append=True) as w:
+            w._f = DiskFull(w._f)
+            w.begin_run()
+            w.write("x", np.random.default_rng(0).standard_normal((3000, 64)).astype(np.float32))
+            w.flush()
+    assert target.read_bytes() == original
+    verify(target)

@@ -1,14 +1,22 @@
 """The `.hxr` trace container: streaming writer, random-access reader, integrity checks.
 
-Imports numpy, msgpack and zstandard only. The byte layout is specified in SPEC.md.
+Imports numpy, msgpack and zstandard only. The byte layout is specified in SPEC.md (shipped with
+the package).
 
-    TraceWriter   stream tensors (grouped into runs) to a new or existing trace
-    TraceReader   open a trace and read tensors or row ranges of them
-    TensorInfo    what the index says about one tensor
-    TraceFormatError   the one error for a file that is not a whole, valid trace
-    Limits        caps applied to every number read from a file
+    TraceWriter   stream tensors (grouped into runs) to a new trace, or append runs to one:
+                  begin_run / write / update_run / end_run / flush / close / abort; a context
+                  manager (an exception or Ctrl-C inside the block aborts: no file, or the
+                  original bytes after a failed append)
+    TraceReader   open a trace and read tensors or row ranges of them: meta, runs, names(run),
+                  tensors(run), info(name, run), has / ``in``, read(name, run, index=, dtype=),
+                  version, features, minor, file_uuid, appends, trailer_chain()
+    TensorInfo    what the index says about one tensor (dtype, shape, chunks, nbytes, stored_bytes)
+    TraceFormatError   the one error for a file that is not a whole, valid trace (``.offset``:
+                  byte offset of the damaged structure, when known)
+    Limits        caps applied to every number read from a file (DEFAULT_LIMITS)
     verify        read and check every record and byte of a trace (returns a VerifyReport)
-    WEIGHTS_RUN   run id of file-level tensors (model weights)
+    WEIGHTS_RUN   run id of file-level tensors (model weights), -1
+    FORMAT_VERSION  (major, minor) written by this package
 """
 
 from .errors import TraceFormatError

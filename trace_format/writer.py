@@ -344,16 +344,30 @@ class TraceWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
         f = self._f
         if f is not None:
-            try:
-                if self._rollback_size is not None and not f.closed:
-                    f.flush()
-                    f.truncate(self._rollback_size)
-            except OSError:
-                pass
+            # An append is rolled back by truncating to the old length, after closing the buffered
+            # file (whose close may flush, or fail to): through a dup of its descriptor, so that
+            # the advisory lock is held until the file is whole again.
+            keep = None
+            if self._rollback_size is not None and not f.closed:
+                try:
+                    keep = os.dup(f.fileno())
+                except OSError:
+                    keep = None
             try:
                 f.close()
-            except OSError:
+            except (OSError, ValueError):
                 pass
+            if self._rollback_size is not None:
+                try:
+                    if keep is not None:
+                        os.ftruncate(keep, self._rollback_size)
+                    else:
+                        os.truncate(self.path, self._rollback_size)
+                except OSError:
+                    pass
+                finally:
+                    if keep is not None:
+                        os.close(keep)
         if self._tmp is not None:
             try:
                 os.unlink(self._tmp)
