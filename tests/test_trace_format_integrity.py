@@ -137,7 +137,7 @@ def test_every_byte_flip_is_detected_by_verify_and_never_read_silently(scratch, 
     good = _contents(scratch(data))
     verify(scratch(data))
     for i in range(len(data)):
-        for mask in (0xFF, 0x01):
+        for mask in (0xFF, 0x01) if i % 3 == 0 else (0xFF,):  # every byte inverted; one bit on a dense sample
             bad = bytearray(data)
             bad[i] ^= mask
             path = scratch(bytes(bad))
