@@ -103,11 +103,11 @@ def make_activations(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 # -- writers -------------------------------------------------------------------------------------
 
-def _timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads) of fn()."""
-    w0, c0 = time.perf_counter(), time.process_time()
+def _timed(fn) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process (all threads), CPU seconds of the calling thread) of fn()."""
+    w0, c0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
     fn()
-    return time.perf_counter() - w0, time.process_time() - c0
+    return time.perf_counter() - w0, time.process_time() - c0, time.thread_time() - t0
 
 
 def write_hxr(acts, path, *, threads: int, level: int | None, shuffle: bool) -> None:
@@ -160,22 +160,28 @@ _LATENCY = textwrap.dedent("""
     import json, sys, time
     sys.path.insert(0, sys.argv[1])
     from trace_format import TraceReader
+
+    def hwm_mb():  # VmHWM, not ru_maxrss: after exec, ru_maxrss still counts the parent's memory at fork time
+        return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024
+
     path, samples = sys.argv[2], int(sys.argv[3])
     layer = 6
     cases = {
         "open (tail read + index)": None,
         "resid [1024, 768] fp16 -> f32": (f"blocks.{layer}.hook_resid_post", ()),
         "attention row (1 head, 1 query)": (f"blocks.{layer}.attn.hook_pattern", (3, slice(-1, None))),
-        "whole attention layer [12, n, n]": (f"blocks.{layer}.attn.hook_pattern", ()),
+        "whole attention layer [12, n, n] -> f32": (f"blocks.{layer}.attn.hook_pattern", ()),
     }
-    out = {}
+    out = {"rss_after_import_mb": hwm_mb()}
     t0 = time.perf_counter()
     r = TraceReader(path)
     first_open = time.perf_counter() - t0
     t0 = time.perf_counter()
-    r.read(*cases["resid [1024, 768] fp16 -> f32"][:1])
+    r.read(cases["resid [1024, 768] fp16 -> f32"][0])
     first_read = time.perf_counter() - t0
     for label, case in cases.items():
+        if label.startswith("whole"):
+            out["peak_rss_mb"] = hwm_mb()  # the process that did the reads the targets are about
         times = []
         for _ in range(samples):
             t0 = time.perf_counter()
@@ -189,8 +195,7 @@ _LATENCY = textwrap.dedent("""
                       "shape": None if case is None else list(x.shape)}
     out["first open (new process)"] = {"median_ms": 1e3 * first_open}
     out["first read after open"] = {"median_ms": 1e3 * first_read}
-    # VmHWM, not ru_maxrss: after exec, ru_maxrss still counts the parent's memory at fork time
-    out["peak_rss_mb"] = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024
+    out["peak_rss_after_whole_layer_mb"] = hwm_mb()
     print(json.dumps(out))
 """)
 
@@ -253,9 +258,10 @@ def main(argv=None) -> int:
         readers["npy"] = lambda: read_npy(paths["npy"], list(acts))
         readers["safetensors"] = lambda: read_safetensors(paths["safetensors"])
 
-    results: dict = {"machine": info, "tokens": args.tokens, "tensors": len(acts), "raw_bytes": raw,
+    command = " ".join(["python", "bench/format_bench.py", *(argv if argv is not None else sys.argv[1:])])
+    results: dict = {"machine": info, "command": command, "tokens": args.tokens, "tensors": len(acts), "raw_bytes": raw,
                      "threads": args.threads, "level": args.level, "write": {}, "read": {}, "size": {}}
-    samples = {k: {"write": [], "write_cpu": [], "read": [], "read_cpu": []} for k in writers}
+    samples = {k: {"write": [], "write_cpu": [], "write_main": [], "read": [], "read_cpu": []} for k in writers}
     for rnd in range(args.rounds):
         for key, fn in writers.items():
             for p in (paths[key],):
@@ -263,10 +269,11 @@ def main(argv=None) -> int:
                     shutil.rmtree(p)
                 elif os.path.exists(p):
                     os.remove(p)
-            wall, cpu = _timed(fn)
+            wall, cpu, main_cpu = _timed(fn)
             samples[key]["write"].append(wall)
             samples[key]["write_cpu"].append(cpu)
-            wall, cpu = _timed(readers[key])
+            samples[key]["write_main"].append(main_cpu)
+            wall, cpu, _ = _timed(readers[key])
             samples[key]["read"].append(wall)
             samples[key]["read_cpu"].append(cpu)
             print(f"  round {rnd + 1}: {key:<12} write {raw / MB / samples[key]['write'][-1]:7.0f} MB/s "
@@ -275,7 +282,8 @@ def main(argv=None) -> int:
     for key, s in samples.items():
         results["write"][key] = {"mb_s": raw / MB / statistics.median(s["write"]),
                                  "all_mb_s": [raw / MB / t for t in s["write"]],
-                                 "cpu_s": statistics.median(s["write_cpu"])}
+                                 "cpu_s": statistics.median(s["write_cpu"]),
+                                 "main_thread_cpu_s": statistics.median(s["write_main"])}
         results["read"][key] = {"mb_s": raw / MB / statistics.median(s["read"]),
                                 "all_mb_s": [raw / MB / t for t in s["read"]],
                                 "cpu_s": statistics.median(s["read_cpu"])}
@@ -285,15 +293,21 @@ def main(argv=None) -> int:
     results["rss_bench_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     print()
-    print("| format | file size | vs fp16 raw | write MB/s (cpu s) | read MB/s (cpu s) |")
+    print("| format | file size | vs fp16 raw | write MB/s: median, best (CPU s) | read MB/s: median, best (CPU s) |")
     print("|---|---|---|---|---|")
     labels = {"hxr": f".hxr zstd L{args.level} + shuffle, {args.threads} threads", "hxr_raw": ".hxr uncompressed",
               "npy": "numpy.save (one .npy per tensor)", "safetensors": "safetensors (save_file)"}
     for key in writers:
         size = results["size"][key]
         w, r = results["write"][key], results["read"][key]
-        print(f"| {labels[key]} | {size / MB:.1f} MB | {size / raw:.3f} | {w['mb_s']:.0f} ({w['cpu_s']:.2f}) "
-              f"| {r['mb_s']:.0f} ({r['cpu_s']:.2f}) |")
+        print(f"| {labels[key]} | {size / MB:.1f} MB | {size / raw:.3f} | {w['mb_s']:.0f}, {max(w['all_mb_s']):.0f} "
+              f"({w['cpu_s']:.2f}) | {r['mb_s']:.0f}, {max(r['all_mb_s']):.0f} ({r['cpu_s']:.2f}) |")
+    w = results["write"]["hxr"]
+    bound = raw / MB / max(w["cpu_s"] / 2, w["main_thread_cpu_s"])
+    print(f"\n.hxr writer CPU: {w['cpu_s']:.2f} s in all threads, {w['main_thread_cpu_s']:.2f} s in the calling "
+          f"thread -> {raw / MB / w['cpu_s']:.0f} MB per CPU-second; on 2 otherwise idle cores the wall clock "
+          f"could reach ~{bound:.0f} MB/s (CPU-bound estimate, not a measurement)")
+    results["write"]["hxr"]["idle_2core_estimate_mb_s"] = bound
     print()
     lat = results["latency"]
     print("| read from the .hxr file (fresh process, warm page cache) | median ms | min | max |")
@@ -303,7 +317,9 @@ def main(argv=None) -> int:
             print(f"| {label} | {v['median_ms']:.2f} | {v['min_ms']:.2f} | {v['max_ms']:.2f} |")
     print(f"| first open in the new process / first read | {lat['first open (new process)']['median_ms']:.2f} / "
           f"{lat['first read after open']['median_ms']:.2f} | | |")
-    print(f"\npeak RSS of the reading process: {lat['peak_rss_mb']:.0f} MB")
+    print(f"\npeak RSS of the reading process: {lat['peak_rss_mb']:.0f} MB after open + resid + row reads "
+          f"({lat['rss_after_import_mb']:.0f} MB after imports), {lat['peak_rss_after_whole_layer_mb']:.0f} MB "
+          "after also reading whole attention layers")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
