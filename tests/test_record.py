@@ -209,7 +209,10 @@ def test_fp16_overflow_falls_back_and_says_so(tiny, tiny_tokenizer, tmp_path):
     x, tag, attrs = to_host(torch.tensor([[[1.0, -7e4, 3.0]]]), "f16", overflow="bf16")
     assert tag == "bf16" and x.dtype == torch.bfloat16
     x, tag, attrs = to_host(torch.tensor([[[1.0, -float("inf"), 3.0]]]), "f16")
-    assert tag == "f16" and attrs["nonfinite"] == {"nan": 0, "inf": 1}
+    assert tag == "f16" and attrs["nonfinite"] == {"nan": False, "posinf": False, "neginf": True}
+    x, tag, attrs = to_host(torch.tensor([[[1.0, float("nan"), 7e4, float("inf")]]]), "f16")
+    assert tag == "f32" and attrs["nonfinite"] == {"nan": True, "posinf": True, "neginf": False}
+    assert attrs["overflow"]["absmax"] == 7e4
 
     hf = tiny.build_tiny_gpt2(tiny_tokenizer)
     with torch.no_grad():
@@ -280,3 +283,47 @@ def test_input_errors(tiny_gpt2_recorder, tmp_path):
     with pytest.raises(HexRayError, match="top-k"):
         rec.record("a", tmp_path / "t.hxr", top_k=0)
     assert not (tmp_path / "t.hxr").exists()
+
+
+def test_device_to_host_drain_thread():
+    """The CUDA path's drain thread (exercised on CPU with a stand-in event): order, flush, errors."""
+    import torch
+
+    from hexray_core.record.capture import _DrainThread
+
+    class Event:
+        def synchronize(self):
+            pass
+
+    got = []
+    drain = _DrainThread(lambda name, arr, dt, attrs: got.append((name, arr.copy(), dt)), max_bytes=64)
+    for i in range(20):
+        drain.submit(f"t{i}", torch.full((4, 4), float(i)), Event(), "f32", {})
+    drain.submit("b", torch.ones(2, dtype=torch.bfloat16), Event(), "bf16", {})
+    drain.flush()
+    assert [g[0] for g in got] == [f"t{i}" for i in range(20)] + ["b"]
+    assert got[3][1][0, 0] == 3.0 and got[-1][2] == "bf16" and got[-1][1].dtype == np.uint16
+    drain.close()
+
+    def failing(name, arr, dt, attrs):
+        raise OSError(28, "No space left on device")
+
+    drain = _DrainThread(failing)
+    drain.submit("x", torch.zeros(3), Event(), "f32", {})
+    with pytest.raises(OSError):
+        drain.flush()
+    with pytest.raises(OSError):
+        drain.submit("y", torch.zeros(3), Event(), "f32", {})
+    drain.close()
+
+
+def test_python_facade(tiny, tiny_tokenizer, tmp_path):
+    import hexray
+
+    path = hexray.record(["one", "two"], model=tiny.build_tiny_gpt2(tiny_tokenizer), tokenizer=tiny_tokenizer,
+                         output=tmp_path / "t.hxr", top_k=3)
+    assert path == str(tmp_path / "t.hxr")
+    with TraceReader(path) as r:
+        assert len(r.runs) == 2 and r.info("hexray.topk_ids", 1).shape[1] == 3
+    trace = hexray.open(path)
+    assert trace is not None

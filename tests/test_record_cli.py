@@ -125,6 +125,34 @@ def test_disk_full_leaves_nothing(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(out)) == ["t.hxr"] and (out / "t.hxr").read_bytes() == b"previous trace"
 
 
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 300 kB tmpfs (a really full disk); skipped where mounting is not allowed."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    try:
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("cannot run mount")
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_real_full_disk_leaves_nothing(tiny_gpt2_dir, tiny_tmpfs, capsys):
+    """ENOSPC from a real (tiny) filesystem: one line, exit 1, and the disk is left as it was."""
+    rc = main(["record", "--model", tiny_gpt2_dir, "--prompt", "Alice and Bob went to the store", "--hooks", "full",
+               "--act-dtype", "float32", "--bundle", "-o", str(tiny_tmpfs / "t.hxr")])
+    assert rc == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "cannot write" in line and "no space left on device" in line
+    assert os.listdir(tiny_tmpfs) == []
+
+
 def test_ctrl_c_leaves_nothing(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
     from hexray_core.record import capture
 

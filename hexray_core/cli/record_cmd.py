@@ -238,19 +238,19 @@ def run(args) -> int:
         rec = Recorder(args.model, device=args.device, dtype=args.dtype, n_devices=args.n_devices,
                        device_map=_device_map(args.device_map), trust_remote_code=args.trust_remote_code,
                        revision=args.revision, progress=progress)
-        if args.list_hooks:
-            from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
+        if not args.list_hooks:
+            result = rec.record(prompts, args.output, hooks=args.hooks, act_dtype=args.act_dtype,
+                                overflow=args.overflow_dtype, top_k=args.top_k, generate=args.generate,
+                                temperature=args.temperature, seed=args.seed,
+                                prepend_bos=False if args.no_bos else None, bundle=args.bundle, progress=progress)
+    if args.list_hooks:
+        from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
 
-            default = set(plan_hooks(rec.bridge, "default").names)
-            progress.__exit__()
-            print(f"# hooks of {args.model}; * = in --hooks default ({', '.join(DEFAULT_HOOKS[:3])}, ...)")
-            for name, others in list_hooks(rec.bridge):
-                mark = "*" if name in default else " "
-                print(f"{mark} {name}" + (f"    (also: {', '.join(others)})" if others else ""))
-            return 0
-        result = rec.record(prompts, args.output, hooks=args.hooks, act_dtype=args.act_dtype,
-                            overflow=args.overflow_dtype, top_k=args.top_k, generate=args.generate,
-                            temperature=args.temperature, seed=args.seed, prepend_bos=False if args.no_bos else None,
-                            bundle=args.bundle, progress=progress)
+        default = set(plan_hooks(rec.bridge, "default").names)
+        print(f"# hooks of {args.model}; * = in --hooks default ({', '.join(DEFAULT_HOOKS[:3])}, ...)")
+        for name, others in list_hooks(rec.bridge):
+            mark = "*" if name in default else " "
+            print(f"{mark} {name}" + (f"    (also: {', '.join(others)})" if others else ""))
+        return 0
     print(f"hexray: {result.summary()}")
     return 0

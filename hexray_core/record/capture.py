@@ -10,8 +10,8 @@ Storage dtype (``act_dtype``): ``f32``, ``f16`` or ``bf16``. ``*.hook_scale`` (L
 RMSNorm scales, ``[n, 1]``) are always float32: exact attribution divides by them. A tensor that
 would overflow float16 (finite |x| > 65504) is stored as ``overflow`` (``f32`` by default, or
 ``bf16``) and its attrs say so: ``{"overflow": {"wanted": "f16", "absmax": 1.2e5}}``. Non-finite
-values (``-inf`` in masked attention scores) are stored as they are and counted in
-``attrs["nonfinite"]``.
+values (``-inf`` in masked attention scores) are stored as they are, and ``attrs["nonfinite"]``
+says which kinds occur: ``{"nan": False, "posinf": False, "neginf": True}``.
 
 Deduplication: a hook point has one canonical name (hooks.py); beyond that, distinct hook points
 often carry the very same tensor (``attn.hook_in`` is ``ln1.hook_out``). Tensors that are not
@@ -64,10 +64,15 @@ def to_host(t: torch.Tensor, tag: str, *, overflow: str = "f32", force_f32: bool
     if t.numel():
         lo, hi = torch.aminmax(t)  # one fused pass; NaN and inf propagate into it
         amax = max(-float(lo), float(hi))
-        if not math.isfinite(amax):  # rare: masked attention scores (-inf), or a model producing NaN
-            finite = t[torch.isfinite(t)]
-            amax = float(finite.abs().max()) if finite.numel() else 0.0
-            attrs["nonfinite"] = {"nan": int(torch.isnan(t).sum()), "inf": int(torch.isinf(t).sum())}
+        if not math.isfinite(amax):  # masked attention scores (-inf), or a model producing NaN
+            nan = math.isnan(amax)
+            if nan:  # NaN hides whether there are infinities too
+                attrs["nonfinite"] = {"nan": True, "posinf": bool(torch.isposinf(t).any()),
+                                      "neginf": bool(torch.isneginf(t).any())}
+            else:
+                attrs["nonfinite"] = {"nan": False, "posinf": float(hi) == math.inf, "neginf": float(lo) == -math.inf}
+            lo, hi = torch.aminmax(torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0))
+            amax = max(-float(lo), float(hi))
         if want == "f16" and src != "f16" and amax > F16_MAX:
             want = overflow
             attrs["overflow"] = {"wanted": "f16", "absmax": amax}
@@ -96,6 +101,7 @@ class _DrainThread:
         self._inflight = 0
         self._max = max_bytes
         self.error: BaseException | None = None
+        self._stop = False
         self._thread = threading.Thread(target=self._loop, name="hexray-d2h", daemon=True)
         self._thread.start()
 
@@ -116,7 +122,7 @@ class _DrainThread:
                 return
             name, host, event, tag, attrs, n = item
             try:
-                if self.error is None:
+                if self.error is None and not self._stop:
                     event.synchronize()
                     arr, dt = as_numpy(host, tag)
                     self._write(name, arr, dt, attrs)
@@ -136,6 +142,8 @@ class _DrainThread:
             raise self.error
 
     def close(self):
+        """Stop the thread; tensors still queued (after an error or Ctrl-C) are dropped."""
+        self._stop = True
         self._q.put(None)
         self._thread.join(timeout=30)
 
