@@ -5,7 +5,7 @@ Model: a GPT-2-small-shaped random-init model (GPT2LMHeadModel(GPT2Config()), 12
 12 layers, d_model 768), booted with TransformerBridge.boot_transformers(hf_model=...) and put in
 compatibility mode, exactly as the recorder does. No hub access. Prompts of 128 and 1024 tokens.
 
-Modes, each measured in a fresh subprocess (so peak-RSS numbers do not bleed into each other):
+Modes:
 
     forward          bridge forward, no hooks
     run_with_cache   bridge.run_with_cache(tokens): TransformerLens's own cache of every hook
@@ -15,9 +15,11 @@ Modes, each measured in a fresh subprocess (so peak-RSS numbers do not bleed int
                      compression, file, top-k, unembedding columns, index), after a warm-up call
                      that also built and cached the model kit (reported separately as kit_s)
 
-SET is `default` or `full`. Time: median wall seconds over --reps calls after one warm-up.
-Peak RSS: the growth of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) during one call, above its resident set just before it.
+SET is `default` or `full`. Time: the modes run interleaved in ONE process (round after round, after
+a warm-up round), so that the load of a shared machine hits them alike; wall seconds (median and
+min over the rounds) and process CPU seconds (all threads: the writer compresses on a thread pool).
+Peak RSS: each mode in a fresh subprocess, the growth of the peak resident set (VmHWM, reset via
+/proc/self/clear_refs) during its first call above the resident set just before it.
 
 GPU (when CUDA is available, or with --gpu): forward / device-to-host / write split at 1024 tokens
 with full hooks: forward alone, capture with a dropping writer (forward + conversion + copies), and
@@ -97,75 +99,101 @@ def prompt_of(tok, n_tokens: int) -> str:
     return text
 
 
-def worker(mode: str, n_tokens: int, reps: int, threads: int, device: str) -> dict:
+def setup(device: str, threads: int):
     import torch
 
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
-    t0 = time.perf_counter()
-    rec, tok = build(device)
-    setup_s = time.perf_counter() - t0
-    prompt = prompt_of(tok, n_tokens)
-    ids = rec.tokenize(prompt)
-    tokens = torch.tensor([ids], device=rec.loaded.input_device)
     tmp = tempfile.mkdtemp(prefix="hexray-bench-")
     os.environ["HEXRAY_CACHE"] = os.path.join(tmp, "cache")
-    out = os.path.join(tmp, "t.hxr")
-    kit_s = None
-    extra = {}
+    rec, tok = build(device)
+    return rec, tok, tmp
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
 
+def make_call(mode: str, rec, tok, n_tokens: int, tmp: str, device: str, extra: dict):
+    import torch
+
+    prompt = prompt_of(tok, n_tokens)
+    tokens = torch.tensor([rec.tokenize(prompt)], device=rec.loaded.input_device)
+    out = os.path.join(tmp, f"t-{n_tokens}-{mode.replace(':', '-')}.hxr")
     if mode == "forward":
-        def call():
-            rec.bridge(tokens, return_type="logits")
-    elif mode == "run_with_cache":
+        return lambda: rec.bridge(tokens, return_type="logits")
+    if mode == "run_with_cache":
         def call():
             logits, cache = rec.bridge.run_with_cache(tokens)
             del logits, cache
-    elif mode.startswith("capture:"):
+        return call
+    if mode.startswith("capture:"):
         from hexray_core.record.capture import Capture
         from hexray_core.record.hooks import plan_hooks
 
         plan = plan_hooks(rec.bridge, mode.split(":", 1)[1])
         cap = Capture(rec.bridge, plan, DroppingWriter(), act_tag="f16", dedupe=plan.label != "default")
-
-        def call():
-            cap.forward(tokens)
-    elif mode.startswith("record:"):
+        return lambda: cap.forward(tokens)
+    if mode.startswith("record:"):
         hooks = mode.split(":", 1)[1]
-        k0 = time.perf_counter()
-        rec.kit().ensure_cached()
-        kit_s = time.perf_counter() - k0
+        if "kit_s" not in extra:
+            k0 = time.perf_counter()
+            rec.kit().ensure_cached()
+            extra["kit_s"] = time.perf_counter() - k0
 
         def call():
             res = rec.record(prompt, out, hooks=hooks)
-            extra["trace_bytes"] = res.bytes
-            extra["tensors"] = res.tensors
-    else:
-        raise SystemExit(f"unknown mode {mode}")
+            extra[f"trace_bytes:{mode}:{n_tokens}"] = res.bytes
+        return call
+    raise SystemExit(f"unknown mode {mode}")
 
-    # Peak RSS during the first call (later calls reuse memory the allocator kept, and show nothing).
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def time_worker(modes: list[str], n_tokens: int, rounds: int, threads: int, device: str) -> list[dict]:
+    """All modes in this process, interleaved: one warm-up round, then ``rounds`` timed rounds."""
+    rec, tok, tmp = setup(device, threads)
+    extra: dict = {}
+    calls = {m: make_call(m, rec, tok, n_tokens, tmp, device, extra) for m in modes}
+    for m in modes:
+        calls[m]()
+    _sync(device)
+    wall = {m: [] for m in modes}
+    cpu = {m: [] for m in modes}
+    for _ in range(rounds):
+        for m in modes:
+            t, c = time.perf_counter(), time.process_time()
+            calls[m]()
+            _sync(device)
+            wall[m].append(time.perf_counter() - t)
+            cpu[m].append(time.process_time() - c)
+    out = []
+    for m in modes:
+        out.append({"mode": m, "n_tokens": n_tokens, "median_s": statistics.median(wall[m]), "min_s": min(wall[m]),
+                    "cpu_s": statistics.median(cpu[m]), "rounds": rounds, "kit_s": extra.get("kit_s"),
+                    "trace_bytes": extra.get(f"trace_bytes:{m}:{n_tokens}")})
+    return out
+
+
+def rss_worker(mode: str, n_tokens: int, threads: int, device: str) -> dict:
+    """Peak resident-set growth during the first call of one mode, in a fresh process."""
+    import torch
+
+    rec, tok, tmp = setup(device, threads)
+    extra: dict = {}
+    call = make_call(mode, rec, tok, n_tokens, tmp, device, extra)
     base = _rss_kib("VmRSS")
-    peak_ok = _reset_peak()
+    ok = _reset_peak()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
     call()
-    sync()
+    _sync(device)
+    first_s = time.perf_counter() - t
     peak = _rss_kib("VmHWM")
-    times, cpu = [], []
-    for _ in range(reps):
-        t, c = time.perf_counter(), time.process_time()
-        call()
-        sync()
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    result = {"mode": mode, "n_tokens": n_tokens, "median_s": statistics.median(times), "min_s": min(times),
-              "cpu_s": statistics.median(cpu),
-              "reps": reps, "peak_rss_mb": (peak - base) / 1024 if peak_ok else None, "setup_s": setup_s,
-              "kit_s": kit_s, **extra}
+    result = {"mode": mode, "n_tokens": n_tokens, "peak_rss_mb": (peak - base) / 1024 if ok else None,
+              "first_call_s": first_s}
     if device.startswith("cuda"):
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -173,13 +201,12 @@ def worker(mode: str, n_tokens: int, reps: int, threads: int, device: str) -> di
 
 # -- driver --------------------------------------------------------------------------------------
 
-def run_mode(mode: str, n: int, reps: int, threads: int, device: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--n", str(n), "--reps", str(reps),
-           "--threads", str(threads), "--device", device]
+def run_worker(args: list[str], threads: int) -> object:
+    cmd = [sys.executable, os.path.abspath(__file__), *args, "--threads", str(threads)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=REPO)
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200)
     if p.returncode != 0:
-        raise SystemExit(f"worker {mode} {n} failed:\n{p.stderr[-3000:]}")
+        raise SystemExit(f"worker {args} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -200,35 +227,41 @@ def machine() -> str:
             f"{platform.python_version()}, torch {torch.__version__}")
 
 
-def table(rows: list[dict], baseline: dict) -> str:
-    lines = ["| tokens | mode | wall s (median / min) | wall vs run_with_cache | CPU s (all threads) "
-             "| CPU vs run_with_cache | peak RSS +MB | trace MB |",
+def table(rows: list[dict]) -> str:
+    base = {r["n_tokens"]: r for r in rows if r["mode"] == "run_with_cache"}
+    lines = ["| tokens | mode | wall s, median (min) | wall vs run_with_cache | CPU s | CPU vs run_with_cache "
+             "| peak RSS +MB | trace MB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = baseline[r["n_tokens"]]
-        ratio = r["median_s"] / base["median_s"]
-        cpu_ratio = r["cpu_s"] / base["cpu_s"]
-        rss = "n/a" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
+        b = base[r["n_tokens"]]
+        rss = "n/a" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
         size = f"{r['trace_bytes'] / 1e6:.1f}" if r.get("trace_bytes") else ""
-        lines.append(f"| {r['n_tokens']} | {r['mode']} | {r['median_s']:.3f} / {r['min_s']:.3f} | {ratio:.2f}x "
-                     f"| {r['cpu_s']:.3f} | {cpu_ratio:.2f}x | {rss} | {size} |")
+        lines.append(f"| {r['n_tokens']} | {r['mode']} | {r['median_s']:.3f} ({r['min_s']:.3f}) "
+                     f"| {r['median_s'] / b['median_s']:.2f}x | {r['cpu_s']:.3f} | {r['cpu_s'] / b['cpu_s']:.2f}x "
+                     f"| {rss} | {size} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worker")
-    ap.add_argument("--n", type=int)
+    ap.add_argument("--time-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--rss-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--lengths", default="128,1024")
-    ap.add_argument("--reps", type=int, default=0, help="timed calls per mode (default: 7 at 128 tokens, 3 at 1024)")
+    ap.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 9 at 128 tokens, 3 at 1024)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared 2-CPU box)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpu", action="store_true", help="run the GPU section (default: when CUDA is available)")
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU table")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--json", help="also write all results to this file")
     args = ap.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.n, args.reps or 3, args.threads, args.device)))
+    if args.time_worker:
+        print(json.dumps(time_worker(args.time_worker.split(","), args.n, args.rounds or 3, args.threads,
+                                     args.device)))
+        return 0
+    if args.rss_worker:
+        print(json.dumps(rss_worker(args.rss_worker, args.n, args.threads, args.device)))
         return 0
     import torch
 
@@ -236,37 +269,37 @@ def main(argv=None) -> int:
     print(f"torch threads: {args.threads}; model: GPT-2-small shape (124M, random init), fp32 weights, "
           "act dtype f16 (auto)\n")
     results = []
-    lengths = [int(x) for x in args.lengths.split(",")]
     modes = ["forward", "run_with_cache", "capture:default", "record:default", "capture:full", "record:full"]
     if not args.no_cpu:
-        rows, baseline = [], {}
-        for n in lengths:
-            reps = args.reps or (7 if n <= 256 else 3)
-            for mode in modes:
-                r = run_mode(mode, n, reps, args.threads, "cpu")
-                rows.append(r)
-                if mode == "run_with_cache":
-                    baseline[n] = r
-                print(f"  cpu {n:5d} {mode:16s} wall {r['median_s']:.3f} s  cpu {r['cpu_s']:.3f} s  "
-                      f"peak +{r['peak_rss_mb'] or 0:.0f} MB", flush=True)
+        for n in (int(x) for x in args.lengths.split(",")):
+            rounds = args.rounds or (9 if n <= 256 else 3)
+            rows = run_worker(["--time-worker", ",".join(modes), "--n", str(n), "--rounds", str(rounds),
+                               "--device", "cpu"], args.threads)
+            for r in rows:
+                if not args.no_rss:
+                    r.update(run_worker(["--rss-worker", r["mode"], "--n", str(n), "--device", "cpu"], args.threads))
+                print(f"  cpu {n:5d} {r['mode']:16s} wall {r['median_s']:.3f} s  cpu {r['cpu_s']:.3f} s  "
+                      f"peak +{r.get('peak_rss_mb') or 0:.0f} MB", flush=True)
+            results += rows
         print()
-        print(table(rows, baseline))
-        kit = [r["kit_s"] for r in rows if r.get("kit_s")]
+        print(table(results))
+        kit = [r["kit_s"] for r in results if r.get("kit_s")]
         if kit:
             print(f"\nmodel kit (hash + write, once per model): {min(kit):.2f} s")
-        results += rows
     if args.gpu or torch.cuda.is_available():
         print("\nGPU: 1024 tokens, full hooks")
-        n = 1024
-        g = {m: run_mode(m, n, args.reps or 5, args.threads, "cuda")
-             for m in ("forward", "capture:full", "record:full")}
+        g = {r["mode"]: r for r in run_worker(["--time-worker", "forward,capture:full,record:full", "--n", "1024",
+                                                "--rounds", str(args.rounds or 5), "--device", "cuda"],
+                                               args.threads)}
+        for m in g:
+            g[m].update(run_worker(["--rss-worker", m, "--n", "1024", "--device", "cuda"], args.threads))
         fwd, cap, rec = (g[m]["median_s"] for m in ("forward", "capture:full", "record:full"))
         print("| part | seconds |\n|---|---|")
         print(f"| forward (no hooks) | {fwd:.3f} |\n| conversion + device-to-host copies | {cap - fwd:.3f} |")
         print(f"| compression + file (+ top-k, index) | {rec - cap:.3f} |\n| total recording | {rec:.3f} |")
         print(f"peak GPU memory: forward {g['forward'].get('peak_gpu_mb', 0):.0f} MB, "
               f"recording {g['record:full'].get('peak_gpu_mb', 0):.0f} MB; "
-              f"trace {g['record:full'].get('trace_bytes', 0) / 1e6:.0f} MB")
+              f"trace {(g['record:full'].get('trace_bytes') or 0) / 1e6:.0f} MB")
         results += list(g.values())
     if args.json:
         with open(args.json, "w") as f:
