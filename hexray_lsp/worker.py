@@ -22,8 +22,9 @@ Protocol (one JSON object per line):
 that model first. Requests run one at a time in arrival order. A cancelled request stops at the
 next layer boundary of the forward pass (a torch hook raises), or before writing; the trace it
 was writing is discarded, so the previous trace stays. The worker exits when its stdin closes,
-so it never outlives the server. Everything the model's libraries print goes to stderr: stdout
-carries only the protocol.
+so it never outlives the server. It runs at a lower CPU priority (``workerNice``, default 10) so
+that a forward pass does not slow the server's answers down. Everything the model's libraries
+print goes to stderr: stdout carries only the protocol.
 
 `WorkerClient` is the server's side: it starts the process on first use, restarts it when it
 has died or when the configuration changes, and turns a crash into an error for the requests
@@ -84,8 +85,9 @@ class _Pending:
 class WorkerClient:
     """Owns the worker process; `request` sends one request and waits for its answer."""
 
-    def __init__(self, python: str = "", cwd: str | None = None, env: dict | None = None):
+    def __init__(self, python: str = "", cwd: str | None = None, env: dict | None = None, nice: int = 10):
         self.python = python or sys.executable
+        self.nice = nice
         self.cwd = cwd
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
@@ -119,6 +121,7 @@ class WorkerClient:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
             env.setdefault("PYTHONUNBUFFERED", "1")
             env["HEXRAY_LSP_WORKER"] = "1"
+            env["HEXRAY_WORKER_NICE"] = str(self.nice)
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     self.python, "-m", "hexray_lsp.worker",
@@ -515,6 +518,11 @@ class _UserError(Exception):
 
 
 def main() -> None:
+    # Below the server in CPU priority: a forward pass must not make the editor's hovers wait.
+    try:
+        os.nice(max(0, min(19, int(os.environ.get("HEXRAY_WORKER_NICE", "10")))))
+    except (OSError, ValueError, AttributeError):
+        pass
     # The protocol gets a private copy of stdout; fd 1 then points at stderr, so whatever torch,
     # transformers or a model factory prints cannot corrupt it.
     proto = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)

@@ -303,8 +303,10 @@ async def start_client(client_name: str, root, settings: dict | None = None, **e
     config = ClientServerConfig(server_command=[sys.executable, "-m", "hexray_lsp"], server_env=server_env(**env))
     client = await config.start()
     client.refreshes = []
+    client.registrations = []
     for method in (t.WORKSPACE_INLAY_HINT_REFRESH, t.WORKSPACE_CODE_LENS_REFRESH):
         client.feature(method)(lambda params, m=method: client.refreshes.append(m))
+    client.feature(t.CLIENT_REGISTER_CAPABILITY)(lambda params: client.registrations.extend(params.registrations))
     if settings is not None:
         client.set_configuration({"hexray": settings})
     root_uri = Path(root).as_uri()

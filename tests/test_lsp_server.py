@@ -76,6 +76,11 @@ async def code_lens(client, uri):
     return await client.text_document_code_lens_async(t.CodeLensParams(text_document=t.TextDocumentIdentifier(uri=uri)))
 
 
+def watched(client, path, kind) -> None:
+    client.workspace_did_change_watched_files(t.DidChangeWatchedFilesParams(
+        changes=[t.FileEvent(uri=path.as_uri(), type=kind)]))
+
+
 async def set_settings(client, settings: dict) -> None:
     client.set_configuration({"hexray": settings})
     client.workspace_did_change_configuration(t.DidChangeConfigurationParams(settings={"hexray": settings}))
@@ -95,6 +100,10 @@ async def test_initialize_capabilities(client):
     status = await execute(client, "hexray.status")
     assert status["server"]["torch_imported"] is False
     assert status["server"]["position_encoding"] == client.position_encoding
+    ws = client.capabilities.workspace
+    if ws.did_change_watched_files is not None and ws.did_change_watched_files.dynamic_registration:
+        [reg] = client.registrations
+        assert reg.method == t.WORKSPACE_DID_CHANGE_WATCHED_FILES
 
 
 # -- hover ----------------------------------------------------------------------------------------
@@ -389,16 +398,19 @@ async def test_trace_deleted_corrupted_and_restored(client):
     bad = folder / "r.tmp"
     bad.write_bytes(bytes(data[: len(data) - 100]))
     os.replace(bad, trace)
+    watched(client, trace, t.FileChangeType.Changed)  # as an editor with a file watcher would
     [d] = await wait_diagnostics(client, uri, lambda d: codes(d) == ["trace-unreadable"])
     assert d.severity == t.DiagnosticSeverity.Warning
     assert await hover_at(client, uri, 0, 5) is None
 
     # deleted -> no trace
     trace.unlink()
+    watched(client, trace, t.FileChangeType.Deleted)
     await wait_diagnostics(client, uri, lambda d: codes(d) == ["no-trace"])
     assert await hover_at(client, uri, 0, 5) is None
 
-    # a good trace appears (written by someone else, e.g. `hexray record`) -> picked up without a request
+    # a good trace appears (written by someone else, e.g. `hexray record`): the server's own poll
+    # notices it, with no notification and no request
     shutil.copy(good, folder / "r.tmp")
     os.replace(folder / "r.tmp", trace)
     await wait_diagnostics(client, uri, lambda d: codes(d) == [])
