@@ -66,6 +66,7 @@ def main() -> None:
     train, val = data[:-n_val], data[-n_val:]
     with torch.no_grad():
         val_loss = evaluate(model, val, ctx, batches=40, seed=1)
+    model.eval()  # evaluate() leaves the model in training mode (dropout on)
     counts = torch.bincount(train, minlength=len(tok)).double() + 1.0  # add-one smoothed unigram
     logp = (counts / counts.sum()).log()
     unigram = float(-logp[val].mean())
@@ -73,7 +74,7 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for prompt in PROBES:
-            ids = torch.tensor([tok.encode(prompt)])
+            ids = torch.tensor([[eot] + tok.encode(prompt)])  # BOS first, as hexray records it
             p = model(ids).logits[0, -1].softmax(-1)
             top = torch.topk(p, 3)
             rows.append((prompt, [(tok.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)]))
@@ -113,7 +114,8 @@ then `python scripts/package_demo_model.py DIR --hardware "..."` |
 
 ## Probes
 
-Top three next-token predictions (measured by `scripts/package_demo_model.py`):
+Top three next-token predictions after `<|endoftext|>` + prompt, which is how `hexray record`
+feeds it (TransformerLens prepends BOS); measured by `scripts/package_demo_model.py`:
 
 | prompt | predictions |
 |---|---|

@@ -46,8 +46,7 @@ def attribution(con: Console, a: Attribution, top_k: int, *, position_label: int
     parts = a.top(top_k)
     for c, share in zip(parts, a.shares(parts), strict=True):
         con.print(f"- {c.label:<8}: {c.value:+.2f} ({share:.1%})")
-    con.print(Text(f"parts + bias = {a.total:+.4f}, {a.logit_source} logit {a.logit:+.4f}, "
-                   f"error {a.error:.1e} (by {a.by}; shares are |value| / Σ|value| over the rows shown)",
+    con.print(Text(f"parts + bias {a.total:+.4f} vs {a.logit_source} logit {a.logit:+.4f}: error {a.error:.1e}",
                    style="dim"))
 
 
