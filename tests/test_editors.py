@@ -177,9 +177,9 @@ def test_vscode_extension():
     assert "ok" in out and "initialize, record, hover" in out, "the JSON-RPC test with the real server ran"
 
     with zipfile.ZipFile(vsix) as z:
-        names = set(z.namelist())
+        names = {n.lower() if n.lower() == "extension/readme.md" else n for n in z.namelist()}
         manifest = json.loads(z.read("extension/package.json"))
-    for needed in ("extension/package.json", "extension/dist/extension.js", "extension/README.md",
+    for needed in ("extension/package.json", "extension/dist/extension.js", "extension/readme.md",
                    "extension/language-configuration.json", "extension/syntaxes/hexray-prompt.tmLanguage.json"):
         assert needed in names, f"{needed} not in the .vsix: {sorted(names)}"
     stray = [n for n in names if n.startswith(("extension/node_modules/", "extension/src/", "extension/test/",
@@ -211,6 +211,14 @@ def test_neovim_hover(sample, tmp_path):
 
 # -- Emacs + eglot ----------------------------------------------------------------------------------------
 
+BYTE_COMPILE = """(progn
+  (unless (locate-library "eglot")
+    (dolist (d (file-expand-wildcards "/usr/share/emacs/site-lisp/elpa-src/*")) (add-to-list 'load-path d)))
+  (require 'bytecomp)
+  (setq byte-compile-error-on-warn t)
+  (let ((byte-compile-dest-file-function (lambda (_) (expand-file-name "hexray.elc" (getenv "HEXRAY_ELC_DIR")))))
+    (unless (byte-compile-file (getenv "HEXRAY_EL")) (kill-emacs 1))))"""
+
 EGLOT_PROBE = """(progn
   (unless (locate-library "eglot")
     (dolist (d (file-expand-wildcards "/usr/share/emacs/site-lisp/elpa-src/*")) (add-to-list 'load-path d)))
@@ -230,6 +238,9 @@ def test_emacs_eglot_hover(sample, tmp_path):
         probe = _run([emacs, "--batch", "-Q", "--eval", EGLOT_PROBE], timeout=300)
         if "eglot ok" not in probe.stdout:
             pytest.skip(f"eglot cannot be loaded in {emacs}:\n{_tail(probe.stdout, 8)}")
+    compiled = _run([emacs, "--batch", "-Q", "--eval", BYTE_COMPILE], timeout=300,
+                    env=dict(os.environ, HEXRAY_EL=str(EDITOR / "emacs" / "hexray.el"), HEXRAY_ELC_DIR=str(tmp_path)))
+    assert compiled.returncode == 0, f"hexray.el does not byte-compile cleanly:\n{_tail(compiled.stdout)}"
     prompt = workspace(sample, tmp_path)
     r = _run([emacs, "--batch", "-Q", "-l", str(EDITOR / "emacs" / "check_hover.el")],
              cwd=prompt.parent, env=client_env(prompt), timeout=300)

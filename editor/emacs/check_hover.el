@@ -43,8 +43,7 @@
            (timeout (/ (string-to-number (or (getenv "HEXRAY_TIMEOUT_MS") "30000")) 1000.0))
            (settings (getenv "HEXRAY_SETTINGS")))
       (require 'hexray)
-      (hexray-check--out "VERSION emacs %s, eglot %s" emacs-version
-                         (or (ignore-errors (package-get-version)) (locate-library "eglot")))
+      (hexray-check--out "VERSION emacs %s, eglot from %s" emacs-version (locate-library "eglot"))
       (setq hexray-server-command cmd)
       (when settings
         (setq hexray-settings (json-parse-string settings :object-type 'plist)))
@@ -57,7 +56,9 @@
       ;; eglot-ensure waits for a command loop that batch mode never runs: start it directly
       (apply #'eglot (eglot--guess-contact))
       (hexray-check--wait "the server" (lambda () (and (eglot-current-server) (eglot-managed-p))) timeout)
-      (hexray-check--out "LANGUAGE-ID %s" (eglot--language-id (eglot-current-server)))
+      (hexray-check--out "LANGUAGE-ID %s" (if (fboundp 'eglot--language-ids) ; eglot 1.16+
+                                              (car (eglot--language-ids (eglot-current-server)))
+                                            (eglot--language-id (eglot-current-server))))
 
       (goto-char (point-min))
       (unless (search-forward needle nil t) (hexray-check--fail "needle not found: %s" needle))

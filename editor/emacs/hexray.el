@@ -4,7 +4,6 @@
 ;; Version: 0.1.0
 ;; Package-Requires: ((emacs "28.1") (eglot "1.9"))
 ;; Keywords: languages, tools
-;; URL: https://github.com/hexray/hexray
 
 ;;; Commentary:
 
@@ -42,13 +41,16 @@
   :prefix "hexray-")
 
 (defcustom hexray-server-command '("hexray" "lsp")
-  "Command that starts the HexRay language server: a program and its arguments.
-For a virtual environment, e.g. (\"/path/venv/bin/python\" \"-m\" \"hexray_core\" \"lsp\")."
+  "Command that starts the HexRay language server: program and arguments.
+For a virtual environment, e.g.
+  (\"/path/venv/bin/python\" \"-m\" \"hexray_core\" \"lsp\")."
   :type '(repeat string))
 
 (defcustom hexray-settings nil
-  "HexRay server settings, a plist: :model, :device, :inlayHints, :hover (:predictions N), ...
-See hexray_lsp/settings.py for the names and defaults."
+  "HexRay server settings, a plist.
+For example (:model \"gpt2\" :device \"cpu\" :inlayHints \"surprisal\"
+:hover (:predictions 8)).  See hexray_lsp/settings.py for the names
+and defaults."
   :type 'plist)
 
 (defconst hexray--font-lock
@@ -85,7 +87,8 @@ The whole file is the prompt, exactly as written: nothing is a comment."
   (or hexray-settings (make-hash-table)))
 
 (defun hexray--contact (&optional _interactive)
-  "The eglot contact: `hexray-server-command' with `hexray-settings' as initializationOptions."
+  "The eglot contact: `hexray-server-command', `hexray-settings'.
+The settings go to the server as initializationOptions."
   (append hexray-server-command (list :initializationOptions (hexray--settings-json))))
 
 (add-to-list 'eglot-server-programs '(hexray-prompt-mode . hexray--contact))
@@ -96,7 +99,8 @@ The whole file is the prompt, exactly as written: nothing is a comment."
   (plist-get (eglot--TextDocumentIdentifier) :uri))
 
 (defun hexray--execute (command with-uri callback)
-  "Run the server COMMAND (for this buffer if WITH-URI) and call CALLBACK with its result."
+  "Run the server COMMAND and call CALLBACK with its result.
+With WITH-URI, the command's argument is this buffer's URI."
   (let ((server (eglot--current-server-or-lose)))
     (jsonrpc-async-request
      server :workspace/executeCommand
@@ -106,7 +110,8 @@ The whole file is the prompt, exactly as written: nothing is a comment."
      :timeout 3600)))
 
 (defun hexray-record-trace ()
-  "Record the trace of this prompt in the server's worker (with the model of `hexray-settings')."
+  "Record the trace of this prompt in the server's worker.
+The model is the :model of `hexray-settings' (default hexray-demo)."
   (interactive)
   (message "HexRay: recording…")
   (hexray--execute
@@ -123,13 +128,16 @@ The whole file is the prompt, exactly as written: nothing is a comment."
   (hexray--execute "hexray.cancelRecording" t #'ignore))
 
 (defun hexray-restart-worker ()
-  "Stop the record worker: the next recording starts a fresh one and loads the model again."
+  "Stop the record worker.
+The next recording starts a fresh one and loads the model again."
   (interactive)
   (hexray--execute "hexray.restartWorker" nil (lambda (_) (message "HexRay: worker restarted"))))
 
 (defun hexray-status (&optional callback)
-  "Show the state of this prompt's trace: fresh, stale, none, error, loading or recording.
-With CALLBACK, call it with the state (a string) and the server's whole answer instead."
+  "Show the state of this prompt's trace.
+The state is fresh, stale, none, error, loading or recording.  With
+CALLBACK, call it with the state (a string) and the server's whole
+answer instead."
   (interactive)
   (let ((uri (hexray--uri)))
     (hexray--execute
