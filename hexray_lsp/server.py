@@ -230,6 +230,7 @@ class HexRayServer(LanguageServer):
         if new.worker_key() != old.worker_key():
             self.worker.python = new.python or sys.executable
             self.worker.nice = new.worker_nice
+            self.worker.threads = new.worker_threads
             if self.worker.alive:
                 asyncio.ensure_future(self.worker.stop("the worker restarts because its settings changed"))
         if new != old:

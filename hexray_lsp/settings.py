@@ -29,6 +29,7 @@ Settings (key, type and default, meaning):
     extraPaths              []                    prepended to the worker's sys.path (modelFactory modules)
     workerNice              10                    the worker's CPU niceness (0-19): recording never
                                                  starves the server's answers
+    workerThreads           0 (auto)              torch CPU threads in the worker; 0: half the cores
     recordOptions           {}                    extra keyword arguments for the recorder, e.g.
                                                  {"top_k": 20, "bundle": true, "act_dtype": "float32"}
     recordTo                "beside"              beside (name.hxr next to name.prompt) | cache (traceFolder)
@@ -64,6 +65,7 @@ class Settings:
     python: str = ""
     extra_paths: tuple[str, ...] = ()
     worker_nice: int = 10
+    worker_threads: int = 0
     record_options: dict = field(default_factory=dict, hash=False, compare=True)
     record_to: str = "beside"
     trace_folder: str = ".hexray/traces"
@@ -77,7 +79,7 @@ class Settings:
         A change of model, modelFactory or device does not need a new process: the next request
         carries the new configuration and the warm worker loads that model instead.
         """
-        return (self.python, self.extra_paths, self.worker_nice)
+        return (self.python, self.extra_paths, self.worker_nice, self.worker_threads)
 
     def to_json(self) -> dict:
         return {_CAMEL[f.name]: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -181,6 +183,7 @@ _CHECKS = {
     "python": _str,
     "extra_paths": _str_list,
     "worker_nice": _int_in(0, 19),
+    "worker_threads": _int_in(0, 256),
     "record_options": _dict,
     "record_to": _choice(RECORD_TO),
     "trace_folder": _nonempty_str,
