@@ -12,8 +12,8 @@
     test_emacs_eglot_hover    editor/emacs: Emacs in batch mode with hexray.el and eglot: the hover eglot
                               renders, ``hexray-status``, the stale-trace diagnostic in Flymake
 
-The Neovim and Emacs checks hover a trace recorded once per module with the tiny offline GPT-2 of
-``editor/testing/tiny_model.py`` (bundled kit, no download).
+The Neovim and Emacs checks hover a trace recorded once per module with ``hexray-demo``, the model
+shipped with HexRay (``editor/testing/hexray_sample.py``; no download).
 
 Missing tools are installed: Node packages with ``npm ci``; Neovim, Emacs and eglot with apt-get
 (``neovim``, ``emacs-nox``, ``elpa-eglot`` on Debian 12; Emacs 29+ has eglot built in). A test skips,
@@ -42,8 +42,8 @@ SERVER_CMD = [sys.executable, "-m", "hexray_core", "lsp"]
 NETWORK_ERRORS = re.compile(r"ENOTFOUND|EAI_AGAIN|ETIMEDOUT|ECONNREFUSED|ECONNRESET|network|Temporary failure|"
                             r"Could not resolve|Failed to fetch|Unable to connect", re.I)
 
-#: What the hover over "sat" must contain (the tiny tokenizer splits it: " s" is the token there).
-HOVER_NEEDLE = "sat"
+#: What the hover over " single" must contain.
+HOVER_NEEDLE = "single"
 HOVER_EXPECT = ["token", "surprisal", "Top contributors", "Predicted after"]
 
 
@@ -102,17 +102,17 @@ def ensure_binary(binary: str, packages: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Path:
-    """A folder with sample.prompt and its trace sample.hxr (tiny GPT-2, kit bundled), recorded once."""
+    """A folder with sample.prompt and its trace sample.hxr (hexray-demo, kit bundled), recorded once."""
     import torch
 
     torch.set_num_threads(1)
     testing = str(EDITOR / "testing")
     if testing not in sys.path:
         sys.path.insert(0, testing)
-    import tiny_model
+    import hexray_sample
 
     folder = tmp_path_factory.mktemp("editor-sample")
-    tiny_model.record_sample(str(folder))
+    hexray_sample.record_sample(str(folder))
     return folder
 
 

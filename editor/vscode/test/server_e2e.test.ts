@@ -1,7 +1,8 @@
 // The real `hexray lsp`, driven by the JSON-RPC stack inside vscode-languageclient (no VS Code): the command
-// the extension resolves, the settings it sends (package.json defaults + a tiny offline model), record through
+// the extension resolves, the settings it sends (the package.json defaults), record through
 // the server's command (progress), hover, inlay hints + resolve, hexray.status for the status bar, stale
-// trace after an edit, shutdown. The record worker loads the tiny GPT-2 of editor/testing/tiny_model.py.
+// trace after an edit, shutdown. The settings are the package.json defaults, so the record worker loads
+// hexray-demo, the small model shipped with HexRay.
 import { after, before, test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import { ChildProcess, execFileSync, spawn } from 'node:child_process';
@@ -18,14 +19,15 @@ import { resolveCandidates } from '../src/interpreter';
 import { probe } from '../src/probe';
 import { getterOf, SERVER_SETTINGS, serverSettings } from '../src/settings';
 import { fromStatusReport, present } from '../src/status';
-import { EXTENSION_ROOT, requirePython, skipWithoutPython, TESTING } from './support';
+import { EXTENSION_ROOT, requirePython, skipWithoutPython } from './support';
 
 const skip = skipWithoutPython();
 const pkg = JSON.parse(fs.readFileSync(path.join(EXTENSION_ROOT, 'package.json'), 'utf8'));
 const props: Record<string, any> = pkg.contributes.configuration.properties;
-const SAMPLE = 'The cat \u{1F431} sat on the mat.\nAlice and Bob went to the store. naïve\n';
+const SAMPLE = 'It is a truth universally acknowledged, that a single man in possession of a good fortune \u{1F642}\n'
+  + 'must be in want of a naïve wife.\n';
 
-/** What VS Code would send on a fresh install: the contributed defaults, plus the tiny offline model. */
+/** What VS Code sends on a fresh install: the contributed defaults. */
 function userSettings(): Record<string, unknown> {
   const nested: Record<string, any> = {};
   for (const [key, spec] of Object.entries(props)) {
@@ -34,8 +36,6 @@ function userSettings(): Record<string, unknown> {
     for (const p of parts.slice(0, -1)) cur = cur[p] ??= {};
     cur[parts.at(-1)!] = spec.default;
   }
-  nested.modelFactory = 'tiny_model:factory';
-  nested.extraPaths = [TESTING];
   return nested;
 }
 
@@ -141,7 +141,7 @@ test('initialize, record, hover, inlay hints, status, stale edit, shutdown', { s
   // Record through the server, as "HexRay: Record trace" does.
   const t1 = Date.now();
   const rec: any = await c.sendRequest(ExecuteCommandRequest.method, { command: 'hexray.recordTrace', arguments: [uri] });
-  const recordMs = Date.now() - t1;
+  const recordMs = Date.now() - t1; // worker start (torch import) + loading hexray-demo + the forward pass
   assert.equal(rec.status, 'recorded', `${JSON.stringify(rec)}\n${stderr}`);
   assert.ok(rec.tokens > 10, JSON.stringify(rec));
   assert.ok(fs.existsSync(path.join(dir, 'sample.hxr')), 'trace written beside the prompt (recordTo: beside)');
@@ -150,26 +150,26 @@ test('initialize, record, hover, inlay hints, status, stale edit, shutdown', { s
   assert.deepEqual(messages.filter((m) => /settings|failed/i.test(m)), []);
   const fresh = (await status())!;
   assert.equal(fresh.state, 'fresh');
-  assert.equal(fresh.model, 'tiny_model:factory');
+  assert.equal(fresh.model, 'hexray-demo');
   assert.equal(present('running', fresh).text, '$(pass) HexRay: trace');
 
   // Hover: a word, and the emoji (several byte-level tokens share its span; 2 UTF-16 units).
   const lines = SAMPLE.split('\n');
   const hover = (line: number, character: number) =>
     c.sendRequest(HoverRequest.method, { textDocument: { uri }, position: { line, character } }) as Promise<any>;
-  const sat = await hover(0, lines[0].indexOf('sat') + 1);
-  assert.equal(sat.contents.kind, 'markdown');
-  const shown = lines[0].slice(sat.range.start.character, sat.range.end.character);
-  assert.ok(shown.trim() && 'sat'.includes(shown.trim()), `hover range: ${JSON.stringify(sat.range)}`);
-  assert.ok(sat.contents.value.startsWith(`**\`"${shown}"\`** · token `), sat.contents.value);
-  assert.match(sat.contents.value, /p = \*\*[\d.]+%?\*\*/);
-  assert.match(sat.contents.value, /Top contributors/);
-  const col = lines[0].indexOf('\u{1F431}');
-  const cat = await hover(0, col);
-  assert.match(cat.contents.value, /\u{1F431}/u);
+  const word = await hover(0, lines[0].indexOf('single') + 2);
+  assert.equal(word.contents.kind, 'markdown');
+  const shown = lines[0].slice(word.range.start.character, word.range.end.character);
+  assert.ok(shown.trim() && ' single'.includes(shown), `hover range: ${JSON.stringify(word.range)}`);
+  assert.ok(word.contents.value.startsWith(`**\`"${shown}"\`** · token `), word.contents.value);
+  assert.match(word.contents.value, /p = \*\*[\d.]+%?\*\*/);
+  assert.match(word.contents.value, /Top contributors/);
+  const col = lines[0].indexOf('\u{1F642}');
+  const emoji = await hover(0, col);
+  assert.match(emoji.contents.value, /\u{1F642}/u);
   // the emoji's byte tokens (the first one may carry the space before it) end after its 2 UTF-16 units
-  assert.deepEqual(cat.range.end, { line: 0, character: col + 2 });
-  assert.ok(cat.range.start.character <= col && cat.range.start.character >= col - 1, JSON.stringify(cat.range));
+  assert.deepEqual(emoji.range.end, { line: 0, character: col + 2 });
+  assert.ok(emoji.range.start.character <= col && emoji.range.start.character >= col - 1, JSON.stringify(emoji.range));
   const t2 = Date.now();
   for (let i = 0; i < 20; i++) await hover(1, (i * 3) % lines[1].length);
   const hoverMs = (Date.now() - t2) / 20;
@@ -185,7 +185,7 @@ test('initialize, record, hover, inlay hints, status, stale edit, shutdown', { s
 
   // An edit makes the trace stale.
   await c.sendNotification(DidChangeTextDocumentNotification.method, {
-    textDocument: { uri, version: 2 }, contentChanges: [{ text: SAMPLE.replace('cat', 'dog') }],
+    textDocument: { uri, version: 2 }, contentChanges: [{ text: SAMPLE.replace('truth', 'fact') }],
   });
   await waitFor('the stale-trace diagnostic', () => codes().includes('stale-trace'));
   assert.equal((await status())!.state, 'stale');
@@ -194,5 +194,5 @@ test('initialize, record, hover, inlay hints, status, stale edit, shutdown', { s
   await c.sendNotification(ExitNotification.method);
   const code = await new Promise<number | null>((res) => (proc!.exitCode !== null ? res(proc!.exitCode) : proc!.on('exit', res)));
   assert.equal(code, 0, stderr);
-  console.log(`# hexray lsp: initialize ${initMs} ms, record ${recordMs} ms (worker start + tiny model), hover ${hoverMs.toFixed(1)} ms`);
+  console.log(`# hexray lsp: initialize ${initMs} ms, record ${recordMs} ms (worker start + hexray-demo), hover ${hoverMs.toFixed(1)} ms`);
 });

@@ -5,7 +5,6 @@ import * as path from 'node:path';
 /** editor/vscode */
 export const EXTENSION_ROOT = path.join(__dirname, '..', '..');
 export const REPO = path.join(EXTENSION_ROOT, '..', '..');
-export const TESTING = path.join(REPO, 'editor', 'testing');
 
 /**
  * The Python with hexray installed: $HEXRAY_TEST_PYTHON, else the repository's .venv. Tests that need it skip
