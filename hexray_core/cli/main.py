@@ -12,7 +12,6 @@ import sys
 
 from hexray_core import __version__
 from hexray_core.errors import HexRayError
-from trace_format.errors import TraceFormatError
 
 COMMANDS = {
     "record": "hexray_core.cli.record_cmd",
@@ -52,6 +51,12 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _is_user_error(e: BaseException) -> bool:
+    """HexRayError, or a TraceFormatError (checked without importing trace_format, which pulls numpy)."""
+    errors = sys.modules.get("trace_format.errors")
+    return isinstance(e, HexRayError) or (errors is not None and isinstance(e, errors.TraceFormatError))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -66,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return int(_load(args.command).run(args) or 0)
-    except (HexRayError, TraceFormatError) as e:
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         print(f"hexray: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
