@@ -283,6 +283,9 @@ def make_workspace(root, traces: dict[str, str]) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     shutil.copy(traces["mixed"], cache / "cached.hxr")
     (root / "nothing.prompt").write_text("No trace for me.\n", encoding="utf-8")
+    nokit = "A trace whose model kit is nowhere.\n"
+    (root / "nokit.prompt").write_text(nokit, encoding="utf-8")
+    write_synthetic_trace(root / "nokit.hxr", nokit, bundle_kit=False, seed=7)
     return root
 
 

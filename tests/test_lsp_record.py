@@ -232,3 +232,5 @@ async def test_worker_crash_is_survived(client):
     status = await execute(client, "hexray.status")
     assert status["worker"]["starts"] == starts + 1 and status["worker"]["alive"]
     await wait_diagnostics(client, uri, lambda d: codes(d) == [])
+    assert (await execute(client, "hexray.restartWorker"))["status"] == "stopped"
+    assert (await execute(client, "hexray.status"))["worker"]["alive"] is False

@@ -312,10 +312,19 @@ async def test_stale_after_edit_and_back(client):
 
 
 async def test_trace_in_workspace_cache_folder(client):
-    uri = open_doc(client, client.root / "sub" / "cached.prompt")
+    # opened as Dotprompt's language: *.prompt files are served whatever their language id
+    uri = open_doc(client, client.root / "sub" / "cached.prompt", language_id="dotprompt")
     assert codes(await wait_diagnostics(client, uri, lambda d: True)) == []
     h = await hover_at(client, uri, 0, 5)
     assert h is not None and "cached.hxr" in h.contents.value
+
+
+async def test_kit_missing(client):
+    uri = open_doc(client, client.root / "nokit.prompt")
+    [d] = await wait_diagnostics(client, uri, lambda d: bool(d))
+    assert d.code == "kit-missing" and d.severity == t.DiagnosticSeverity.Information
+    h = await hover_at(client, uri, 0, 3)
+    assert "Top contributors" in h.contents.value and "need the model kit" in h.contents.value
 
 
 async def test_surprising_tokens(client):
