@@ -74,9 +74,9 @@ class RawClient:
         self.diagnostics: dict[str, list] = {}
         self.progress_ends: list[tuple[float, str]] = []
 
-    async def start(self, env: dict) -> None:
+    async def start(self, env: dict, command: tuple[str, ...] = ("-m", "hexray_lsp")) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hexray_lsp", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable, *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL, env=env)
         self.reader = asyncio.ensure_future(self._read())
 
@@ -139,14 +139,14 @@ class RawClient:
 
 
 class Bench:
-    def __init__(self, root: Path, settings: dict, env: dict):
-        self.root, self.settings, self.env = root, settings, env
+    def __init__(self, root: Path, settings: dict, env: dict, command: tuple[str, ...] = ("-m", "hexray_lsp")):
+        self.root, self.settings, self.env, self.command = root, settings, env, command
         self.client = RawClient(settings)
 
     async def start(self) -> tuple[float, float]:
         c = self.client
         t0 = time.perf_counter()
-        await c.start(self.env)
+        await c.start(self.env, self.command)
         caps = {"window": {"workDoneProgress": True},
                 "workspace": {"configuration": True, "inlayHint": {"refreshSupport": True}},
                 "textDocument": {"hover": {"contentFormat": ["markdown"]}, "inlayHint": {}}}
@@ -313,18 +313,19 @@ async def main(args) -> dict:
     results: dict = {"machine": machine()}
 
     # 1. start-up
-    spawn = []
-    if "start" not in args.parts:
-        args.starts = 0
-    for _ in range(args.starts):
-        b = Bench(root, settings, env)
-        spawn.append(await b.start())
-        await b.stop()
-    if spawn:
-        results["spawn_to_initialize_ms"] = stats([s[0] for s in spawn])
-        results["spawn_to_first_hover_ms"] = stats([s[1] for s in spawn])
-        print("spawn -> initialize answered:  ", fmt(results["spawn_to_initialize_ms"]))
-        print("spawn -> first hover answered: ", fmt(results["spawn_to_first_hover_ms"]))
+    if "start" in args.parts:
+        for label, command in (("python -m hexray_lsp", ("-m", "hexray_lsp")),
+                               ("hexray lsp", ("-m", "hexray_core", "lsp"))):
+            spawn = []
+            for _ in range(args.starts):
+                b = Bench(root, settings, env, command)
+                spawn.append(await b.start())
+                await b.stop()
+            key = label.replace(" ", "_")
+            results[f"spawn_to_initialize_ms[{key}]"] = init = stats([s[0] for s in spawn])
+            results[f"spawn_to_first_hover_ms[{key}]"] = first = stats([s[1] for s in spawn])
+            print(f"{label}: spawn -> initialize answered:  ", fmt(init))
+            print(f"{label}: spawn -> first hover answered: ", fmt(first))
     if "latency" in args.parts:
         await latency(args, results, root, env, settings, rnd, tokenizer)
     if "save" in args.parts:
