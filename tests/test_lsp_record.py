@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 
@@ -143,8 +144,10 @@ async def test_hover_while_recording_and_cancel(client):
     text = PROMPTS["ascii"]
     uri = new_doc(client, "cancel.prompt", text)
     assert (await execute(client, "hexray.recordTrace", uri))["status"] == "recorded"
-    other = (client.root / "hello.prompt").as_uri()
     trace = client.root / "cancel.hxr"
+    shutil.copy(trace, client.root / "other.hxr")  # a second document with a fresh trace, to hover
+    other = new_doc(client, "other.prompt", text)
+    await wait_diagnostics(client, other, lambda d: codes(d) == [])
     mtime = trace.stat().st_mtime_ns
     edit(client, uri, text + "Changed.\n", 2)
     await wait_diagnostics(client, uri, lambda d: codes(d) == ["stale-trace"])
@@ -163,6 +166,9 @@ async def test_hover_while_recording_and_cancel(client):
             lat.append(time.perf_counter() - t0)
         assert max(lat) < 0.5, lat
         assert not task.done()
+        [lens] = await client.text_document_code_lens_async(
+            t.CodeLensParams(text_document=t.TextDocumentIdentifier(uri=uri)))
+        assert "recording" in lens.command.title and lens.command.command == "hexray.cancelRecording"
         client.protocol.notify(t.WINDOW_WORK_DONE_PROGRESS_CANCEL, t.WorkDoneProgressCancelParams(token=token))
         res = await asyncio.wait_for(task, 10)
         assert res["status"] == "cancelled"
@@ -225,8 +231,7 @@ async def test_worker_crash_is_survived(client):
     finally:
         client.flag.unlink()
     await wait_diagnostics(client, uri, lambda d: "recording-failed" in codes(d))
-    other = (client.root / "hello.prompt").as_uri()
-    assert await hover_at(client, other, 0, 1) is not None
+    assert await hover_at(client, uri, 0, 1) is None  # answered: there is no trace to show
     res = await asyncio.wait_for(execute(client, "hexray.recordTrace", uri), 120)
     assert res["status"] == "recorded"
     status = await execute(client, "hexray.status")
