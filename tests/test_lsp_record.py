@@ -196,6 +196,21 @@ async def test_hover_while_recording_and_cancel(client):
 
 
 @vscode_only
+async def test_record_untitled_document(client):
+    """An unsaved, untitled buffer records into $HEXRAY_CACHE/lsp-traces and shows its trace."""
+    uri = "untitled:Untitled-7"
+    text = "Nothing saved yet 🙂\n"
+    client.text_document_did_open(t.DidOpenTextDocumentParams(text_document=t.TextDocumentItem(
+        uri=uri, language_id="hexray-prompt", version=1, text=text)))
+    await wait_diagnostics(client, uri, lambda d: codes(d) == ["no-trace"])
+    res = await asyncio.wait_for(execute(client, "hexray.recordTrace", uri), 60)
+    assert res["status"] == "recorded" and res["fresh"]
+    assert res["path"].startswith(os.path.join(os.environ["HEXRAY_CACHE"], "lsp-traces"))
+    await wait_diagnostics(client, uri, lambda d: codes(d) == [])
+    assert await hover_at(client, uri, 0, 2) is not None
+
+
+@vscode_only
 async def test_cancel_request(client):
     uri = new_doc(client, "cancel2.prompt", "Cancel me, please.\n")
     client.flag.write_text("slow")

@@ -386,6 +386,17 @@ async def test_rapid_edits(client):
         content_changes=[t.TextDocumentContentChangeWholeDocument(text=text)]))
     h = await asyncio.wait_for(hover_at(client, uri, 0, 1), 5)
     assert h is not None and "stale" not in h.contents.value
+    # a client that sends ranged changes although the server asked for full sync: still followed
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        text_document=t.VersionedTextDocumentIdentifier(uri=uri, version=301),
+        content_changes=[t.TextDocumentContentChangePartial(
+            range=t.Range(start=t.Position(line=0, character=4), end=t.Position(line=0, character=9)),
+            text="slow")]))
+    await wait_diagnostics(client, uri, lambda d: codes(d) == ["stale-trace"])
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        text_document=t.VersionedTextDocumentIdentifier(uri=uri, version=302),
+        content_changes=[t.TextDocumentContentChangeWholeDocument(text=text)]))
+    await wait_diagnostics(client, uri, lambda d: codes(d) == [])
 
 
 async def test_trace_deleted_corrupted_and_restored(client):
