@@ -29,6 +29,7 @@ class Document:
     language_id: str = ""
     path: str | None = None  # file system path, None for untitled: and other non-file URIs
     _index: LineIndex | None = field(default=None, repr=False)
+    _unusable: tuple | None = field(default=None, repr=False)
 
     def index(self, encoding: str) -> LineIndex:
         if self._index is None or self._index.encoding != encoding:
@@ -68,8 +69,16 @@ def is_served(doc: Document, settings: Settings) -> bool:
 
 
 def unusable_reason(doc: Document, settings: Settings) -> str | None:
-    """Why a served document gets no hovers or hints (binary, too large), or None."""
-    text = doc.text
+    """Why a served document gets no hovers or hints (binary, too large), or None (cached per text)."""
+    key = settings.max_document_bytes
+    if doc._unusable is not None and doc._unusable[0] == key:
+        return doc._unusable[1]
+    reason = _unusable(doc.text, settings)
+    doc._unusable = (key, reason)
+    return reason
+
+
+def _unusable(text: str, settings: Settings) -> str | None:
     if "\x00" in text:
         return "the document looks binary (it contains NUL characters): HexRay shows nothing for it"
     if len(text) * 4 > settings.max_document_bytes:
@@ -96,6 +105,7 @@ class DocumentStore:
         doc.text = text
         doc.version = version
         doc._index = None
+        doc._unusable = None
         return doc
 
     def close(self, uri: str) -> None:
