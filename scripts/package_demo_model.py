@@ -7,6 +7,7 @@ reports (held-out loss against a unigram baseline, probe predictions) and writes
     python scripts/package_demo_model.py /tmp/demo-train/out --austen-dir /tmp/ja --hardware "..."
 """
 
+# ruff: noqa: E501  (the model card template below is Markdown, line by line)
 from __future__ import annotations
 
 import argparse
@@ -77,7 +78,8 @@ def main() -> None:
             ids = torch.tensor([[eot] + tok.encode(prompt)])  # BOS first, as hexray records it
             p = model(ids).logits[0, -1].softmax(-1)
             top = torch.topk(p, 3)
-            rows.append((prompt, [(tok.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)]))
+            pairs = zip(top.values, top.indices, strict=True)
+            rows.append((prompt, [(tok.decode([int(i)]), float(v)) for v, i in pairs]))
     params = sum(p.numel() for p in model.parameters())
     cfg = model.config
     a = report["args"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import json
 import math
 import os
@@ -41,7 +42,6 @@ import re
 import struct
 import time
 import zlib
-import gzip
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -75,7 +75,8 @@ class _XDR:
     def header(self):
         assert self.raw(2) == b"X\n", "not an XDR R serialization"
         version = self.int()
-        self.int(); self.int()
+        self.int()  # writer version
+        self.int()  # minimal reader version
         if version == 3:
             self.raw(self.int())  # native encoding name
 
@@ -115,7 +116,7 @@ class _XDR:
             out = [self.item() for _ in range(n)]
             attrs = self.item() if has_attr else None
             if attrs and "names" in attrs:
-                return dict(zip(attrs["names"], out))
+                return dict(zip(attrs["names"], out, strict=False))
             return out
         if typ == 1:  # SYMSXP
             sym = self.item()
@@ -178,12 +179,14 @@ def read_austen(root: str) -> list[str]:
 def make_tokenizer(kind: str, docs: list[str], vocab_size: int, gpt2_dir: str | None):
     from transformers import PreTrainedTokenizerFast
     if kind == "gpt2":
-        from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-        vocab = next(p for p in (os.path.join(gpt2_dir, "vocab.json"), os.path.join(gpt2_dir, "encoder.json")) if os.path.exists(p))
-        merges = next(p for p in (os.path.join(gpt2_dir, "merges.txt"), os.path.join(gpt2_dir, "vocab.bpe")) if os.path.exists(p))
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        def first(*names):
+            return next(p for p in (os.path.join(gpt2_dir, n) for n in names) if os.path.exists(p))
+
+        vocab, merges = first("vocab.json", "encoder.json"), first("merges.txt", "vocab.bpe")
         tok = Tokenizer(models.BPE.from_file(vocab, merges))
     else:
-        from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         tok = Tokenizer(models.BPE())
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -224,7 +227,7 @@ def run_probes(model, tok, k=5):
         ids = torch.tensor([tok.encode(prompt)])
         p = model(ids).logits[0, -1].float().softmax(-1)
         top = torch.topk(p, k)
-        tops = [(tok.decode([int(i)]), round(float(v), 3)) for v, i in zip(top.values, top.indices)]
+        tops = [(tok.decode([int(i)]), round(float(v), 3)) for v, i in zip(top.values, top.indices, strict=False)]
         rank = None
         if want is not None:
             wid = tok.encode(want)
@@ -298,7 +301,8 @@ def main():
     from transformers import GPT2Config, GPT2LMHeadModel
     cfg = GPT2Config(vocab_size=len(tok), n_positions=args.ctx * 4, n_embd=args.d_model,
                      n_layer=args.n_layer, n_head=args.n_head, bos_token_id=eot, eos_token_id=eot,
-                     resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout, tie_word_embeddings=True)
+                     resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
+                     tie_word_embeddings=True)
     model = GPT2LMHeadModel(cfg).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     n_emb = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
@@ -317,7 +321,8 @@ def main():
     model.train()
     while True:
         elapsed = time.time() - t0
-        if step == 30 and args.max_steps is None:  # plan the cosine schedule from measured speed (includes eval overhead)
+        # plan the cosine schedule from measured speed (includes eval overhead)
+        if step == 30 and args.max_steps is None:
             total_steps = int(budget / (elapsed / 30) * 0.98)
             print(f"~{elapsed / 30:.3f}s/step -> planning {total_steps} steps")
         if total_steps is not None and step >= total_steps:

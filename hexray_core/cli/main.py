@@ -39,7 +39,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hexray",
         description="HexRay: an X-ray for transformer language models.",
-        epilog="One-shot mode (record and replay in one go): hexray --prompt TEXT [--top-k-attribution N] [--cot-debug]",
+        epilog="One-shot mode (record and replay in one go): "
+               "hexray --prompt TEXT [--top-k-attribution N] [--cot-debug]",
     )
     parser.add_argument("--version", action="version", version=f"hexray {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
