@@ -5,14 +5,23 @@
     trace = hexray.open(path)
 
 ``hexray.record`` needs the recording extras (torch, transformer-lens) and imports them only when
-called; ``hexray.open`` reads a trace with numpy alone.
+called; ``hexray.open`` reads a trace with numpy alone. To record many times without reloading
+the model: ``rec = hexray.Recorder("hexray-demo"); rec.record(prompts, "t.hxr")``.
 """
 
 from __future__ import annotations
 
 from hexray_core import __version__
 
-__all__ = ["__version__", "open", "record"]
+__all__ = ["Recorder", "__version__", "open", "record"]
+
+
+def __getattr__(name: str):
+    if name == "Recorder":  # keeps a model loaded across many recordings: hexray.Recorder("hexray-demo")
+        from hexray_core.record.recorder import Recorder
+
+        return Recorder
+    raise AttributeError(name)
 
 
 def record(prompts, model="gpt2", output=None, **opts) -> str:

@@ -165,7 +165,7 @@ class Recorder:
             "hooks": {"set": plan.label, "requested": list(plan.requested)},
             "storage": {"act_dtype": act_tag, "codec": CODEC, "chunk_bytes": 1 << 20,
                         "overflow_fallback": overflow, "scales": "f32"},
-            "writer": writer_meta(lm.device),
+            "writer": lm.cache.setdefault("writer_meta", writer_meta(lm.device)),
         }
         if bundle:
             meta["vocab"] = kit.vocab  # a bundled trace replays with no cache: it needs the token strings too
