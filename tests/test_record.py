@@ -327,3 +327,24 @@ def test_python_facade(tiny, tiny_tokenizer, tmp_path):
         assert len(r.runs) == 2 and r.info("hexray.topk_ids", 1).shape[1] == 3
     trace = hexray.open(path)
     assert trace is not None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_greedy_generation_equals_hf_generate(tiny, tiny_tokenizer, tmp_path, arch):
+    """--generate continues exactly as Hugging Face's own greedy generate (KV cache) on the untouched model.
+
+    (TransformerLens 4.3's bridge.generate with its KV cache does not, in compatibility mode.)"""
+    import torch
+
+    from hexray_core.record import Recorder
+
+    build = tiny.build_tiny_gpt2 if arch == "gpt2" else tiny.build_tiny_llama
+    hf = build(tiny_tokenizer, seed=7)
+    ids = [tiny_tokenizer.bos_token_id] + tiny_tokenizer("The quick", add_special_tokens=False)["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                          eos_token_id=None, pad_token_id=None)[0, len(ids):].tolist()
+    res = Recorder(hf, tokenizer=tiny_tokenizer).record("The quick", tmp_path / "t.hxr", generate=6)
+    with TraceReader(res.path) as r:
+        assert r.runs[0]["tokens"] == ids + ref
