@@ -255,3 +255,17 @@ def test_cli_sigint_leaves_nothing(tiny_gpt2_dir, tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "hexray: interrupted" and "Traceback" not in err
     assert os.listdir(out) == []
+
+
+def test_embedded_demo_model(tmp_path, capsys):
+    from hexray_core.record.spec import demo_model_dir
+
+    if not os.path.isfile(os.path.join(demo_model_dir(), "config.json")):
+        pytest.skip("the embedded demo model is not installed in this checkout")
+    out = tmp_path / "t.hxr"
+    assert main(["record", "--model", "hexray-demo", "--prompt", "It is a truth universally", "--generate", "2",
+                 "-q", "-o", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("hexray: recorded 1 run,")
+    with TraceReader(out) as r:
+        assert r.meta["model"]["source"] == "embedded" and r.meta["model"]["name"] == "hexray-demo"
+        assert r.runs[0]["generated"]["n"] == 2
