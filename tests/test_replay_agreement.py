@@ -46,9 +46,12 @@ def tl_run(recorder):
 
 @pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])
 def recorded(request, recorder, tmp_path_factory):
+    """A trace without the precomputed lens: replay computes everything from activations and the kit."""
     path = tmp_path_factory.mktemp("agree") / f"{request.param}.hxr"
-    recorder.record(PROMPT, path, act_dtype=request.param)
-    return request.param, open_trace(path)
+    recorder.record(PROMPT, path, act_dtype=request.param, lens=False)
+    trace = open_trace(path)
+    assert not trace.has("hexray.lens_topk_ids")
+    return request.param, trace
 
 
 def _tl_dla(cache, bridge, stack, p, target):
@@ -154,3 +157,29 @@ def test_logit_lens_agrees(recorder, tl_run, recorded):
     final = lens.layers[-1]
     assert final.target_rank == 1
     assert final.target_prob == pytest.approx(float(logits[0, p].softmax(-1).max()), abs=1e-3 if EPS[dtype] else 1e-5)
+
+
+@pytest.mark.parametrize("act_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("target", [None, "next"])
+def test_recorded_logit_lens_agrees(recorder, tl_run, tmp_path, act_dtype, target):
+    """The lens the recorder precomputes (from unrounded activations) equals TransformerLens's in any act dtype."""
+    from transformer_lens.tools.analysis import logit_lens
+
+    ids, logits, cache = tl_run
+    path = recorder.record(PROMPT, tmp_path / "lens.hxr", act_dtype=act_dtype, lens=True).path
+    trace = open_trace(path)
+    assert trace.meta["storage"]["lens"] is True
+    for p in (3, len(ids) - 2):
+        theirs = logit_lens(cache, positions=p, top_k=5).readout
+        lens = trace.logit_lens(p, top_k=5, target=target)
+        want = int(logits[0, p].argmax()) if target is None else ids[p + 1]
+        assert lens.target_id == want
+        for i, layer in enumerate(lens.layers):
+            assert [t for t, _, _ in layer.top] == theirs.top_ids[i, 0].tolist()
+            np.testing.assert_allclose(layer.top_logits, theirs.values[i, 0].numpy(), rtol=1e-5, atol=1e-4)
+        # Rank and probability of the target at each layer, against TransformerLens's full readout.
+        full = logit_lens(cache, positions=p).readout.values[:, 0]  # [layers + 1, vocab]
+        for i, layer in enumerate(lens.layers):
+            row = full[i].double()
+            assert layer.target_rank == int((row > row[want]).sum()) + 1
+            assert layer.target_prob == pytest.approx(float(row.softmax(-1)[want]), abs=1e-5)

@@ -64,6 +64,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="dtype for a tensor that would overflow float16 (default float32; noted in its attrs)")
     r.add_argument("--top-k", type=int, default=20, metavar="K",
                    help="top predictions stored per position (default 20)")
+    r.add_argument("--lens", choices=["auto", "on", "off"], default="auto",
+                   help="also store the logit lens at every layer and position, so replaying it needs no W_U "
+                        "(auto: on a GPU, or on a CPU when it costs little next to the forward pass)")
     r.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     r.add_argument("--list-hooks", action="store_true", help="print the model's hook names and exit")
 
@@ -242,7 +245,8 @@ def run(args) -> int:
             result = rec.record(prompts, args.output, hooks=args.hooks, act_dtype=args.act_dtype,
                                 overflow=args.overflow_dtype, top_k=args.top_k, generate=args.generate,
                                 temperature=args.temperature, seed=args.seed,
-                                prepend_bos=False if args.no_bos else None, bundle=args.bundle, progress=progress)
+                                prepend_bos=False if args.no_bos else None, bundle=args.bundle, progress=progress,
+                                lens={"auto": "auto", "on": True, "off": False}[args.lens])
     if args.list_hooks:
         from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
 

@@ -151,9 +151,11 @@ class _DrainThread:
 class Capture:
     """Hooks for one model and one hook plan; ``forward(...)`` records one run's activations."""
 
-    def __init__(self, bridge, plan, writer, *, act_tag: str, overflow: str = "f32", dedupe: bool = True):
+    def __init__(self, bridge, plan, writer, *, act_tag: str, overflow: str = "f32", dedupe: bool = True,
+                 keep: frozenset[str] = frozenset()):
         self.bridge, self.plan, self.writer = bridge, plan, writer
         self.act_tag, self.overflow, self.dedupe = act_tag, overflow, dedupe
+        self.keep = keep  # names whose device tensors stay available in ``kept`` after the forward pass
         self._name_of: dict[int, str] = {}
         self._points = []  # (hook point, canonical name), one per hook point
         for n, hp in dict(bridge.hook_dict).items():
@@ -170,6 +172,7 @@ class Capture:
         self.refired: list[str] = []
         self._seen: dict[tuple, tuple] = {}
         self._done: set[str] = set()
+        self.kept: dict[str, torch.Tensor] = {}
 
     # -- the hook --------------------------------------------------------------------------
 
@@ -202,6 +205,8 @@ class Capture:
         except TypeError:
             pass
         self._done.add(name)
+        if name in self.keep:
+            self.kept[name] = tensor.detach()
         with torch.no_grad():
             x, tag, attrs = to_host(tensor.detach(), self.act_tag, overflow=self.overflow,
                                     force_f32=name.endswith("hook_scale"))

@@ -334,7 +334,9 @@ def _describe(bridge, tok, *, name: str, source: str, revision, path, processing
     }
     if path is not None:
         model_meta["path"] = path
-    tok_meta = {"name": getattr(tok, "name_or_path", None) or name, "vocab_size": len(tok),
+    # The embedded model's tokenizer is named, not located: its folder is an install detail.
+    tok_name = name if source == "embedded" else (getattr(tok, "name_or_path", None) or name)
+    tok_meta = {"name": tok_name, "vocab_size": len(tok),
                 "bos_token_id": getattr(tok, "bos_token_id", None), "sha256": tokenizer_fingerprint(tok),
                 "class": type(tok).__name__}
     return LoadedModel(bridge=bridge, tokenizer=tok, model_meta=model_meta, tokenizer_meta=tok_meta,

@@ -108,8 +108,12 @@ class Recorder:
     def record(self, prompts, output: str | os.PathLike | None = None, *, hooks="default", act_dtype: str = "auto",
                overflow: str = "f32", top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
                seed: int | None = None, prepend_bos: bool | None = None, bundle: bool = False,
-               cache_dir: str | None = None, progress=None) -> RecordResult:
-        """Record each prompt as one run of a new trace at ``output`` (replaced atomically when complete)."""
+               cache_dir: str | None = None, progress=None, lens: bool | str = "auto") -> RecordResult:
+        """Record each prompt as one run of a new trace at ``output`` (replaced atomically when complete).
+
+        ``lens``: also store the logit lens at every layer and position (True, False, or "auto": on a
+        GPU, or on a CPU when its cost is small).
+        """
         t0 = time.perf_counter()
         prompts = normalize_prompts(prompts)
         if output is None:
@@ -157,6 +161,13 @@ class Recorder:
         else:
             _emit(progress, "kit", path=kit.path, written=kit.written, sha256=kit.sha256)
 
+        lens_layers = _lens_hooks(int(self.bridge.cfg.n_layers))
+        if lens == "auto":
+            # On a GPU the lens costs next to nothing; on a CPU only while it stays small next to the forward.
+            longest = max(len(ids) for ids in token_lists) + int(generate)
+            cost = (int(self.bridge.cfg.n_layers) + 1) * longest * int(self.bridge.cfg.d_model) * lm.d_vocab
+            lens = lm.input_device.type == "cuda" or cost <= LENS_AUTO_MACS
+        lens = bool(lens) and all(name in plan._set for name in lens_layers)
         meta = {
             "hexray": {"version": _version(), "trace": "recording"},
             "model": lm.model_meta,
@@ -164,7 +175,7 @@ class Recorder:
             "kit": {"sha256": kit.sha256, "bundled": bool(bundle)},
             "hooks": {"set": plan.label, "requested": list(plan.requested)},
             "storage": {"act_dtype": act_tag, "codec": CODEC, "chunk_bytes": 1 << 20,
-                        "overflow_fallback": overflow, "scales": "f32"},
+                        "overflow_fallback": overflow, "scales": "f32", "lens": lens},
             "writer": lm.cache.setdefault("writer_meta", writer_meta(lm.device)),
         }
         if bundle:
@@ -174,7 +185,7 @@ class Recorder:
         except OSError as e:
             raise _write_error(output, e) from None
         capture = Capture(self.bridge, plan, writer, act_tag=act_tag, overflow=overflow,
-                          dedupe=plan.label != "default")
+                          dedupe=plan.label != "default", keep=frozenset(lens_layers) if lens else frozenset())
         eos = getattr(tok, "eos_token_id", None)
         total_tokens = 0
         n_tensors = len(kit.arrays) if bundle else 0
@@ -196,13 +207,17 @@ class Recorder:
                                  n_prompt_tokens=len(ids), generated=gen_info, prepend_bos=bool(prepend_bos))
                 tokens_t = torch.tensor([all_ids], device=lm.input_device)
                 logits = capture.forward(tokens_t)
-                _write_run_tensors(writer, self.bridge, logits, all_ids, k)
-                info = {"aliases": dict(capture.aliases)}
+                need = _write_run_tensors(writer, self.bridge, logits, all_ids, k)
+                if lens:
+                    _write_lens(writer, self.bridge, [capture.kept[n] for n in lens_layers], logits, all_ids, k)
+                    capture.kept.clear()
+                info = {"aliases": dict(capture.aliases),
+                        "unembed_strs": [tok.decode([int(i)], clean_up_tokenization_spaces=False) for i in need]}
                 if capture.refired:
                     info["refired"] = sorted(set(capture.refired))
                 writer.end_run(**info)
                 total_tokens += len(all_ids)
-                n_tensors += len(capture.written) + len(RUN_TENSORS)
+                n_tensors += len(capture.written) + len(RUN_TENSORS) + (len(LENS_TENSORS) if lens else 0)
                 _emit(progress, "run_done", index=i, total=len(prompts), tokens=len(all_ids),
                       bytes=writer.bytes_written)
             _emit(progress, "status", message="finishing the trace")
@@ -242,6 +257,55 @@ def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: l
     writer.write("hexray.unembed_ids", need.astype(np.int32))
     writer.write("hexray.unembed_cols", np.ascontiguousarray(cols, dtype=np.float32))
     writer.write("hexray.unembed_bias", bias.astype(np.float32))
+    return need
+
+
+LENS_AUTO_MACS = 2_000_000_000  # CPU budget for the precomputed logit lens (~40 ms at 50 GFLOP/s)
+LENS_TENSORS = ("hexray.lens_topk_ids", "hexray.lens_topk_logits", "hexray.lens_logsumexp", "hexray.lens_top_logit",
+                "hexray.lens_top_rank", "hexray.lens_next_logit", "hexray.lens_next_rank")
+
+
+def _lens_hooks(n_layers: int) -> list[str]:
+    return [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+
+
+def _write_lens(writer: TraceWriter, bridge, resids: list[torch.Tensor], logits: torch.Tensor, ids: list[int],
+                k: int) -> None:
+    """The logit lens at every layer and position, computed where the model runs (a hover then reads it).
+
+    As TransformerLens's logit_lens: the stream entering each block and the final stream, normalised
+    with recomputed statistics (centred for LayerNorm; the final norm's gain is folded into W_U),
+    times W_U plus b_U. Also the lens logit and rank of the model's final top prediction and of the
+    actual next token, so the common targets need no full unembedding at replay.
+    """
+    cfg = bridge.cfg
+    layernorm = str(cfg.normalization_type or "LN").upper().startswith("LN")
+    eps = float(getattr(cfg, "eps", 1e-5))
+    with torch.no_grad():
+        W_U, b_U = bridge.W_U.float(), bridge.b_U.float()
+        n = logits.shape[1]
+        final_top = logits[0].float().argmax(-1).to(W_U.device)
+        nxt = torch.tensor(ids[1:] + [ids[-1]], device=W_U.device)
+        rows = torch.arange(n, device=W_U.device)
+        out = {name: [] for name in LENS_TENSORS}
+        for resid in resids:  # one layer at a time: [n, d_vocab] floats, not [layers, n, d_vocab]
+            x = resid[0].float().to(W_U.device)
+            if layernorm:
+                x = x - x.mean(-1, keepdim=True)
+            lg = (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)) @ W_U + b_U
+            top = lg.topk(k, dim=-1)
+            top_logit, next_logit = lg[rows, final_top], lg[rows, nxt]
+            out["hexray.lens_topk_ids"].append(top.indices.to(torch.int32))
+            out["hexray.lens_topk_logits"].append(top.values)
+            out["hexray.lens_logsumexp"].append(torch.logsumexp(lg, -1))
+            out["hexray.lens_top_logit"].append(top_logit)
+            out["hexray.lens_top_rank"].append(((lg > top_logit[:, None]).sum(-1) + 1).to(torch.int32))
+            next_logit[-1] = float("nan")  # no next token after the last one
+            out["hexray.lens_next_logit"].append(next_logit)
+            out["hexray.lens_next_rank"].append(((lg > next_logit[:, None]).sum(-1) + 1).to(torch.int32))
+    for name, parts in out.items():
+        arr = torch.stack(parts).cpu().numpy()
+        writer.write(name, arr if arr.dtype == np.int32 else arr.astype(np.float32))
 
 
 def _emit(progress, event: str, **info) -> None:

@@ -65,8 +65,11 @@ def logit_lens(trace, *, position: int = -1, run: int = 0, target: str | int | N
                top_k: int = 10) -> LogitLens:
     r = trace.run(run)
     p = r.position(position)
-    kit = trace.require_kit("the logit lens (full W_U)")
     tid = resolve_target(trace, r.id, p, target)
+    recorded = _recorded_lens(trace, r, p, tid, target, top_k)
+    if recorded is not None:
+        return recorded
+    kit = trace.require_kit("the logit lens (full W_U)")
     labels, resid = residual_stack(trace, r.id, p)
     W_U, b_U = kit["W_U"], kit["b_U"]
     logits = normalise(trace, resid).astype(np.float32) @ W_U + b_U  # [layers + 1, vocab]
@@ -88,4 +91,31 @@ def logit_lens(trace, *, position: int = -1, run: int = 0, target: str | int | N
             float(np.exp(target_logits[i] - lse[i])),
             float(target_logits[i]),
         ))
+    return out
+
+
+def _recorded_lens(trace, r, p: int, tid: int, target, top_k: int) -> LogitLens | None:
+    """The lens the recorder precomputed (hexray.lens_*), when it covers this request: a few row reads."""
+    if not trace.has("hexray.lens_topk_ids", r.id):
+        return None
+    if target in (None, "top"):
+        which = "top"
+    elif target == "next" and p + 1 < r.n_tokens:
+        which = "next"
+    else:
+        return None
+    ids = trace.tensor("hexray.lens_topk_ids", r.id)[:, p]  # [layers + 1, k]
+    if top_k > ids.shape[1]:
+        return None
+    logits = trace.tensor("hexray.lens_topk_logits", r.id)[:, p]
+    lse = trace.tensor("hexray.lens_logsumexp", r.id)[:, p]
+    t_logit = trace.tensor(f"hexray.lens_{which}_logit", r.id)[:, p]
+    t_rank = trace.tensor(f"hexray.lens_{which}_rank", r.id)[:, p]
+    labels = [f"L{i} pre" for i in range(len(ids) - 1)] + ["final"]
+    out = LogitLens(r.id, p, r.token_strs[p], tid, trace.token_str(tid, r.id))
+    for i, label in enumerate(labels):
+        top = [(int(t), trace.token_str(int(t), r.id), float(np.exp(v - lse[i])))
+               for t, v in zip(ids[i, :top_k], logits[i, :top_k], strict=True)]
+        out.layers.append(LensLayer(label, top, [float(v) for v in logits[i, :top_k]], int(t_rank[i]),
+                                    float(np.exp(t_logit[i] - lse[i])), float(t_logit[i])))
     return out
