@@ -238,7 +238,9 @@ def test_cli_sigint_leaves_nothing(tiny_gpt2_dir, tmp_path):
     out.mkdir()
     proc = subprocess.Popen(hexray_cmd("--model", tiny_gpt2_dir, "--prompts-file", str(prompts),
                                        "-o", str(out / "t.hxr")),
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=cli_env(tmp_path))
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=cli_env(tmp_path),
+                            # A shell without job control starts background children with SIGINT ignored; undo that.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         for line in proc.stderr:  # wait until it is recording

@@ -34,9 +34,16 @@ _STREAMER = textwrap.dedent("""
 """)
 
 
+def default_sigint():
+    """Child starts with SIGINT's default action: a shell without job control (a CI script running
+    a command in the background) starts its children with SIGINT ignored, and Python then never
+    turns Ctrl-C into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_streamer(target, mode: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", _STREAMER, REPO, str(target), mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     line = proc.stdout.readline()
     assert line.strip() == "writing", proc.stderr.read()
     time.sleep(0.2)  # well inside the stream: ~20 chunks in, ~1 GB to go
