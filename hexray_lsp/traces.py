@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from hexray_core.replay.kit import cache_dir
+from hexray_core.kitstore import cache_dir
 
 from .documents import Document
 from .settings import Settings

@@ -28,19 +28,8 @@ import os
 import numpy as np
 import torch
 
+from hexray_core.kitstore import BUNDLE_PREFIX, KIT_TENSORS, cache_dir, kit_path  # noqa: F401 (re-exported)
 from trace_format import WEIGHTS_RUN, TraceFormatError, TraceReader, TraceWriter
-
-KIT_TENSORS = ("W_U", "b_U", "W_O", "b_O", "W_out", "b_out")
-BUNDLE_PREFIX = "kit/"
-
-
-def cache_dir() -> str:
-    """``$HEXRAY_CACHE``, or ``~/.cache/hexray``."""
-    return os.path.expanduser(os.environ.get("HEXRAY_CACHE") or os.path.join("~", ".cache", "hexray"))
-
-
-def kit_path(sha256: str, root: str | None = None) -> str:
-    return os.path.join(root or cache_dir(), "kits", f"{sha256}.hxr")
 
 
 def _host(t: torch.Tensor) -> tuple[np.ndarray, str]:

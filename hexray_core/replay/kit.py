@@ -7,22 +7,11 @@ A kit is bundled in the trace (tensors ``kit/<name>`` at WEIGHTS_RUN) or cached 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
+from hexray_core.kitstore import BUNDLE_PREFIX, cache_dir, kit_path  # noqa: F401 (cache_dir re-exported)
 from trace_format import WEIGHTS_RUN, TraceFormatError, TraceReader
-
-KIT_TENSORS = ("W_U", "b_U", "W_O", "b_O", "W_out", "b_out")
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("HEXRAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hexray")
-    return Path(root)
-
-
-def kit_path(sha256: str) -> Path:
-    return cache_dir() / "kits" / f"{sha256}.hxr"
 
 
 class Kit:
@@ -53,12 +42,12 @@ def find_kit(trace_reader: TraceReader) -> Kit | None:
     ref = trace_reader.meta.get("kit") or {}
     sha = ref.get("sha256")
     vocab = ref.get("vocab")
-    if trace_reader.has("kit/W_U", WEIGHTS_RUN):
-        return Kit(trace_reader, "kit/", sha, vocab or trace_reader.meta.get("vocab"))
+    if trace_reader.has(BUNDLE_PREFIX + "W_U", WEIGHTS_RUN):
+        return Kit(trace_reader, BUNDLE_PREFIX, sha, vocab or trace_reader.meta.get("vocab"))
     if not isinstance(sha, str) or not sha.isalnum():
         return None
     path = kit_path(sha)
-    if not path.exists():
+    if not os.path.exists(path):
         return None
     try:
         reader = TraceReader(path)
