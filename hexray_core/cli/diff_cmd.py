@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hexray_core.errors import HexRayError
 from hexray_core.replay.attribution import BY_CHOICES
 
 
@@ -26,6 +27,8 @@ def run(args) -> int:
     from hexray_core.cli import render
     from hexray_core.replay import attribution_diff, open_trace
 
+    if args.top_k < 1:
+        raise HexRayError(f"--top-k must be at least 1, not {args.top_k}")
     ta = open_trace(args.a)
     tb = open_trace(args.b) if args.b else ta
     runs = args.runs or ((0, 0) if args.b else (0, 1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from hexray_core import __version__
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return int(_load(args.command).run(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError):
+            pass
+        return 0
     except Exception as e:
         if not _is_user_error(e):
             raise
@@ -80,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hexray: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

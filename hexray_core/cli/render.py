@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -19,7 +21,8 @@ BAR_WIDTH = 24
 
 
 def console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    # No markup or emoji codes: token text such as "[bold]", "[/]" or ":fire:" must print literally.
+    return Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
 
 
 def q(token: str) -> str:
@@ -27,8 +30,25 @@ def q(token: str) -> str:
     return json.dumps(token, ensure_ascii=False)
 
 
+def _plain(obj):
+    """JSON-ready copy: numpy values as Python numbers, NaN and ±inf as null (JSON has no such numbers)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def print_json(obj) -> None:
-    print(json.dumps(obj, ensure_ascii=False, indent=2, default=float))
+    print(json.dumps(_plain(obj), ensure_ascii=False, indent=2, allow_nan=False))
 
 
 def bar(value: float, scale: float, width: int = BAR_WIDTH) -> Text:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hexray_core.errors import HexRayError
 from hexray_core.replay.attribution import BY_CHOICES
 
 
@@ -39,6 +40,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from hexray_core.replay import open_trace
 
+    if args.top_k < 1:
+        raise HexRayError(f"--top-k must be at least 1, not {args.top_k}")
     with open_trace(args.trace) as trace:
         show(trace, args, args.top_k)
     return 0

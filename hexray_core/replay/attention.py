@@ -58,7 +58,7 @@ def attention_row(trace, run: int, layer: int, query: int) -> np.ndarray:
         from hexray_core.errors import HexRayError
 
         raise HexRayError(f"attention views need {name}, which this trace did not record")
-    info = trace.reader.info(name, run)
+    info = trace.reader.info(trace.stored_name(name, run), run)
     if info.nbytes <= 16 << 20:  # small: decode once, keep in the trace's cache
         return trace.tensor(name, run)[:, query, :]
     return np.stack([trace.reader.read(info.name, run, index=(h, slice(query, query + 1)))[0]

@@ -46,14 +46,20 @@ class CotBreakdown:
         return asdict(self)
 
 
-def split_steps(text: str, mode: str = "auto", step_regex: str | None = None) -> list[tuple[int, int]]:
-    """Character ranges of the steps of a text (whitespace-only steps are dropped)."""
+def resolve_mode(text: str, mode: str = "auto", step_regex: str | None = None) -> str:
+    """The split a text gets: regex when a regex is given; auto is lines if several, else sentences."""
     if step_regex:
         mode = "regex"
     if mode not in SPLIT_MODES:
         raise HexRayError(f"step split must be one of {', '.join(SPLIT_MODES)}, not {mode!r}")
     if mode == "auto":
         mode = "lines" if len([ln for ln in text.splitlines() if ln.strip()]) >= 2 else "sentences"
+    return mode
+
+
+def split_steps(text: str, mode: str = "auto", step_regex: str | None = None) -> list[tuple[int, int]]:
+    """Character ranges of the steps of a text (whitespace-only steps are dropped)."""
+    mode = resolve_mode(text, mode, step_regex)
     if mode == "regex":
         if not step_regex:
             raise HexRayError("--step-regex is required for regex step splitting")
@@ -141,4 +147,4 @@ def cot_breakdown(trace, *, run: int = 0, mode: str = "auto", step_regex: str | 
         attends = [(j, float(attention[i, j])) for j in range(i)]
         attends.sort(key=lambda x: -x[1])
         steps.append(CotStep(i, r.prompt[a:b].strip(), (a, b), span, float(per_comp.sum()), mean_lp, comps, attends))
-    return CotBreakdown(r.id, "regex" if step_regex else mode, steps, attention.tolist())
+    return CotBreakdown(r.id, resolve_mode(r.prompt, mode, step_regex), steps, attention.tolist())

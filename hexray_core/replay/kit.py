@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from hexray_core.errors import HexRayError
 from hexray_core.kitstore import BUNDLE_PREFIX, cache_dir, kit_path  # noqa: F401 (cache_dir re-exported)
 from trace_format import WEIGHTS_RUN, TraceFormatError, TraceReader
 
@@ -27,6 +28,9 @@ class Kit:
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._weights:
+            if not self.has(name):
+                raise HexRayError(f"the model kit ({self.source}) has no {name}: it is incomplete or from another "
+                                  "HexRay version; record again to rebuild it")
             arr = self.reader.read(self.prefix + name, WEIGHTS_RUN)
             arr.setflags(write=False)
             self._weights[name] = arr

@@ -66,12 +66,14 @@ def logit_lens(trace, *, position: int = -1, run: int = 0, target: str | int | N
     r = trace.run(run)
     p = r.position(position)
     tid = resolve_target(trace, r.id, p, target)
-    recorded = _recorded_lens(trace, r, p, tid, target, top_k)
+    recorded = _recorded_lens(trace, r, p, tid, top_k)
     if recorded is not None:
         return recorded
     kit = trace.require_kit("the logit lens (full W_U)")
-    labels, resid = residual_stack(trace, r.id, p)
     W_U, b_U = kit["W_U"], kit["b_U"]
+    if not 0 <= tid < W_U.shape[1]:
+        raise HexRayError(f"token id {tid} is outside the vocabulary (0..{W_U.shape[1] - 1})")
+    labels, resid = residual_stack(trace, r.id, p)
     logits = normalise(trace, resid).astype(np.float32) @ W_U + b_U  # [layers + 1, vocab]
     out = LogitLens(r.id, p, r.token_strs[p], tid, trace.token_str(tid, r.id))
     k = max(1, min(top_k, logits.shape[1]))
@@ -94,18 +96,22 @@ def logit_lens(trace, *, position: int = -1, run: int = 0, target: str | int | N
     return out
 
 
-def _recorded_lens(trace, r, p: int, tid: int, target, top_k: int) -> LogitLens | None:
-    """The lens the recorder precomputed (hexray.lens_*), when it covers this request: a few row reads."""
+def _recorded_lens(trace, r, p: int, tid: int, top_k: int) -> LogitLens | None:
+    """The lens the recorder precomputed (hexray.lens_*), when it covers this request: a few row reads.
+
+    It covers the model's top prediction and the actual next token, however the target was spelt;
+    asked for more rows than it holds, it still answers (with its rows) when there is no kit.
+    """
     if not trace.has("hexray.lens_topk_ids", r.id):
         return None
-    if target in (None, "top"):
+    if tid == int(trace.tensor("hexray.topk_ids", r.id)[p, 0]):
         which = "top"
-    elif target == "next" and p + 1 < r.n_tokens:
+    elif p + 1 < r.n_tokens and tid == r.tokens[p + 1]:
         which = "next"
     else:
         return None
     ids = trace.tensor("hexray.lens_topk_ids", r.id)[:, p]  # [layers + 1, k]
-    if top_k > ids.shape[1]:
+    if top_k > ids.shape[1] and trace.kit is not None:
         return None
     logits = trace.tensor("hexray.lens_topk_logits", r.id)[:, p]
     lse = trace.tensor("hexray.lens_logsumexp", r.id)[:, p]

@@ -112,8 +112,18 @@ class Trace:
             raise HexRayError(f"{self.path} has {len(self.runs)} run(s); there is no run {run}")
         return self.runs[run]
 
+    def stored_name(self, name: str, run: int = 0) -> str:
+        """The name a tensor is stored under: `--hooks full` keeps a hook that carried the very same
+        tensor as an earlier one only as an alias (run info "aliases": name -> stored name)."""
+        r = self.run(run)
+        if self.reader.has(name, r.id):
+            return name
+        aliases = r.info.get("aliases")
+        target = aliases.get(name) if isinstance(aliases, dict) else None
+        return target if isinstance(target, str) else name
+
     def has(self, name: str, run: int = 0) -> bool:
-        return self.reader.has(name, self.run(run).id)
+        return self.reader.has(self.stored_name(name, run), self.run(run).id)
 
     def names(self, run: int = 0) -> list[str]:
         return self.reader.names(self.run(run).id)
@@ -121,15 +131,16 @@ class Trace:
     def tensor(self, name: str, run: int = 0) -> np.ndarray:
         """A run's tensor by hook name, as float32 (ints stay ints). Cached; do not modify it."""
         run_id = self.run(run).id
-        key = (run_id, name)
+        stored = self.stored_name(name, run_id)
+        key = (run_id, stored)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        if not self.reader.has(name, run_id):
+        if not self.reader.has(stored, run_id):
             raise HexRayError(f"{self.path}: run {run_id} has no tensor {name!r} "
                               f"(recorded hooks: {self.meta.get('hooks', {}).get('set', 'unknown')})")
-        arr = self.reader.read(name, run_id)
+        arr = self.reader.read(stored, run_id)
         arr.setflags(write=False)
         self._cache[key] = arr
         self._cache_bytes += arr.nbytes
@@ -169,12 +180,15 @@ class Trace:
         kit = self.kit
         return kit.vocab if kit is not None else None
 
-    def token_id(self, text_or_id: str | int, run: int = 0) -> int:
-        """Resolve a target given as an id, '#id', or the exact text of one token."""
+    def token_id(self, text_or_id: str | int, run: int = 0, *, literal: bool = False) -> int:
+        """Resolve a target given as an id, '#id', or the exact text of one token.
+
+        literal=True: the string is only ever a token's text (a token spelt "#5" or "5" stays itself).
+        """
         if isinstance(text_or_id, int):
             return text_or_id
         s = str(text_or_id)
-        if re.fullmatch(r"#\d+", s):
+        if not literal and re.fullmatch(r"#\d+", s):
             return int(s[1:])
         for tid, text in self._known_strs(self.run(run).id).items():
             if text == s:
@@ -185,7 +199,7 @@ class Trace:
                 return vocab.index(s)
             except ValueError:
                 pass
-        if s.isdigit():
+        if s.isdigit() and not literal:
             return int(s)
         hint = "" if vocab is not None else (" (without the model kit only the run's own tokens and predictions "
                                              "are known)")
