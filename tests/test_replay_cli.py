@@ -188,3 +188,17 @@ def test_python_api(traces):
     assert resid.shape == (t.runs[0].n_tokens, 64) and str(resid.dtype) == "float32"
     assert t.attribution().top(3)[0].label
     assert t.logit_lens().layers[-1].target_rank == 1
+
+
+def test_recording_without_torch_is_one_line_naming_the_extra(tmp_path):
+    """A replay-only install (no torch) that tries to record gets the install command, not a traceback."""
+    code = ("import sys; sys.modules['torch'] = None; from hexray_core.cli.main import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    for args in (["record", "--model", "hexray-demo", "--prompt", "hi", "-o", str(tmp_path / "t.hxr")],
+                 ["--model", "hexray-demo", "--prompt", "hi", "-q"]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+                             timeout=120)
+        assert out.returncode == 1
+        errors = [ln for ln in out.stderr.splitlines() if ln.startswith("hexray: error:")]
+        assert len(errors) == 1 and "hexray[record]" in errors[0] and "Traceback" not in out.stderr
+    assert not (tmp_path / "t.hxr").exists()

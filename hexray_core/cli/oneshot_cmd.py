@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
         raise HexRayError(f"--top-k-attribution must be at least 1, not {args.top_k_attribution}")
     if not args.prompt:
         raise HexRayError("empty prompt: nothing to record")
-    from hexray_core.cli.record_cmd import Progress
+    from hexray_core.cli.record_cmd import Progress, recorder_class
     from hexray_core.record.spec import check_output_path, precheck
 
     precheck(args.model)
@@ -56,8 +56,7 @@ def main(argv: list[str]) -> int:
     try:
         with Progress(args.quiet) as progress:
             progress("status", message="importing torch and TransformerLens")
-            from hexray_core.record.recorder import Recorder
-
+            Recorder = recorder_class()
             rec = Recorder(args.model, device=args.device, dtype=args.dtype, progress=progress)
             rec.record(args.prompt, output, act_dtype="float32", generate=args.generate,
                        temperature=args.temperature, seed=args.seed, progress=progress)

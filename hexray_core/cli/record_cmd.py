@@ -213,6 +213,19 @@ def _device_map(value: str | None):
     return value
 
 
+def recorder_class():
+    """The Recorder, or one clear line when the recording extra (torch, TransformerLens) is missing."""
+    try:
+        from hexray_core.record.recorder import Recorder
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("torch", "transformer_lens", "transformers"):
+            raise HexRayError(f"recording needs {e.name.split('.')[0]}, which is not installed: "
+                              "pip install 'hexray[record]' (on a CPU-only machine install torch's CPU build "
+                              "first, e.g. pip install torch==2.13.0); replaying traces needs neither") from None
+        raise
+    return Recorder
+
+
 def run(args) -> int:
     if args.top_k < 1:
         raise HexRayError(f"--top-k must be at least 1, not {args.top_k}")
@@ -236,8 +249,7 @@ def run(args) -> int:
         os.environ["HEXRAY_CACHE"] = os.path.expanduser(args.cache_dir)
     with Progress(args.quiet) as progress:
         progress("status", message="importing torch and TransformerLens")
-        from hexray_core.record.recorder import Recorder
-
+        Recorder = recorder_class()
         rec = Recorder(args.model, device=args.device, dtype=args.dtype, n_devices=args.n_devices,
                        device_map=_device_map(args.device_map), trust_remote_code=args.trust_remote_code,
                        revision=args.revision, progress=progress)
