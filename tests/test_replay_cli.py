@@ -202,3 +202,22 @@ def test_recording_without_torch_is_one_line_naming_the_extra(tmp_path):
         errors = [ln for ln in out.stderr.splitlines() if ln.startswith("hexray: error:")]
         assert len(errors) == 1 and "hexray[record]" in errors[0] and "Traceback" not in out.stderr
     assert not (tmp_path / "t.hxr").exists()
+
+
+def test_tokens_that_split_a_character_show_their_bytes(traces):
+    import re
+
+    run = open_trace(traces[0]).runs[1]  # COT holds 🍎, which the tiny tokenizer splits into byte tokens
+    split = [i for i, s in enumerate(run.token_strs) if "\ufffd" in s]
+    assert split, "the fixture should contain a token holding part of a character"
+    for i in split:
+        assert "\ufffd" not in run.labels[i] and re.search(r"(\\x[0-9a-f]{2})+", run.labels[i])
+
+    def as_bytes(label: str) -> bytes:  # undo the display: \xNN escapes back to bytes, the rest as UTF-8
+        parts = re.split(r"((?:\\x[0-9a-f]{2})+)", label)
+        return b"".join(bytes.fromhex(p.replace("\\x", "")) if p.startswith("\\x") else p.encode() for p in parts)
+
+    first = 1 if run.char_spans[0] == (-1, -1) else 0  # BOS
+    assert b"".join(as_bytes(label) for label in run.labels[first:]) == run.prompt.encode()
+    out = hexray("replay", traces[0], "--run", "1", "--position", str(split[-1]), "--top-k", "2")
+    assert out.returncode == 0 and f'Token: "{run.labels[split[-1]]}"' in out.stdout

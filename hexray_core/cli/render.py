@@ -26,8 +26,9 @@ def console() -> Console:
 
 
 def q(token: str) -> str:
-    """A token as a quoted, escaped string: spaces and newlines stay visible."""
-    return json.dumps(token, ensure_ascii=False)
+    """A token as a quoted, escaped string: spaces and newlines stay visible, and the byte escapes
+    of a token that holds part of a character (Run.labels) print as \\xNN, not \\\\xNN."""
+    return json.dumps(token, ensure_ascii=False).replace("\\\\x", "\\x")
 
 
 def _plain(obj):

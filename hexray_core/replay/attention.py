@@ -39,13 +39,13 @@ def attention_summary(trace, *, position: int = -1, run: int = 0, top_heads: int
     rows = []
     for layer in range(trace.n_layers):
         rows.append(attention_row(trace, r.id, layer, q))
-    out = AttentionSummary(r.id, q, r.token_strs[q])
+    out = AttentionSummary(r.id, q, r.labels[q])
     for layer, row in enumerate(rows):
         for head, weights in enumerate(row):
             keys = np.argsort(-weights[: q + 1], kind="stable")[:top_keys]
             focus = float(weights[1: q + 1].max()) if q >= 1 else float(weights[0])
             out.heads.append(HeadFocus(layer, head, f"L{layer}H{head}",
-                                       [(int(k), r.token_strs[k], float(weights[k])) for k in keys], focus))
+                                       [(int(k), r.labels[k], float(weights[k])) for k in keys], focus))
     out.heads.sort(key=lambda h: -h.focus)
     del out.heads[top_heads:]
     return out

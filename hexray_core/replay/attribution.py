@@ -165,7 +165,7 @@ def direct_logit_attribution(trace, *, position: int = -1, run: int = 0, target:
     prob = None
     if bid is None and source == "recorded" and trace.has("hexray.logsumexp", r.id):
         prob = float(np.exp(logit - trace.tensor("hexray.logsumexp", r.id)[p]))
-    return Attribution(r.id, p, r.token_strs[p], tid, trace.token_str(tid, r.id), bid,
+    return Attribution(r.id, p, r.labels[p], tid, trace.token_str(tid, r.id), bid,
                        None if bid is None else trace.token_str(bid, r.id), by, logit, source, total, prob, parts)
 
 

@@ -75,7 +75,7 @@ def logit_lens(trace, *, position: int = -1, run: int = 0, target: str | int | N
         raise HexRayError(f"token id {tid} is outside the vocabulary (0..{W_U.shape[1] - 1})")
     labels, resid = residual_stack(trace, r.id, p)
     logits = normalise(trace, resid).astype(np.float32) @ W_U + b_U  # [layers + 1, vocab]
-    out = LogitLens(r.id, p, r.token_strs[p], tid, trace.token_str(tid, r.id))
+    out = LogitLens(r.id, p, r.labels[p], tid, trace.token_str(tid, r.id))
     k = max(1, min(top_k, logits.shape[1]))
     # Whole-matrix numpy operations: one pass each over [layers + 1, vocab] (a hover pays for this).
     peak = logits.max(1, keepdims=True)
@@ -118,7 +118,7 @@ def _recorded_lens(trace, r, p: int, tid: int, top_k: int) -> LogitLens | None:
     t_logit = trace.tensor(f"hexray.lens_{which}_logit", r.id)[:, p]
     t_rank = trace.tensor(f"hexray.lens_{which}_rank", r.id)[:, p]
     labels = [f"L{i} pre" for i in range(len(ids) - 1)] + ["final"]
-    out = LogitLens(r.id, p, r.token_strs[p], tid, trace.token_str(tid, r.id))
+    out = LogitLens(r.id, p, r.labels[p], tid, trace.token_str(tid, r.id))
     for i, label in enumerate(labels):
         top = [(int(t), trace.token_str(int(t), r.id), float(np.exp(v - lse[i])))
                for t, v in zip(ids[i, :top_k], logits[i, :top_k], strict=True)]

@@ -36,7 +36,7 @@ def residual_trace(trace, *, run: int = 0) -> ResidualTrace:
     if trace.has("hook_pos_embed", r.id):
         embed = embed + trace.tensor("hook_pos_embed", r.id)
     return ResidualTrace(
-        r.id, r.token_strs, [f"L{i}" for i in range(L)],
+        r.id, r.labels, [f"L{i}" for i in range(L)],
         np.stack([norms(f"blocks.{i}.hook_resid_post") for i in range(L)]),
         np.stack([norms(f"blocks.{i}.hook_attn_out") for i in range(L)]),
         np.stack([norms(f"blocks.{i}.hook_mlp_out") for i in range(L)]),

@@ -24,7 +24,7 @@ _CACHE_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
-class Run:
+class Run:  # frozen, yet `labels` is a cached_property: dataclass(frozen) leaves __dict__ writable
     """One recorded prompt: its text and tokens."""
 
     id: int
@@ -38,6 +38,22 @@ class Run:
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    @cached_property
+    def labels(self) -> list[str]:
+        """Token texts for display: a token that holds only part of a UTF-8 character (decoded as
+        U+FFFD) shows its bytes instead, e.g. '\\xe8\\x8b' for the first two bytes of '苹'."""
+        spans = self.info.get("byte_spans")
+        if not spans or len(spans) != len(self.tokens):
+            return self.token_strs
+        raw = self.prompt.encode("utf-8")
+        out = []
+        for text, span in zip(self.token_strs, spans, strict=True):
+            start, end = (int(v) for v in span)
+            if "\ufffd" in text and 0 <= start < end <= len(raw):
+                text = raw[start:end].decode("utf-8", errors="backslashreplace")
+            out.append(text)
+        return out
 
     def position(self, pos: int) -> int:
         """Resolve a possibly negative position; out of range is a user error."""
