@@ -16,7 +16,8 @@ Modules, one feature each over one document-and-trace model:
     diagnostics   no trace / stale / unreadable / kit missing / surprising tokens
     code_lens     "record trace" / "cancel" on the first line
     commands      hexray.recordTrace (progress, cancellation, record on save), status, restart
-    worker        the record worker subprocess (keeps the model loaded) and its client
+    worker        the client of the record worker subprocess (start, restart, requests, crashes)
+    worker_process  the record worker itself (keeps the model loaded; the only module importing torch)
     protocol      pre-serialised results for large inlay-hint lists
 
 The server process imports pygls, numpy and hexray_core.replay only; never torch.
