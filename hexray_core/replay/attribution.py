@@ -90,7 +90,7 @@ def _unembed(trace, run: int, token_id: int) -> tuple[np.ndarray, float]:
 
 
 def _run_unembed(trace, run: int):
-    cache = trace.__dict__.setdefault("_unembed", {})
+    cache = trace._unembed
     rid = trace.run(run).id
     if rid not in cache:
         if trace.has("hexray.unembed_ids", rid):
@@ -174,7 +174,7 @@ def component_stack(trace, run: int) -> tuple[list[tuple[str, str, int | None]],
 
     Cached per run, so attributing another position or token costs one matrix-vector product.
     """
-    cache = trace.__dict__.setdefault("_stacks", {})
+    cache = trace._stacks
     if run not in cache:
         labels, arrays = [("Embed", "embed", None)], [trace.tensor("hook_embed", run)]
         if trace.has("hook_pos_embed", run):

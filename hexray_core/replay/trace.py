@@ -80,6 +80,10 @@ class Trace:
         self._cache: collections.OrderedDict[tuple[int, str], np.ndarray] = collections.OrderedDict()
         self._cache_bytes = 0
         self._kit = kit
+        # Per-run results derived from tensors, kept for the life of the trace (hovers reuse them):
+        self._strs: dict[int, dict[int, str]] = {}  # token id -> text known to a run
+        self._unembed: dict[int, tuple | None] = {}  # the run's unembedding columns (attribution.py)
+        self._stacks: dict[int, tuple] = {}  # the run's component stack (attribution.py)
         self.runs = [self._make_run(r) for r in self.reader.runs]
         if not self.runs:
             raise HexRayError(f"{self.path}: the trace holds no runs (is it a model kit?)")
@@ -179,17 +183,15 @@ class Trace:
         return f"#{token_id}"
 
     def _known_strs(self, run_id: int) -> dict[int, str]:
-        cache = self.__dict__.setdefault("_strs", {})
-        if run_id not in cache:
-            info = self.runs[run_id].info
-            known = dict(zip(self.runs[run_id].tokens, self.runs[run_id].token_strs, strict=False))
-            ids, strs = info.get("unembed_ids"), info.get("unembed_strs")
-            if ids is None and self.reader.has("hexray.unembed_ids", run_id):
-                ids = self.reader.read("hexray.unembed_ids", run_id).tolist()
-            if ids is not None and strs is not None:
+        if run_id not in self._strs:
+            run = self.runs[run_id]
+            known = dict(zip(run.tokens, run.token_strs, strict=False))
+            strs = run.info.get("unembed_strs")
+            if strs is not None and self.reader.has("hexray.unembed_ids", run_id):
+                ids = self.tensor("hexray.unembed_ids", run_id)
                 known.update(zip((int(i) for i in ids), strs, strict=False))
-            cache[run_id] = known
-        return cache[run_id]
+            self._strs[run_id] = known
+        return self._strs[run_id]
 
     @cached_property
     def vocab(self) -> list[str] | None:
