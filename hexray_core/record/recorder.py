@@ -31,7 +31,7 @@ from .generate import no_generation
 from .hooks import plan_hooks
 from .models import LoadedModel, from_objects, load_model, writer_meta
 from .spec import check_output_path, human_bytes, normalize_prompts
-from .tokens import encode_prompt, token_text
+from .tokens import encode_prompt, mentioned_token_texts, token_text
 
 DEFAULT_TOP_K = 20
 RUN_TENSORS = ("hexray.topk_ids", "hexray.topk_logits", "hexray.next_logit", "hexray.logsumexp",
@@ -208,11 +208,12 @@ class Recorder:
                 tokens_t = torch.tensor([all_ids], device=lm.input_device)
                 logits = capture.forward(tokens_t)
                 need = _write_run_tensors(writer, self.bridge, logits, all_ids, k)
+                lens_ids = np.zeros(0, np.int64)
                 if lens:
-                    _write_lens(writer, self.bridge, [capture.kept[n] for n in lens_layers], logits, all_ids, k)
+                    lens_ids = _write_lens(writer, self.bridge, [capture.kept[n] for n in lens_layers], logits,
+                                           all_ids, k)
                     capture.kept.clear()
-                info = {"aliases": dict(capture.aliases),
-                        "unembed_strs": [tok.decode([int(i)], clean_up_tokenization_spaces=False) for i in need]}
+                info = {"aliases": dict(capture.aliases), **_token_texts(tok, need, lens_ids)}
                 if capture.refired:
                     info["refired"] = sorted(set(capture.refired))
                 writer.end_run(**info)
@@ -234,7 +235,7 @@ class Recorder:
                             kit_written=kit.written, bundled=bool(bundle))
 
 
-def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: list[int], k: int) -> None:
+def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: list[int], k: int) -> np.ndarray:
     """hexray.* per-run tensors: top-k, next-token logit, logsumexp, unembedding of the tokens needed."""
     with torch.no_grad():
         lg = logits[0].float()
@@ -270,13 +271,13 @@ def _lens_hooks(n_layers: int) -> list[str]:
 
 
 def _write_lens(writer: TraceWriter, bridge, resids: list[torch.Tensor], logits: torch.Tensor, ids: list[int],
-                k: int) -> None:
+                k: int) -> np.ndarray:
     """The logit lens at every layer and position, computed where the model runs (a hover then reads it).
 
     As TransformerLens's logit_lens: the stream entering each block and the final stream, normalised
     with recomputed statistics (centred for LayerNorm; the final norm's gain is folded into W_U),
     times W_U plus b_U. Also the lens logit and rank of the model's final top prediction and of the
-    actual next token, so the common targets need no full unembedding at replay.
+    actual next token, so the common targets need no full unembedding at replay. Returns the ids it mentions.
     """
     cfg = bridge.cfg
     layernorm = str(cfg.normalization_type or "LN").upper().startswith("LN")
@@ -306,6 +307,17 @@ def _write_lens(writer: TraceWriter, bridge, resids: list[torch.Tensor], logits:
     for name, parts in out.items():
         arr = torch.stack(parts).cpu().numpy()
         writer.write(name, arr if arr.dtype == np.int32 else arr.astype(np.float32))
+    return np.unique(torch.stack(out["hexray.lens_topk_ids"]).cpu().numpy())
+
+
+def _token_texts(tok, need: np.ndarray, lens_ids: np.ndarray) -> dict:
+    """Run info naming every token id the run's tensors mention: ``unembed_strs`` (one per
+    hexray.unembed_ids), ``extra_token_ids``/``extra_token_strs`` (lens ids beyond those), and
+    ``partial_token_bytes`` ([id, bytes] of those holding part of a UTF-8 character)."""
+    extra = np.setdiff1d(lens_ids, need)
+    strs, partial = mentioned_token_texts(tok, np.concatenate([need, extra]))
+    return {"unembed_strs": strs[:len(need)], "extra_token_ids": [int(i) for i in extra],
+            "extra_token_strs": strs[len(need):], "partial_token_bytes": partial}
 
 
 def _emit(progress, event: str, **info) -> None:

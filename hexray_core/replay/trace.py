@@ -185,11 +185,19 @@ class Trace:
     def _known_strs(self, run_id: int) -> dict[int, str]:
         if run_id not in self._strs:
             run = self.runs[run_id]
-            known = dict(zip(run.tokens, run.token_strs, strict=False))
-            strs = run.info.get("unembed_strs")
-            if strs is not None and self.reader.has("hexray.unembed_ids", run_id):
+            info = run.info
+            known: dict[int, str] = {}
+            strs = info.get("unembed_strs")
+            if isinstance(strs, list) and self.reader.has("hexray.unembed_ids", run_id):
                 ids = self.tensor("hexray.unembed_ids", run_id)
-                known.update(zip((int(i) for i in ids), strs, strict=False))
+                known.update(zip((int(i) for i in ids), map(str, strs), strict=False))
+            extra_ids, extra_strs = info.get("extra_token_ids"), info.get("extra_token_strs")
+            if isinstance(extra_ids, list) and isinstance(extra_strs, list):  # the lens's ids (recorder.py)
+                known.update(zip((int(i) for i in extra_ids), map(str, extra_strs), strict=False))
+            for item in info.get("partial_token_bytes") or []:  # part of a character: show its bytes
+                if isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[1], bytes):
+                    known[int(item[0])] = item[1].decode("utf-8", errors="backslashreplace")
+            known.update(zip(run.tokens, run.labels, strict=False))
             self._strs[run_id] = known
         return self._strs[run_id]
 
