@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
 
         args.cot = args.cot or args.cot_debug
         with open_trace(output) as trace:
-            show(trace, args, args.top_k_attribution, always_attribution=True)
+            show(trace, args, args.top_k_attribution, always_attribution=True, shares_of_shown=True)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -18,11 +20,41 @@ from hexray_core.replay.lens import LogitLens
 from hexray_core.replay.residual import ResidualTrace
 
 BAR_WIDTH = 24
+PIPE_WIDTH = 10_000  # output that is not a terminal: lines as long as they are, never wrapped at 80 columns
+
+# What the rows of a finer attribution are (printed under its header, lines within 80 columns; the README
+# says the same).
+ROW_KINDS = {
+    "head": ["LxHy: head y of attention layer x (its z · W_O)",
+             "Attn Lx bias: layer x's attention output bias b_O, which belongs to no head",
+             "Embed, PosEmbed, MLP  Lx: whole components"],
+    "neuron": ["LxNy: neuron y of MLP layer x (its activation times its row of W_out)",
+               "MLP  Lx bias: layer x's MLP output bias b_out, which belongs to no neuron",
+               "Embed, PosEmbed, Attn Lx: whole components"],
+}
 
 
 def console() -> Console:
     # No markup or emoji codes: token text such as "[bold]", "[/]" or ":fire:" must print literally.
-    return Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
+    con = Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
+    if not con.is_terminal:
+        con = Console(highlight=False, soft_wrap=False, markup=False, emoji=False, width=PIPE_WIDTH)
+    return con
+
+
+def table(con: Console, columns: list[tuple[str, str]], rows: list[list], *, wide: int | None = None) -> Table:
+    """A table that fits the console: cells never wrap; when it is too wide, column `wide` alone shrinks
+    and its cells end in an ellipsis. (Piped output has PIPE_WIDTH columns, so nothing shrinks there.)"""
+    widths = [max([cell_len(name)] + [cell_len(str(row[i])) for row in rows]) for i, (name, _) in enumerate(columns)]
+    t = Table()
+    for i, (name, justify) in enumerate(columns):
+        max_width = None
+        if i == wide:  # a cell takes its width plus two of padding and one border; one more closes the table
+            max_width = max(8, con.width - 1 - sum(w + 3 for j, w in enumerate(widths) if j != i) - 3)
+        t.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis", max_width=max_width)
+    for row in rows:
+        t.add_row(*row)
+    return t
 
 
 def q(token: str) -> str:
@@ -57,55 +89,70 @@ def bar(value: float, scale: float, width: int = BAR_WIDTH) -> Text:
     return Text("█" * n + " " * (width - n), style="green" if value >= 0 else "red")
 
 
-def attribution(con: Console, a: Attribution, top_k: int, *, position_label: int | None = None) -> None:
+def attribution(con: Console, a: Attribution, top_k: int, *, position_label: int | None = None,
+                shares_of_shown: bool = False) -> None:
+    """The attribution list. Shares are of the total |attribution| of every part (so a row's figure does not
+    change with --top-k); the one-shot seed format (`shares_of_shown`) takes them over the rows shown."""
     index = a.position if position_label is None else position_label
     con.print(f"Token: {q(a.token)} (index {index})")
     what = f"{q(a.target)} − {q(a.baseline)}" if a.baseline is not None else q(a.target)
     prob = f", p = {a.probability:.1%}" if a.probability is not None else ""
     con.print(f"Target: {what} (id {a.target_id}{prob}, logit {a.logit:+.3f})")
-    con.print("Top Contributors to Final Logit:" if a.baseline is None else "Top Contributors to Logit Difference:")
+    title = "Top Contributors to Final Logit" if a.baseline is None else "Top Contributors to Logit Difference"
     parts = a.top(top_k)
-    for c, share in zip(parts, a.shares(parts), strict=True):
-        con.print(f"- {c.label:<8}: {c.value:+.2f} ({share:.1%})")
+    if shares_of_shown:
+        con.print(f"{title}:")
+        shares = a.shares(parts)
+    else:
+        n = len(a.top(len(a.contributions)))
+        con.print(f"{title} (% of the total |attribution| of all {n} parts):")
+        denom = a.total_abs() or 1.0
+        shares = [abs(c.value) / denom for c in parts]
+    for line in ROW_KINDS.get(a.by, []):
+        con.print(Text(f"  {line}", style="dim"))
+    width = max([8] + [len(c.label) for c in parts])
+    for c, share in zip(parts, shares, strict=True):
+        con.print(f"- {c.label:<{width}}: {c.value:+.2f} ({share:.1%})")
     con.print(Text(f"parts + bias {a.total:+.4f} vs {a.logit_source} logit {a.logit:+.4f}: error {a.error:.1e}",
                    style="dim"))
 
 
 def lens(con: Console, lens_: LogitLens, top_k: int) -> None:
-    table = Table(title=f"Logit lens at {q(lens_.token)} (index {lens_.position}), target {q(lens_.target)}",
-                  title_justify="left")
-    table.add_column("layer")
-    table.add_column(f"top {top_k}")
-    table.add_column("target rank", justify="right")
-    table.add_column("target p", justify="right")
-    for layer in lens_.layers:
-        tops = "  ".join(f"{q(s)} {p:.0%}" for _, s, p in layer.top[:top_k])
-        table.add_row(layer.label, tops, str(layer.target_rank), f"{layer.target_prob:.2%}")
-    con.print(table)
+    shown = max((len(layer.top) for layer in lens_.layers), default=0)
+    con.print(f"Logit lens at {q(lens_.token)} (index {lens_.position}), target {q(lens_.target)}")
+    if shown < top_k:
+        con.print(Text(f"(top {shown}, not {top_k}: the trace holds the top {shown} of each layer and the model kit, "
+                       "which has the full unembedding, is not available)", style="dim"))
+    rows = [[layer.label, "  ".join(f"{q(s)} {p:.0%}" for _, s, p in layer.top[:top_k]), str(layer.target_rank),
+             f"{layer.target_prob:.2%}"] for layer in lens_.layers]
+    columns = [("layer", "left"), (f"top {shown}", "left"), ("target rank", "right"), ("target p", "right")]
+    con.print(table(con, columns, rows, wide=1))
 
 
 def residual(con: Console, rt: ResidualTrace, position: int) -> None:
-    table = Table(title=f"Residual stream at {q(rt.tokens[position])} (index {position})", title_justify="left")
-    for col in ("layer", "|resid|", "|attn write|", "|mlp write|", ""):
-        table.add_column(col, justify="right" if col.startswith("|") else "left")
+    con.print(f"Residual stream at {q(rt.tokens[position])} (index {position})")
+    columns = [(col, "right" if col.startswith("|") else "left")
+               for col in ("layer", "|resid|", "|attn write|", "|mlp write|", "")]
     top = float(rt.resid_norm[:, position].max()) or 1.0
-    table.add_row("embed", f"{rt.embed_norm[position]:.2f}", "", "", bar(float(rt.embed_norm[position]), top))
+    rows = [["embed", f"{rt.embed_norm[position]:.2f}", "", "", bar(float(rt.embed_norm[position]), top)]]
     for i, label in enumerate(rt.layers):
         r = float(rt.resid_norm[i, position])
-        table.add_row(label, f"{r:.2f}", f"{rt.attn_norm[i, position]:.2f}", f"{rt.mlp_norm[i, position]:.2f}",
-                      bar(r, top))
-    con.print(table)
+        rows.append([label, f"{r:.2f}", f"{rt.attn_norm[i, position]:.2f}", f"{rt.mlp_norm[i, position]:.2f}",
+                     bar(r, top)])
+    con.print(table(con, columns, rows))
 
 
 def attention(con: Console, att: AttentionSummary) -> None:
-    table = Table(title=f"Attention from {q(att.token)} (index {att.position})", title_justify="left")
-    table.add_column("head")
-    table.add_column("focus", justify="right")
-    table.add_column("attends to")
-    for h in att.heads:
-        keys = "  ".join(f"{q(s)}@{k} {w:.0%}" for k, s, w in h.keys)
-        table.add_row(h.label, f"{h.focus:.0%}", keys)
-    con.print(table)
+    con.print(f"Attention from {q(att.token)} (index {att.position})")
+    rows = [[h.label, f"{h.focus:.0%}", "  ".join(f"{q(s)}@{k} {w:.0%}" for k, s, w in h.keys)] for h in att.heads]
+    con.print(table(con, [("head", "left"), ("focus", "right"), ("attends to", "left")], rows, wide=2))
+
+
+def _step_heading(number: int, text: str) -> str:
+    """'Step 2: ...', once: a step whose own text starts with its label (--step-regex 'Step \\d+:') keeps it."""
+    if re.match(rf"step\s*{number}\b", text, re.IGNORECASE):
+        return text
+    return f"Step {number}: {text}"
 
 
 def cot(con: Console, cb: CotBreakdown, top_k: int) -> None:
@@ -116,12 +163,13 @@ def cot(con: Console, cb: CotBreakdown, top_k: int) -> None:
         text = step.text if len(step.text) <= 72 else step.text[:69] + "..."
         con.print()
         lp = f", mean log-prob {step.mean_logprob:.2f}" if step.mean_logprob is not None else ""
-        con.print(Text(f"Step {step.index + 1}: {text}", style="bold"))
+        con.print(Text(_step_heading(step.index + 1, text), style="bold"))
         con.print(Text(f"  tokens {step.tokens[0]}..{step.tokens[1] - 1}{lp}", style="dim"))
         top = step.top(top_k)
         scale = max((abs(v) for _, v in top), default=1.0)
+        width = max([8] + [len(label) for label, _ in top])
         for label, value in top:
-            line = Text(f"  {label:<8} ")
+            line = Text(f"  {label:<{width}} ")
             line.append_text(bar(value, scale))
             line.append(f" {value:+.2f}")
             con.print(line)
@@ -135,13 +183,10 @@ def diff(con: Console, d: AttributionDiff, top_k: int) -> None:
               f"logit {d.a.logit:+.3f}")
     con.print(f"B: {q(d.b.token)} (run {d.b.run}, index {d.b.position}) → target {q(d.b.target)}, "
               f"logit {d.b.logit:+.3f}")
-    table = Table(title="Largest changes in attribution (B − A)", title_justify="left")
-    for col in ("component", "A", "B", "Δ"):
-        table.add_column(col, justify="left" if col == "component" else "right")
+    con.print("Largest changes in attribution (B − A)")
 
     def fmt(v):
         return "—" if v is None else f"{v:+.2f}"
 
-    for row in d.rows[:top_k]:
-        table.add_row(row.label, fmt(row.a), fmt(row.b), f"{row.delta:+.2f}")
-    con.print(table)
+    rows = [[row.label, fmt(row.a), fmt(row.b), f"{row.delta:+.2f}"] for row in d.rows[:top_k]]
+    con.print(table(con, [("component", "left"), ("A", "right"), ("B", "right"), ("Δ", "right")], rows))

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("replay", help="attribution, logit lens, attention, residual and CoT views from a trace",
                        description="Analyse a recorded trace. By default: the top contributors to the logit of the "
                                    "model's prediction at the last position of the first run. Shares are "
-                                   "|contribution| / Σ|contribution| over the rows shown.")
+                                   "|contribution| / Σ|contribution| over every part (not only the rows shown).")
     p.add_argument("trace", help="a .hxr trace written by `hexray record`")
     p.add_argument("--top-k", type=int, default=10, help="rows to show (default 10)")
     add_view_options(p)
@@ -47,7 +47,7 @@ def run(args) -> int:
     return 0
 
 
-def show(trace, args, top_k: int, *, always_attribution: bool = False) -> None:
+def show(trace, args, top_k: int, *, always_attribution: bool = False, shares_of_shown: bool = False) -> None:
     """Compute and print the views the options ask for (attribution unless another view is chosen)."""
     from hexray_core.cli import render
 
@@ -77,9 +77,9 @@ def show(trace, args, top_k: int, *, always_attribution: bool = False) -> None:
         if i:
             con.print()
         if key == "attribution":
-            render.attribution(con, value, top_k, position_label=args.position)
+            render.attribution(con, value, top_k, position_label=args.position, shares_of_shown=shares_of_shown)
         elif key == "lens":
-            render.lens(con, value, min(top_k, 5))
+            render.lens(con, value, top_k)
         elif key == "resid":
             render.residual(con, value, position)
         elif key == "attention":
