@@ -271,3 +271,19 @@ def test_embedded_demo_model(tmp_path, capsys):
     with TraceReader(out) as r:
         assert r.meta["model"]["source"] == "embedded" and r.meta["model"]["name"] == "hexray-demo"
         assert r.runs[0]["generated"]["n"] == 2
+
+
+def test_record_json_says_what_was_written(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "t.hxr"
+    assert main(["record", "--model", tiny_gpt2_dir, "--prompt", "Alice 🍕", "-o", str(out), "-q", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {"path", "runs", "tokens", "tensors", "bytes", "seconds", "kit"}
+    assert data["path"] == str(out) and data["bytes"] == os.path.getsize(out) and data["runs"] == 1
+    with TraceReader(out) as r:
+        assert data["tokens"] == len(r.runs[0]["tokens"])
+        assert data["kit"]["sha256"] == r.meta["kit"]["sha256"] and data["kit"]["bundled"] is False
+        assert data["tensors"] == len(r.names(0))
+    assert os.path.exists(data["kit"]["path"])
+    assert main(["record", "--model", tiny_gpt2_dir, "--list-hooks", "-q", "--json"]) == 0
+    hooks = json.loads(capsys.readouterr().out)["hooks"]
+    assert {"name": "blocks.0.hook_resid_pre", "default": True, "aliases": ["blocks.0.hook_in"]} in hooks

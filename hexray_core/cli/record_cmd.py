@@ -81,6 +81,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="embed the model kit in the trace so it replays with no cache (adds W_U, W_O, W_out...)")
     k.add_argument("--cache-dir", metavar="DIR", help="kit cache folder (default $HEXRAY_CACHE or ~/.cache/hexray)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors and the summary line")
+    p.add_argument("--json", action="store_true",
+                   help="print what was written as JSON (path, runs, tokens, tensors, bytes, seconds, kit) instead "
+                        "of the summary line; with --list-hooks, the hook names")
     return p
 
 
@@ -263,10 +266,26 @@ def run(args) -> int:
         from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
 
         default = set(plan_hooks(rec.bridge, "default").names)
+        if args.json:
+            print(json.dumps({"model": args.model, "hooks": [
+                {"name": name, "default": name in default, "aliases": list(others)}
+                for name, others in list_hooks(rec.bridge)]}, ensure_ascii=False, indent=2))
+            return 0
         print(f"# hooks of {args.model}; * = in --hooks default ({', '.join(DEFAULT_HOOKS[:3])}, ...)")
         for name, others in list_hooks(rec.bridge):
             mark = "*" if name in default else " "
             print(f"{mark} {name}" + (f"    (also: {', '.join(others)})" if others else ""))
         return 0
-    print(f"hexray: {result.summary()}")
+    if args.json:
+        print(json.dumps(result_json(result), ensure_ascii=False, indent=2))
+    else:
+        print(f"hexray: {result.summary()}")
     return 0
+
+
+def result_json(result) -> dict:
+    """What `hexray record --json` prints: the trace written and the model kit it refers to."""
+    return {"path": os.path.abspath(result.path), "runs": result.runs, "tokens": result.tokens,
+            "tensors": result.tensors, "bytes": result.bytes, "seconds": round(result.seconds, 3),
+            "kit": {"sha256": result.kit_sha256, "path": result.kit_path, "written": result.kit_written,
+                    "bundled": result.bundled}}
