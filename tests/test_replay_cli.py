@@ -327,3 +327,18 @@ def test_cot_step_label_is_shown_once(tiny_gpt2_recorder, tmp_path):
     assert "Step 1: Step 1" not in out.stdout and "Step 2: Step 2" not in out.stdout
     out = hexray("replay", path, "--cot", "--split", "sentences")
     assert "Step 1: read" in out.stdout
+
+
+def test_oneshot_options_are_in_the_top_level_help_and_need_a_prompt():
+    out = hexray("--help")
+    assert out.returncode == 0
+    for flag in ("--prompt TEXT", "--top-k-attribution N", "--cot-debug", "--save TRACE"):
+        assert flag in out.stdout
+    for args in (["--top-k-attribution", "5"], ["--cot-debug"], ["--save", "t.hxr"]):
+        out = hexray(*args)
+        assert out.returncode == 2 and "the following arguments are required: --prompt" in out.stderr
+        assert "invalid choice" not in out.stderr
+    out = hexray("bogus")
+    assert out.returncode == 2 and "invalid choice: 'bogus'" in out.stderr
+    out = hexray("--prompt", "x", "--help")
+    assert out.returncode == 0 and "--step-regex" in out.stdout
