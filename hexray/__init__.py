@@ -16,11 +16,23 @@ from hexray_core import __version__
 __all__ = ["Recorder", "__version__", "open", "record"]
 
 
+def _recorder_module():
+    """hexray_core.record.recorder, or the CLI's one-line install advice when torch & co are missing."""
+    from hexray_core.errors import record_extra_missing
+
+    try:
+        from hexray_core.record import recorder
+    except ModuleNotFoundError as e:
+        advice = record_extra_missing(e)
+        if advice is not None:
+            raise advice from None
+        raise
+    return recorder
+
+
 def __getattr__(name: str):
     if name == "Recorder":  # keeps a model loaded across many recordings: hexray.Recorder("hexray-demo")
-        from hexray_core.record.recorder import Recorder
-
-        return Recorder
+        return _recorder_module().Recorder
     raise AttributeError(name)
 
 
@@ -39,9 +51,7 @@ def record(prompts, model="gpt2", output=None, **opts) -> str:
     ``device_map``, ``trust_remote_code``, ``revision``, ``cache_dir``, ``progress`` (a callable
     ``progress(event, **info)``).
     """
-    from hexray_core.record.recorder import record as _record
-
-    return _record(prompts, model=model, output=output, **opts)
+    return _recorder_module().record(prompts, model=model, output=output, **opts)
 
 
 def open(path):  # noqa: A001 - hexray.open(path) is the public name

@@ -342,3 +342,18 @@ def test_oneshot_options_are_in_the_top_level_help_and_need_a_prompt():
     assert out.returncode == 2 and "invalid choice: 'bogus'" in out.stderr
     out = hexray("--prompt", "x", "--help")
     assert out.returncode == 0 and "--step-regex" in out.stdout
+
+
+def test_python_record_without_torch_gives_the_install_advice(tmp_path):
+    code = ("import sys; sys.modules['torch'] = None; import hexray\n"
+            "for call in (lambda: hexray.record('hi', model='hexray-demo', output=sys.argv[1]),"
+            " lambda: hexray.Recorder):\n"
+            "    try:\n        call()\n    except ImportError as e:\n"
+            "        print(type(e).__name__, '|', e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.hxr")], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all(ln.startswith("RecordExtraMissing | recording needs torch") for ln in lines)
+    assert all("pip install 'hexray[record]'" in ln for ln in lines)
+    assert not (tmp_path / "t.hxr").exists()

@@ -218,13 +218,14 @@ def _device_map(value: str | None):
 
 def recorder_class():
     """The Recorder, or one clear line when the recording extra (torch, TransformerLens) is missing."""
+    from hexray_core.errors import record_extra_missing
+
     try:
         from hexray_core.record.recorder import Recorder
     except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in ("torch", "transformer_lens", "transformers"):
-            raise HexRayError(f"recording needs {e.name.split('.')[0]}, which is not installed: "
-                              "pip install 'hexray[record]' (on a CPU-only machine install torch's CPU build "
-                              "first, e.g. pip install torch==2.13.0); replaying traces needs neither") from None
+        advice = record_extra_missing(e)
+        if advice is not None:
+            raise advice from None
         raise
     return Recorder
 
