@@ -31,12 +31,16 @@ def test_the_layering_contracts_are_kept():
     assert "4 kept, 0 broken" in out.stdout
 
 
+REPLAY_SIDE = "replay side: no recorder, no torch & co"
+LAYERS = "layers: trace_format < replay < cli, lsp"
+
+
 @pytest.mark.parametrize("module, line, contract", [
-    ("hexray_core/replay/lens.py", "    import torch", "replay side: no recorder, no torch & co"),
-    ("hexray_lsp/hover.py", "    import transformer_lens", "replay side: no recorder, no torch & co"),
-    ("hexray_core/replay/lens.py", "    from hexray_core.record import tokens", "replay side: no recorder, no torch & co"),
+    ("hexray_core/replay/lens.py", "    import torch", REPLAY_SIDE),
+    ("hexray_lsp/hover.py", "    import transformer_lens", REPLAY_SIDE),
+    ("hexray_core/replay/lens.py", "    from hexray_core.record import tokens", REPLAY_SIDE),
     ("trace_format/reader.py", "    from hexray_core import errors", "trace_format stands alone"),
-    ("hexray_core/replay/trace.py", "    from hexray_core.cli import render", "layers: trace_format < replay < cli, lsp"),
+    ("hexray_core/replay/trace.py", "    from hexray_core.cli import render", LAYERS),
     ("hexray_lsp/hover.py", "    from hexray_core.cli import render", "lsp does not import the cli"),
 ])
 def test_a_back_edge_breaks_a_contract(tmp_path, module, line, contract):
