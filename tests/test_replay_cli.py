@@ -145,9 +145,10 @@ def test_step_splitting():
         "Step 1: add.", "Step 2: carry the one. Then stop.", "Step 3: done!"]
     one = "One sentence only. And two."
     assert [one[a:b] for a, b in split_steps(one)] == ["One sentence only. ", "And two."]
-    with pytest.raises(HexRayError, match="matches nowhere"):
-        split_steps(text, step_regex="Lemma")
-    with pytest.raises(HexRayError, match="bad --step-regex"):
+    with pytest.raises(HexRayError, match="matches nowhere") as e:
+        split_steps(text, step_regex=r"Lemma \d+:")
+    assert "'Lemma \\d+:'" in str(e.value)  # as typed: one backslash, not repr's two
+    with pytest.raises(HexRayError, match="bad step regex"):
         split_steps(text, step_regex="(")
 
 
