@@ -194,6 +194,7 @@ def test_cli_offline_hub_model_one_line(tmp_path):
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_records_prompts_file(tiny_gpt2_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "Alice 🍕"}) + "\n" + json.dumps({"prompt": "東京"}) + "\n")
@@ -217,6 +218,7 @@ def _limit_file_size():  # runs in the child: writes past 200 kB fail with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
 
+@pytest.mark.slow
 def test_cli_real_write_failure(tiny_gpt2_dir, tmp_path):
     """A real failing write(2) (file size limit, as a full disk would): one line, nothing at the target."""
     out = tmp_path / "out"
@@ -231,6 +233,7 @@ def test_cli_real_write_failure(tiny_gpt2_dir, tmp_path):
     assert os.listdir(out) == []
 
 
+@pytest.mark.slow
 def test_cli_sigint_leaves_nothing(tiny_gpt2_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt number {i} 🍕\n" for i in range(5000)))

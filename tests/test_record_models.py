@@ -208,6 +208,7 @@ def test_real_model_smollm2_gguf(tmp_path):
         assert run["token_strs"][1:] == ["The", " capital", " of", " France", " is"]
 
 
+@pytest.mark.slow
 def test_local_folder_without_tokenizer_files_is_refused(tiny, tiny_tokenizer, tiny_gpt2_dir, tmp_path):
     """Without its tokenizer a folder would record with a one-token-per-prompt fallback: refuse it, naming the
     files, both from Python and from the CLI (before torch is imported)."""

@@ -173,6 +173,7 @@ def test_cot_aggregates_each_steps_next_token_attribution(traces):
     assert run.n_tokens == len(run.char_spans)
 
 
+@pytest.mark.slow
 def test_oneshot_records_and_replays_with_the_model_loaded_once(tiny_gpt2_dir):
     out = hexray("--prompt", COT, "--cot-debug", "--top-k-attribution", "4", "--model", tiny_gpt2_dir)
     assert out.returncode == 0, out.stderr
@@ -235,6 +236,7 @@ def _share(row: str) -> str:
     return row.rsplit("(", 1)[1]
 
 
+@pytest.mark.slow
 def test_a_share_does_not_change_with_the_rows_shown(traces, tiny_gpt2_dir):
     few, many = (_rows(hexray("replay", traces[0], "--top-k", k).stdout) for k in (2, 6))
     assert few == many[:2]  # same rows, same figures
@@ -330,6 +332,7 @@ def test_cot_step_label_is_shown_once(tiny_gpt2_recorder, tmp_path):
     assert "Step 1: read" in out.stdout
 
 
+@pytest.mark.slow
 def test_oneshot_options_are_in_the_top_level_help_and_need_a_prompt():
     out = hexray("--help")
     assert out.returncode == 0
