@@ -1,23 +1,27 @@
-"""Rich rendering of replay results for the terminal (no computation here)."""
+"""Rendering of replay results for the terminal (no computation here).
+
+Line views (attribution, chain of thought) print plain text when the output is not a terminal and
+import rich only to style a terminal; tables (lens, attention, residual, diff) use rich. So the most
+common command, `hexray replay t.hxr` into a pipe, pays for no rich import at all.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-from rich.cells import cell_len
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from hexray_core.replay.attention import AttentionSummary
-from hexray_core.replay.attribution import Attribution
-from hexray_core.replay.cot import CotBreakdown
-from hexray_core.replay.diff import AttributionDiff
-from hexray_core.replay.lens import LogitLens
-from hexray_core.replay.residual import ResidualTrace
+if TYPE_CHECKING:  # the views' types only: importing a view's module is the replay's job
+    from hexray_core.replay.attention import AttentionSummary
+    from hexray_core.replay.attribution import Attribution
+    from hexray_core.replay.cot import CotBreakdown
+    from hexray_core.replay.diff import AttributionDiff
+    from hexray_core.replay.lens import LogitLens
+    from hexray_core.replay.residual import ResidualTrace
 
 BAR_WIDTH = 24
 PIPE_WIDTH = 10_000  # output that is not a terminal: lines as long as they are, never wrapped at 80 columns
@@ -33,18 +37,60 @@ ROW_KINDS = {
                "Embed, PosEmbed, Attn Lx: whole components"],
 }
 
-
-def console() -> Console:
-    # No markup or emoji codes: token text such as "[bold]", "[/]" or ":fire:" must print literally.
-    con = Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
-    if not con.is_terminal:
-        con = Console(highlight=False, soft_wrap=False, markup=False, emoji=False, width=PIPE_WIDTH)
-    return con
+Part = str | tuple[str, str]  # text, or (text, rich style)
 
 
-def table(con: Console, columns: list[tuple[str, str]], rows: list[list], *, wide: int | None = None) -> Table:
+class Out:
+    """Where the views print: styled by rich on a terminal, plain text otherwise."""
+
+    def __init__(self):
+        self.tty = sys.stdout.isatty()
+        self._console = None
+
+    @property
+    def console(self):
+        # No markup or emoji codes: token text such as "[bold]", "[/]" or ":fire:" must print literally.
+        if self._console is None:
+            from rich.console import Console
+
+            opts = dict(highlight=False, soft_wrap=False, markup=False, emoji=False)
+            self._console = Console(**opts) if self.tty else Console(**opts, width=PIPE_WIDTH)
+        return self._console
+
+    @property
+    def width(self) -> int:
+        return self.console.width if self.tty else PIPE_WIDTH
+
+    def line(self, *parts: Part) -> None:
+        """One line of text; a (text, style) part is styled on a terminal."""
+        if not self.tty:
+            sys.stdout.write("".join(p if isinstance(p, str) else p[0] for p in parts) + "\n")
+            return
+        from rich.text import Text
+
+        text = Text()
+        for p in parts:
+            text.append(p) if isinstance(p, str) else text.append(p[0], style=p[1])
+        self.console.print(text)
+
+    def print(self, renderable) -> None:
+        """A rich renderable (a table)."""
+        sys.stdout.flush()
+        self.console.print(renderable)
+
+
+def console() -> Out:
+    return Out()
+
+
+def table(con: Out, columns: list[tuple[str, str]], rows: list[list], *, wide: int | None = None):
     """A table that fits the console: cells never wrap; when it is too wide, column `wide` alone shrinks
     and its cells end in an ellipsis. (Piped output has PIPE_WIDTH columns, so nothing shrinks there.)"""
+    from rich.cells import cell_len
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = [[Text(c[0], style=c[1]) if isinstance(c, tuple) else c for c in row] for row in rows]
     widths = [max([cell_len(name)] + [cell_len(str(row[i])) for row in rows]) for i, (name, _) in enumerate(columns)]
     t = Table()
     for i, (name, justify) in enumerate(columns):
@@ -84,53 +130,52 @@ def print_json(obj) -> None:
     print(json.dumps(_plain(obj), ensure_ascii=False, indent=2, allow_nan=False))
 
 
-def bar(value: float, scale: float, width: int = BAR_WIDTH) -> Text:
+def bar(value: float, scale: float, width: int = BAR_WIDTH) -> tuple[str, str]:
     n = 0 if scale <= 0 else round(width * min(1.0, abs(value) / scale))
-    return Text("█" * n + " " * (width - n), style="green" if value >= 0 else "red")
+    return "█" * n + " " * (width - n), "green" if value >= 0 else "red"
 
 
-def attribution(con: Console, a: Attribution, top_k: int, *, position_label: int | None = None,
+def attribution(con: Out, a: Attribution, top_k: int, *, position_label: int | None = None,
                 shares_of_shown: bool = False) -> None:
     """The attribution list. Shares are of the total |attribution| of every part (so a row's figure does not
     change with --top-k); the one-shot seed format (`shares_of_shown`) takes them over the rows shown."""
     index = a.position if position_label is None else position_label
-    con.print(f"Token: {q(a.token)} (index {index})")
+    con.line(f"Token: {q(a.token)} (index {index})")
     what = f"{q(a.target)} − {q(a.baseline)}" if a.baseline is not None else q(a.target)
     prob = f", p = {a.probability:.1%}" if a.probability is not None else ""
-    con.print(f"Target: {what} (id {a.target_id}{prob}, logit {a.logit:+.3f})")
+    con.line(f"Target: {what} (id {a.target_id}{prob}, logit {a.logit:+.3f})")
     title = "Top Contributors to Final Logit" if a.baseline is None else "Top Contributors to Logit Difference"
     parts = a.top(top_k)
     if shares_of_shown:
-        con.print(f"{title}:")
+        con.line(f"{title}:")
         shares = a.shares(parts)
     else:
         n = len(a.top(len(a.contributions)))
-        con.print(f"{title} (% of the total |attribution| of all {n} parts):")
+        con.line(f"{title} (% of the total |attribution| of all {n} parts):")
         denom = a.total_abs() or 1.0
         shares = [abs(c.value) / denom for c in parts]
     for line in ROW_KINDS.get(a.by, []):
-        con.print(Text(f"  {line}", style="dim"))
+        con.line((f"  {line}", "dim"))
     width = max([8] + [len(c.label) for c in parts])
     for c, share in zip(parts, shares, strict=True):
-        con.print(f"- {c.label:<{width}}: {c.value:+.2f} ({share:.1%})")
-    con.print(Text(f"parts + bias {a.total:+.4f} vs {a.logit_source} logit {a.logit:+.4f}: error {a.error:.1e}",
-                   style="dim"))
+        con.line(f"- {c.label:<{width}}: {c.value:+.2f} ({share:.1%})")
+    con.line((f"parts + bias {a.total:+.4f} vs {a.logit_source} logit {a.logit:+.4f}: error {a.error:.1e}", "dim"))
 
 
-def lens(con: Console, lens_: LogitLens, top_k: int) -> None:
+def lens(con: Out, lens_: LogitLens, top_k: int) -> None:
     shown = max((len(layer.top) for layer in lens_.layers), default=0)
-    con.print(f"Logit lens at {q(lens_.token)} (index {lens_.position}), target {q(lens_.target)}")
+    con.line(f"Logit lens at {q(lens_.token)} (index {lens_.position}), target {q(lens_.target)}")
     if shown < top_k:
-        con.print(Text(f"(top {shown}, not {top_k}: the trace holds the top {shown} of each layer and the model kit, "
-                       "which has the full unembedding, is not available)", style="dim"))
+        con.line((f"(top {shown}, not {top_k}: the trace holds the top {shown} of each layer and the model kit, "
+                  "which has the full unembedding, is not available)", "dim"))
     rows = [[layer.label, "  ".join(f"{q(s)} {p:.0%}" for _, s, p in layer.top[:top_k]), str(layer.target_rank),
              f"{layer.target_prob:.2%}"] for layer in lens_.layers]
     columns = [("layer", "left"), (f"top {shown}", "left"), ("target rank", "right"), ("target p", "right")]
     con.print(table(con, columns, rows, wide=1))
 
 
-def residual(con: Console, rt: ResidualTrace, position: int) -> None:
-    con.print(f"Residual stream at {q(rt.tokens[position])} (index {position})")
+def residual(con: Out, rt: ResidualTrace, position: int) -> None:
+    con.line(f"Residual stream at {q(rt.tokens[position])} (index {position})")
     columns = [(col, "right" if col.startswith("|") else "left")
                for col in ("layer", "|resid|", "|attn write|", "|mlp write|", "")]
     top = float(rt.resid_norm[:, position].max()) or 1.0
@@ -142,8 +187,8 @@ def residual(con: Console, rt: ResidualTrace, position: int) -> None:
     con.print(table(con, columns, rows))
 
 
-def attention(con: Console, att: AttentionSummary) -> None:
-    con.print(f"Attention from {q(att.token)} (index {att.position})")
+def attention(con: Out, att: AttentionSummary) -> None:
+    con.line(f"Attention from {q(att.token)} (index {att.position})")
     rows = [[h.label, f"{h.focus:.0%}", "  ".join(f"{q(s)}@{k} {w:.0%}" for k, s, w in h.keys)] for h in att.heads]
     con.print(table(con, [("head", "left"), ("focus", "right"), ("attends to", "left")], rows, wide=2))
 
@@ -155,35 +200,31 @@ def _step_heading(number: int, text: str) -> str:
     return f"Step {number}: {text}"
 
 
-def cot(con: Console, cb: CotBreakdown, top_k: int) -> None:
-    con.print("Chain of Thought Attribution Trace")
-    con.print(Text(f"(steps split by {cb.mode}; each step's figures sum the logit attribution of its tokens)",
-                   style="dim"))
+def cot(con: Out, cb: CotBreakdown, top_k: int) -> None:
+    con.line("Chain of Thought Attribution Trace")
+    con.line((f"(steps split by {cb.mode}; each step's figures sum the logit attribution of its tokens)", "dim"))
     for step in cb.steps:
         text = step.text if len(step.text) <= 72 else step.text[:69] + "..."
-        con.print()
+        con.line()
         lp = f", mean log-prob {step.mean_logprob:.2f}" if step.mean_logprob is not None else ""
-        con.print(Text(_step_heading(step.index + 1, text), style="bold"))
-        con.print(Text(f"  tokens {step.tokens[0]}..{step.tokens[1] - 1}{lp}", style="dim"))
+        con.line((_step_heading(step.index + 1, text), "bold"))
+        con.line((f"  tokens {step.tokens[0]}..{step.tokens[1] - 1}{lp}", "dim"))
         top = step.top(top_k)
         scale = max((abs(v) for _, v in top), default=1.0)
         width = max([8] + [len(label) for label, _ in top])
         for label, value in top:
-            line = Text(f"  {label:<{width}} ")
-            line.append_text(bar(value, scale))
-            line.append(f" {value:+.2f}")
-            con.print(line)
+            con.line(f"  {label:<{width}} ", bar(value, scale), f" {value:+.2f}")
         if step.attends_to:
             refs = ", ".join(f"step {j + 1} ({m:.0%})" for j, m in step.attends_to[:3])
-            con.print(f"  attends to: {refs}")
+            con.line(f"  attends to: {refs}")
 
 
-def diff(con: Console, d: AttributionDiff, top_k: int) -> None:
-    con.print(f"A: {q(d.a.token)} (run {d.a.run}, index {d.a.position}) → target {q(d.a.target)}, "
+def diff(con: Out, d: AttributionDiff, top_k: int) -> None:
+    con.line(f"A: {q(d.a.token)} (run {d.a.run}, index {d.a.position}) → target {q(d.a.target)}, "
               f"logit {d.a.logit:+.3f}")
-    con.print(f"B: {q(d.b.token)} (run {d.b.run}, index {d.b.position}) → target {q(d.b.target)}, "
+    con.line(f"B: {q(d.b.token)} (run {d.b.run}, index {d.b.position}) → target {q(d.b.target)}, "
               f"logit {d.b.logit:+.3f}")
-    con.print("Largest changes in attribution (B − A)")
+    con.line("Largest changes in attribution (B − A)")
 
     def fmt(v):
         return "—" if v is None else f"{v:+.2f}"

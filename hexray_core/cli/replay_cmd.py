@@ -75,7 +75,7 @@ def show(trace, args, top_k: int, *, always_attribution: bool = False, shares_of
     position = trace.run(args.run).position(args.position)
     for i, (key, value) in enumerate(results.items()):
         if i:
-            con.print()
+            con.line()
         if key == "attribution":
             render.attribution(con, value, top_k, position_label=args.position, shares_of_shown=shares_of_shown)
         elif key == "lens":

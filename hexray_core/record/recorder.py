@@ -213,12 +213,13 @@ class Recorder:
                     lens_ids = _write_lens(writer, self.bridge, [capture.kept[n] for n in lens_layers], logits,
                                            all_ids, k)
                     capture.kept.clear()
-                info = {"aliases": dict(capture.aliases), **_token_texts(tok, need, lens_ids)}
+                info = {"aliases": dict(capture.aliases), **_token_texts(writer, tok, need, lens_ids)}
                 if capture.refired:
                     info["refired"] = sorted(set(capture.refired))
                 writer.end_run(**info)
                 total_tokens += len(all_ids)
-                n_tensors += len(capture.written) + len(RUN_TENSORS) + (len(LENS_TENSORS) if lens else 0)
+                n_tensors += len(capture.written) + len(RUN_TENSORS) + (len(LENS_TENSORS) + len(TEXT_TENSORS) if lens
+                                                                        else 0)
                 _emit(progress, "run_done", index=i, total=len(prompts), tokens=len(all_ids),
                       bytes=writer.bytes_written)
             _emit(progress, "status", message="finishing the trace")
@@ -310,14 +311,25 @@ def _write_lens(writer: TraceWriter, bridge, resids: list[torch.Tensor], logits:
     return np.unique(torch.stack(out["hexray.lens_topk_ids"]).cpu().numpy())
 
 
-def _token_texts(tok, need: np.ndarray, lens_ids: np.ndarray) -> dict:
-    """Run info naming every token id the run's tensors mention: ``unembed_strs`` (one per
-    hexray.unembed_ids), ``extra_token_ids``/``extra_token_strs`` (lens ids beyond those), and
-    ``partial_token_bytes`` ([id, bytes] of those holding part of a UTF-8 character)."""
+TEXT_TENSORS = ("hexray.extra_token_ids", "hexray.extra_token_offsets", "hexray.extra_token_text")
+
+
+def _token_texts(writer: TraceWriter, tok, need: np.ndarray, lens_ids: np.ndarray) -> dict:
+    """The text of every token id the run's tensors mention. Run info: ``unembed_strs`` (one per
+    hexray.unembed_ids) and ``partial_token_bytes`` ([id, bytes] of those holding part of a UTF-8
+    character). The logit lens's further ids (thousands for a large vocabulary) go to tensors, read
+    only when such a token is shown, so opening a trace stays fast: ``hexray.extra_token_ids``, and
+    their UTF-8 texts laid end to end in ``hexray.extra_token_text`` at ``hexray.extra_token_offsets``."""
     extra = np.setdiff1d(lens_ids, need)
     strs, partial = mentioned_token_texts(tok, np.concatenate([need, extra]))
-    return {"unembed_strs": strs[:len(need)], "extra_token_ids": [int(i) for i in extra],
-            "extra_token_strs": strs[len(need):], "partial_token_bytes": partial}
+    if lens_ids.size:
+        blobs = [t.encode("utf-8", errors="surrogatepass") for t in strs[len(need):]]
+        offsets = np.zeros(len(blobs) + 1, np.int64)
+        np.cumsum([len(b) for b in blobs], out=offsets[1:])
+        writer.write("hexray.extra_token_ids", extra.astype(np.int32))
+        writer.write("hexray.extra_token_offsets", offsets)
+        writer.write("hexray.extra_token_text", np.frombuffer(b"".join(blobs), np.uint8))
+    return {"unembed_strs": strs[:len(need)], "partial_token_bytes": partial}
 
 
 def _emit(progress, event: str, **info) -> None:

@@ -82,6 +82,7 @@ class Trace:
         self._kit = kit
         # Per-run results derived from tensors, kept for the life of the trace (hovers reuse them):
         self._strs: dict[int, dict[int, str]] = {}  # token id -> text known to a run
+        self._extra: dict[int, dict[int, str]] = {}  # the same for the logit lens's further ids
         self._unembed: dict[int, tuple | None] = {}  # the run's unembedding columns (attribution.py)
         self._stacks: dict[int, tuple] = {}  # the run's component stack (attribution.py)
         self.runs = [self._make_run(r) for r in self.reader.runs]
@@ -177,6 +178,9 @@ class Trace:
         strs = self._known_strs(r.id)
         if token_id in strs:
             return strs[token_id]
+        extra = self._extra_strs(r.id)
+        if token_id in extra:
+            return extra[token_id]
         vocab = self.vocab
         if vocab is not None and 0 <= token_id < len(vocab):
             return vocab[token_id]
@@ -191,15 +195,27 @@ class Trace:
             if isinstance(strs, list) and self.reader.has("hexray.unembed_ids", run_id):
                 ids = self.tensor("hexray.unembed_ids", run_id)
                 known.update(zip((int(i) for i in ids), map(str, strs), strict=False))
-            extra_ids, extra_strs = info.get("extra_token_ids"), info.get("extra_token_strs")
-            if isinstance(extra_ids, list) and isinstance(extra_strs, list):  # the lens's ids (recorder.py)
-                known.update(zip((int(i) for i in extra_ids), map(str, extra_strs), strict=False))
             for item in info.get("partial_token_bytes") or []:  # part of a character: show its bytes
                 if isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[1], bytes):
                     known[int(item[0])] = item[1].decode("utf-8", errors="backslashreplace")
             known.update(zip(run.tokens, run.labels, strict=False))
             self._strs[run_id] = known
         return self._strs[run_id]
+
+    def _extra_strs(self, run_id: int) -> dict[int, str]:
+        """The logit lens's further token ids and texts (tensors, read on the first miss; recorder.py)."""
+        if run_id not in self._extra:
+            known: dict[int, str] = {}
+            if self.reader.has("hexray.extra_token_ids", run_id):
+                ids = self.tensor("hexray.extra_token_ids", run_id)
+                offsets = self.tensor("hexray.extra_token_offsets", run_id)
+                raw = self.reader.read("hexray.extra_token_text", run_id).tobytes()
+                if len(offsets) == len(ids) + 1:
+                    known = {int(t): raw[int(a):int(b)].decode("utf-8", errors="replace")
+                             for t, a, b in zip(ids.tolist(), offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)}
+                known.update(self._known_strs(run_id))  # partial characters keep their bytes
+            self._extra[run_id] = known
+        return self._extra[run_id]
 
     @cached_property
     def vocab(self) -> list[str] | None:
@@ -216,7 +232,8 @@ class Trace:
         s = str(text_or_id)
         if not literal and re.fullmatch(r"#\d+", s):
             return int(s[1:])
-        for tid, text in self._known_strs(self.run(run).id).items():
+        run_id = self.run(run).id
+        for tid, text in (*self._known_strs(run_id).items(), *self._extra_strs(run_id).items()):
             if text == s:
                 return tid
         vocab = self.vocab
