@@ -320,6 +320,9 @@ def test_tables_fit_an_80_column_terminal_and_never_wrap_when_piped(traces):
     assert "…" not in piped
     diff = hexray("diff", traces[0], "--runs", "0", "1").stdout
     assert "Largest changes in attribution (B − A)\n" in diff  # the title is one line, not wrapped to the table
+    info = hexray("info", traces[0]).stdout.splitlines()
+    (writer,) = [ln for ln in info if ln.startswith("  writer   ")]
+    assert "platform" in writer and len(writer) > 80  # one line in a pipe
 
 
 def test_cot_step_label_is_shown_once(tiny_gpt2_recorder, tmp_path):

@@ -217,6 +217,8 @@ def render(s: dict) -> None:
     from rich.text import Text
 
     con = Console(highlight=False)
+    if not con.is_terminal:  # piped: whole lines, never wrapped at 80 columns (as the replay views)
+        con = Console(highlight=False, width=10_000)
     fmt = s["format"]
     con.print(Text(s["path"], style="bold"))
     appended = f", appended {fmt['appends']}x" if fmt["appends"] else ""
