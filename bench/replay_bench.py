@@ -2,7 +2,9 @@
 """Replay speed: cold `hexray replay` against the TransformerLens way, and in-process hover costs.
 
 1. Cold start, side by side in one run (fresh processes, interleaved, median of N):
-   a. `hexray replay trace.hxr --top-k 10` on a 128-token trace of a GPT-2-small-shaped model;
+   a. `hexray replay trace.hxr --top-k 10` on a 128-token trace of a GPT-2-small-shaped model
+      (and the floor beside it: a process that imports numpy, msgpack and zstandard and stops;
+      `python -X importtime` then lists what the replay imports beyond that floor);
    b. the TransformerLens way of getting the same table: a fresh process that imports
       TransformerLens, boots the same model from a local folder, runs run_with_cache and
       computes the per-component attribution of the top prediction at the last position.
@@ -80,6 +82,28 @@ def build_model(folder: str) -> None:
     GPT2LMHeadModel(GPT2Config()).eval().save_pretrained(folder)
 
 
+FLOOR = "import numpy, msgpack, zstandard"  # what any replay must import: the floor of a cold start
+
+
+def import_breakdown(cmd: list[str], env: dict) -> dict:
+    """`python -X importtime`: self time of every module the command imports beyond the floor's (ms)."""
+    def selves(argv):
+        err = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True, env=env,
+                             cwd=REPO).stderr
+        out = {}
+        for line in err.splitlines():
+            parts = line.split("|")
+            if line.startswith("import time:") and len(parts) == 3 and parts[0].split(":")[1].strip().isdigit():
+                out[parts[2].strip()] = int(parts[0].split(":")[1]) / 1000
+        return out
+
+    floor = selves([sys.executable, "-c", FLOOR])
+    extra = {k: v for k, v in selves(cmd).items() if k not in floor}
+    top = dict(sorted(extra.items(), key=lambda kv: -kv[1])[:12])
+    return {"total": round(sum(extra.values()), 1), "modules": len(extra),
+            "largest": {k: round(v, 1) for k, v in top.items()}}
+
+
 def timed(cmd: list[str], env: dict) -> tuple[float, str]:
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -118,12 +142,17 @@ def main() -> None:
 
     hexray_cmd = [sys.executable, "-m", "hexray_core", "replay", trace_path, "--top-k", "10"]
     tl_cmd = [sys.executable, "-c", TL_SCRIPT, model_dir, token_arg]
-    hx, tl = [], []
-    for _ in range(args.reps):  # interleaved, so machine noise hits both alike
+    floor_cmd = [sys.executable, "-c", FLOOR]
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: modules load from their cached bytecode
+    timed(hexray_cmd, env)  # writes the bytecode caches
+    hx, tl, floor = [], [], []
+    for _ in range(args.reps):  # interleaved, so machine noise hits all alike
         dt, hx_out = timed(hexray_cmd, env)
         hx.append(dt)
         dt, tl_out = timed(tl_cmd, env)
         tl.append(dt)
+        floor.append(timed(floor_cmd, env)[0])
+    imports = import_breakdown(hexray_cmd, env)
 
     # In-process hover costs.
     sys.path.insert(0, REPO)
@@ -161,6 +190,9 @@ def main() -> None:
         "cold_hexray_replay_s": {"median": round(statistics.median(hx), 3), "min": round(min(hx), 3)},
         "cold_transformerlens_s": {"median": round(statistics.median(tl), 3), "min": round(min(tl), 3)},
         "speedup_median": round(statistics.median(tl) / statistics.median(hx), 1),
+        "floor_python_numpy_msgpack_zstandard_s": {"median": round(statistics.median(floor), 3),
+                                                    "min": round(min(floor), 3)},
+        "imports_beyond_floor_ms": imports,
         "in_process_ms": {
             "open": ms(t_open), "attribution_first": ms(t_attr_cold), "lens_first": ms(t_lens_cold),
             "attribution_p50": ms(statistics.median(attr)), "attribution_max": ms(max(attr)),
