@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -104,10 +105,19 @@ def import_breakdown(cmd: list[str], env: dict) -> dict:
             "largest": {k: round(v, 1) for k, v in top.items()}}
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, str]:
+CPU_TIMES: dict[str, list[float]] = {}  # command label -> CPU seconds (user + sys) of each run
+
+
+def timed(cmd: list[str], env: dict, label: str | None = None) -> tuple[float, str]:
+    """Wall time and stdout of a fresh process; its CPU time (user + sys, far less sensitive than wall time to
+    other work on a shared machine) goes to CPU_TIMES[label]."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if label is not None:
+        CPU_TIMES.setdefault(label, []).append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
     if out.returncode != 0:
         raise SystemExit(f"{cmd[:3]} failed: {out.stderr[-2000:]}")
     return dt, out.stdout
@@ -147,11 +157,11 @@ def main() -> None:
     timed(hexray_cmd, env)  # writes the bytecode caches
     hx, tl, floor = [], [], []
     for _ in range(args.reps):  # interleaved, so machine noise hits all alike
-        dt, hx_out = timed(hexray_cmd, env)
+        dt, hx_out = timed(hexray_cmd, env, "hexray")
         hx.append(dt)
-        dt, tl_out = timed(tl_cmd, env)
+        dt, tl_out = timed(tl_cmd, env, "transformerlens")
         tl.append(dt)
-        floor.append(timed(floor_cmd, env)[0])
+        floor.append(timed(floor_cmd, env, "floor")[0])
     imports = import_breakdown(hexray_cmd, env)
 
     # In-process hover costs.
@@ -193,6 +203,10 @@ def main() -> None:
         "floor_python_numpy_msgpack_zstandard_s": {"median": round(statistics.median(floor), 3),
                                                     "min": round(min(floor), 3)},
         "imports_beyond_floor_ms": imports,
+        "cpu_s_median": {k: round(statistics.median(v), 3) for k, v in CPU_TIMES.items()},
+        "cpu_speedup_median": round(statistics.median(CPU_TIMES["transformerlens"])
+                                    / statistics.median(CPU_TIMES["hexray"]), 1),
+        "load_average_at_end": round(os.getloadavg()[0], 2),
         "in_process_ms": {
             "open": ms(t_open), "attribution_first": ms(t_attr_cold), "lens_first": ms(t_lens_cold),
             "attribution_p50": ms(statistics.median(attr)), "attribution_max": ms(max(attr)),
