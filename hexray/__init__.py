@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 
-from hexray_core import __version__
+from hexray_core import __version__  # noqa: F401 (public, in __all__)
 
 #: name -> module it lives in (imported on first use: `import hexray` stays cheap)
 _LAZY = {
@@ -38,7 +38,7 @@ _LAZY = {
     "Recorder": "hexray_core.record.recorder",
 }
 
-__all__ = sorted(["__version__", "open", "record", *_LAZY])
+__all__ = sorted(["__version__", "open", "record", *_LAZY])  # noqa: PLE0605 (built from _LAZY)
 
 
 def __getattr__(name: str):

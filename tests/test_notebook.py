@@ -265,7 +265,8 @@ def test_cli_names_flags_where_the_library_names_parameters():
 
     assert as_flags("by= must be one of component, head, neuron") == "--by must be one of component, head, neuron"
     assert as_flags("side B: position=17 is out of range") == "side B: --position 17 is out of range"
-    assert as_flags("bad step_regex='(': x; mode= (the step split)") == "bad --step-regex '(': x; --split (the step split)"
+    assert as_flags("bad step_regex='(': x; mode= (the step split)") == \
+        "bad --step-regex '(': x; --split (the step split)"
     assert as_flags("blocks.0.hook_z=1 stays") == "blocks.0.hook_z=1 stays"
     with pytest.raises(HexRayError, match="^by= must be one of"):
         from hexray_core.replay.attribution import direct_logit_attribution
