@@ -156,6 +156,23 @@ def test_demo_cells_agree_with_transformer_lens(recorder, tl, recorded, framewor
         assert total == pytest.approx(float(logits[answer] - logits[wrong]), abs=1e-4)
 
 
+@pytest.mark.parametrize("kw", [{"targets": "ANSWERS"}, {"top_k": 5, "incl_mid": True}, {"vocab": [3, 7, 11]},
+                                {"targets": "ANSWERS", "return_type": "log_probs", "layers": [0, -1]}])
+def test_logit_lens_agrees_with_transformer_lens(recorder, tl, tmp_path, kw):
+    dtype_path = recorder.record(PROMPT, tmp_path / "t.hxr", act_dtype="float32", hooks=HOOKS, lens=False).path
+    _, _, cache, answers = tl
+    kw = {k: (answers if v == "ANSWERS" else v) for k, v in kw.items()}
+    mine, theirs = hexray.open(dtype_path)[0].logit_lens(**kw), cache.logit_lens(**kw)
+    assert mine.labels == theirs.labels and mine.has_batch_dim == theirs.has_batch_dim
+    for field in ("values", "entropy", "top_ids", "vocab_ids", "target_ids", "target_ranks"):
+        a, b = getattr(mine.readout, field), getattr(theirs.readout, field)
+        assert (a is None) == (b is None), field
+        if b is not None:
+            np.testing.assert_allclose(_np(a), _np(b), rtol=1e-5, atol=1e-4, err_msg=field)
+    if "targets" in kw:
+        np.testing.assert_array_equal(_np(mine.rank_trajectory(answers[1])), _np(theirs.rank_trajectory(answers[1])))
+
+
 def test_the_run_is_a_lazy_mapping_of_the_recorded_tensors(recorder, tl, tmp_path):
     from transformer_lens.utilities import get_act_name as tl_act_name
 

@@ -17,6 +17,7 @@ back as numpy arrays, or torch tensors when the trace was opened with ``framewor
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import cached_property
 from types import SimpleNamespace
 
@@ -163,6 +164,53 @@ def _token_ids(trace, tokens, run: int | None) -> np.ndarray:
     if ids.dtype.kind not in "iu":
         raise HexRayError(f"tokens= must be a token's text, an id or an array of ids, not {ids.dtype} values")
     return ids.reshape(()) if ids.size == 1 else ids
+
+
+@dataclass
+class LogitReadout:
+    """As TransformerLens's ``LogitReadout``: ``values`` [layers, *pos, selected], ``entropy`` [layers, *pos]."""
+
+    values: object
+    return_type: str
+    entropy: object
+    top_ids: object = None
+    vocab_ids: object = None
+    target_ids: object = None
+    target_ranks: object = None
+    per_row_targets: bool = False
+    applied_ln: bool = True
+
+
+@dataclass
+class LogitLensResult:
+    """As TransformerLens's ``LogitLensResult``: the readout and the stack labels ("0_pre", ..., "final_post")."""
+
+    readout: LogitReadout
+    labels: list[str]
+    has_batch_dim: bool
+    target_names: list | None = None
+
+    @property
+    def values(self):
+        return self.readout.values
+
+    def rank_trajectory(self, target: str | int | None = None):
+        """The full-vocabulary rank of one target at every stack entry."""
+        ids, ranks = self.readout.target_ids, self.readout.target_ranks
+        if ids is None:
+            raise HexRayError("rank_trajectory needs a lens run with targets=")
+        ids = [int(i) for i in ids]
+        if target is None:
+            if len(ids) != 1:
+                raise HexRayError("pass target= when more than one target was requested")
+            return ranks[..., 0]
+        if isinstance(target, str):
+            if target not in (self.target_names or []):
+                raise HexRayError(f"unknown target {target!r}: pass it as it was given to targets=, or its id")
+            return ranks[..., self.target_names.index(target)]
+        if int(target) not in ids:
+            raise HexRayError(f"token id {target} was not among the requested targets")
+        return ranks[..., ids.index(int(target))]
 
 
 # -- the cache methods -------------------------------------------------------------------------------
@@ -505,13 +553,51 @@ class CacheMethods:
             directions = directions[:, None, :]
         return self._out((scaled * directions).sum(-1))
 
-    def logit_lens(self, position: int = -1, **kw):
-        """HexRay's logit lens at a position (top tokens after every layer; see `Trace.logit_lens`).
-
-        TransformerLens's ``cache.logit_lens()`` calls its analysis tool with the live model; for its
-        numbers on a run use ``accumulated_resid(apply_ln=True) @ trace.W_U + trace.b_U``.
-        """
-        return self.trace.logit_lens(position, self.id, **kw)
+    def logit_lens(self, *, layers=None, incl_mid: bool = False, positions=-1, apply_ln: bool = True, vocab=None,
+                   targets=None, return_type: str = "logits", top_k: int | None = None) -> LogitLensResult:
+        """TransformerLens's ``cache.logit_lens``: the accumulated residual through the final norm (recomputed
+        statistics), W_U and b_U. One of ``targets`` (shared tokens: texts or ids), ``top_k`` or ``vocab``
+        picks the trailing axis; ``entropy`` and ``target_ranks`` (0 = the argmax) are over the whole vocabulary.
+        Needs the model kit (the full W_U). HexRay's own lens table is ``trace.logit_lens(position, run)``."""
+        if return_type not in ("logits", "log_probs", "probs"):
+            raise HexRayError(f"return_type= must be 'logits', 'log_probs' or 'probs', not {return_type!r}")
+        if sum(x is not None for x in (vocab, targets, top_k)) > 1:
+            raise HexRayError("pass at most one of vocab=, targets= and top_k=")
+        sl = Slice(positions)
+        stack, labels = self.accumulated_resid(incl_mid=incl_mid, pos_slice=sl, return_labels=True)
+        stack = _np(stack)
+        keep = list(range(len(labels))) if layers is None else [i % len(labels) for i in layers]
+        stack, labels = stack[keep], [labels[i] for i in keep]
+        if apply_ln:
+            stack = self._apply_ln(stack, self._n_layers(), False, sl, recompute_ln=True)
+        kit = self.trace.require_kit("the logit lens (the full W_U)")
+        logits = stack.astype(np.float32) @ kit["W_U"] + kit["b_U"]  # [layers, *pos, vocab]
+        peak = logits.max(-1, keepdims=True)
+        log_probs = logits - (np.log(np.exp(logits - peak).sum(-1, keepdims=True)) + peak)
+        entropy = -(np.exp(log_probs) * log_probs).sum(-1)
+        quantity = {"logits": logits, "log_probs": log_probs, "probs": np.exp(log_probs)}[return_type]
+        readout = LogitReadout(quantity, return_type, entropy)
+        if targets is not None:
+            single = isinstance(targets, str) or _is_int(targets)
+            names = [targets] if single else list(targets)
+            ids = np.asarray([_token_ids(self.trace, t, self.id) for t in names], dtype=np.int64).reshape(-1)
+            readout.target_ids = ids
+            readout.target_ranks = (logits[..., None, :] > logits[..., ids][..., None]).sum(-1)
+            readout.values = quantity[..., ids]
+            target_names = [t if isinstance(t, str) else None for t in names]
+        else:
+            target_names = None
+            if top_k is not None:
+                top = np.argsort(-logits, axis=-1, kind="stable")[..., :int(top_k)]
+                readout.top_ids, readout.values = top, np.take_along_axis(quantity, top, -1)
+            elif vocab is not None:
+                readout.vocab_ids = _np(vocab).astype(np.int64)
+                readout.values = quantity[..., readout.vocab_ids]
+        for field in ("values", "entropy", "top_ids", "vocab_ids", "target_ids", "target_ranks"):
+            value = getattr(readout, field)
+            if value is not None:
+                setattr(readout, field, self._out(np.ascontiguousarray(value)))
+        return LogitLensResult(readout, labels, False, target_names)
 
     # TransformerLens itself -----------------------------------------------------------------------
 
