@@ -353,3 +353,22 @@ def test_the_notebook_api_works_without_torch(recorder, tmp_path):
     assert out["heads"][0][-1] == "remainder" and out["full"][0][-1] == "bias"
     assert len(out["neurons"]) == t.n_layers * t.cfg.d_mlp
     assert out["attribution"] == t.attribution(-1, by="head").by_label() and out["cot"] >= 1
+
+
+def test_readme_from_transformer_lens_runs_as_written(tiny, tmp_path, monkeypatch, capsys):
+    """Both snippets of the README's "From TransformerLens" print the figures the README shows."""
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("### From TransformerLens"):]
+    section = section[:section.index("\n## ")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    shown = re.search(r"```\n(\[.*?)```", section, re.S).group(1).splitlines()
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
+        printed.append(capsys.readouterr().out.splitlines())
+    assert printed[0][0] == printed[1][0] == shown[0]
+    assert printed[1][1] == shown[1] and printed[0][1] == shown[1].replace("ndarray", "Tensor")
