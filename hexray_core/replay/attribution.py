@@ -15,6 +15,7 @@ language server and the TransformerLens cache methods (cache.py):
     component_stack(trace, run)          the residual stream's components [C, n, d] and what each is
     unembed_columns(trace, ids, run)     W_U columns and b_U entries of many tokens
     logit_directions(trace, run, ...)    u (centred, over the frozen final scale) and bias per position
+    final_direction(trace, run, p, t)    the same at one position
     head_results / neuron_results        what each head or neuron writes (z @ W_O, post * W_out)
     next_token_attributions(trace, run)  every actual next token's logit by component, in one einsum
 """
@@ -201,6 +202,12 @@ def logit_directions(trace, run: int, positions, target_ids, baseline_ids=None) 
     return u / final_scale(trace, run)[positions].astype(np.float64)[:, None], bias
 
 
+def final_direction(trace, run: int, position: int, target_id: int, baseline_id: int | None):
+    """`logit_directions` at one position: u [d] and the bias (a float)."""
+    u, bias = logit_directions(trace, run, [position], [target_id], None if baseline_id is None else [baseline_id])
+    return u[0], float(bias[0])
+
+
 def head_results(trace, run: int, layer: int, pos=slice(None)) -> np.ndarray:
     """What each head writes into the residual stream, [*pos, n_heads, d_model]: the recorded
     ``attn.hook_result``, else ``attn.hook_z`` @ W_O (the kit). ``pos`` indexes positions first."""
@@ -283,8 +290,7 @@ def direct_logit_attribution(trace, *, position: int = -1, run: int = 0, target:
     p = r.position(position)
     tid = resolve_target(trace, r.id, p, target)
     bid = None if baseline is None else resolve_target(trace, r.id, p, baseline)
-    u, bias = logit_directions(trace, r.id, [p], [tid], None if bid is None else [bid])
-    u, bias = u[0], float(bias[0])
+    u, bias = final_direction(trace, r.id, p, tid, bid)
     parts = _contributions(trace, r.id, p, u, by)
     parts.append(Contribution("Bias", "bias", None, None, bias))
     total = float(sum(c.value for c in parts))

@@ -157,7 +157,7 @@ class MissingHook(HexRayError, KeyError):
 
     def __init__(self, trace: Trace, run: int, name: str, why: str = ""):
         glob = re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
-        recorded = trace.meta.get("hooks", {}).get("set", "unknown")
+        recorded = _hook_set(trace.meta)
         need = f"{why} needs {name}" if why else f"run {run} has no {name}"
         super().__init__(f"{need}, which {trace.path} did not record (hooks: {recorded}); record it with "
                          f"--hooks default,{glob}")
@@ -166,40 +166,35 @@ class MissingHook(HexRayError, KeyError):
         return str(self.args[0])
 
 
+def _hook_set(meta: dict) -> str:
+    hooks = meta.get("hooks") if isinstance(meta.get("hooks"), dict) else {}
+    return str(hooks.get("set", "unknown"))
+
+
 def _derivable(trace: Trace, run: int) -> list[str]:
-    """Hook names a run can compute from what it recorded (attention patterns from q and k)."""
-    recompute = _pattern_recompute()
-    if recompute is None:
-        return []
-    return [f"blocks.{layer}.attn.hook_pattern" for layer in range(trace.n_layers)
-            if _has_qk(trace, run, layer)]
+    """Hook names a run computes from what it recorded: attention patterns from stored q and k."""
+    return [f"blocks.{layer}.attn.hook_pattern" for layer in range(trace.n_layers) if _from_qk(trace, run, layer)]
 
 
-def _has_qk(trace: Trace, run: int, layer: int) -> bool:
-    a = f"blocks.{layer}.attn."
-    return trace.has(a + "hook_k", run) and (trace.has(a + "hook_q", run) or trace.has(a + "hook_rot_q", run)) or (
-        trace.has(a + "hook_rot_q", run) and trace.has(a + "hook_rot_k", run))
+def _from_qk(trace: Trace, run: int, layer: int) -> bool:
+    from .attention import attention_source
+
+    try:
+        return attention_source(trace, run, layer) == "qk"
+    except HexRayError:  # neither a pattern nor q and k: not a key (reading it names what to record)
+        return False
 
 
 def _derive(trace: Trace, run: int, name: str) -> np.ndarray | None:
     m = re.fullmatch(r"blocks\.(\d+)\.attn\.hook_pattern", name)
-    recompute = _pattern_recompute()
-    if m is None or recompute is None or not _has_qk(trace, run, int(m.group(1))):
+    if m is None or not _from_qk(trace, run, int(m.group(1))):
         return None
-    arr = np.asarray(recompute(trace, run, int(m.group(1))))
+    from .attention import attention_pattern
+
+    key = ("pattern", int(m.group(1)))  # quadratic in the context: computed once per run and layer
+    arr = trace.runs[run].memo(key, lambda: attention_pattern(trace, run, int(m.group(1))))
     arr.setflags(write=False)
     return arr
-
-
-def _pattern_recompute():
-    """The attention module's recompute of a layer's [heads, q, k] pattern from stored q and k, if it has one.
-
-    HOOK: attention.py's block-wise ``attention_pattern(trace, run, layer)`` (traces that store q/k
-    instead of hook_pattern). Until it exists only recorded patterns are readable.
-    """
-    from . import attention
-
-    return getattr(attention, "attention_pattern", None)
 
 
 class Trace(ModelMethods):
@@ -320,8 +315,8 @@ class Trace(ModelMethods):
         if not self.reader.has(stored, run_id):
             if not name.startswith(_NOT_ACTIVATIONS):
                 raise MissingHook(self, run_id, name)
-            raise HexRayError(f"{self.path}: run {run_id} has no tensor {name!r} "
-                              f"(recorded hooks: {self.meta.get('hooks', {}).get('set', 'unknown')})")
+            raise HexRayError(f"{self.path}: run {run_id} has no tensor {name!r} (recorded hooks: "
+                              f"{_hook_set(self.meta)})")
         arr = self.reader.read(stored, run_id)
         arr.setflags(write=False)
         self._cache[key] = arr
