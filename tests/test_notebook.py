@@ -288,6 +288,8 @@ def test_cli_names_flags_where_the_library_names_parameters():
     assert as_flags("bad step_regex='(': x; mode= (the step split)") == \
         "bad --step-regex '(': x; --split (the step split)"
     assert as_flags("blocks.0.hook_z=1 stays") == "blocks.0.hook_z=1 stays"
+    assert as_flags("top_k= must be at least 1, not 0") == "--top-k must be at least 1, not 0"
+    assert as_flags("act_dtype='f8': unknown") == "--act-dtype 'f8': unknown"
     with pytest.raises(HexRayError, match="^by= must be one of"):
         from hexray_core.replay.attribution import direct_logit_attribution
 

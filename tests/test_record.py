@@ -283,7 +283,7 @@ def test_input_errors(tiny_gpt2_recorder, tmp_path):
         rec.record("a", tmp_path / "missing" / "t.hxr")
     with pytest.raises(HexRayError, match="it is a folder"):
         rec.record("a", tmp_path)
-    with pytest.raises(HexRayError, match="top-k"):
+    with pytest.raises(HexRayError, match="top_k= must be at least 1"):
         rec.record("a", tmp_path / "t.hxr", top_k=0)
     assert not (tmp_path / "t.hxr").exists()
 
