@@ -148,6 +148,22 @@ class Run(CacheMethods, Mapping):
         """Direct logit attribution at a position (see `Trace.attribution`)."""
         return self.trace.attribution(position, self.id, **kw)
 
+    def source_attribution(self, pos: int = -1, tokens=None, incorrect_tokens=None):
+        """``[n_layers, n_heads, pos + 1]``: how much each source token supplied, through each head, to the
+        logit of ``tokens`` at ``pos`` (default: the top prediction; an id or a token's text), minus
+        ``incorrect_tokens``'s (a logit difference). Summed over sources: each head's entry of
+        ``stack_head_results`` + ``logit_attrs``. See `hexray_core.replay.sources`."""
+        from .sources import source_attribution
+
+        def target(tok):  # as logit_attrs: a token's text is literal, never an id
+            if tok is None or tok in ("top", "next"):
+                return tok
+            return self.trace.token_id(tok, self.id, literal=True) if isinstance(tok, str) else int(tok)
+
+        sa = source_attribution(self.trace, position=pos, run=self.id, target=target(tokens),
+                                baseline=None if incorrect_tokens is None else target(incorrect_tokens))
+        return self._out(sa.values)
+
 
 _NOT_ACTIVATIONS = ("hexray.", "kit/")  # per-run bookkeeping the recorder adds; not TransformerLens hooks
 
@@ -423,6 +439,12 @@ class Trace(ModelMethods):
         from .attention import attention_summary
 
         return attention_summary(self, position=position, run=run, **kw)
+
+    def sources(self, position: int = -1, run: int = 0, **kw):
+        """Source attribution at a position: a `SourceAttribution` (values per layer, head and source token)."""
+        from .sources import source_attribution
+
+        return source_attribution(self, position=position, run=run, **kw)
 
     def cot(self, run: int = 0, **kw):
         from .cot import cot_breakdown
