@@ -130,6 +130,12 @@ def print_json(obj) -> None:
     print(json.dumps(_plain(obj), ensure_ascii=False, indent=2, allow_nan=False))
 
 
+def aligned(label: str) -> str:
+    """A component label with its kind padded, so layer numbers line up: "MLP L3" -> "MLP  L3"."""
+    kind, sep, rest = label.partition(" ")
+    return f"{kind:<4} {rest}" if sep and kind in ("Attn", "MLP") else label
+
+
 def bar(value: float, scale: float, width: int = BAR_WIDTH) -> tuple[str, str]:
     n = 0 if scale <= 0 else round(width * min(1.0, abs(value) / scale))
     return "█" * n + " " * (width - n), "green" if value >= 0 else "red"
@@ -156,9 +162,10 @@ def attribution(con: Out, a: Attribution, top_k: int, *, position_label: int | N
         shares = [abs(c.value) / denom for c in parts]
     for line in ROW_KINDS.get(a.by, []):
         con.line((f"  {line}", "dim"))
-    width = max([8] + [len(c.label) for c in parts])
-    for c, share in zip(parts, shares, strict=True):
-        con.line(f"- {c.label:<{width}}: {c.value:+.2f} ({share:.1%})")
+    labels = [aligned(c.label) for c in parts]
+    width = max([8] + [len(label) for label in labels])
+    for c, label, share in zip(parts, labels, shares, strict=True):
+        con.line(f"- {label:<{width}}: {c.value:+.2f} ({share:.1%})")
     con.line((f"parts + bias {a.total:+.4f} vs {a.logit_source} logit {a.logit:+.4f}: error {a.error:.1e}", "dim"))
 
 
@@ -211,9 +218,9 @@ def cot(con: Out, cb: CotBreakdown, top_k: int) -> None:
         con.line((f"  tokens {step.tokens[0]}..{step.tokens[1] - 1}{lp}", "dim"))
         top = step.top(top_k)
         scale = max((abs(v) for _, v in top), default=1.0)
-        width = max([8] + [len(label) for label, _ in top])
+        width = max([8] + [len(aligned(label)) for label, _ in top])
         for label, value in top:
-            con.line(f"  {label:<{width}} ", bar(value, scale), f" {value:+.2f}")
+            con.line(f"  {aligned(label):<{width}} ", bar(value, scale), f" {value:+.2f}")
         if step.attends_to:
             refs = ", ".join(f"step {j + 1} ({m:.0%})" for j, m in step.attends_to[:3])
             con.line(f"  attends to: {refs}")
@@ -229,5 +236,5 @@ def diff(con: Out, d: AttributionDiff, top_k: int) -> None:
     def fmt(v):
         return "—" if v is None else f"{v:+.2f}"
 
-    rows = [[row.label, fmt(row.a), fmt(row.b), f"{row.delta:+.2f}"] for row in d.rows[:top_k]]
+    rows = [[aligned(row.label), fmt(row.a), fmt(row.b), f"{row.delta:+.2f}"] for row in d.rows[:top_k]]
     con.print(table(con, [("component", "left"), ("A", "right"), ("B", "right"), ("Δ", "right")], rows))

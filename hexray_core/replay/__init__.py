@@ -1,6 +1,7 @@
 """Replay: every analysis HexRay shows, computed from a recording with numpy only.
 
     open_trace(path) -> Trace          runs, tokens, tensors by hook name, model kit
+    Trace[i] -> Run                    a TransformerLens ActivationCache of one prompt (cache.py methods)
     direct_logit_attribution(...)      a logit decomposed by component, head or neuron
     logit_lens(...)                    top tokens after every layer
     residual_trace(...)                residual and per-layer write norms per token
@@ -13,10 +14,11 @@ Nothing here may import torch or transformer_lens (a test checks it).
 
 # Loaded on first use (PEP 562): `hexray replay t.hxr` needs trace and attribution, not every view.
 _EXPORTS = {
-    "attention_summary": "attention", "Attribution": "attribution", "Contribution": "attribution",
-    "direct_logit_attribution": "attribution", "cot_breakdown": "cot", "split_steps": "cot",
-    "attribution_diff": "diff", "logit_lens": "lens", "residual_trace": "residual", "Run": "trace",
-    "Trace": "trace", "open_trace": "trace",
+    "attention_summary": "attention", "Attribution": "attribution", "Component": "attribution",
+    "Contribution": "attribution", "direct_logit_attribution": "attribution",
+    "next_token_attributions": "attribution", "Slice": "cache", "get_act_name": "cache",
+    "cot_breakdown": "cot", "split_steps": "cot", "attribution_diff": "diff", "logit_lens": "lens",
+    "residual_trace": "residual", "MissingHook": "trace", "Run": "trace", "Trace": "trace", "open_trace": "trace",
 }
 __all__ = sorted(_EXPORTS)
 
