@@ -20,7 +20,9 @@ import math
 import numpy as np
 
 from hexray_core.errors import HexRayError
-from hexray_core.replay import attention, attribution, cot as cot_mod, diff as diff_mod, lens
+from hexray_core.replay import attention, attribution, lens
+from hexray_core.replay import cot as cot_mod
+from hexray_core.replay import diff as diff_mod
 
 TOP_PREDICTIONS = 10
 TOP_NEURONS = 10
@@ -47,7 +49,12 @@ def plain(obj):
 
 
 def _has_attention(trace, run: int) -> bool:
-    return trace.n_layers > 0 and trace.has("blocks.0.attn.hook_pattern", run)
+    """Whether every layer's attention can be read (stored patterns or recorded q/k)."""
+    try:
+        return trace.n_layers > 0 and all(attention.attention_source(trace, run, layer)
+                                          for layer in range(trace.n_layers))
+    except HexRayError:
+        return False
 
 
 def _n_heads(trace) -> int:
@@ -192,11 +199,10 @@ def attention_rows(trace, run: int, pos: int, layer: int, head: int, window: int
         raise HexRayError(f"no head L{layer}H{head} in a model of {trace.n_layers} layers × {_n_heads(trace)} heads")
     window = max(1, min(window, MAX_WINDOW))
     first = max(0, p - window + 1)
-    queries = list(range(first, p + 1))
-    rows = [attention.attention_row(trace, r.id, layer, q)[head] for q in queries]
+    rows = attention.attention_rows(trace, r.id, layer, list(range(first, p + 1)))[head]  # [queries, n]
     return {"run": r.id, "position": p, "layer": layer, "head": head, "label": f"L{layer}H{head}",
-            "row": rows[-1][: p + 1].tolist(), "first": first,
-            "window": [row[first: p + 1].tolist() for row in rows]}
+            "row": rows[-1, : p + 1].tolist(), "first": first,
+            "window": rows[:, first: p + 1].tolist()}
 
 
 def component_colours(trace, run: int) -> dict:

@@ -16,7 +16,7 @@ from importlib import resources
 from .data import plain
 
 CSP_EMBEDDED = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
-CSP_SERVED = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'"
+CSP_SERVED = CSP_EMBEDDED + "; connect-src 'self'"
 
 
 @cache
@@ -34,7 +34,8 @@ def _script_json(obj) -> str:
 def render(title: str, data: dict | None = None) -> str:
     """The page; with `data` (see source.ts `Embedded`) it is self-contained, without it it calls api/."""
     csp = CSP_SERVED if data is None else CSP_EMBEDDED
-    embedded = "" if data is None else f'<script type="application/json" id="hexray-data">{_script_json(data)}</script>\n'
+    embedded = "" if data is None else \
+        f'<script type="application/json" id="hexray-data">{_script_json(data)}</script>\n'
     # The script is inlined verbatim: it is our own build and holds no "</script" (checked in tests).
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"

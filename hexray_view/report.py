@@ -72,8 +72,8 @@ def build(traces: list, names: list[str], *, detail: int = DEFAULT_DETAIL, posit
     for t, r in sides[1:]:
         a = {"trace": 0, "run": 0, "position": len(out["traces"][0]["runs"][0]["labels"]) - 1}
         b = {"trace": t, "run": r, "position": len(out["traces"][t]["runs"][r]["labels"]) - 1}
-        diff = _optional(lambda b=b, t=t, r=r: data.diff(traces[0], traces[t], 0, out["traces"][t]["runs"][r]["id"],
-                                                          a["position"], b["position"]))
+        diff = _optional(lambda a=a, b=b, t=t, r=r: data.diff(
+            traces[0], traces[t], 0, out["traces"][t]["runs"][r]["id"], a["position"], b["position"]))
         if diff is not None:
             out["diffs"].append({"a": a, "b": b, "diff": diff})
     return _compact(data.plain(out))

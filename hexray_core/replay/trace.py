@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -34,6 +34,7 @@ class Run:  # frozen, yet `labels` is a cached_property: dataclass(frozen) leave
     char_spans: list[tuple[int, int]]
     n_prompt_tokens: int
     info: dict
+    trace: Trace | None = field(default=None, repr=False, compare=False)  # the viewer's run.show()
 
     @property
     def n_tokens(self) -> int:
@@ -54,6 +55,17 @@ class Run:  # frozen, yet `labels` is a cached_property: dataclass(frozen) leave
                 text = raw[start:end].decode("utf-8", errors="backslashreplace")
             out.append(text)
         return out
+
+    def show(self, position: int | None = None, **kw):
+        """The viewer inline in a notebook, opened on this run (hexray_view, no server)."""
+        from hexray_view.notebook import show
+
+        if self.trace is None:
+            raise HexRayError("this run is not attached to an open trace")
+        return show(self.trace, self.trace.runs.index(self), position, **kw)
+
+    def _repr_html_(self) -> str:
+        return self.show()._repr_html_()
 
     def position(self, pos: int) -> int:
         """Resolve a possibly negative position; out of range is a user error."""
@@ -93,7 +105,7 @@ class Trace:
         strs = list(info.get("token_strs") or [f"#{t}" for t in tokens])
         spans = [tuple(s) for s in info.get("char_spans") or [(-1, -1)] * len(tokens)]
         return Run(int(info["id"]), str(info.get("prompt", "")), tokens, strs, spans,
-                   int(info.get("n_prompt_tokens", len(tokens))), info)
+                   int(info.get("n_prompt_tokens", len(tokens))), info, self)
 
     # -- model shape -----------------------------------------------------------------------
 
@@ -279,6 +291,15 @@ class Trace:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def show(self, run: int = 0, position: int | None = None, **kw):
+        """The viewer inline in a notebook (hexray_view.notebook.show): tokens, attribution, lens, attention."""
+        from hexray_view.notebook import show
+
+        return show(self, run, position, **kw)
+
+    def _repr_html_(self) -> str:
+        return self.show()._repr_html_()
 
     def __repr__(self) -> str:
         return f"<Trace {self.path}: {self.model_name}, {len(self.runs)} run(s)>"
