@@ -174,7 +174,7 @@ export class App {
     this.pos = pos;
     const tok = this.tokens[pos];
     tok?.classList.add("sel");
-    tok?.scrollIntoView({ block: "nearest", inline: "nearest" });
+    if (tok) this.scrollToToken(tok);
     try { history.replaceState(null, "", `#trace=${this.t}&run=${this.run}&pos=${pos}`); } catch { /* a sandboxed notebook frame */ }
     const r = this.currentRun();
     this.status.textContent = `#${pos} ${q(r.labels[pos])}` + (r.prob[pos] != null ? ` · p = ${pct(r.prob[pos])}` : "") + " · loading…";
@@ -206,6 +206,15 @@ export class App {
       this.sourcePanel(detail));
     await Promise.all([this.renderLens(my), this.renderAttention(my, detail)]);
     if (my === this.seq) document.body.dataset.pos = String(pos);
+  }
+
+  /** Scroll the strip (only the strip: scrollIntoView would also scroll a notebook around its frame). */
+  private scrollToToken(tok: HTMLElement): void {
+    const s = this.strip;
+    const top = tok.offsetTop; // the strip is the offset parent (position: relative)
+    if (top < s.scrollTop || top + tok.offsetHeight > s.scrollTop + s.clientHeight) {
+      s.scrollTop = Math.max(0, top - s.clientHeight / 2);
+    }
   }
 
   private fail(message: string): void {
