@@ -83,7 +83,9 @@ def _run_overview(trace, run: int) -> dict:
     top: list[str] = []
     if trace.has("hexray.topk_ids", r.id):
         top = [trace.token_str(int(t), r.id) for t in trace.tensor("hexray.topk_ids", r.id)[:, 0]]
-    labels, _ = attribution.component_stack(trace, r.id) if trace.has("hook_embed", r.id) else ([], None)
+    # The component names without loading the component stack (first paint reads no per-layer tensor).
+    components = ["Embed"] + (["PosEmbed"] if trace.has("hook_pos_embed", r.id) else [])
+    components += [name for layer in range(trace.n_layers) for name in (f"Attn L{layer}", f"MLP  L{layer}")]
     return {
         "id": r.id,
         "prompt": r.prompt,
@@ -91,7 +93,7 @@ def _run_overview(trace, run: int) -> dict:
         "n_prompt_tokens": r.n_prompt_tokens,
         "prob": prob,
         "top": top,
-        "components": [lab for lab, _, _ in labels],
+        "components": components,
         "has_lens": trace.has("hexray.lens_topk_ids", r.id) or trace.kit is not None,
         "has_attention": _has_attention(trace, r.id),
         "has_source": callable(getattr(r, "source_attribution", None)),

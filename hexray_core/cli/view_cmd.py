@@ -22,6 +22,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    # One BLAS thread: the server answers one small request at a time, and on a busy machine a threaded
+    # BLAS spends more on waking its threads than on the products (attention rows of 24 queries over 1,000
+    # keys: 51 ms threaded vs 0.4 ms on one thread, bench/README.md). Set before numpy is first imported.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     from hexray_core.replay import open_trace
     from hexray_view.server import ViewServer
 

@@ -3,10 +3,11 @@
 import { barRow, clear, div, h, heatmap, seq } from "./dom";
 import { pct, q, sci, signed, visible } from "./fmt";
 import type { Source } from "./source";
-import type { AttnRows, Colours, Detail, Side, TraceOverview } from "./types";
+import type { AttnRows, Colours, Detail, LensGrid, Side, TraceOverview } from "./types";
 
 const LENS_BEFORE = 12;
 const LENS_AFTER = 12;
+const LENS_PAGE = 32;
 
 export class App {
   private traces: TraceOverview[] = [];
@@ -178,6 +179,13 @@ export class App {
     try { history.replaceState(null, "", `#trace=${this.t}&run=${this.run}&pos=${pos}`); } catch { /* a sandboxed notebook frame */ }
     const r = this.currentRun();
     this.status.textContent = `#${pos} ${q(r.labels[pos])}` + (r.prob[pos] != null ? ` · p = ${pct(r.prob[pos])}` : "") + " · loading…";
+    // Ask for the three answers at once (the server computes them one after another, without a round trip
+    // between); the head is the one selected before, so its rows can be fetched before the detail arrives.
+    const lens = this.lensWindow(pos);
+    const head = this.head;
+    const rows = head && r.has_attention ? this.source.attention(this.t, this.run, pos, head[0], head[1]) : null;
+    lens.catch(() => undefined);
+    rows?.catch(() => undefined);
     let detail: Detail | null;
     try {
       detail = await this.source.detail(this.t, this.run, pos);
@@ -204,7 +212,7 @@ export class App {
       h("section", { id: "p-lens", class: "panel wide" }, h("h3", { text: "Logit lens" })),
       h("section", { id: "p-attn", class: "panel wide" }, h("h3", { text: "Attention" })),
       this.sourcePanel(detail));
-    await Promise.all([this.renderLens(my), this.renderAttention(my, detail)]);
+    await Promise.all([this.renderLens(my, lens), this.renderAttention(my, detail, head && rows ? { head, rows } : null)]);
     if (my === this.seq) document.body.dataset.pos = String(pos);
   }
 
@@ -272,14 +280,28 @@ export class App {
       ...items.map((x) => barRow(`#${x.position} ${q(r.labels[x.position] ?? "")}`, x.value, scale, signed(x.value))));
   }
 
-  private async renderLens(my: number): Promise<void> {
+  /** The lens columns around pos, asked for in aligned pages so that a neighbour's click finds them cached. */
+  private async lensWindow(pos: number): Promise<LensGrid | null> {
+    const r = this.currentRun();
+    if (!r.has_lens) return null;
+    const start = Math.max(0, pos - LENS_BEFORE);
+    const end = Math.min(r.labels.length, pos + LENS_AFTER + 1);
+    const pages = [];
+    for (let p = Math.floor(start / LENS_PAGE) * LENS_PAGE; p < end; p += LENS_PAGE) {
+      pages.push(this.source.lens(this.t, this.run, p, Math.min(r.labels.length, p + LENS_PAGE)));
+    }
+    const grids = await Promise.all(pages);
+    if (grids.some((g) => !g)) return null;
+    const columns = grids.flatMap((g) => g!.columns).filter((c) => c.position >= start && c.position < end);
+    return { ...grids[0]!, start, end, columns };
+  }
+
+  private async renderLens(my: number, pending: Promise<LensGrid | null>): Promise<void> {
     const sec = document.getElementById("p-lens")!;
     const r = this.currentRun();
     if (!r.has_lens) { sec.append(h("div", { class: "dim", text: "this trace has no logit lens (and no model kit)" })); return; }
-    const start = Math.max(0, this.pos - LENS_BEFORE);
-    const end = Math.min(r.labels.length, this.pos + LENS_AFTER + 1);
     let grid;
-    try { grid = await this.source.lens(this.t, this.run, start, end); } catch (err) {
+    try { grid = await pending; } catch (err) {
       if (my === this.seq) sec.append(h("div", { class: "dim", text: String(err) })); return;
     }
     if (my !== this.seq) return;
@@ -299,7 +321,7 @@ export class App {
       }));
   }
 
-  private async renderAttention(my: number, d: Detail): Promise<void> {
+  private async renderAttention(my: number, d: Detail, early: { head: [number, number]; rows: Promise<AttnRows | null> } | null): Promise<void> {
     const sec = document.getElementById("p-attn")!;
     if (!d.attention) { sec.append(h("div", { class: "dim", text: "this trace recorded no attention patterns" })); this.overlay = null; this.paintOverlay(); return; }
     const focus = d.attention.focus;
@@ -313,7 +335,8 @@ export class App {
     if (!this.head) return;
     const [layer, head] = this.head;
     let rows: AttnRows | null;
-    try { rows = await this.source.attention(this.t, this.run, this.pos, layer, head); } catch (err) {
+    const same = early && early.head[0] === layer && early.head[1] === head;
+    try { rows = await (same ? early!.rows : this.source.attention(this.t, this.run, this.pos, layer, head)); } catch (err) {
       if (my === this.seq) headBox.append(h("div", { class: "dim", text: String(err) })); return;
     }
     if (my !== this.seq) return;
