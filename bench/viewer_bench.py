@@ -43,9 +43,9 @@ CLICK = """async (i) => {
     o.observe(document.body, { attributes: true }); });
   delete document.body.dataset.pos;
   document.querySelector(`#strip .tok[data-i='${i}']`).click();
-  await done; await %s;
+  await done; await FRAME;
   return performance.now() - t0;
-}""" % FRAME
+}""".replace("FRAME", FRAME)
 
 
 def record(work: str) -> dict[int, str]:

@@ -118,6 +118,7 @@ def test_report_offline_figures_and_selection(browser, demo_trace, tmp_path):
     # token 5 is coloured by MLP L0's attribution to its own logit, predicted at position 4
     nxt = replay_json("replay", demo_trace, "--position", 4, "--target", "next", "--top-k", 1000)["attribution"]
     mlp0 = next(c["value"] for c in nxt["contributions"] if c["label"] == "MLP  L0")
+    page.hover("#strip .tok[data-i='5']")  # titles are made on hover
     assert f"MLP  L0 → this token: {mlp0:+.2f}" in page.get_attribute("#strip .tok[data-i='5']", "title")
 
     page.click("button[data-tab='cot']")

@@ -180,3 +180,22 @@ def test_report_is_one_offline_file(demo_trace, tmp_path):
     assert len([k for k in payload["details"] if k.startswith("0.0.")]) == 5
     assert f"0.0.{len(payload['traces'][0]['runs'][0]['labels']) - 1}" in payload["details"]
     assert len(payload["diffs"]) == 1
+
+
+def test_another_address_needs_host_and_still_the_token(demo_trace):
+    s = Served(demo_trace, extra=("--host", "127.0.0.2"))
+    try:
+        assert s.host == "127.0.0.2"
+        conn = http.client.HTTPConnection("127.0.0.2", s.port, timeout=30)
+        conn.request("GET", "/api/overview", headers={"Host": "hexray.example"})
+        resp = conn.getresponse()
+        assert resp.status == 403 and resp.read()
+        conn.request("GET", f"/{s.token}/api/overview", headers={"Host": "hexray.example"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read()  # a chosen address: any Host name, the token still guards
+        conn.close()
+        with pytest.raises(OSError):  # and nothing on 127.0.0.1
+            socket.create_connection(("127.0.0.1", s.port), timeout=2).close()
+    finally:
+        s.close()
+    assert "anyone who can reach it" in s.proc.stderr.read()

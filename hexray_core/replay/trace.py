@@ -62,7 +62,7 @@ class Run:  # frozen, yet `labels` is a cached_property: dataclass(frozen) leave
 
         if self.trace is None:
             raise HexRayError("this run is not attached to an open trace")
-        return show(self.trace, self.trace.runs.index(self), position, **kw)
+        return show(self.trace, next(i for i, r in enumerate(self.trace.runs) if r is self), position, **kw)
 
     def _repr_html_(self) -> str:
         return self.show()._repr_html_()

@@ -22,6 +22,8 @@ export class App {
   private tokens: HTMLSpanElement[] = [];
   private overlay: number[] | null = null; // attention row shown on the strip
   private sourcePositions = new Set<number>();
+  private painted: number[] = []; // tokens the overlay last touched
+  private stripValues: (number | null)[] | null = null; // the component colouring shown, if any
 
   private root: HTMLElement;
   private strip = h("div", { id: "strip", class: "strip", tabindex: 0 });
@@ -99,18 +101,26 @@ export class App {
     const r = this.currentRun();
     const frag = document.createDocumentFragment();
     this.tokens = r.labels.map((label, i) => {
-      const parts = label.split("\n");
-      const span = h("span", { class: "tok" + (i >= r.n_prompt_tokens ? " gen" : ""), "data-i": i });
-      parts.forEach((p, j) => {
-        if (j) span.append(h("span", { class: "nl", text: "↵" }), h("br"));
-        if (p) span.append(visible(p));
-      });
-      if (!label) span.append("\u2205");
+      const span = document.createElement("span");
+      span.className = i >= r.n_prompt_tokens ? "tok gen" : "tok";
+      span.dataset.i = String(i);
+      if (!label.includes("\n")) {
+        span.textContent = label ? visible(label) : "\u2205";
+      } else {
+        label.split("\n").forEach((p, j) => {
+          if (j) span.append(h("span", { class: "nl", text: "↵" }), h("br"));
+          if (p) span.append(visible(p));
+        });
+      }
       frag.append(span);
       return span;
     });
     for (const i of this.source.embedded?.(this.t, this.run) ?? []) this.tokens[i]?.classList.add("held");
     this.strip.replaceChildren(frag);
+    this.strip.onmouseover = (e) => {
+      const tok = (e.target as HTMLElement).closest(".tok") as HTMLElement | null;
+      if (tok) tok.title = this.tokenTitle(Number(tok.dataset.i));
+    };
     this.strip.onclick = (e) => {
       const tok = (e.target as HTMLElement).closest(".tok") as HTMLElement | null;
       if (tok) void this.select(Number(tok.dataset.i));
@@ -130,21 +140,20 @@ export class App {
     const legend = document.getElementById("legend");
     const comp = this.colours && this.colourBy !== "probability" ? this.colours.labels.indexOf(this.colourBy) : -1;
     const values = comp >= 0 ? this.colours!.values[comp] : null;
-    const scale = values ? Math.max(1e-9, ...values.map(Math.abs)) : 1;
-    this.tokens.forEach((span, i) => {
-      let bg = "transparent";
-      let title = `#${i} ${q(r.labels[i])}`;
+    const scale = values ? values.reduce<number>((m, v) => Math.max(m, Math.abs(v ?? 0)), 1e-9) : 1;
+    this.stripValues = values;
+    const tokens = this.tokens;
+    for (let i = 0; i < tokens.length; i++) {
+      let bg = "";
       if (values) {
         const v = i >= 1 ? values[i - 1] : null;
-        if (v != null) { bg = div(v, scale); title += `\n${this.colourBy} → this token: ${signed(v)}`; }
+        if (v != null) bg = div(v, scale);
       } else {
         const p = r.prob[i];
-        if (p != null) { bg = probColour(p); title += `\np = ${pct(p)}`; }
+        if (p != null) bg = probColour(p);
       }
-      if (r.top[i] !== undefined) title += `\ntop prediction next: ${q(r.top[i])}`;
-      span.style.background = bg;
-      span.title = title;
-    });
+      tokens[i].style.background = bg;
+    }
     if (legend) {
       legend.textContent = values ? `green: ${this.colourBy} raised the logit of the token, red: lowered it (max |${signed(scale)}|)`
         : this.colourBy !== "probability" ? "this report holds no component attributions" : "red: the model found the token unlikely, green: likely (hover for p)";
@@ -152,12 +161,39 @@ export class App {
     this.paintOverlay();
   }
 
+  /** The selected head's weights (underline) and the source tokens on the strip; only touched tokens change. */
   private paintOverlay(): void {
-    this.tokens.forEach((span, i) => {
-      const w = this.overlay && i < this.overlay.length ? this.overlay[i] : 0;
-      span.style.boxShadow = w > 0.01 ? `inset 0 -${Math.max(2, Math.round(w * 6))}px 0 rgba(230, 120, 0, ${0.3 + 0.7 * w})` : "";
-      span.classList.toggle("src", this.sourcePositions.has(i));
-    });
+    for (const i of this.painted) {
+      const span = this.tokens[i];
+      if (span) { span.style.boxShadow = ""; span.classList.remove("src"); }
+    }
+    this.painted = [];
+    const row = this.overlay ?? [];
+    for (let i = 0; i < row.length && i < this.tokens.length; i++) {
+      const w = row[i];
+      if (w > 0.01) {
+        this.tokens[i].style.boxShadow = `inset 0 -${Math.max(2, Math.round(w * 6))}px 0 rgba(230, 120, 0, ${0.3 + 0.7 * w})`;
+        this.painted.push(i);
+      }
+    }
+    for (const i of this.sourcePositions) {
+      this.tokens[i]?.classList.add("src");
+      this.painted.push(i);
+    }
+  }
+
+  /** A token's tooltip, made when the pointer reaches it (16k titles up front would delay the first paint). */
+  private tokenTitle(i: number): string {
+    const r = this.currentRun();
+    let title = `#${i} ${q(r.labels[i])}`;
+    const v = this.stripValues && i >= 1 ? this.stripValues[i - 1] : null;
+    if (this.stripValues) {
+      if (v != null) title += `\n${this.colourBy} → this token: ${signed(v)}`;
+    } else if (r.prob[i] != null) {
+      title += `\np = ${pct(r.prob[i])}`;
+    }
+    if (r.top[i] !== undefined) title += `\ntop prediction next: ${q(r.top[i])}`;
+    return title;
   }
 
   private onKey(e: KeyboardEvent): void {

@@ -98,7 +98,7 @@ export interface AttnRows {
 
 export interface Colours {
   labels: string[];
-  values: number[][]; // [component][position]: attribution to the logit of token position+1
+  values: (number | null)[][]; // [component][position]: attribution to the logit of token position+1
 }
 
 export interface CotStep {
