@@ -26,6 +26,7 @@ from hexray_core.replay import diff as diff_mod
 
 TOP_PREDICTIONS = 10
 TOP_NEURONS = 10
+TOP_SOURCES = 12
 TOP_HEADS = 8  # heads whose pattern rows the report embeds per position
 LENS_TOP = 3  # tokens per lens cell (hover)
 MAX_WINDOW = 256  # positions per lens request, queries per attention request
@@ -96,8 +97,16 @@ def _run_overview(trace, run: int) -> dict:
         "components": components,
         "has_lens": trace.has("hexray.lens_topk_ids", r.id) or trace.kit is not None,
         "has_attention": _has_attention(trace, r.id),
-        "has_source": callable(getattr(r, "source_attribution", None)),
+        "has_source": _has_sources(),
     }
+
+
+def _has_sources() -> bool:
+    try:
+        from hexray_core.replay.sources import source_attribution  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _predictions(trace, run: int, pos: int) -> list[dict]:
@@ -160,18 +169,18 @@ def sparse_row(weights: np.ndarray, k: int = 24) -> list[list]:
     return [[int(i), float(weights[i])] for i in keys]
 
 
-def _source(trace, r, p: int):
-    """Source tokens of the prediction at p, when the replay engine offers `Run.source_attribution`."""
-    fn = getattr(r, "source_attribution", None)
-    if not callable(fn):
+def _source(trace, r, p: int) -> list[dict] | None:
+    """The source tokens of the prediction at p (one-hop source attribution, `hexray_core.replay.sources`),
+    largest |total| first; None where the replay engine cannot compute it (no kit, no attention)."""
+    try:
+        from hexray_core.replay.sources import source_attribution
+    except ImportError:  # an older replay engine: nothing to show
         return None
     try:
-        result = fn(p)
-    except (HexRayError, TypeError, ValueError):
+        sa = source_attribution(trace, position=p, run=r.id)
+    except HexRayError:
         return None
-    if hasattr(result, "to_dict"):
-        result = result.to_dict()
-    return plain(result)
+    return [{"position": s, "value": v, "heads": heads} for s, v, heads in sa.top_sources(TOP_SOURCES)]
 
 
 def lens_grid(trace, run: int, start: int, end: int) -> dict:

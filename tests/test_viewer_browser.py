@@ -80,6 +80,16 @@ def assert_panels_match_replay(page, trace: str, pos: int) -> None:
     shown_neurons = page.eval_on_selector_all("#p-neurons .bar-row", "rows => rows.map(r => [r.dataset.label, "
                                               "r.querySelector('.val').textContent])")
     assert shown_neurons == [[c["label"], f"{c['value']:+.2f}"] for c in neurons if c["kind"] == "neuron"][:10]
+    from hexray_core.replay import open_trace
+    from hexray_core.replay.sources import source_attribution
+
+    with open_trace(trace) as t:
+        top = source_attribution(t, position=pos).top_sources(12)
+    shown_sources = page.eval_on_selector_all("#p-source .bar-row", "rows => rows.map(r => [Number(r.dataset.pos), "
+                                              "r.querySelector('.val').textContent])")
+    assert shown_sources == [[s, f"{v:+.2f}"] for s, v, _ in top]
+    underlined = page.eval_on_selector_all("#strip .tok.src", "els => els.map(e => Number(e.dataset.i))")
+    assert sorted(underlined) == sorted(s for s, _, _ in top)
     lens = replay_json("replay", trace, "--position", pos, "--lens")["lens"]
     cells = page.eval_on_selector_all(f"#p-lens .hm-cell[data-pos='{pos}']", "cs => cs.map(c => [c.dataset.layer, "
                                       "c.dataset.prob])")

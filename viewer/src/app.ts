@@ -245,9 +245,9 @@ export class App {
     this.sourcePositions = sourcePositions(detail.source);
     clear(this.panels,
       this.predictionsPanel(detail), this.dlaPanel(detail), this.headsPanel(detail), this.neuronsPanel(detail),
+      this.sourcePanel(detail),
       h("section", { id: "p-lens", class: "panel wide" }, h("h3", { text: "Logit lens" })),
-      h("section", { id: "p-attn", class: "panel wide" }, h("h3", { text: "Attention" })),
-      this.sourcePanel(detail));
+      h("section", { id: "p-attn", class: "panel wide" }, h("h3", { text: "Attention" })));
     await Promise.all([this.renderLens(my, lens), this.renderAttention(my, detail, head && rows ? { head, rows } : null)]);
     if (my === this.seq) document.body.dataset.pos = String(pos);
   }
@@ -312,8 +312,13 @@ export class App {
     const r = this.currentRun();
     const items = sourceItems(d.source).slice(0, 12);
     const scale = Math.max(1e-9, ...items.map((x) => Math.abs(x.value)));
-    return h("section", { id: "p-source", class: "panel" }, h("h3", { text: "Source tokens" }),
-      ...items.map((x) => barRow(`#${x.position} ${q(r.labels[x.position] ?? "")}`, x.value, scale, signed(x.value))));
+    return h("section", { id: "p-source", class: "panel" }, h("h3", { text: "Source tokens (one hop, through heads)" }),
+      h("div", { class: "sub", text: "the earlier tokens heads carried into this prediction; wavy underline in the strip" }),
+      ...items.map((x) => {
+        const row = barRow(`#${x.position} ${q(r.labels[x.position] ?? "")}`, x.value, scale, signed(x.value), { pos: String(x.position) });
+        if (x.heads?.length) row.title = x.heads.map(([label, v]) => `${label} ${signed(v)}`).join("  ");
+        return row;
+      }));
   }
 
   /** The lens columns around pos, asked for in aligned pages so that a neighbour's click finds them cached. */
@@ -486,14 +491,17 @@ function clampInt(s: string | null, lo: number, hi: number, fallback: number): n
   return Number.isInteger(n) && n >= lo && n <= hi ? n : fallback;
 }
 
-/** Source attribution comes from another part of HexRay: accept [{position, value}] lists, or
- * {positions, values} / {sources: [...]} shapes, and ignore anything else. */
-function sourceItems(src: unknown): { position: number; value: number }[] {
-  const pick = (x: unknown) => {
+/** Source tokens: [{position, value, heads}] from hexray_view/data.py (also {positions, values} or
+ * {sources: [...]} shapes, should the replay engine's form change; anything else shows nothing). */
+interface SourceItem { position: number; value: number; heads?: [string, number][] }
+
+function sourceItems(src: unknown): SourceItem[] {
+  const pick = (x: unknown): SourceItem | null => {
     const o = x as Record<string, unknown>;
     const position = Number(o?.position ?? o?.pos ?? o?.index);
     const value = Number(o?.value ?? o?.score ?? o?.weight);
-    return Number.isInteger(position) && Number.isFinite(value) ? { position, value } : null;
+    const heads = Array.isArray(o?.heads) ? (o.heads as [string, number][]) : undefined;
+    return Number.isInteger(position) && Number.isFinite(value) ? { position, value, heads } : null;
   };
   let list: unknown[] = [];
   if (Array.isArray(src)) list = src;
@@ -502,7 +510,7 @@ function sourceItems(src: unknown): { position: number; value: number }[] {
     if (Array.isArray(o.positions) && Array.isArray(o.values)) list = o.positions.map((p, i) => ({ position: p, value: (o.values as unknown[])[i] }));
     else for (const k of ["sources", "contributions", "tokens", "top"]) if (Array.isArray(o[k])) { list = o[k] as unknown[]; break; }
   }
-  return list.map(pick).filter((x): x is { position: number; value: number } => x !== null).sort((a, b) => Math.abs(b.value) - Math.abs(a.value));
+  return list.map(pick).filter((x): x is SourceItem => x !== null).sort((a, b) => Math.abs(b.value) - Math.abs(a.value));
 }
 
 function sourcePositions(src: unknown): Set<number> {
