@@ -136,16 +136,8 @@ def token_detail(trace, run: int, pos: int, *, rows: bool = False) -> dict:
     out["attribution"] = _attribution(attribution.direct_logit_attribution(trace, position=p, run=r.id))
     out["heads"] = out["neurons"] = None
     if trace.kit is not None:
-        by_head = attribution.direct_logit_attribution(trace, position=p, run=r.id, by="head")
-        grid = [[0.0] * _n_heads(trace) for _ in range(trace.n_layers)]
-        for c in by_head.contributions:
-            if c.kind == "head":
-                grid[c.layer][c.index] = c.value
-        out["heads"] = grid
-        by_neuron = attribution.direct_logit_attribution(trace, position=p, run=r.id, by="neuron")
-        top = sorted((c for c in by_neuron.contributions if c.kind == "neuron"), key=lambda c: -abs(c.value))
-        out["neurons"] = [{"label": c.label, "layer": c.layer, "index": c.index, "value": c.value}
-                          for c in top[:TOP_NEURONS]]
+        out["heads"] = _optional(lambda: _head_grid(trace, r.id, p))
+        out["neurons"] = _optional(lambda: _top_neurons(trace, r.id, p))
     out["attention"] = None
     if _has_attention(trace, r.id):
         summary = attention.attention_summary(trace, position=p, run=r.id, top_heads=trace.n_layers * _n_heads(trace))
@@ -161,6 +153,28 @@ def token_detail(trace, run: int, pos: int, *, rows: bool = False) -> dict:
                 for h in summary.heads[:TOP_HEADS]}
     out["source"] = _source(trace, r, p)
     return out
+
+
+def _head_grid(trace, run: int, p: int) -> list[list[float]]:
+    grid = [[0.0] * _n_heads(trace) for _ in range(trace.n_layers)]
+    for c in attribution.direct_logit_attribution(trace, position=p, run=run, by="head").contributions:
+        if c.kind == "head":
+            grid[c.layer][c.index] = c.value
+    return grid
+
+
+def _top_neurons(trace, run: int, p: int) -> list[dict]:
+    parts = attribution.direct_logit_attribution(trace, position=p, run=run, by="neuron").contributions
+    top = sorted((c for c in parts if c.kind == "neuron"), key=lambda c: -abs(c.value))
+    return [{"label": c.label, "layer": c.layer, "index": c.index, "value": c.value} for c in top[:TOP_NEURONS]]
+
+
+def _optional(fn):
+    """A panel the trace cannot feed (a tensor it did not record): None, and the page says so."""
+    try:
+        return fn()
+    except HexRayError:
+        return None
 
 
 def sparse_row(weights: np.ndarray, k: int = 24) -> list[list]:

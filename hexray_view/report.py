@@ -61,12 +61,15 @@ def build(traces: list, names: list[str], *, detail: int = DEFAULT_DETAIL, posit
                 out["details"][f"{key}.{p}"] = data.token_detail(trace, run["id"], p, rows=True)
             n = len(run["labels"])
             if run["has_lens"]:
-                grids = [data.lens_grid(trace, run["id"], s, min(n, s + data.MAX_WINDOW))
-                         for s in range(max(0, n - LENS_POSITIONS), n, data.MAX_WINDOW)]
-                out["lens"][key] = {**grids[0], "end": grids[-1]["end"],
-                                    "columns": [c for g in grids for c in g["columns"]]}
-            if n > 1:
-                out["colours"][key] = _last_columns(data.component_colours(trace, run["id"]), LENS_POSITIONS)
+                grids = _optional(lambda trace=trace, run=run, n=n: [
+                    data.lens_grid(trace, run["id"], s, min(n, s + data.MAX_WINDOW))
+                    for s in range(max(0, n - LENS_POSITIONS), n, data.MAX_WINDOW)])
+                if grids:
+                    out["lens"][key] = {**grids[0], "end": grids[-1]["end"],
+                                        "columns": [c for g in grids for c in g["columns"]]}
+            colours = _optional(lambda trace=trace, run=run: data.component_colours(trace, run["id"]))
+            if colours is not None and n > 1:
+                out["colours"][key] = _last_columns(colours, LENS_POSITIONS)
             out["cot"][key] = _optional(lambda trace=trace, run=run: data.cot(trace, run["id"]))
     sides = [(t, r) for t, ov in enumerate(out["traces"]) for r in range(len(ov["runs"]))]
     for t, r in sides[1:]:

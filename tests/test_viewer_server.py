@@ -199,3 +199,28 @@ def test_another_address_needs_host_and_still_the_token(demo_trace):
     finally:
         s.close()
     assert "anyone who can reach it" in s.proc.stderr.read()
+
+
+def test_a_trace_without_lens_attention_or_heads_still_reports_and_serves(tmp_path):
+    trace = tmp_path / "sparse.hxr"
+    hexray("record", "--model", "hexray-demo", "--device", "cpu", "--prompt", "The cat sat on the mat.",
+           "--lens", "off", "--hooks", "hook_embed,hook_pos_embed,blocks.*.hook_attn_out,blocks.*.hook_mlp_out,"
+           "blocks.*.hook_resid_post,ln_final.hook_scale", "-o", trace, "-q")
+    out = tmp_path / "sparse.html"
+    hexray("report", trace, "-o", out)
+    text = out.read_text(encoding="utf-8")
+    payload = json.loads(text.split('<script type="application/json" id="hexray-data">')[1].split("</script>")[0])
+    run = payload["traces"][0]["runs"][0]
+    assert run["has_attention"] is False and payload["lens"] == {}
+    detail = payload["details"][f"0.0.{len(run['labels']) - 1}"]
+    assert detail["attention"] is None and detail["heads"] is None and detail["neurons"] is None
+    cli = replay_json("replay", trace, "--top-k", 100)["attribution"]
+    assert [c["value"] for c in detail["attribution"]["contributions"]] == \
+           pytest.approx([c["value"] for c in cli["contributions"]], abs=1e-6)
+    s = Served(trace)
+    try:
+        status, body = api(s, "lens", run=0, start=0, end=3)
+        assert status == 400 and "lens" in body["error"]
+        assert api(s, "detail", run=0, pos=3)[0] == 200
+    finally:
+        s.close()

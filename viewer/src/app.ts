@@ -290,7 +290,7 @@ export class App {
 
   private headsPanel(d: Detail): HTMLElement {
     const sec = h("section", { id: "p-heads", class: "panel" }, h("h3", { text: "Head attribution (layer × head)" }));
-    if (!d.heads) return sec.appendChild(h("div", { class: "dim", text: "needs the model kit (W_O): record with --bundle" })), sec;
+    if (!d.heads) return sec.appendChild(h("div", { class: "dim", text: "not in this trace: needs the model kit (W_O) and blocks.*.attn.hook_z (--hooks default)" })), sec;
     const scale = Math.max(1e-9, ...d.heads.flat().map(Math.abs));
     sec.append(heatmap({
       rows: d.heads.map((_, l) => `L${l}`), cols: d.heads[0].map((_, i) => `H${i}`), colour: (v) => div(v, scale),
@@ -301,7 +301,7 @@ export class App {
 
   private neuronsPanel(d: Detail): HTMLElement {
     const sec = h("section", { id: "p-neurons", class: "panel" }, h("h3", { text: "Top neurons" }));
-    if (!d.neurons) return sec.appendChild(h("div", { class: "dim", text: "needs the model kit (W_out): record with --bundle" })), sec;
+    if (!d.neurons) return sec.appendChild(h("div", { class: "dim", text: "not in this trace: needs the model kit (W_out) and blocks.*.mlp.hook_post (--hooks default)" })), sec;
     const scale = Math.max(1e-9, ...d.neurons.map((n) => Math.abs(n.value)));
     sec.append(...d.neurons.map((n) => barRow(n.label, n.value, scale, signed(n.value), { label: n.label })));
     return sec;
