@@ -20,8 +20,9 @@ def trace_html(trace, *, run: int = 0, position: int | None = None, detail: int 
     r = trace.run(run)
     p = r.n_tokens - 1 if position is None else r.position(position)
     name = os.path.basename(trace.path)
-    payload = report.build([trace], [name], detail=detail, positions=(p,))
-    payload["start"] = {"trace": 0, "run": trace.runs.index(r), "position": p}
+    index = next(i for i, x in enumerate(trace.runs) if x is r)
+    payload = report.build([trace], [name], detail=detail, positions=(p,), runs={index})
+    payload["start"] = {"trace": 0, "run": index, "position": p}
     doc = page.render(name, payload)
     return (f'<iframe class="hexray-view" srcdoc="{html.escape(doc, quote=True)}" '
             f'style="width:100%;height:{int(height)}px;border:1px solid #d9dee5;border-radius:6px" '

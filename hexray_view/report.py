@@ -47,8 +47,12 @@ def detail_positions(run_overview: dict, n: int, always: tuple[int, ...] = ()) -
     return sorted(chosen)
 
 
-def build(traces: list, names: list[str], *, detail: int = DEFAULT_DETAIL, positions: tuple[int, ...] = ()) -> dict:
-    """The `Embedded` payload (viewer/src/source.ts) for the given open traces."""
+def build(traces: list, names: list[str], *, detail: int = DEFAULT_DETAIL, positions: tuple[int, ...] = (),
+          runs: set[int] | None = None) -> dict:
+    """The `Embedded` payload (viewer/src/source.ts) for the given open traces.
+
+    runs: the run numbers whose views are embedded (None: all, and the diffs); the others get only their strip
+    (a notebook cell of a trace with a thousand prompts embeds the one it shows)."""
     if detail < 1:
         raise HexRayError(f"--detail must be at least 1, not {detail}")
     out: dict = {"traces": [], "details": {}, "lens": {}, "colours": {}, "cot": {}, "diffs": []}
@@ -56,6 +60,8 @@ def build(traces: list, names: list[str], *, detail: int = DEFAULT_DETAIL, posit
         ov = data.overview(trace, name)
         out["traces"].append(ov)
         for r, run in enumerate(ov["runs"]):
+            if runs is not None and r not in runs:
+                continue
             key = f"{t}.{r}"
             for p in detail_positions(run, detail, positions):
                 out["details"][f"{key}.{p}"] = data.token_detail(trace, run["id"], p, rows=True)
@@ -71,7 +77,7 @@ def build(traces: list, names: list[str], *, detail: int = DEFAULT_DETAIL, posit
             if colours is not None and n > 1:
                 out["colours"][key] = _last_columns(colours, LENS_POSITIONS)
             out["cot"][key] = _optional(lambda trace=trace, run=run: data.cot(trace, run["id"]))
-    sides = [(t, r) for t, ov in enumerate(out["traces"]) for r in range(len(ov["runs"]))]
+    sides = [] if runs is not None else [(t, r) for t, ov in enumerate(out["traces"]) for r in range(len(ov["runs"]))]
     for t, r in sides[1:]:
         a = {"trace": 0, "run": 0, "position": len(out["traces"][0]["runs"][0]["labels"]) - 1}
         b = {"trace": t, "run": r, "position": len(out["traces"][t]["runs"][r]["labels"]) - 1}

@@ -142,7 +142,10 @@ class Handler(BaseHTTPRequestHandler):
         if rest in ("", "index.html"):
             return self._send(HTTPStatus.OK, srv.page, "text/html; charset=utf-8")
         if rest.startswith("api/") and rest.count("/") == 1:
-            params = {k: v[0] for k, v in parse_qs(parts.query, max_num_fields=20).items()}
+            try:
+                params = {k: v[0] for k, v in parse_qs(parts.query, max_num_fields=20).items()}
+            except ValueError:  # more fields than any view takes
+                return self._json(HTTPStatus.BAD_REQUEST, {"error": "too many query parameters"})
             try:
                 with srv.lock:
                     result = srv.answer(rest[4:], params)

@@ -99,6 +99,10 @@ def test_only_the_named_traces_are_served(served, demo_trace):
     status, body = api(served, "detail", run=0, pos=10_000)
     assert status == 400 and "out of range" in body["error"]
     assert raw_get(served, f"/{served.token}/api/nothing")[0] == 404
+    many = "&".join(f"x{i}=1" for i in range(50))
+    assert raw_get(served, f"/{served.token}/api/overview?{many}")[0] == 400
+    assert raw_get(served, f"/{served.token}/api/overview?" + "x" * 5000)[0] == 414
+    assert api(served, "detail", run=0, pos="1e9")[0] == 400
 
 
 def test_listens_on_loopback_only(served):
