@@ -85,8 +85,7 @@ def _run_overview(trace, run: int) -> dict:
     if trace.has("hexray.topk_ids", r.id):
         top = [trace.token_str(int(t), r.id) for t in trace.tensor("hexray.topk_ids", r.id)[:, 0]]
     # The component names without loading the component stack (first paint reads no per-layer tensor).
-    components = ["Embed"] + (["PosEmbed"] if trace.has("hook_pos_embed", r.id) else [])
-    components += [name for layer in range(trace.n_layers) for name in (f"Attn L{layer}", f"MLP  L{layer}")]
+    components = [c.label for c in attribution.components(trace, r.id)]
     return {
         "id": r.id,
         "prompt": r.prompt,

@@ -11,7 +11,7 @@ import json
 import os
 
 import pytest
-from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served, hexray, record_demo, replay_json
+from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served, hexray, record_demo, replay_json, wait_for
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
@@ -123,13 +123,14 @@ def test_report_offline_figures_and_selection(browser, demo_trace, tmp_path):
     assert p.selected() == 6
     page.screenshot(path=str(tmp_path / "report-6.png"), full_page=True)
 
-    page.select_option("#colour-select", "MLP  L0")
-    page.wait_for_function("document.getElementById('legend').textContent.startsWith('green')")
     # token 5 is coloured by MLP L0's attribution to its own logit, predicted at position 4
     nxt = replay_json("replay", demo_trace, "--position", 4, "--target", "next", "--top-k", 1000)["attribution"]
-    mlp0 = next(c["value"] for c in nxt["contributions"] if c["label"] == "MLP  L0")
+    mlp0 = next(c for c in nxt["contributions"] if c["kind"] == "mlp" and c["layer"] == 0)
+    page.select_option("#colour-select", mlp0["label"])
+    wait_for(lambda: page.text_content("#legend").startswith("green"))  # (wait_for_function would eval: CSP)
     page.hover("#strip .tok[data-i='5']")  # titles are made on hover
-    assert f"MLP  L0 → this token: {mlp0:+.2f}" in page.get_attribute("#strip .tok[data-i='5']", "title")
+    assert f"{mlp0['label']} → this token: {mlp0['value']:+.2f}" in page.get_attribute("#strip .tok[data-i='5']",
+                                                                                       "title")
 
     page.click("button[data-tab='cot']")
     page.wait_for_selector("#cot .step")
@@ -172,8 +173,8 @@ def test_served_view_lazy_figures_and_selection(browser, demo_trace, tmp_path):
         page.screenshot(path=str(tmp_path / "served.png"), full_page=True)
 
         page.select_option("#run-select", "1")
-        page.wait_for_function("document.querySelectorAll('#strip .tok').length > 0 && "
-                               "document.querySelector('#strip .tok').parentElement.children.length < 40")
+        run1 = len(replay_json("replay", demo_trace, "--run", 1, "--resid")["resid"]["tokens"])
+        wait_for(lambda: len(page.query_selector_all("#strip .tok")) == run1)
         page.wait_for_selector("body[data-pos]")
         page.click("button[data-tab='diff']")
         page.wait_for_selector("#diff-out .diff-row")
