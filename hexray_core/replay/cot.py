@@ -17,6 +17,7 @@ from hexray_core.errors import HexRayError
 
 from .attention import attention_blocks
 from .attribution import next_token_attributions
+from .sources import step_sources
 
 SPLIT_MODES = ("auto", "lines", "sentences", "regex")
 
@@ -31,6 +32,9 @@ class CotStep:
     mean_logprob: float | None  # average log-probability the model gave the step's tokens
     components: list[tuple[str, float]]  # every component, largest |value| first
     attends_to: list[tuple[int, float]] = field(default_factory=list)  # (earlier step, attention mass)
+    # with sources=True: (token position, text, value) of the earlier tokens the step's logits drew on most,
+    # through all heads (source attribution), largest |value| first
+    sources: list[tuple[int, str, float]] = field(default_factory=list)
 
     def top(self, k: int) -> list[tuple[str, float]]:
         return self.components[:k]
@@ -113,7 +117,10 @@ def step_attention(trace, run: int, steps_of: np.ndarray, n_steps: int) -> np.nd
     return mass / max(trace.n_layers, 1)
 
 
-def cot_breakdown(trace, *, run: int = 0, mode: str = "auto", step_regex: str | None = None) -> CotBreakdown:
+def cot_breakdown(trace, *, run: int = 0, mode: str = "auto", step_regex: str | None = None, sources: bool = False,
+                  top_sources: int = 5) -> CotBreakdown:
+    """Steps with their per-component sums and step-to-step attention; ``sources=True`` also names the
+    earlier tokens each step drew on (source attribution, as costly as reading the whole attention)."""
     r = trace.run(run)
     ranges = split_steps(r.prompt, mode, step_regex)
     if not ranges:
@@ -124,6 +131,7 @@ def cot_breakdown(trace, *, run: int = 0, mode: str = "auto", step_regex: str | 
     if trace.has("hexray.next_logit", r.id) and trace.has("hexray.logsumexp", r.id):
         logprobs = trace.tensor("hexray.next_logit", r.id) - trace.tensor("hexray.logsumexp", r.id)
     attention = step_attention(trace, r.id, steps_of, len(ranges))
+    drawn = step_sources(trace, r.id, steps_of, len(ranges)) if sources else None
     steps = []
     for i, (a, b) in enumerate(ranges):
         toks = np.nonzero(steps_of == i)[0]
@@ -135,5 +143,10 @@ def cot_breakdown(trace, *, run: int = 0, mode: str = "auto", step_regex: str | 
         span = (int(toks.min()), int(toks.max()) + 1) if toks.size else (0, 0)
         attends = [(j, float(attention[i, j])) for j in range(i)]
         attends.sort(key=lambda x: -x[1])
-        steps.append(CotStep(i, r.prompt[a:b].strip(), (a, b), span, float(per_comp.sum()), mean_lp, comps, attends))
+        step = CotStep(i, r.prompt[a:b].strip(), (a, b), span, float(per_comp.sum()), mean_lp, comps, attends)
+        if drawn is not None and span[0] > 1:
+            earlier = drawn[i, 1: span[0]]  # tokens before the step, the first (a sink) left out
+            best = np.argsort(-np.abs(earlier), kind="stable")[:top_sources] + 1
+            step.sources = [(int(s), r.labels[s], float(drawn[i, s])) for s in best]
+        steps.append(step)
     return CotBreakdown(r.id, resolve_mode(r.prompt, mode, step_regex), steps, attention.tolist())
