@@ -7,13 +7,14 @@
 ``hexray.record`` needs the recording extras (torch, transformer-lens) and imports them only when
 called; ``hexray.open`` reads a trace with numpy alone. To record many times without reloading
 the model: ``rec = hexray.Recorder("hexray-demo"); rec.record(prompts, "t.hxr")``.
+``hexray.open_dataset("out/")`` opens a folder written by ``hexray record --prompts-file F -o out/``.
 """
 
 from __future__ import annotations
 
 from hexray_core import __version__
 
-__all__ = ["Recorder", "__version__", "open", "record"]
+__all__ = ["Recorder", "__version__", "open", "open_dataset", "record"]
 
 
 def __getattr__(name: str):
@@ -49,3 +50,10 @@ def open(path):  # noqa: A001 - hexray.open(path) is the public name
     from hexray_core.replay.trace import open_trace
 
     return open_trace(path)
+
+
+def open_dataset(path):
+    """Open a recorded dataset folder: iterate its runs across shards, aggregate their attribution (numpy only)."""
+    from hexray_core.replay.aggregate import open_dataset as _open_dataset
+
+    return _open_dataset(path)

@@ -21,6 +21,8 @@ COMMANDS = {
     "info": "hexray_core.cli.info_cmd",
     "verify": "hexray_core.cli.verify_cmd",
     "lsp": "hexray_core.cli.lsp_cmd",
+    "aggregate": "hexray_core.cli.aggregate_cmd",
+    "fuzz": "hexray_core.cli.fuzz_cmd",
 }
 HELP = {
     "record": "run a model on prompts and record the forward pass into a .hxr trace",
@@ -29,6 +31,8 @@ HELP = {
     "info": "summarise a trace: runs, tokens, tensors, sizes, provenance",
     "verify": "check every record and checksum of a trace (like gzip -t)",
     "lsp": "language server: per-token attribution in the editor",
+    "aggregate": "attribution statistics over every run of a recorded dataset",
+    "fuzz": "perturb a prompt and rank its tokens by how much the prediction depends on them",
 }
 
 
