@@ -34,8 +34,11 @@ def connect(address: str | None = "auto", *, data: bool = True):
     target = None if address in (None, "", "auto") else address
     if target is None:
         target = os.environ.get("RAY_ADDRESS") or None
+    # Ray's own start-up notices are not the user's business on stderr; its logs stay in the
+    # session folder (/tmp/ray/session_*/logs).
+    logging.getLogger("ray").setLevel(logging.ERROR)
     try:
-        ray.init(address=target, logging_level=logging.WARNING, include_dashboard=False,
+        ray.init(address=target, logging_level=logging.ERROR, include_dashboard=False,
                  log_to_driver=False, configure_logging=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = target or "a local cluster"
@@ -65,8 +68,9 @@ def _get(ray, ref):
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, HexRayError):  # a user error in a task: one line, not a remote traceback
-            raise HexRayError(str(e.cause)) from None
+        err = user_error(e)
+        if err is not None:  # a user error in a task: one line, not a remote traceback
+            raise HexRayError(str(err).splitlines()[0]) from None
         raise
 
 
@@ -79,11 +83,23 @@ def quiet_ray_data() -> None:
     for attr in ("enable_operator_progress_bars", "print_on_execution_start"):
         if hasattr(ctx, attr):
             setattr(ctx, attr, False)
-    for name in ("ray.data", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Data logs a failed task's remote traceback at ERROR; HexRay reports the error itself.
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 def resources() -> dict[str, float]:
     import ray
 
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def user_error(e: BaseException) -> HexRayError | None:
+    """The HexRayError behind a Ray failure (a task's or an actor's), if there is one."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, HexRayError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None

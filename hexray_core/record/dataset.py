@@ -67,11 +67,26 @@ def record_shard(recorder, out: str, name: str, rows: list[store.Row], options: 
                  cache_dir: str | None = None, progress=None) -> dict:
     """Record one shard: its sidecar first, then its trace (renamed into place when complete)."""
     t0 = time.perf_counter()
+    check_rows(recorder, rows, options)
     store.write_sidecar(out, name, rows)
     result = recorder.record([r.prompt for r in rows], os.path.join(store.shards_dir(out), name + ".hxr"),
                              cache_dir=cache_dir, progress=progress, **options)
     return {"shard": name, "prompts": len(rows), "tokens": result.tokens, "bytes": result.bytes,
             "seconds": time.perf_counter() - t0, "pid": os.getpid(), "host": socket.gethostname()}
+
+
+def check_rows(recorder, rows: list[store.Row], options: dict) -> None:
+    """Each row fits the model's context: a bad row is named by its id and line, not its place in a shard."""
+    n_ctx = int(recorder.loaded.n_ctx)
+    extra = int(options.get("generate") or 0)
+    for r in rows:
+        n = len(recorder.tokenize(r.prompt, options.get("prepend_bos")))
+        if n == 0:
+            raise HexRayError(f"prompt id {r.key} (line {r.line}) has no tokens")
+        if n + extra > n_ctx:
+            more = f" + {extra} to generate" if extra else ""
+            raise HexRayError(f"prompt id {r.key} (line {r.line}) is {n} tokens{more}, over the model's context of "
+                              f"{n_ctx} tokens")
 
 
 def _spec(name: str, rows: list[store.Row]) -> str:
@@ -104,7 +119,11 @@ class ShardWorker:
         results = []
         for spec in batch["spec"]:
             name, rows = _unspec(str(spec))
-            results.append(json.dumps(record_shard(self.recorder, self.out, name, rows, self.options, self.cache_dir)))
+            try:
+                r = record_shard(self.recorder, self.out, name, rows, self.options, self.cache_dir)
+            except HexRayError as e:  # bad input: the driver reports it in one line (Ray would retry nothing)
+                r = {"error": str(e)}
+            results.append(json.dumps(r))
         return {"result": np.array(results, dtype=object)}
 
 
@@ -179,6 +198,7 @@ def record_dataset(rows, out: str | os.PathLike, *, model: str = "gpt2", ray: st
                 _emit(progress, "dataset_start", total=len(rows), pending=len(pending), skipped=skipped,
                       shards=len(plan), workers=1, engine=engine)
                 rec = recorder or _load(model, model_opts, progress)
+                check_rows(rec, pending, options)  # every row before the first shard
                 quiet = _only_warnings(progress)
                 for name, shard_rows in plan:
                     meter.shard_done(record_shard(rec, out, name, shard_rows, options, progress=quiet))
@@ -233,7 +253,10 @@ def _record_on_ray(address: str, plan, out: str, model: str, model_opts: dict, o
     rows = ds.iter_rows()
     try:
         for row in rows:
-            meter.shard_done(json.loads(row["result"]))
+            result = json.loads(row["result"])
+            if "error" in result:
+                raise HexRayError(result["error"])
+            meter.shard_done(result)
     finally:
         close = getattr(rows, "close", None)
         if close is not None:
