@@ -169,6 +169,8 @@ def record_dataset(rows, out: str | os.PathLike, *, model: str = "gpt2", ray: st
     if unknown:
         raise HexRayError(f"unknown recording option(s): {', '.join(sorted(unknown))}")
     model_opts = {k: v for k, v in (model_opts or {}).items() if v is not None}
+    if "overflow" in options:  # the two spellings Recorder.record accepts, compared as one
+        options["overflow"] = {"float32": "f32", "bfloat16": "bf16"}.get(options["overflow"], options["overflow"])
     rows = store.normalize_rows(rows)
     out = os.path.abspath(os.path.expanduser(os.fspath(out)))
     if os.path.exists(out) and not os.path.isdir(out):
