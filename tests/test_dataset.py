@@ -340,3 +340,19 @@ def test_fuzz_user_variants(tmp_path, capsys):
     users = [v for v in fz["variants"] if v["kind"] == "user"]
     assert [v["prompt"] for v in users] == extra.read_text().splitlines()
     assert {v["kind"] for v in fz["variants"]} == {"delete", "user"}
+
+
+def test_aggregate_needs_neither_torch_nor_ray(dataset):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['ray'] = None; "
+            "from hexray_core.cli.main import main; rc = main(['aggregate', sys.argv[1], '--json', '--jobs', '2']); "
+            "import hexray; ds = hexray.open_dataset(sys.argv[1]); n = sum(1 for _ in ds); "
+            "bad = [m for m in ('torch', 'transformer_lens', 'transformers', 'ray') if sys.modules.get(m)]; "
+            "print('IMPORTED', bad, n); sys.exit(rc)")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code, dataset], capture_output=True, text=True, cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"IMPORTED [] {len(PROMPTS)}" in out.stdout
+    assert json.loads(out.stdout[:out.stdout.rindex("IMPORTED")])["aggregate"]["n"] == len(PROMPTS)

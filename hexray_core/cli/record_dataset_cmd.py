@@ -25,7 +25,8 @@ class DatasetProgress(Progress):
             skipped = f", {info['skipped']} already recorded" if info["skipped"] else ""
             where = f"{info['workers']} Ray worker(s)" if info["engine"] == "ray" else "this process"
             gpu = " with one GPU each" if info.get("gpus") else ""
-            self._line(f"hexray: recording {info['pending']} of {info['total']} prompts in {info['shards']} shards "
+            shards = f"{info['shards']} shard{'s' if info['shards'] != 1 else ''}"
+            self._line(f"hexray: recording {info['pending']} of {info['total']} prompts in {shards} "
                        f"on {where}{gpu}{skipped}")
             if self.live is not None:
                 self.live.update(self.task, description="recording", total=info["pending"], completed=0, info="")

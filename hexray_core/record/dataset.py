@@ -51,9 +51,10 @@ class DatasetResult:
     def summary(self) -> str:
         skipped = f", {self.skipped} already recorded" if self.skipped else ""
         where = f"{self.workers} Ray worker{'s' if self.workers != 1 else ''}" if self.engine == "ray" else "1 process"
+        where = f" on {where}" if self.recorded else ""
         return (f"recorded {self.recorded} prompt{'s' if self.recorded != 1 else ''} in {self.shards} "
                 f"shard{'s' if self.shards != 1 else ''}{skipped}, {self.tokens} tokens, {human_bytes(self.bytes)} "
-                f"in {self.seconds:.1f} s on {where} -> {self.out} (manifest: {self.manifest} of {self.prompts} "
+                f"in {self.seconds:.1f} s{where} -> {self.out} (manifest: {self.manifest} of {self.prompts} "
                 "prompts)")
 
 
@@ -196,11 +197,11 @@ def record_dataset(rows, out: str | os.PathLike, *, model: str = "gpt2", ray: st
         meter = _Meter(progress, len(pending), skipped, 1)
         try:
             if plan and ray is None:
-                meter.t0 = time.perf_counter()
-                _emit(progress, "dataset_start", total=len(rows), pending=len(pending), skipped=skipped,
-                      shards=len(plan), workers=1, engine=engine)
                 rec = recorder or _load(model, model_opts, progress)
                 check_rows(rec, pending, options)  # every row before the first shard
+                _emit(progress, "dataset_start", total=len(rows), pending=len(pending), skipped=skipped,
+                      shards=len(plan), workers=1, engine=engine)
+                meter.t0 = time.perf_counter()
                 quiet = _only_warnings(progress)
                 for name, shard_rows in plan:
                     meter.shard_done(record_shard(rec, out, name, shard_rows, options, progress=quiet))
