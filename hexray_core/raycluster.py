@@ -99,7 +99,11 @@ def user_error(e: BaseException) -> HexRayError | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        cause = getattr(e, "cause", None)  # a RayTaskError is also an instance of its cause's class,
+        if isinstance(cause, BaseException):  # but its text is the remote traceback: use the cause
+            e = cause
+            continue
         if isinstance(e, HexRayError):
             return e
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+        e = e.__cause__ or e.__context__
     return None

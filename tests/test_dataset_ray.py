@@ -130,3 +130,9 @@ def test_resume_after_an_interrupted_ray_run(cluster, tmp_path, capsys):
     assert [r["label"] for r in a["rows"]] == [r["label"] for r in b["rows"]]
     for x, y in zip(a["rows"], b["rows"], strict=True):
         assert x["mean"] == pytest.approx(y["mean"], abs=1e-12) and x["std"] == pytest.approx(y["std"], abs=1e-12)
+
+    # a shard gone missing: one line from the Ray task, not its remote traceback
+    gone = os.path.join(out, manifest(out)[0]["shard"])
+    os.unlink(gone)
+    rc, _, err = run_cli(capsys, "aggregate", out, "--ray")
+    assert rc == 1 and err == f"hexray: error: {gone}: no such file\n"
