@@ -98,6 +98,19 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_job_completes(cluster, tm
         os.kill(pid, 0)
 
 
+def test_fuzz_on_ray_equals_fuzz_in_process(cluster, tmp_path):
+    from hexray_core.cli.fuzz_cmd import fuzz
+
+    on_ray = fuzz("It was the", str(tmp_path / "ray"), model="hexray-demo", alternatives=1, ray="auto")
+    local = fuzz("It was the", str(tmp_path / "local"), model="hexray-demo", alternatives=1, device="cpu")
+    assert on_ray.target_id == local.target_id and on_ray.base_logit == pytest.approx(local.base_logit, abs=1e-6)
+    assert [t["position"] for t in on_ray.tokens] == [t["position"] for t in local.tokens]
+    for a, b in zip(on_ray.tokens, local.tokens, strict=True):
+        assert a["delta_logit"] == pytest.approx(b["delta_logit"], abs=1e-5)
+        assert a["worst_variant"] == b["worst_variant"]
+    assert len(manifest(str(tmp_path / "ray"))) == len(on_ray.variants) + 1
+
+
 def test_resume_after_an_interrupted_ray_run(cluster, tmp_path, capsys):
     out = str(tmp_path / "out")
 
