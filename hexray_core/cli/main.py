@@ -24,6 +24,8 @@ COMMANDS = {
     "lsp": "hexray_core.cli.lsp_cmd",
     "view": "hexray_core.cli.view_cmd",
     "report": "hexray_core.cli.report_cmd",
+    "aggregate": "hexray_core.cli.aggregate_cmd",
+    "fuzz": "hexray_core.cli.fuzz_cmd",
 }
 HELP = {
     "record": "run a model on prompts and record the forward pass into a .hxr trace",
@@ -34,6 +36,8 @@ HELP = {
     "lsp": "language server: per-token attribution in the editor",
     "view": "open traces in the browser viewer (served on 127.0.0.1)",
     "report": "write a self-contained HTML viewer of traces (offline, one file)",
+    "aggregate": "attribution statistics over every run of a recorded dataset",
+    "fuzz": "perturb a prompt and rank its tokens by how much the prediction depends on them",
 }
 
 
