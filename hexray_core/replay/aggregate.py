@@ -171,12 +171,9 @@ def run_attribution(trace: Trace, entry: dict, *, by: str, position: int, target
 
 
 def _forget(trace: Trace, run: int) -> None:
-    # The per-run caches of Trace (component stack, unembedding) live as long as the trace; a dataset
-    # visits each run once, so drop them to keep memory to one run at a time.
-    for name in ("_stacks", "_unembed", "_strs"):
-        cache = getattr(trace, name, None)
-        if isinstance(cache, dict):
-            cache.pop(run, None)
+    # A run keeps what it derives (component stack, unembedding table) for the life of the trace; a
+    # dataset visits each run once, so drop it to keep memory to one run at a time.
+    trace.run(run).forget()
 
 
 def shard_stats(task: ShardTask) -> ShardStats:

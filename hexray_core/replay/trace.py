@@ -89,6 +89,11 @@ class Run(CacheMethods, Mapping):
             self._memo[key] = build()
         return self._memo[key]
 
+    def forget(self) -> None:
+        """Drop what the run derived (``memo``) and its decoded tensors: memory back to what opening costs."""
+        self._memo.clear()
+        self.trace.forget_tensors(self.id)
+
     # -- the Mapping over recorded tensors --------------------------------------------------------
 
     @cached_property
@@ -350,6 +355,11 @@ class Trace(ModelMethods):
             _, old = self._cache.popitem(last=False)
             self._cache_bytes -= old.nbytes
         return arr
+
+    def forget_tensors(self, run: int) -> None:
+        """Drop a run's decoded tensors from the cache."""
+        for key in [k for k in self._cache if k[0] == run]:
+            self._cache_bytes -= self._cache.pop(key).nbytes
 
     # -- tokens ----------------------------------------------------------------------------
 
