@@ -167,11 +167,11 @@ def softmax_rows(scores: np.ndarray, queries: np.ndarray, params: dict) -> np.nd
     if cap:
         np.tanh(scores / np.float32(cap), out=scores)
         scores *= np.float32(cap)
-    keys = np.arange(scores.shape[-1])[None, :]
-    hidden = keys > queries[:, None]
-    if params.get("window"):
-        hidden |= keys <= queries[:, None] - params["window"]
-    scores[:, hidden] = -np.inf
+    window = params.get("window")
+    for j, q in enumerate(queries):  # slices, not a boolean mask: a mask costs a pass over every score
+        scores[:, j, q + 1:] = -np.inf
+        if window and q - window >= 0:
+            scores[:, j, : q - window + 1] = -np.inf
     scores -= scores.max(-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(-1, keepdims=True)

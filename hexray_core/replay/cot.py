@@ -109,7 +109,8 @@ def step_attention(trace, run: int, steps_of: np.ndarray, n_steps: int) -> np.nd
     per_query = np.zeros((len(steps_of), n_steps))  # summed over layers
     for layer in range(trace.n_layers):
         for q0, q1, rows in attention_blocks(trace, run, layer):
-            per_query[q0:q1] += rows.mean(0) @ onehot[:q1]  # [queries, steps]
+            h, b, k = rows.shape  # mean over heads after the product: the rows are large, the steps few
+            per_query[q0:q1] += (rows.reshape(h * b, k) @ onehot[:k]).reshape(h, b, -1).mean(0)
     for s in range(n_steps):
         rows = np.nonzero(steps_of == s)[0]
         if rows.size:
