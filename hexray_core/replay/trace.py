@@ -23,6 +23,7 @@ from .cache import CacheMethods, ModelMethods, get_act_name
 from .kit import Kit, find_kit
 
 _CACHE_BYTES = 512 << 20
+_WHOLE_READ_BYTES = 4 << 20  # tensor_rows decodes a smaller tensor whole (and caches it)
 
 
 class Run(CacheMethods, Mapping):
@@ -355,6 +356,17 @@ class Trace(ModelMethods):
             _, old = self._cache.popitem(last=False)
             self._cache_bytes -= old.nbytes
         return arr
+
+    def tensor_rows(self, name: str, run: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a run's tensor: from the cache when it holds the tensor, else read from
+        the chunks that hold those rows only (a position of a 16k-token trace without decoding it all)."""
+        run_id = self.run(run).id
+        stored = self.stored_name(name, run_id)
+        hit = self._cache.get((run_id, stored))
+        if hit is not None or not self.reader.has(stored, run_id) \
+                or self.reader.info(stored, run_id).nbytes <= _WHOLE_READ_BYTES:
+            return self.tensor(name, run_id)[start:stop]
+        return self.reader.read(stored, run_id, index=slice(start, stop))
 
     def forget_tensors(self, run: int) -> None:
         """Drop a run's decoded tensors from the cache."""
