@@ -66,15 +66,18 @@ def source_attribution(trace, *, position: int = -1, run: int = 0, target: str |
     u, _ = final_direction(trace, r.id, q, tid, bid)
     kit = trace.require_kit("source attribution (W_O)")
     W_O = kit["W_O"]  # [layers, heads, d_head, d_model]
+    u32 = u.astype(np.float32)  # the activations are float32: a float64 u would convert W_O on every call
     out = None
     for layer in range(trace.n_layers):
         v = _values(trace, r.id, layer)[: q + 1]  # [sources, kv_heads, d_head]
         A = attention_row(trace, r.id, layer, q)[:, : q + 1]  # [heads, sources]
         n_heads = A.shape[0]
         _check_heads(trace, layer, v, n_heads)
-        w = W_O[layer] @ u  # [heads, d_head]: what one unit of each head's value direction adds to the logit
-        kv = np.arange(n_heads) // (n_heads // v.shape[1])
-        through = np.einsum("shd,hd->hs", v[:, kv, :], w)  # [heads, sources]
+        w = W_O[layer] @ u32  # [heads, d_head]: what one unit of each head's value direction adds to the logit
+        rep = n_heads // v.shape[1]
+        through = np.empty((n_heads, q + 1), dtype=np.float32)  # [heads, sources]
+        for g in range(v.shape[1]):  # per key/value group, v read in place
+            through[g * rep:(g + 1) * rep] = w[g * rep:(g + 1) * rep] @ v[:, g, :].T
         if out is None:
             out = np.empty((trace.n_layers, n_heads, q + 1))
         out[layer] = A * through
