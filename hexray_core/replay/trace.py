@@ -19,6 +19,7 @@ from hexray_core.errors import HexRayError
 from trace_format import TraceReader
 
 from .kit import Kit, find_kit
+from .validate import check_kit, check_recording
 
 _CACHE_BYTES = 512 << 20
 
@@ -74,9 +75,12 @@ class Trace:
 
     def __init__(self, path: str | os.PathLike, *, kit: Kit | None = None):
         self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise HexRayError(f"{self.path}: no such file")
-        self.reader = TraceReader(self.path)
+        self.reader = TraceReader(self.path)  # a missing, special or damaged file: TraceFormatError
+        try:  # what the recording says, against the contract (metadata and index only; validate.py)
+            self.contract = check_recording(self.reader)
+        except BaseException:
+            self.reader.close()
+            raise
         self._cache: collections.OrderedDict[tuple[int, str], np.ndarray] = collections.OrderedDict()
         self._cache_bytes = 0
         self._kit = kit
@@ -228,7 +232,10 @@ class Trace:
     @property
     def kit(self) -> Kit | None:
         if self._kit is None:
-            self._kit = find_kit(self.reader) or False
+            kit = find_kit(self.reader)
+            if kit is not None and kit.reader is not self.reader:  # a cached kit file: check it first
+                check_kit(kit.reader, self.contract)
+            self._kit = kit or False
         return self._kit or None
 
     def require_kit(self, what: str) -> Kit:
