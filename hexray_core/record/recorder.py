@@ -30,7 +30,7 @@ from .generate import generate as run_generation
 from .generate import no_generation
 from .hooks import plan_hooks
 from .models import LoadedModel, from_objects, load_model, writer_meta
-from .spec import check_output_path, human_bytes, normalize_prompts
+from .spec import check_generation, check_output_path, human_bytes, normalize_prompts
 from .tokens import encode_prompt, token_text
 
 DEFAULT_TOP_K = 20
@@ -125,8 +125,7 @@ class Recorder:
             raise HexRayError(f"--top-k must be at least 1, not {top_k}")
         if int(generate) < 0:
             raise HexRayError(f"--generate must be 0 or more, not {generate}")
-        if float(temperature) < 0:
-            raise HexRayError(f"--temperature must be 0 (greedy) or more, not {temperature}")
+        check_generation(temperature, seed)  # finite temperature >= 0, a 64-bit seed
         if overflow not in ("f32", "bf16", "float32", "bfloat16"):
             raise HexRayError(f"overflow fallback must be float32 or bfloat16, not {overflow}")
         overflow = {"float32": "f32", "bfloat16": "bf16"}.get(overflow, overflow)
