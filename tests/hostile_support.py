@@ -98,12 +98,17 @@ def every_view(path: str) -> list[str]:
 
 
 def peak_rss_mb(code: str, *args: str, timeout: float = 120) -> tuple[float, subprocess.CompletedProcess]:
-    """Run Python ``code`` in a fresh interpreter; its peak resident memory (ru_maxrss) in MB."""
-    wrapper = ("import resource, sys, runpy\n"
+    """Run Python ``code`` in a fresh interpreter; its peak resident memory in MB.
+
+    VmHWM of /proc/self/status, not ru_maxrss: Linux keeps ru_maxrss across fork + exec, so a child
+    of a big pytest process would report the parent's size.
+    """
+    wrapper = ("import sys\n"
                "try:\n"
                f"    exec(compile({code!r}, '<probe>', 'exec'), {{'__name__': '__main__'}})\n"
                "finally:\n"
-               "    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+               "    hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0]\n"
+               "    print('PEAK_RSS_KB', hwm, file=sys.stderr)\n")
     res = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, cwd=REPO,
                          timeout=timeout, env={**os.environ, "PYTHONPATH": REPO})
     line = [ln for ln in res.stderr.splitlines() if ln.startswith("PEAK_RSS_KB")]

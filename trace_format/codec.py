@@ -142,6 +142,11 @@ def unpack_obj(data: bytes, where: str, *, max_items: int | None = None):
     except _TooManyItems:
         raise TraceFormatError(f"{where}: holds more than {limit:,} msgpack items, over the limit for a file "
                                "of this size") from None
+    except ValueError as e:
+        if "exceeds max_" in str(e):  # one array or map longer than the whole budget
+            raise TraceFormatError(f"{where}: holds more than {limit:,} msgpack items, over the limit for a file "
+                                   "of this size") from None
+        raise TraceFormatError(f"{where}: malformed msgpack ({type(e).__name__}: {e})") from None
     except Exception as e:  # msgpack raises ValueError, StackError, FormatError, UnicodeDecodeError...
         raise TraceFormatError(f"{where}: malformed msgpack ({type(e).__name__}: {e})") from None
     # ...except the Timestamp ext (-1), which msgpack decodes without asking ext_hook.

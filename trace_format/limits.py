@@ -31,8 +31,10 @@ class Limits:
     index_per_byte: float = 1.0
     items_slack: int = 65_536  # elements of all msgpack arrays and maps of one INDEX / META
     items_per_byte: float = 1 / 32
-    read_slack_bytes: int = 8 * MiB  # one read returns <= slack + read_per_stored_byte x the stored
-    read_per_stored_byte: int = 4  # bytes of the chunks it decodes (its result, float32 included)
+    decode_slack_bytes: int = 8 * MiB  # one read decodes <= slack + decode_per_stored_byte x the stored
+    decode_per_stored_byte: int = 8  # bytes of its chunks (activations compress < 2x, attention patterns < 4x)
+    result_slack_bytes: int = 16 * MiB  # one read returns (float32 included) <= slack + result_per_file_byte
+    result_per_file_byte: int = 4  # x the file size
 
     def decoded_cap(self, file_size: int, absolute: int) -> int:
         """Most bytes an INDEX or META record of a file this size may decode to."""
@@ -42,9 +44,13 @@ class Limits:
         """Most msgpack array/map elements an INDEX or META record of a file this size may hold."""
         return self.items_slack + int(self.items_per_byte * file_size)
 
-    def read_cap(self, stored_bytes: int) -> int:
-        """Most bytes one read may return when the chunks it decodes are stored in ``stored_bytes``."""
-        return min(self.max_tensor_bytes, self.read_slack_bytes + self.read_per_stored_byte * stored_bytes)
+    def decode_cap(self, stored_bytes: int) -> int:
+        """Most bytes one read may decode when the chunks it decodes are stored in ``stored_bytes``."""
+        return min(self.max_tensor_bytes, self.decode_slack_bytes + self.decode_per_stored_byte * stored_bytes)
+
+    def result_cap(self, file_size: int) -> int:
+        """Most bytes one read of a file this size may return."""
+        return min(self.max_tensor_bytes, self.result_slack_bytes + self.result_per_file_byte * file_size)
 
 
 DEFAULT_LIMITS = Limits()

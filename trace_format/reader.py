@@ -338,14 +338,19 @@ class TraceReader:
         convert = dtype == "float32" and info.dtype in FLOAT_TAGS
         out_dtype = np.dtype(np.float32) if convert else stored
         first, last = (r0 // info.chunk_rows, (r1 - 1) // info.chunk_rows) if total else (0, -1)
-        # A read returns at most a few times what its chunks are stored in (limits.read_cap): a
-        # small file of zstd frames full of zeros cannot make it allocate gigabytes.
+        # A read decodes at most a few times what its chunks are stored in, and returns at most a
+        # few times the file's size (limits.py): a small file of zstd frames full of zeros cannot
+        # make it allocate gigabytes.
         out_bytes = (r1 - r0) * row_elems * out_dtype.itemsize
-        stored_bytes = int(info.chunks[first:last + 1, 1].sum()) if total else 0
-        cap = self.limits.read_cap(stored_bytes)
-        if out_bytes > cap:
-            raise TraceFormatError(f"{self.name}: tensor {name!r}: a read of {out_bytes:,} bytes from {stored_bytes:,} "
-                                   f"stored is over the limit of {cap:,} (the file claims an implausible compression)")
+        touched = info.chunks[first:last + 1]
+        stored_bytes, decoded = (int(touched[:, 1].sum()), int(touched[:, 2].sum())) if total else (0, 0)
+        if decoded > self.limits.decode_cap(stored_bytes):
+            raise TraceFormatError(f"{self.name}: tensor {name!r}: {stored_bytes:,} stored bytes claim to decode to "
+                                   f"{decoded:,}, over the limit of {self.limits.decode_cap(stored_bytes):,} "
+                                   "(an implausible compression ratio)")
+        if out_bytes > self.limits.result_cap(self.size):
+            raise TraceFormatError(f"{self.name}: tensor {name!r}: a read of {out_bytes:,} bytes is over the limit of "
+                                   f"{self.limits.result_cap(self.size):,} for a file of {self.size:,} bytes")
         if total and first == last:  # one chunk: slice it, allocate nothing the file merely claims
             c0 = first * info.chunk_rows
             data = np.frombuffer(self._read_chunk(info, first), dtype=np.uint8)
@@ -395,6 +400,10 @@ class TraceReader:
         """Read, check and decode chunk ``c`` of a tensor. Returns exactly its raw_len bytes (in ``out`` if given)."""
         offset, plen, raw_len, crc = (int(v) for v in info.chunks[c])
         what = f"chunk {c} of {info.name!r} (run {info.run})"
+        cap = min(self.limits.decode_cap(plen), self.limits.result_cap(self.size))
+        if raw_len > cap:  # checked before anything is read or allocated (verify decodes every chunk)
+            raise TraceFormatError(f"{self.name}: {what}: {plen:,} stored bytes claim to decode to {raw_len:,}, over "
+                                   f"the limit of {cap:,}", offset=offset, what=what)
         raw = self._pread(offset, layout.HEADER_SIZE + plen)
         header = RecordHeader.unpack(raw[:layout.HEADER_SIZE], offset, self.name)
         if (header.kind != KIND_CHUNK or header.ident != info.id or header.chunk != c or header.payload_len != plen
