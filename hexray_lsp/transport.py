@@ -185,6 +185,11 @@ class MessageLoop:
             if is_request:
                 self.send_error(msg_id, INVALID_REQUEST, "the method must be a string")
             return
+        problem = _position_problem(data.get("params"))
+        if problem is not None:  # cattrs would truncate 1.5 to 1 and accept an end before the start
+            if is_request:
+                self.send_error(msg_id, INVALID_PARAMS, f"invalid params for {data.get('method')}: {problem}")
+            return
         try:
             message = self.protocol.structure_message(data)
         except Exception as e:  # pygls raises JsonRpcInvalidParams / JsonRpcInternalError (cattrs' errors inside)
@@ -210,3 +215,37 @@ class MessageLoop:
         res = writer.write(frame)
         if asyncio.iscoroutine(res):
             asyncio.ensure_future(res)
+
+
+def _is_position(x) -> bool:
+    return isinstance(x, dict) and "line" in x and "character" in x
+
+
+def _position_problem(params, depth: int = 0) -> str | None:
+    """What is wrong with the positions and ranges in ``params`` (LSP: unsigned integers, start <= end)."""
+    if depth > 32:
+        return None
+    if isinstance(params, dict):
+        if _is_position(params):
+            for key in ("line", "character"):
+                v = params[key]
+                if type(v) is not int or not 0 <= v < 2**31:
+                    return f"position {key} must be an unsigned integer, not {json.dumps(v)[:40]}"
+        start, end = params.get("start"), params.get("end")
+        if _is_position(start) and _is_position(end):
+            for p in (start, end):
+                problem = _position_problem(p, depth + 1)
+                if problem:
+                    return problem
+            if (start["line"], start["character"]) > (end["line"], end["character"]):
+                return "a range must not end before it starts"
+        for v in params.values():
+            problem = _position_problem(v, depth + 1)
+            if problem:
+                return problem
+    elif isinstance(params, list):
+        for v in params[:10000]:
+            problem = _position_problem(v, depth + 1)
+            if problem:
+                return problem
+    return None
