@@ -109,8 +109,9 @@ def peak_rss_mb(code: str, *args: str, timeout: float = 120) -> tuple[float, sub
                "finally:\n"
                "    hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0]\n"
                "    print('PEAK_RSS_KB', hwm, file=sys.stderr)\n")
-    res = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, cwd=REPO,
-                         timeout=timeout, env={**os.environ, "PYTHONPATH": REPO})
+    repo = REPO  # (bench/hostile_memory.py --against points this at another checkout)
+    res = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, cwd=repo,
+                         timeout=timeout, env={**os.environ, "PYTHONPATH": repo})
     line = [ln for ln in res.stderr.splitlines() if ln.startswith("PEAK_RSS_KB")]
     assert line, res.stderr
     return int(line[-1].split()[1]) / 1024, res

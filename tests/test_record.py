@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hexray_core.errors import HexRayError
-from hexray_core.record.hooks import DEFAULT_HOOKS, plan_hooks
+from hexray_core.record.hooks import DEFAULT_HOOKS, default_attention_hooks, plan_hooks
 from trace_format import WEIGHTS_RUN, TraceReader
 
 PROMPT = "Alice and Bob went to the store. Bob gave a drink to"
@@ -40,7 +40,9 @@ def test_recorded_tensors_equal_run_with_cache(tiny_recorder, tmp_path, hooks):
     if hooks == "default":
         cfg = tiny_recorder.loaded.model_meta["config"]
         expected = set()
-        for pat in DEFAULT_HOOKS:
+        attention = tiny_recorder.attention_spec()
+        assert attention is not None  # GPT-2 and Llama: q and k, not patterns
+        for pat in DEFAULT_HOOKS + default_attention_hooks(attention):
             for layer in range(cfg["n_layers"]):
                 expected.add(pat.replace("*", str(layer)))
         if cfg["positional_embedding_type"] != "standard":
@@ -170,8 +172,9 @@ def test_meta_and_run_keys(tiny_gpt2_recorder, tmp_path):
             assert run["n_prompt_tokens"] == len(run["tokens"]) and run["prepend_bos"] is True
             assert run["generated"] == {"n": 0, "temperature": 0.0, "seed": None}
             assert r.info("blocks.0.hook_resid_post", run["id"]).dtype == "f16"
-            assert r.info("blocks.0.attn.hook_pattern", run["id"]).shape == (4, len(run["tokens"]),
-                                                                             len(run["tokens"]))
+            assert r.info("blocks.0.attn.hook_q", run["id"]).shape == (len(run["tokens"]), 4, 16)
+            assert not r.has("blocks.0.attn.hook_pattern", run["id"])  # recomputed from q and k
+            assert run["attention"]["stored_patterns"] == []
 
 
 def test_streaming_writes_while_the_forward_runs(tiny_gpt2_recorder, tmp_path, monkeypatch):

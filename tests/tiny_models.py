@@ -11,6 +11,7 @@ by accident.
     tok = build_tokenizer()                           # ~10 ms, deterministic
     hf = build_tiny_gpt2(tok)                         # GPT2LMHeadModel, 2 layers, d_model 64
     hf = build_tiny_llama(tok)                        # LlamaForCausalLM, 2 layers, GQA 4/2, RMSNorm, rotary
+    hf = build_tiny_mistral(tok) / build_tiny_gemma2(tok) / build_tiny_bloom(tok)   # sliding window, soft-cap, ALiBi
     save_tiny_model(hf, tok, "/tmp/dir")              # a save_pretrained folder HexRay can load by path
 
 The TransformerLens bridge wraps (and, in compatibility mode, mutates) the HF model it is given:
@@ -123,6 +124,51 @@ def build_tiny_llama(tok=None, *, n_layer: int = 2, d_model: int = 64, n_head: i
     model = LlamaForCausalLM(cfg).eval()
     _perturb_norms_and_biases(model, seed)
     return model
+
+
+def _tiny_config(cls, tok, *, n_layer, d_model, n_head, n_kv_head, n_ctx, **extra):
+    return cls(vocab_size=len(tok), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layer,
+               num_attention_heads=n_head, num_key_value_heads=n_kv_head, head_dim=d_model // n_head,
+               max_position_embeddings=n_ctx, initializer_range=0.2, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id, pad_token_id=None, **extra)
+
+
+def build_tiny_mistral(tok=None, *, n_layer: int = 2, d_model: int = 64, n_head: int = 4, n_kv_head: int = 2,
+                       n_ctx: int = 64, window: int = 4, seed: int = 0):
+    """A random MistralForCausalLM: Llama-like, with a sliding attention window of ``window`` tokens."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = tok or build_tokenizer()
+    torch.manual_seed(seed)
+    cfg = _tiny_config(MistralConfig, tok, n_layer=n_layer, d_model=d_model, n_head=n_head, n_kv_head=n_kv_head,
+                       n_ctx=n_ctx, sliding_window=window)
+    model = MistralForCausalLM(cfg).eval()
+    _perturb_norms_and_biases(model, seed)
+    return model
+
+
+def build_tiny_gemma2(tok=None, *, n_layer: int = 2, d_model: int = 64, n_head: int = 4, n_kv_head: int = 2,
+                      n_ctx: int = 64, window: int = 4, softcap: float = 5.0, seed: int = 0):
+    """A random Gemma2ForCausalLM: attention logits soft-capped at ``softcap``, sliding-window and global
+    layers alternating, a query scale from ``query_pre_attn_scalar`` (not 1/sqrt(d_head))."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tok = tok or build_tokenizer()
+    torch.manual_seed(seed)
+    cfg = _tiny_config(Gemma2Config, tok, n_layer=n_layer, d_model=d_model, n_head=n_head, n_kv_head=n_kv_head,
+                       n_ctx=n_ctx, sliding_window=window, attn_logit_softcapping=softcap, query_pre_attn_scalar=20)
+    return Gemma2ForCausalLM(cfg).eval()
+
+
+def build_tiny_bloom(tok=None, *, n_layer: int = 2, d_model: int = 64, n_head: int = 4, seed: int = 0):
+    """A random BloomForCausalLM: ALiBi position biases (HexRay stores its attention patterns)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    tok = tok or build_tokenizer()
+    torch.manual_seed(seed)
+    cfg = BloomConfig(vocab_size=len(tok), hidden_size=d_model, n_layer=n_layer, n_head=n_head,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return BloomForCausalLM(cfg).eval()
 
 
 def save_tiny_model(model, tok, path) -> str:

@@ -185,10 +185,19 @@ class Progress:
             self.total = info["total"]
             if self.live is not None:
                 self.live.update(self.task, description="recording", total=info["total"], completed=info["index"])
+        elif event == "generate":
+            done, total, rate = info["done"], info["total"], info["tokens_per_s"]
+            eta = (total - done) / rate if rate > 0 else 0.0
+            msg = f"{rate:.1f} tokens/s, ETA {eta:.0f} s"
+            if self.live is not None:
+                self.live.update(self.task, description="generating", total=total, completed=done, info=msg)
+            elif done == total or done % 100 == 0:
+                self._line(f"hexray: generated {done}/{total} tokens, {msg}")
         elif event == "run_done":
             msg = f"{info['tokens']} tokens, {human_bytes(info['bytes'])} written"
             if self.live is not None:
-                self.live.update(self.task, completed=info["index"] + 1, info=msg)
+                self.live.update(self.task, description="recording", total=self.total, completed=info["index"] + 1,
+                                 info=msg)
             else:
                 self._line(f"hexray: [{info['index'] + 1}/{info['total']}] {msg}")
 

@@ -152,21 +152,24 @@ class Capture:
     """Hooks for one model and one hook plan; ``forward(...)`` records one run's activations."""
 
     def __init__(self, bridge, plan, writer, *, act_tag: str, overflow: str = "f32", dedupe: bool = True,
-                 keep: frozenset[str] = frozenset()):
+                 keep: frozenset[str] = frozenset(), check=None):
         self.bridge, self.plan, self.writer = bridge, plan, writer
         self.act_tag, self.overflow, self.dedupe = act_tag, overflow, dedupe
         self.keep = keep  # names whose device tensors stay available in ``kept`` after the forward pass
+        self.check = check  # an attention.AttentionCheck: sees q, k and patterns; a pattern is stored only if it fails
         self._name_of: dict[int, str] = {}
         self._points = []  # (hook point, canonical name), one per hook point
         for n, hp in dict(bridge.hook_dict).items():
             c = plan.canon.get(n, n)
-            if c in plan._set and id(hp) not in self._name_of:
+            if (c in plan._set or (check is not None and check.watches(c))) and id(hp) not in self._name_of:
                 self._name_of[id(hp)] = c
                 self._points.append((hp, c))
         self._drain = None
         self._reset()
 
     def _reset(self):
+        if self.check is not None:
+            self.check.reset()
         self.aliases: dict[str, str] = {}
         self.written: list[str] = []
         self.refired: list[str] = []
@@ -187,9 +190,20 @@ class Capture:
         if name in self._done:
             self.refired.append(name)
             return None
-        protected = name in self.plan.protected
+        wanted = name in self.plan._set
+        if self.check is not None and self.check.watches(name):
+            reproduced = self.check.see(name, tensor)
+            if not wanted:
+                self._done.add(name)
+                if reproduced is False:  # replay could not recompute this layer from q and k: keep its pattern
+                    self._store(name, tensor, protected=True)
+                return None
+        self._store(name, tensor, protected=name in self.plan.protected)
+        return None
+
+    def _store(self, name: str, tensor: torch.Tensor, *, protected: bool) -> None:
         if not protected and not tensor.is_floating_point():
-            return None  # token ids / positions: the run already has them
+            return  # token ids / positions: the run already has them
         key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
         if self.dedupe and not protected:
             prev = self._seen.get(key)
@@ -199,7 +213,7 @@ class Capture:
                 if alive is not None and alive._version == tensor._version and alive.data_ptr() == key[1]:
                     self.aliases[name] = first
                     self._done.add(name)
-                    return None
+                    return
         try:
             self._seen[key] = (weakref.ref(tensor), tensor._version, name)
         except TypeError:
@@ -220,7 +234,6 @@ class Capture:
                 arr, dt = as_numpy(x, tag)
                 self._write(name, arr, dt, attrs)
         self.written.append(name)
-        return None
 
     def _write(self, name, arr, dt, attrs):
         self.writer.write(name, arr, dtype=dt, attrs=attrs or None)

@@ -36,12 +36,16 @@ DEFAULT_HOOKS: tuple[str, ...] = (
     "blocks.*.hook_mlp_out",
     "blocks.*.hook_resid_post",
     "blocks.*.attn.hook_z",
-    "blocks.*.attn.hook_pattern",
+    "blocks.*.attn.hook_v",
     "blocks.*.mlp.hook_post",
     "blocks.*.ln1.hook_scale",
     "blocks.*.ln2.hook_scale",
     "ln_final.hook_scale",
 )
+
+#: Attention in the default set: the query and key vectors the attention uses (``attention.py``), or the
+#: patterns themselves for a model whose attention HexRay cannot recompute.
+PATTERN_HOOKS = ("blocks.*.attn.hook_pattern",)
 
 #: Never part of ``full`` or a glob: the logits (``[n, d_vocab]``; recorded as top-k instead).
 LOGIT_HOOKS = frozenset({"hook_unembed"})
@@ -109,8 +113,18 @@ def parse_spec(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
     return terms
 
 
-def plan_hooks(bridge, spec=None) -> HookPlan:
-    """Resolve a hook spec against a bridge's hook points. Unknown names are a HexRayError."""
+def default_attention_hooks(attention: dict | None) -> tuple[str, ...]:
+    """The attention globs of ``default``: q and k when replay can recompute patterns, else the patterns."""
+    if attention is None:
+        return PATTERN_HOOKS
+    return tuple(attention[w].replace("{layer}", "*") for w in ("q", "k"))
+
+
+def plan_hooks(bridge, spec=None, attention: dict | None = None) -> HookPlan:
+    """Resolve a hook spec against a bridge's hook points. Unknown names are a HexRayError.
+
+    ``attention``: the model's ``attention_spec`` (q/k recomputation), or None to store patterns.
+    """
     terms = parse_spec(spec)
     hook_dict = dict(bridge.hook_dict)
     canon = canonical_names(hook_dict)
@@ -141,7 +155,7 @@ def plan_hooks(bridge, spec=None) -> HookPlan:
 
     for term in terms:
         if term == "default":
-            add_patterns(DEFAULT_HOOKS, protect=True, strict=False)
+            add_patterns(DEFAULT_HOOKS + default_attention_hooks(attention), protect=True, strict=False)
         elif term == "full":
             add_patterns(["*"], protect=False, strict=False)
         elif is_glob(term):
@@ -157,7 +171,7 @@ def plan_hooks(bridge, spec=None) -> HookPlan:
             chosen[c] = None
             protected.add(c)
     if "full" in terms:
-        add_patterns(DEFAULT_HOOKS, protect=True, strict=False)  # full is a superset of default
+        add_patterns(DEFAULT_HOOKS + default_attention_hooks(attention), protect=True, strict=False)  # ⊇ default
     label = "default" if terms == ["default"] else "full" if terms == ["full"] else "custom"
     names = sorted(chosen, key=_layer_key)
     return HookPlan(label=label, requested=terms, names=names, protected=protected, gated=gated, canon=canon)

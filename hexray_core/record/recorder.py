@@ -25,10 +25,11 @@ from hexray_core.errors import HexRayError
 from trace_format import TraceWriter
 
 from . import kit as kitmod
+from .attention import AttentionCheck, attention_spec
 from .capture import Capture, resolve_act_dtype
 from .generate import generate as run_generation
 from .generate import no_generation
-from .hooks import plan_hooks
+from .hooks import HookPlan, plan_hooks
 from .models import LoadedModel, from_objects, load_model, writer_meta
 from .spec import check_generation, check_output_path, human_bytes, normalize_prompts
 from .tokens import encode_prompt, token_text
@@ -115,6 +116,59 @@ class Recorder:
         GPU, or on a CPU when its cost is small).
         """
         t0 = time.perf_counter()
+        check_generation(temperature, seed)  # a 64-bit seed, before anything runs
+        opts = self.validate(prompts, output, act_dtype=act_dtype, overflow=overflow, top_k=top_k,
+                             generate=generate, temperature=temperature, prepend_bos=prepend_bos,
+                             cache_dir=cache_dir)
+        plan = self._plan(opts, hooks, lens, progress)
+        kit = self.kit()
+        try:
+            kit.ensure_cached(cache_dir)
+        except OSError as e:
+            _emit(progress, "warning", message=f"could not cache the model kit ({e.strerror or e}); "
+                                               "the trace will name it but replay may lack its weights")
+        else:
+            _emit(progress, "kit", path=kit.path, written=kit.written, sha256=kit.sha256)
+        try:
+            writer = TraceWriter(opts.output, meta=self._meta(opts, plan, kit, bundle))
+        except OSError as e:
+            raise _write_error(opts.output, e) from None
+        capture = Capture(self.bridge, plan.hooks, writer, act_tag=opts.act_tag, overflow=opts.overflow,
+                          dedupe=plan.hooks.label != "default",
+                          keep=frozenset(plan.lens_layers) if plan.lens else frozenset(),
+                          check=AttentionCheck(plan.attention, opts.act_tag, self.loaded.dtype)
+                          if plan.check_attention else None)
+        total_tokens = 0
+        n_tensors = len(kit.arrays) if bundle else 0
+        try:
+            if bundle:
+                _emit(progress, "status", message="bundling the model kit")
+                kit.write_into(writer)
+            for i, (prompt, ids) in enumerate(zip(opts.prompts, opts.token_lists, strict=True)):
+                _emit(progress, "run_start", index=i, total=len(opts.prompts))
+                n_tokens, n_written = self._record_run(writer, capture, plan, opts, prompt, ids, seed, progress)
+                total_tokens += n_tokens
+                n_tensors += n_written
+                _emit(progress, "run_done", index=i, total=len(opts.prompts), tokens=n_tokens,
+                      bytes=writer.bytes_written)
+            _emit(progress, "status", message="finishing the trace")
+            path = writer.close()
+        except OSError as e:
+            writer.abort()
+            raise _write_error(opts.output, e) from None
+        except BaseException:
+            writer.abort()
+            raise
+        return RecordResult(path=path, runs=len(opts.prompts), tokens=total_tokens, tensors=n_tensors,
+                            bytes=os.path.getsize(path), seconds=time.perf_counter() - t0, kit_sha256=kit.sha256,
+                            kit_path=kit.path, kit_written=kit.written, bundled=bool(bundle))
+
+    # -- the steps of record() ----------------------------------------------------------------
+
+    def validate(self, prompts, output=None, *, act_dtype: str = "auto", overflow: str = "f32",
+                 top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
+                 prepend_bos: bool | None = None, cache_dir: str | None = None) -> RecordOptions:
+        """Check every option and tokenize every prompt before anything runs (one HexRayError per problem)."""
         prompts = normalize_prompts(prompts)
         if output is None:
             folder = os.path.join(cache_dir or kitmod.cache_dir(), "traces")
@@ -125,112 +179,142 @@ class Recorder:
             raise HexRayError(f"--top-k must be at least 1, not {top_k}")
         if int(generate) < 0:
             raise HexRayError(f"--generate must be 0 or more, not {generate}")
-        check_generation(temperature, seed)  # finite temperature >= 0, a 64-bit seed
+        check_generation(temperature, None)  # a finite temperature >= 0 (NaN refused); the seed: record()
         if overflow not in ("f32", "bf16", "float32", "bfloat16"):
             raise HexRayError(f"overflow fallback must be float32 or bfloat16, not {overflow}")
-        overflow = {"float32": "f32", "bfloat16": "bf16"}.get(overflow, overflow)
         try:
             act_tag = resolve_act_dtype(act_dtype, self.loaded.dtype)
         except ValueError as e:
             raise HexRayError(f"--act-dtype: {e}") from None
         if prepend_bos is None:
             prepend_bos = bool(getattr(self.bridge.cfg, "default_prepend_bos", True))
-        lm, tok = self.loaded, self.tokenizer
-        k = min(int(top_k), lm.d_vocab)
         token_lists = [self.tokenize(p, prepend_bos) for p in prompts]
+        n_ctx = self.loaded.n_ctx
         for i, ids in enumerate(token_lists):
-            n = len(ids) + int(generate)
             if len(ids) == 0:
                 raise HexRayError(f"prompt {i + 1} has no tokens")
-            if n > lm.n_ctx:
-                extra = f" + {generate} to generate" if generate else ""
+            if len(ids) + int(generate) > n_ctx:
+                extra = f" + {generate} to generate = {len(ids) + int(generate)}" if generate else ""
                 which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
-                raise HexRayError(f"{which} is {len(ids)} tokens{extra}, over the model's context of {lm.n_ctx} tokens")
-        plan_key = ("plan", hooks if isinstance(hooks, str | None) else tuple(hooks))
-        plan = lm.cache.get(plan_key)
+                raise HexRayError(f"{which} is {len(ids)} tokens{extra}, over the model's context of {n_ctx} tokens")
+        return RecordOptions(prompts=prompts, token_lists=token_lists, output=output, act_tag=act_tag,
+                             overflow={"float32": "f32", "bfloat16": "bf16"}.get(overflow, overflow),
+                             top_k=min(int(top_k), self.loaded.d_vocab), generate=int(generate),
+                             temperature=float(temperature), prepend_bos=bool(prepend_bos))
+
+    def attention_spec(self) -> dict | None:
+        """How replay recomputes this model's attention from q and k (None: patterns are stored). Once per model."""
+        if "attention" not in self.loaded.cache:
+            self.loaded.cache["attention"] = attention_spec(self.bridge)
+        return self.loaded.cache["attention"][0]
+
+    def _plan(self, opts: RecordOptions, hooks, lens, progress) -> RecordPlan:
+        lm = self.loaded
+        attention = self.attention_spec()
+        if attention is None:
+            _emit(progress, "warning", message=f"this model's attention is stored as full patterns "
+                                               f"({self.loaded.cache['attention'][1]}): traces grow with the "
+                                               "square of the context")
+        key = ("plan", hooks if isinstance(hooks, str | None) else tuple(hooks))
+        plan = lm.cache.get(key)
         if plan is None:
-            plan = lm.cache[plan_key] = plan_hooks(self.bridge, hooks)
-
-        kit = self.kit()
-        try:
-            kit.ensure_cached(cache_dir)
-        except OSError as e:
-            _emit(progress, "warning", message=f"could not cache the model kit ({e.strerror or e}); "
-                                               "the trace will name it but replay may lack its weights")
-        else:
-            _emit(progress, "kit", path=kit.path, written=kit.written, sha256=kit.sha256)
-
-        lens_layers = _lens_hooks(int(self.bridge.cfg.n_layers))
+            plan = lm.cache[key] = plan_hooks(self.bridge, hooks, attention)
+        # Check q/k recomputation whenever the trace relies on it: q and k recorded, patterns not.
+        check = attention is not None and all(
+            plan.wants(attention[w].format(layer=i)) and not plan.wants(f"blocks.{i}.attn.hook_pattern")
+            for i in range(len(attention["layers"])) for w in ("q", "k"))
+        cfg = self.bridge.cfg
+        lens_layers = _lens_hooks(int(cfg.n_layers))
         if lens == "auto":
             # On a GPU the lens costs next to nothing; on a CPU only while it stays small next to the forward.
-            longest = max(len(ids) for ids in token_lists) + int(generate)
-            cost = (int(self.bridge.cfg.n_layers) + 1) * longest * int(self.bridge.cfg.d_model) * lm.d_vocab
+            longest = max(len(ids) for ids in opts.token_lists) + opts.generate
+            cost = (int(cfg.n_layers) + 1) * longest * int(cfg.d_model) * lm.d_vocab
             lens = lm.input_device.type == "cuda" or cost <= LENS_AUTO_MACS
         lens = bool(lens) and all(name in plan._set for name in lens_layers)
+        return RecordPlan(hooks=plan, attention=attention if check else None, check_attention=check, lens=lens,
+                          lens_layers=lens_layers)
+
+    def _meta(self, opts: RecordOptions, plan: RecordPlan, kit: kitmod.Kit, bundle: bool) -> dict:
+        lm = self.loaded
         meta = {
             "hexray": {"version": _version(), "trace": "recording"},
             "model": lm.model_meta,
             "tokenizer": lm.tokenizer_meta,
             "kit": {"sha256": kit.sha256, "bundled": bool(bundle)},
-            "hooks": {"set": plan.label, "requested": list(plan.requested)},
-            "storage": {"act_dtype": act_tag, "codec": CODEC, "chunk_bytes": 1 << 20,
-                        "overflow_fallback": overflow, "scales": "f32", "lens": lens},
+            "hooks": {"set": plan.hooks.label, "requested": list(plan.hooks.requested)},
+            "storage": {"act_dtype": opts.act_tag, "codec": CODEC, "chunk_bytes": 1 << 20,
+                        "overflow_fallback": opts.overflow, "scales": "f32", "lens": plan.lens},
             "writer": lm.cache.setdefault("writer_meta", writer_meta(lm.device)),
         }
+        if plan.attention is not None:
+            meta["attention"] = plan.attention
         if bundle:
             meta["vocab"] = kit.vocab  # a bundled trace replays with no cache: it needs the token strings too
-        try:
-            writer = TraceWriter(output, meta=meta)
-        except OSError as e:
-            raise _write_error(output, e) from None
-        capture = Capture(self.bridge, plan, writer, act_tag=act_tag, overflow=overflow,
-                          dedupe=plan.label != "default", keep=frozenset(lens_layers) if lens else frozenset())
-        eos = getattr(tok, "eos_token_id", None)
-        total_tokens = 0
-        n_tensors = len(kit.arrays) if bundle else 0
-        try:
-            if bundle:
-                _emit(progress, "status", message="bundling the model kit")
-                kit.write_into(writer)
-            for i, (prompt, ids) in enumerate(zip(prompts, token_lists, strict=True)):
-                _emit(progress, "run_start", index=i, total=len(prompts))
-                gen = run_generation(self.bridge, ids, int(generate), device=lm.input_device,
-                                     temperature=temperature, seed=seed, eos_token_id=eos)
-                gen_info = gen.info() if generate else no_generation()
-                all_ids = ids + gen.tokens
-                bos = getattr(tok, "bos_token_id", None)
-                prepended = int(bool(prepend_bos) and bos is not None and ids[0] == bos)
-                text = token_text(tok, all_ids, len(ids), prompt, prepended=prepended)
-                writer.begin_run(prompt=text.text, tokens=all_ids, token_strs=text.token_strs,
-                                 char_spans=text.char_spans, byte_spans=text.byte_spans,
-                                 n_prompt_tokens=len(ids), generated=gen_info, prepend_bos=bool(prepend_bos))
-                tokens_t = torch.tensor([all_ids], device=lm.input_device)
-                logits = capture.forward(tokens_t)
-                need = _write_run_tensors(writer, self.bridge, logits, all_ids, k)
-                if lens:
-                    _write_lens(writer, self.bridge, [capture.kept[n] for n in lens_layers], logits, all_ids, k)
-                    capture.kept.clear()
-                info = {"aliases": dict(capture.aliases),
-                        "unembed_strs": [tok.decode([int(i)], clean_up_tokenization_spaces=False) for i in need]}
-                if capture.refired:
-                    info["refired"] = sorted(set(capture.refired))
-                writer.end_run(**info)
-                total_tokens += len(all_ids)
-                n_tensors += len(capture.written) + len(RUN_TENSORS) + (len(LENS_TENSORS) if lens else 0)
-                _emit(progress, "run_done", index=i, total=len(prompts), tokens=len(all_ids),
-                      bytes=writer.bytes_written)
-            _emit(progress, "status", message="finishing the trace")
-            path = writer.close()
-        except OSError as e:
-            writer.abort()
-            raise _write_error(output, e) from None
-        except BaseException:
-            writer.abort()
-            raise
-        size = os.path.getsize(path)
-        return RecordResult(path=path, runs=len(prompts), tokens=total_tokens, tensors=n_tensors, bytes=size,
-                            seconds=time.perf_counter() - t0, kit_sha256=kit.sha256, kit_path=kit.path,
-                            kit_written=kit.written, bundled=bool(bundle))
+        return meta
+
+    def _record_run(self, writer: TraceWriter, capture: Capture, plan: RecordPlan, opts: RecordOptions,
+                    prompt: str, ids: list[int], seed, progress) -> tuple[int, int]:
+        """Generate (if asked), then one forward pass over the whole run. Returns (tokens, tensors written)."""
+        lm, tok = self.loaded, self.tokenizer
+
+        def on_token(done, total, rate):
+            _emit(progress, "generate", done=done, total=total, tokens_per_s=rate)
+
+        gen = run_generation(self.bridge, ids, opts.generate, device=lm.input_device, temperature=opts.temperature,
+                             seed=seed, eos_token_id=getattr(tok, "eos_token_id", None), progress=on_token)
+        all_ids = ids + gen.tokens
+        bos = getattr(tok, "bos_token_id", None)
+        prepended = int(opts.prepend_bos and bos is not None and ids[0] == bos)
+        text = token_text(tok, all_ids, len(ids), prompt, prepended=prepended)
+        writer.begin_run(prompt=text.text, tokens=all_ids, token_strs=text.token_strs,
+                         char_spans=text.char_spans, byte_spans=text.byte_spans, n_prompt_tokens=len(ids),
+                         generated=gen.info() if opts.generate else no_generation(), prepend_bos=opts.prepend_bos)
+        if opts.generate:
+            _emit(progress, "status", message=f"recording {len(all_ids)} tokens")
+        logits = capture.forward(torch.tensor([all_ids], device=lm.input_device))
+        need = _write_run_tensors(writer, self.bridge, logits, all_ids, opts.top_k)
+        if plan.lens:
+            _write_lens(writer, self.bridge, [capture.kept[n] for n in plan.lens_layers], logits, all_ids, opts.top_k)
+            capture.kept.clear()
+        info = {"aliases": dict(capture.aliases),
+                "unembed_strs": [tok.decode([int(i)], clean_up_tokenization_spaces=False) for i in need]}
+        if capture.refired:
+            info["refired"] = sorted(set(capture.refired))
+        if capture.check is not None:
+            info["attention"] = capture.check.run_info()
+            for layer in capture.check.failed:
+                _emit(progress, "warning", message=f"layer {layer}'s attention could not be recomputed from q and k "
+                                                   f"within the {opts.act_tag} rounding bound; its patterns are "
+                                                   "stored in the trace")
+        writer.end_run(**info)
+        n_written = len(capture.written) + len(RUN_TENSORS) + (len(LENS_TENSORS) if plan.lens else 0)
+        return len(all_ids), n_written
+
+
+@dataclass
+class RecordOptions:
+    """Everything ``Recorder.record`` was asked, checked, with the prompts tokenized."""
+
+    prompts: list[str]
+    token_lists: list[list[int]]
+    output: str
+    act_tag: str
+    overflow: str
+    top_k: int
+    generate: int
+    temperature: float
+    prepend_bos: bool
+
+
+@dataclass
+class RecordPlan:
+    """What one recording captures: hooks, attention recomputation, logit lens."""
+
+    hooks: HookPlan
+    attention: dict | None  # meta["attention"] when replay recomputes patterns from q and k
+    check_attention: bool
+    lens: bool
+    lens_layers: list[str]
 
 
 def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: list[int], k: int) -> None:

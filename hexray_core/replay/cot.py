@@ -15,6 +15,7 @@ import numpy as np
 
 from hexray_core.errors import HexRayError
 
+from .attention import attention_blocks
 from .attribution import component_stack, final_direction
 
 SPLIT_MODES = ("auto", "lines", "sentences", "regex")
@@ -108,19 +109,23 @@ def next_token_attributions(trace, run: int) -> tuple[list[str], np.ndarray]:
 
 
 def step_attention(trace, run: int, steps_of: np.ndarray, n_steps: int) -> np.ndarray:
-    """[n_steps, n_steps]: mean over layers, heads and query tokens of the attention mass on each step."""
+    """[n_steps, n_steps]: mean over layers, heads and query tokens of the attention mass on each step.
+
+    Reads attention block by block (``attention_blocks``), so memory stays bounded at any context length.
+    """
     mass = np.zeros((n_steps, n_steps))
-    onehot = np.zeros((len(steps_of), n_steps))
+    onehot = np.zeros((len(steps_of), n_steps), dtype=np.float32)
     valid = steps_of >= 0
     onehot[np.nonzero(valid)[0], steps_of[valid]] = 1.0
     onehot[0] = 0.0  # the first token: an attention sink, not content
+    per_query = np.zeros((len(steps_of), n_steps))  # summed over layers
     for layer in range(trace.n_layers):
-        pattern = trace.tensor(f"blocks.{layer}.attn.hook_pattern", run).mean(0)  # [q, k]
-        per_query = pattern @ onehot  # [q, steps]
-        for s in range(n_steps):
-            rows = np.nonzero(steps_of == s)[0]
-            if rows.size:
-                mass[s] += per_query[rows].mean(0)
+        for q0, q1, rows in attention_blocks(trace, run, layer):
+            per_query[q0:q1] += rows.mean(0) @ onehot[:q1]  # [queries, steps]
+    for s in range(n_steps):
+        rows = np.nonzero(steps_of == s)[0]
+        if rows.size:
+            mass[s] = per_query[rows].mean(0)
     return mass / max(trace.n_layers, 1)
 
 

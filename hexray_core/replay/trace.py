@@ -162,8 +162,9 @@ class Trace:
             self._cache.move_to_end(key)
             return hit
         if not self.reader.has(stored, run_id):
-            raise HexRayError(f"{self.path}: run {run_id} has no tensor {name!r} "
-                              f"(recorded hooks: {self.meta.get('hooks', {}).get('set', 'unknown')})")
+            hooks = self.meta.get("hooks") if isinstance(self.meta.get("hooks"), dict) else {}
+            raise HexRayError(f"{self.path}: run {run_id} has no tensor {name!r} (recorded hooks: "
+                              f"{hooks.get('set', 'unknown')}); record it with --hooks default,{name}")
         arr = self.reader.read(stored, run_id)
         arr.setflags(write=False)
         self._cache[key] = arr

@@ -1,0 +1,86 @@
+"""Source attribution (one hop): which earlier tokens each head carried into a prediction.
+
+For a query position q, the target direction u (``final_direction``: the unembedding column, centred
+for LayerNorm, over the final norm's recorded scale) and head h of layer l,
+
+    head(l, h) = Σ_{s ≤ q} A[l, h, q, s] · (v[l, s, kv(h)] · W_O[l, h]) · u
+
+each term is the part of the head's direct logit attribution that source token s supplied, and the
+terms sum to the head's entry of ``stack_head_results`` (the bias b_O stays with the layer). It says
+what a head read from each token's residual stream, not how that stream was built (one hop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hexray_core.errors import HexRayError
+
+from .attention import attention_row
+from .attribution import final_direction, resolve_target
+
+
+@dataclass
+class SourceAttribution:
+    """``values[layer, head, s]``: source token s's share of head (layer, head)'s attribution at ``position``."""
+
+    run: int
+    position: int
+    target_id: int
+    target: str
+    baseline_id: int | None
+    values: np.ndarray  # [n_layers, n_heads, position + 1]
+
+    @property
+    def per_source(self) -> np.ndarray:
+        """[position + 1]: each source token's total through all heads."""
+        return self.values.sum((0, 1))
+
+    @property
+    def per_head(self) -> np.ndarray:
+        """[n_layers, n_heads]: each head's direct logit attribution (Σ over sources)."""
+        return self.values.sum(-1)
+
+    def top_sources(self, k: int = 10, heads: int = 3) -> list[tuple[int, float, list[tuple[str, float]]]]:
+        """(source position, total, [(head label, value), ...strongest heads]) by |total|, largest first."""
+        totals = self.per_source
+        order = np.argsort(-np.abs(totals), kind="stable")[:k]
+        out = []
+        n_heads = self.values.shape[1]
+        for s in order:
+            flat = self.values[:, :, s].reshape(-1)
+            best = np.argsort(-np.abs(flat), kind="stable")[:heads]
+            out.append((int(s), float(totals[s]), [(f"L{i // n_heads}H{i % n_heads}", float(flat[i])) for i in best]))
+        return out
+
+
+def source_attribution(trace, *, position: int = -1, run: int = 0, target: str | int | None = None,
+                       baseline: str | int | None = None) -> SourceAttribution:
+    """Split every head's direct logit attribution at ``position`` over the source tokens it attended to."""
+    r = trace.run(run)
+    q = r.position(position)
+    tid = resolve_target(trace, r.id, q, target)
+    bid = None if baseline is None else resolve_target(trace, r.id, q, baseline)
+    u, _ = final_direction(trace, r.id, q, tid, bid)
+    kit = trace.require_kit("source attribution (W_O)")
+    W_O = kit["W_O"]  # [layers, heads, d_head, d_model]
+    out = None
+    for layer in range(trace.n_layers):
+        name = f"blocks.{layer}.attn.hook_v"
+        if not trace.has(name, r.id):
+            raise HexRayError(f"source attribution needs {name}, which this trace did not record; "
+                              f"record with --hooks default (or --hooks default,blocks.*.attn.hook_v)")
+        v = trace.tensor(name, r.id)[: q + 1]  # [sources, kv_heads, d_head]
+        A = attention_row(trace, r.id, layer, q)[:, : q + 1]  # [heads, sources]
+        n_heads = A.shape[0]
+        if v.ndim != 3 or n_heads % v.shape[1]:
+            raise HexRayError(f"{trace.path}: {name} has shape {list(v.shape)}, which does not fit {n_heads} heads")
+        w = W_O[layer] @ u  # [heads, d_head]: what one unit of each head's value direction adds to the logit
+        kv = np.arange(n_heads) // (n_heads // v.shape[1])
+        through = np.einsum("shd,hd->hs", v[:, kv, :], w)  # [heads, sources]
+        if out is None:
+            out = np.empty((trace.n_layers, n_heads, q + 1))
+        out[layer] = A * through
+    return SourceAttribution(r.id, q, tid, trace.token_str(tid, r.id), bid, out)
