@@ -69,6 +69,16 @@ def _add_tensor(name, make, run=0):
     return f
 
 
+def _drop_layer(meta):
+    meta["attention"]["layers"] = meta["attention"]["layers"][:-1]
+    return meta
+
+
+def _layer_field(meta, key, value):
+    meta["attention"]["layers"][1][key] = value
+    return meta
+
+
 f32 = np.float32
 CASES = [
     # metadata: sections that are not maps, sizes of the wrong type or range or disagreeing with the tensors
@@ -133,9 +143,22 @@ CASES = [
     ("scale-rows", _tensor("ln_final.hook_scale", lambda a: np.ones((3, 1), f32)), "ln_final.hook_scale"),
     ("unembed-width", _tensor("hexray.unembed_cols", lambda a: a[:, :-1].copy()), "hexray.unembed_cols"),
     ("unembed-bias-short", _tensor("hexray.unembed_bias", lambda a: a[:-1].copy()), "hexray.unembed_bias"),
-    ("pattern-shape", _tensor("blocks.1.attn.hook_pattern", lambda a: a[:, :, :-1].copy()),
+    ("pattern-shape", _add_tensor("blocks.1.attn.hook_pattern", lambda n: np.zeros((4, n, n - 1), f32)),
      "blocks.1.attn.hook_pattern"),
-    ("pattern-heads", _tensor("blocks.0.attn.hook_pattern", lambda a: a[:-1].copy()), "blocks.0.attn.hook_pattern"),
+    ("pattern-heads", _add_tensor("blocks.0.attn.hook_pattern", lambda n: np.zeros((3, n, n), f32)),
+     "blocks.0.attn.hook_pattern"),
+    ("q-heads", _tensor("blocks.0.attn.hook_q", lambda a: a[:, :-1].copy()), "blocks.0.attn.hook_q"),
+    ("k-width", _tensor("blocks.2.attn.hook_k", lambda a: a[:, :, :-1].copy()), "blocks.2.attn.hook_k"),
+    ("v-rows", _tensor("blocks.3.attn.hook_v", lambda a: a[:-1].copy()), "blocks.3.attn.hook_v"),
+    # attention stored as q/k: the recipe in meta.attention
+    ("attention-list", _meta(["attention"], []), "meta.attention"),
+    ("attention-q-format-bomb", _meta(["attention", "q"], "blocks.{layer:>999999999}.attn.hook_q"), "attention.q"),
+    ("attention-k-no-layer", _meta(["attention", "k"], "hook_embed"), "attention.k"),
+    ("attention-layers-short", lambda m, r, t: (_drop_layer(m), r, t), "attention.layers"),
+    ("attention-scale-str", lambda m, r, t: (_layer_field(m, "scale", "x"), r, t), "attention.layers"),
+    ("attention-softcap-negative", lambda m, r, t: (_layer_field(m, "softcap", -1.0), r, t), "attention.layers"),
+    ("attention-window-zero", lambda m, r, t: (_layer_field(m, "window", 0), r, t), "attention.layers"),
+    ("attention-n_heads-mismatch", _meta(["attention", "n_heads"], 8), "attention.n_heads"),
     ("lens-layers", _tensor("hexray.lens_topk_ids", lambda a: a[:-1].copy()), "hexray.lens_topk_ids"),
     ("lens-lse-1d", _tensor("hexray.lens_logsumexp", lambda a: a[0].copy()), "hexray.lens_logsumexp"),
     ("lens-rank-float", _tensor("hexray.lens_top_rank", lambda a: a.astype(f32)), "hexray.lens_top_rank"),
@@ -183,21 +206,31 @@ def test_the_base_recording_passes_every_view(base):
     assert every_view(path) == []
 
 
-def test_attention_qkv_recordings_validate(base):
-    """The new default hooks store q/k (rotary: rot_q/rot_k) and v instead of patterns; both validate."""
+def test_pattern_recordings_still_validate(base):
+    """Traces recorded before attention was stored as q/k hold patterns [n_heads, n, n] and no
+    meta.attention; they validate and replay as before."""
     folder, _path, (meta, runs, tensors) = base
     n = len(runs[0]["tokens"])
-    extra = []
-    for layer in range(4):
-        for hook, heads in (("hook_q", 4), ("hook_k", 4), ("hook_v", 4), ("hook_rot_q", 4), ("hook_rot_k", 4)):
-            extra.append((0, f"blocks.{layer}.attn.{hook}", np.zeros((n, heads, 32), np.float16), "f16", {}))
-    without_patterns = [t for t in tensors if not t[1].endswith("hook_pattern")] + extra
-    path = write(str(folder / "qkv.hxr"), meta, runs, without_patterns)
-    with open_trace(path) as t:
-        assert t.attribution().error < 1e-2
-    bad = [*without_patterns[:-1], (0, "blocks.3.attn.hook_rot_k", np.zeros((n, 3, 32), np.float16), "f16", {})]
-    with pytest.raises(TraceContentError, match="hook_rot_k"):
-        open_trace(write(str(folder / "qkv-bad.hxr"), meta, runs, bad))
+    with open_trace(_path) as t:  # the real patterns, recomputed from q/k
+        patterns = {layer: np.stack([_rows(t, layer, q) for q in range(n)], axis=1) for layer in range(4)}
+    old_meta = {k: v for k, v in meta.items() if k != "attention"}
+    old = [x for x in tensors if x[1].split(".")[-1] not in ("hook_q", "hook_k", "hook_v")]
+    old += [(0, f"blocks.{layer}.attn.hook_pattern", patterns[layer][:, :, 0, :].astype(np.float16), "f16", {})
+            for layer in range(4)]
+    path = write(str(folder / "patterns.hxr"), old_meta, runs, old)
+    assert every_view(path) == []
+    with open_trace(path) as t, open_trace(_path) as ref:
+        a, b = t.attention(), ref.attention()
+        assert [h.label for h in a.heads[:3]] == [h.label for h in b.heads[:3]]
+    bad = [*old[:-1], (0, "blocks.3.attn.hook_pattern", np.zeros((4, n, n + 1), np.float16), "f16", {})]
+    with pytest.raises(TraceContentError, match="hook_pattern"):
+        open_trace(write(str(folder / "patterns-bad.hxr"), old_meta, runs, bad))
+
+
+def _rows(trace, layer, q):
+    from hexray_core.replay.attention import attention_rows
+
+    return attention_rows(trace, 0, layer, [q])
 
 
 def test_a_trace_without_hexray_metadata_still_opens(base):

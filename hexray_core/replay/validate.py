@@ -119,7 +119,39 @@ META_FIELDS: list[tuple[tuple[str, ...], Check]] = [
     (("storage",), mapping),
     (("storage", "lens"), boolean),
     (("vocab",), str_list),
+    (("attention",), mapping),  # attention stored as q/k (docs/ARCHITECTURE.md, "Attention is stored in linear space")
+    (("attention", "store"), text()),
+    (("attention", "q"), lambda v: _layer_template(v)),
+    (("attention", "k"), lambda v: _layer_template(v)),
+    (("attention", "n_heads"), integer(1, MAX_HEADS)),
+    (("attention", "n_kv_heads"), integer(1, MAX_HEADS)),
+    (("attention", "layers"), lambda v: _attention_layers(v)),
 ]
+
+
+def _layer_template(v) -> str | None:
+    """A tensor name with one ``{layer}`` field and nothing else str.format could act on
+    (``{layer:>999999999}`` would build a gigabyte string)."""
+    ok = isinstance(v, str) and len(v) <= 256 and re.fullmatch(r"[\w.]*\{layer\}[\w.]*", v)
+    return None if ok else 'a tensor name holding "{layer}" once (e.g. "blocks.{layer}.attn.hook_q")'
+
+
+def _attention_layers(v) -> str | None:
+    want = ("a list of maps {scale: finite number, softcap: positive number or null, window: positive integer "
+            "or null}, one per layer")
+    if not isinstance(v, list) or len(v) > MAX_LAYERS:
+        return want
+    for p in v:
+        if not isinstance(p, dict):
+            return want
+        scale, softcap, window = p.get("scale"), p.get("softcap"), p.get("window")
+        if type(scale) not in (int, float) or not math.isfinite(scale):
+            return want
+        if softcap is not None and (type(softcap) not in (int, float) or not math.isfinite(softcap) or softcap <= 0):
+            return want
+        if window is not None and (type(window) is not int or window < 1):
+            return want
+    return None
 
 
 def _span_list(n: int) -> Check:
@@ -287,6 +319,19 @@ def check_meta(meta: dict, contract: Contract) -> None:
                 contract.sizes[size] = (v, f"meta.model.config.{key}")
         if "n_layers" in contract.sizes:
             contract.sizes["L1"] = (contract.sizes["n_layers"][0] + 1, "n_layers + 1")
+    attention = _get(meta, ("attention",))
+    if isinstance(attention, dict):
+        for key, size in (("n_heads", "n_heads"), ("n_kv_heads", "n_kv_heads")):
+            v = attention.get(key)
+            known = contract.sizes.get(size)
+            if type(v) is int and known is not None and known[0] != v:
+                raise contract.fail(f"meta.attention.{key} is {v}, but {known[1]} says {known[0]}")
+            if type(v) is int:
+                contract.sizes.setdefault(size, (v, f"meta.attention.{key}"))
+        layers, n_layers = attention.get("layers"), contract.sizes.get("n_layers")
+        if isinstance(layers, list) and n_layers is not None and len(layers) != n_layers[0]:
+            raise contract.fail(f"meta.attention.layers has {len(layers)} entries, expected one per layer "
+                                f"({n_layers[0]}, {n_layers[1]})")
 
 
 def check_run(info: dict, contract: Contract) -> None:
