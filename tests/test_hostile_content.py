@@ -273,8 +273,41 @@ def test_hypothesis_hostile_metadata(base, tmp_path_factory, where, data):
     path = write(str(tmp_path_factory.mktemp("hyp") / "t.hxr"), meta, runs, tensors)
     for msg in every_view(path):  # nothing but one-line user errors
         assert "\n" not in msg
-    from hexray_core.cli.info_cmd import summarise
+    from hexray_core.cli.info_cmd import render, summarise
     from trace_format import TraceReader
 
     with TraceReader(path) as r:
-        json.dumps(summarise(r, tensors=True), ensure_ascii=False, default=repr)
+        summary = summarise(r, tensors=True)
+    json.dumps(summary, ensure_ascii=False, default=repr)
+    render(summary)  # whatever the metadata says, info prints it (literally) without an exception
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_hypothesis_odd_but_well_typed_run_info(base, tmp_path_factory, data):
+    """Values the contract allows (the views must cope): spans anywhere, any prompt text, any token ids
+    in the vocabulary, any n_prompt_tokens, odd token strings, eps at its bounds."""
+    folder, _path, (meta, runs, tensors) = base
+    meta, runs = copy.deepcopy(meta), copy.deepcopy(runs)
+    run = runs[0]
+    n = len(run["tokens"])
+    text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=12)
+    pair = st.lists(st.integers(-5, 300), min_size=2, max_size=2)
+    run["prompt"] = data.draw(text)
+    run["tokens"] = data.draw(st.lists(st.integers(0, 4095), min_size=n, max_size=n))
+    run["token_strs"] = data.draw(st.lists(text, min_size=n, max_size=n))
+    run["char_spans"] = data.draw(st.lists(pair, min_size=n, max_size=n))
+    run["byte_spans"] = data.draw(st.lists(pair, min_size=n, max_size=n))
+    run["n_prompt_tokens"] = data.draw(st.integers(0, n))
+    run["unembed_strs"] = data.draw(st.lists(text, min_size=len(run["unembed_strs"]),
+                                             max_size=len(run["unembed_strs"])))
+    meta["model"]["config"]["eps"] = data.draw(st.sampled_from([0.0, 1e-30, 1.0, 1e-5]))
+    path = write(str(tmp_path_factory.mktemp("hyp-odd") / "t.hxr"), meta, runs, tensors)
+    for msg in every_view(path):
+        assert "\n" not in msg
+    from hexray_lsp.trace_view import TraceUnreadable, build_view
+
+    try:  # the language server's precomputation of hovers and hints copes too
+        build_view(path).close()
+    except TraceUnreadable:
+        pass
