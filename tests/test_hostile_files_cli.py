@@ -140,3 +140,17 @@ def test_usage_errors_are_one_line(args):
     line = _one_line_error(hexray(*args))
     assert line.startswith("hexray") and "error:" in line and "--help" in line
     assert hexray(*args).returncode == 2
+
+
+def test_info_prints_metadata_strings_literally(tmp_path):
+    import numpy as np
+
+    markup = "[/] [bold red]gpt2[/bold red] :fire: [link=x]y[/link]"
+    with TraceWriter(tmp_path / "m.hxr", meta={"model": {"name": markup, "source": "[/", "config": {"act_fn": "[/]"}},
+                                              "writer": {"hexray": "[/i]"}}) as w:
+        w.begin_run(prompt="[/] prompt [b]")
+        w.write("[/]tensor", np.zeros(3, np.float32))
+    res = hexray("info", tmp_path / "m.hxr", "--tensors")
+    assert res.returncode == 0, res.stderr
+    for literal in (markup, "[/]tensor", "[/] prompt [b]", "[/i]"):
+        assert literal in res.stdout, literal
