@@ -144,8 +144,8 @@ def unpack_obj(data: bytes, where: str, *, max_items: int | None = None):
                                "of this size") from None
     except ValueError as e:
         if "exceeds max_" in str(e):  # one array or map longer than the whole budget
-            raise TraceFormatError(f"{where}: holds more than {limit:,} msgpack items, over the limit for a file "
-                                   "of this size") from None
+            raise TraceFormatError(f"{where}: malformed msgpack (an array or map of more than {limit:,} msgpack "
+                                   "items, over the limit for a file of this size)") from None
         raise TraceFormatError(f"{where}: malformed msgpack ({type(e).__name__}: {e})") from None
     except Exception as e:  # msgpack raises ValueError, StackError, FormatError, UnicodeDecodeError...
         raise TraceFormatError(f"{where}: malformed msgpack ({type(e).__name__}: {e})") from None
