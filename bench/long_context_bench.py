@@ -6,6 +6,10 @@ as real ones):
 
     tiny-long   GPT-2 architecture, 4 layers, d_model 256, 4 heads of 64, 16,384 positions, the demo
                 model's 4,096-token vocabulary
+    tiny-long-1h the same with 1 head of 256: TransformerBridge's eager attention holds ~8 copies of a
+                layer's [heads, n, n] float32 scores at once (measured below), 33 GB at 16k tokens with
+                4 heads, more than this 23 GB machine has; with 1 head it is ~8 GB. q, k and v are
+                n × d_model either way, so bytes per token are the same
     gpt2-small  GPT2LMHeadModel(GPT2Config()): 12 layers, d_model 768, 12 heads, 50,257 tokens
     hexray-demo the embedded model (4 layers, d_model 128, 512 positions)
 
@@ -64,9 +68,10 @@ def build(model: str):
     torch.manual_seed(0)
     if model == "hexray-demo":
         return Recorder("hexray-demo", device="cpu")
-    if model == "tiny-long":
+    if model.startswith("tiny-long"):
         tok = AutoTokenizer.from_pretrained(DEMO)
-        cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=16384, vocab_size=len(tok),
+        heads = 1 if model == "tiny-long-1h" else 4
+        cfg = GPT2Config(n_layer=4, n_embd=256, n_head=heads, n_positions=16384, vocab_size=len(tok),
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     else:
         import tiny_models
@@ -101,11 +106,30 @@ def worker_record(args) -> dict:
     torch.set_num_threads(args.threads)
     rec = build(args.model)
     text = text_of(rec, args.tokens)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     rss0 = _status_kib("VmRSS")
     t0 = time.perf_counter()
     res = rec.record(text, args.out, hooks=args.hooks, lens=False)
     return {"tokens": res.tokens, "bytes": res.bytes, "seconds": time.perf_counter() - t0,
             "peak_kib": _status_kib("VmHWM"), "rss_loaded_kib": rss0}
+
+
+def worker_forward(args) -> dict:
+    """Peak RSS of one plain bridge forward (no hooks): the model's own transient memory."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    rec = build(args.model)
+    ids = torch.tensor([rec.tokenize(text_of(rec, args.tokens))])
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    rss0 = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    rec.bridge(ids, return_type="logits")
+    return {"tokens": ids.shape[1], "seconds": time.perf_counter() - t0, "peak_kib": _status_kib("VmHWM"),
+            "rss_loaded_kib": rss0}
 
 
 def worker_generate(args) -> dict:
@@ -202,7 +226,8 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.worker:
-        fn = {"record": worker_record, "generate": worker_generate, "replay": worker_replay}[args.worker]
+        fn = {"record": worker_record, "forward": worker_forward, "generate": worker_generate,
+              "replay": worker_replay}[args.worker]
         print(json.dumps(fn(args)))
         return
     tmp = tempfile.mkdtemp(prefix="hexray-long-")
@@ -223,30 +248,42 @@ def main() -> None:
               flush=True)
 
     if "size" in sections:
-        print("size and memory (--hooks default, lens off)")
+        print("size and memory (--hooks default, lens off; peak = VmHWM growth during the call)")
         size = results["size"] = {}
-        for n in lengths:
-            out = os.path.join(tmp, f"long-{n}.hxr")
-            size[f"tiny-long/{n}/default"] = r = spawn("record", model="tiny-long", tokens=n, out=out,
-                                                        threads=args.threads)
-            row(f"tiny-long default {n}", r)
-            if n <= 4096:
-                old = os.path.join(tmp, f"long-{n}-old.hxr")
-                size[f"tiny-long/{n}/old"] = r = spawn("record", model="tiny-long", tokens=n, out=old,
-                                                        hooks=OLD_DEFAULT, threads=args.threads)
-                row(f"tiny-long old default {n}", r)
-                os.unlink(old)
+        for model in ("tiny-long", "tiny-long-1h"):
+            for n in lengths:
+                if model == "tiny-long" and n > 4096:
+                    continue  # ~33 GB of eager attention: see the docstring
+                out = os.path.join(tmp, f"{model}-{n}.hxr")
+                size[f"{model}/{n}/forward"] = f = spawn("forward", model=model, tokens=n, threads=args.threads)
+                size[f"{model}/{n}/default"] = r = spawn("record", model=model, tokens=n, out=out,
+                                                          threads=args.threads)
+                row(f"{model} default {n}", r)
+                if "error" not in f and "error" not in r:
+                    print(f"  {'':34} plain forward peak +{(f['peak_kib'] - f['rss_loaded_kib']) / 1024:.0f} MB: "
+                          f"the recorder adds {(r['peak_kib'] - f['peak_kib']) / 1024:+.0f} MB", flush=True)
+                if n <= 4096:
+                    old = os.path.join(tmp, f"{model}-{n}-old.hxr")
+                    size[f"{model}/{n}/old"] = r = spawn("record", model=model, tokens=n, out=old,
+                                                          hooks=OLD_DEFAULT, threads=args.threads)
+                    row(f"{model} old default {n}", r)
+                    os.unlink(old)
+                if not (model == "tiny-long-1h" and n == max(lengths)):
+                    os.unlink(out)
+            ok = [size[f"{model}/{n}/default"] for n in lengths if "error" not in size.get(f"{model}/{n}/default",
+                                                                                         {"error": 1})]
+            if len(ok) > 1:
+                ratio = (ok[-1]["bytes"] / ok[-1]["tokens"]) / (ok[0]["bytes"] / ok[0]["tokens"])
+                size[f"{model}/bytes_per_token_ratio"] = ratio
+                print(f"  {model}: bytes/token at {ok[-1]['tokens']} vs {ok[0]['tokens']} tokens: {ratio:.3f}x "
+                      "(target <= 1.25)", flush=True)
         for hooks, label in (("default", "default"), (OLD_DEFAULT, "old default")):
             out = os.path.join(tmp, f"gpt2-{label}.hxr")
             size[f"gpt2-small/1000/{label}"] = r = spawn("record", model="gpt2-small", tokens=1000, out=out,
                                                           hooks=hooks, threads=args.threads)
             row(f"gpt2-small {label} 1000", r)
-            os.unlink(out)
-        ok = [size[f"tiny-long/{n}/default"] for n in lengths if "error" not in size[f"tiny-long/{n}/default"]]
-        if len(ok) > 1:
-            ratio = (ok[-1]["bytes"] / ok[-1]["tokens"]) / (ok[0]["bytes"] / ok[0]["tokens"])
-            results["size"]["bytes_per_token_ratio_longest_vs_shortest"] = ratio
-            print(f"  bytes/token at {ok[-1]['tokens']} vs {ok[0]['tokens']} tokens: {ratio:.3f}x (target <= 1.25)")
+            if os.path.exists(out):
+                os.unlink(out)
     if "generate" in sections:
         print("generation (greedy; median of rounds, interleaved)")
         gen = results["generate"] = {}
@@ -261,10 +298,10 @@ def main() -> None:
                   f"{r['same_tokens']}", flush=True)
     if "replay" in sections:
         n = max(lengths)
-        path = os.path.join(tmp, f"long-{n}.hxr")
+        path = os.path.join(tmp, f"tiny-long-1h-{n}.hxr")
         if not os.path.exists(path):
-            spawn("record", model="tiny-long", tokens=n, out=path, threads=args.threads)
-        print(f"replay of the {n}-token tiny-long trace")
+            spawn("record", model="tiny-long-1h", tokens=n, out=path, threads=args.threads)
+        print(f"replay of the {n}-token tiny-long-1h trace")
         r = results["replay"] = spawn("replay", out=path)
         r["cold_replay_top10_s"] = cold_replay(path, 5)
         for k, v in r.items():

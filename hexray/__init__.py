@@ -1,31 +1,59 @@
 """HexRay: an X-ray for transformer language models.
 
     import hexray
-    path = hexray.record("The capital of France is", model="hexray-demo", output="t.hxr")
-    trace = hexray.open(path)
+    t = hexray.record("The capital of France is", model="hexray-demo", output="t.hxr")   # the opened Trace
+    t = hexray.open("t.hxr")                     # later, anywhere: numpy only (framework="pt": torch tensors)
+    run = t[0]                                   # a TransformerLens ActivationCache that needs no model
+    run["resid_post", 1]; run.decompose_resid(pos_slice=-1, return_labels=True)
+    t.attribution(position=-1).top(10)           # HexRay's own views: attribution, logit_lens, attention, cot
 
 ``hexray.record`` needs the recording extras (torch, transformer-lens) and imports them only when
-called; ``hexray.open`` reads a trace with numpy alone. To record many times without reloading
+called; everything else reads a trace with numpy alone. To record many times without reloading
 the model: ``rec = hexray.Recorder("hexray-demo"); rec.record(prompts, "t.hxr")``.
+API reference: docs/api.md.
 """
 
 from __future__ import annotations
 
-from hexray_core import __version__
+import importlib
 
-__all__ = ["Recorder", "__version__", "open", "record"]
+from hexray_core import __version__  # noqa: F401 (public, in __all__)
+
+#: name -> module it lives in (imported on first use: `import hexray` stays cheap)
+_LAZY = {
+    "Trace": "hexray_core.replay.trace",
+    "Run": "hexray_core.replay.trace",
+    "MissingHook": "hexray_core.replay.trace",
+    "Slice": "hexray_core.replay.cache",
+    "get_act_name": "hexray_core.replay.cache",
+    "Attribution": "hexray_core.replay.attribution",
+    "Contribution": "hexray_core.replay.attribution",
+    "direct_logit_attribution": "hexray_core.replay.attribution",
+    "logit_lens": "hexray_core.replay.lens",
+    "attention_summary": "hexray_core.replay.attention",
+    "residual_trace": "hexray_core.replay.residual",
+    "cot_breakdown": "hexray_core.replay.cot",
+    "attribution_diff": "hexray_core.replay.diff",
+    "HexRayError": "hexray_core.errors",
+    "Recorder": "hexray_core.record.recorder",
+}
+
+__all__ = sorted(["__version__", "open", "record", *_LAZY])  # noqa: PLE0605 (built from _LAZY)
 
 
 def __getattr__(name: str):
-    if name == "Recorder":  # keeps a model loaded across many recordings: hexray.Recorder("hexray-demo")
-        from hexray_core.record.recorder import Recorder
-
-        return Recorder
-    raise AttributeError(name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hexray' has no attribute {name!r}")
 
 
-def record(prompts, model="gpt2", output=None, **opts) -> str:
-    """Record one prompt (a str) or many (a list: one run each) into a trace; return its path.
+def __dir__() -> list[str]:
+    return list(__all__)
+
+
+def record(prompts, model="gpt2", output=None, **opts):
+    """Record one prompt (a str) or many (a list: one run each) into a trace; return it opened (a `Trace`,
+    its file at ``t.path``).
 
     ``model``: a hub id (default ``gpt2``), a local ``save_pretrained`` folder, a ``.gguf`` file,
     ``"hexray-demo"``, an already loaded ``TransformerBridge``, or a Hugging Face model together with
@@ -37,15 +65,17 @@ def record(prompts, model="gpt2", output=None, **opts) -> str:
     "float16", "bfloat16"), ``top_k`` (20), ``generate`` (N tokens), ``temperature``, ``seed``,
     ``prepend_bos``, ``bundle`` (embed the model kit), ``device``, ``dtype``, ``n_devices``,
     ``device_map``, ``trust_remote_code``, ``revision``, ``cache_dir``, ``progress`` (a callable
-    ``progress(event, **info)``).
+    ``progress(event, **info)``), ``framework`` of the returned trace ("np" or "pt").
     """
     from hexray_core.record.recorder import record as _record
 
-    return _record(prompts, model=model, output=output, **opts)
+    framework = opts.pop("framework", "np")
+    return open(_record(prompts, model=model, output=output, **opts), framework=framework)
 
 
-def open(path):  # noqa: A001 - hexray.open(path) is the public name
-    """Open a trace for replay (numpy only; no torch needed)."""
+def open(path, framework: str = "np"):  # noqa: A001 - hexray.open(path) is the public name
+    """Open a trace for replay: its runs are TransformerLens caches of numpy arrays (no torch needed),
+    or of torch tensors sharing the trace's memory with ``framework="pt"``."""
     from hexray_core.replay.trace import open_trace
 
-    return open_trace(path)
+    return open_trace(path, framework=framework)

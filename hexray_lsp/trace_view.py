@@ -8,8 +8,8 @@ touched by two threads at once.
 Token ``i`` is "predicted" at position ``i - 1``: its probability is
 ``exp(next_logit[i-1] - logsumexp[i-1])`` and its rank is its place in that position's recorded
 top-k. Its top contributor is the component with the largest |direct logit attribution| to its
-logit at position ``i - 1``, computed for all tokens at once from the same quantities as
-`hexray_core.replay.attribution` (a test checks they agree).
+logit at position ``i - 1``, computed for all tokens at once by replay's `next_token_attributions`
+(the primitive the CLI, CoT and diff use too).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 
 from hexray_core.errors import HexRayError
 from hexray_core.replay import Trace
-from hexray_core.replay.attribution import _run_unembed, component_stack
+from hexray_core.replay.attribution import next_token_attributions
 from trace_format import TraceFormatError
 
 LN2 = math.log(2.0)
@@ -241,7 +241,7 @@ def _build_run(trace: Trace, index: int) -> RunView:
             best = absv.argmax(axis=0)
             denom = absv.sum(axis=0)
             for p in range(n - 1):
-                top_label[p + 1] = labels[best[p]].replace("  ", " ")
+                top_label[p + 1] = labels[best[p]]
                 top_share[p + 1] = absv[best[p], p] / denom[p] if denom[p] > 0 else np.nan
     except (HexRayError, TraceFormatError, KeyError, ValueError, IndexError):
         pass  # a trace recorded without component hooks: hovers say so, hints fall back
@@ -256,23 +256,10 @@ def _build_run(trace: Trace, index: int) -> RunView:
 def contributions_to_next(trace: Trace, run: int) -> tuple[list[str], np.ndarray | None]:
     """Direct logit attribution of every actual next token, by component: labels and values [C, n-1].
 
-    values[c, p] is component c's contribution to the logit of token p+1 at position p, with the final
-    norm's scale frozen at its recorded value (as `direct_logit_attribution` does).
+    values[c, p] is component c's contribution to the logit of token p+1 at position p (replay's
+    `next_token_attributions` without its bias row).
     """
-    r = trace.run(run)
-    n = r.n_tokens
-    if n < 2:
+    if trace.run(run).n_tokens < 2:
         return [], None
-    table = _run_unembed(trace, run)
-    if table is None:
-        raise HexRayError("the trace carries no unembedding columns")
-    row_of, cols, _bias = table
-    rows = np.asarray([row_of[int(t)] for t in r.tokens[1:]], dtype=np.int64)
-    u = cols[rows].astype(np.float64)  # [n-1, d]
-    if trace.uses_layernorm:
-        u = u - u.mean(axis=1, keepdims=True)
-    scale = trace.tensor("ln_final.hook_scale", run).reshape(n, -1)[:-1, 0].astype(np.float64)
-    u = (u / scale[:, None]).astype(np.float32)
-    lbls, stack = component_stack(trace, run)
-    values = np.einsum("cpd,pd->cp", stack[:, :-1, :], u)
-    return [lbl for lbl, _kind, _layer in lbls], values
+    labels, values = next_token_attributions(trace, run)
+    return labels[:-1], values[:-1]

@@ -283,7 +283,7 @@ def test_input_errors(tiny_gpt2_recorder, tmp_path):
         rec.record("a", tmp_path / "missing" / "t.hxr")
     with pytest.raises(HexRayError, match="it is a folder"):
         rec.record("a", tmp_path)
-    with pytest.raises(HexRayError, match="top-k"):
+    with pytest.raises(HexRayError, match="top_k= must be at least 1"):
         rec.record("a", tmp_path / "t.hxr", top_k=0)
     assert not (tmp_path / "t.hxr").exists()
 
@@ -323,13 +323,11 @@ def test_device_to_host_drain_thread():
 def test_python_facade(tiny, tiny_tokenizer, tmp_path):
     import hexray
 
-    path = hexray.record(["one", "two"], model=tiny.build_tiny_gpt2(tiny_tokenizer), tokenizer=tiny_tokenizer,
-                         output=tmp_path / "t.hxr", top_k=3)
-    assert path == str(tmp_path / "t.hxr")
-    with TraceReader(path) as r:
+    trace = hexray.record(["one", "two"], model=tiny.build_tiny_gpt2(tiny_tokenizer), tokenizer=tiny_tokenizer,
+                          output=tmp_path / "t.hxr", top_k=3)  # the opened trace; its file is trace.path
+    assert trace.path == str(tmp_path / "t.hxr") and [r.prompt for r in trace] == ["one", "two"]
+    with TraceReader(trace.path) as r:
         assert len(r.runs) == 2 and r.info("hexray.topk_ids", 1).shape[1] == 3
-    trace = hexray.open(path)
-    assert trace is not None
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -91,7 +91,7 @@ def test_components_agree_and_sum_to_the_logit(recorder, tl_run, recorded, posit
     theirs = _tl_dla(cache, recorder.bridge, stack, p, target)
     names = {"embed": "Embed", "pos_embed": "PosEmbed"}
     mine = a.by_label()
-    mine_ordered = [mine[names.get(lab) or ("Attn L" if "attn" in lab else "MLP  L") + lab.split("_")[0]]
+    mine_ordered = [mine[names.get(lab) or ("Attn L" if "attn" in lab else "MLP L") + lab.split("_")[0]]
                     for lab in labels]
     _check(mine_ordered, theirs, _bound(cache, recorder.bridge, stack, p, target, EPS[dtype]))
     # Completeness: the parts and the bias add up to the logit the model produced.

@@ -89,7 +89,7 @@ def test_baseline_is_a_logit_difference(traces):
 
 @pytest.mark.parametrize("args, message", [
     (["replay", "/nonexistent/t.hxr"], "no such file"),
-    (["replay", "{trace}", "--position", "999"], "position 999 is out of range"),
+    (["replay", "{trace}", "--position", "999"], "--position 999 is out of range"),
     (["replay", "{trace}", "--run", "7"], "there is no run 7"),
     (["replay", "{trace}", "--target", "zzzz-not-a-token"], "unknown target token"),
     (["replay", "{notatrace}"], "not an .hxr trace"),
@@ -144,7 +144,7 @@ def test_step_splitting():
     assert [one[a:b] for a, b in split_steps(one)] == ["One sentence only. ", "And two."]
     with pytest.raises(HexRayError, match="matches nowhere"):
         split_steps(text, step_regex="Lemma")
-    with pytest.raises(HexRayError, match="bad --step-regex"):
+    with pytest.raises(HexRayError, match="bad step_regex="):
         split_steps(text, step_regex="(")
 
 

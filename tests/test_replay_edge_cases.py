@@ -123,7 +123,7 @@ def test_diff_side_b_target_and_messages(traces):
     assert a.runs[0].n_tokens > p
     out = hexray("diff", traces[0], traces[1], "--position", p)
     assert out.returncode == 1
-    assert f"side B: position {p} is out of range" in out.stderr and "pick a target" not in out.stderr
+    assert f"side B: --position {p} is out of range" in out.stderr and "pick a target" not in out.stderr
 
 
 def test_cot_reports_the_split_it_used(traces):

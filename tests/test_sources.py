@@ -118,3 +118,14 @@ def test_trace_without_hook_v_names_the_hook(tiny_gpt2_recorder, tmp_path):
     with pytest.raises(HexRayError, match=r"blocks\.0\.attn\.hook_v.*--hooks default"):
         source_attribution(t)
     assert t.attribution().error < 1e-3  # everything else still works
+
+
+def test_run_method_matches_and_speaks_tokens(tiny_gpt2_recorder, tmp_path):
+    t = hexray.open(tiny_gpt2_recorder.record(PROMPT, tmp_path / "t.hxr", act_dtype="float32").path)
+    run = t[0]
+    top = t.tensor("hexray.topk_ids")[-1]
+    np.testing.assert_array_equal(run.source_attribution(-1), source_attribution(t).values)
+    text = t.token_str(int(top[1]))
+    np.testing.assert_allclose(run.source_attribution(-1, tokens=int(top[0]), incorrect_tokens=text),
+                               source_attribution(t, target=f"#{top[0]}", baseline=f"#{top[1]}").values)
+    assert run.source_attribution(3).shape == (t.n_layers, 4, 4)

@@ -28,7 +28,9 @@ def record_sample(folder: str, text: str = SAMPLE, name: str = "sample", model: 
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{name}.prompt"), "w", encoding="utf-8", newline="") as f:
         f.write(text)
-    return hexray.record(text, model=model, output=os.path.join(folder, f"{name}.hxr"), device="cpu", bundle=True)
+    trace = hexray.record(text, model=model, output=os.path.join(folder, f"{name}.hxr"), device="cpu", bundle=True)
+    trace.close()
+    return trace.path
 
 
 if __name__ == "__main__":

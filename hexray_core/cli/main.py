@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 from hexray_core import __version__
@@ -63,6 +64,19 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+#: Library errors name parameters (``by=``, ``position=``); the CLI says the flag that sets each.
+PARAM_FLAGS = {"by": "--by", "position": "--position", "pos": "--position", "target": "--target",
+               "baseline": "--baseline", "step_regex": "--step-regex", "mode": "--split", "top_k": "--top-k",
+               "run": "--run", "generate": "--generate", "temperature": "--temperature", "act_dtype": "--act-dtype",
+               "hooks": "--hooks", "seed": "--seed", "device": "--device", "n_devices": "--n-devices"}
+_PARAM = re.compile(r"(?<![\w.\-])(" + "|".join(PARAM_FLAGS) + r")= ?")
+
+
+def as_flags(message: str) -> str:
+    """A library error as the command line says it: ``by= must be ...`` -> ``--by must be ...``."""
+    return _PARAM.sub(lambda m: PARAM_FLAGS[m.group(1)] + " ", message)
+
+
 def _is_user_error(e: BaseException) -> bool:
     """HexRayError, or a TraceFormatError (checked without importing trace_format, which pulls numpy)."""
     errors = sys.modules.get("trace_format.errors")
@@ -92,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _is_user_error(e):
             raise
-        print(f"hexray: error: {one_line(str(e))}", file=sys.stderr)
+        print(f"hexray: error: {as_flags(one_line(str(e)))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("hexray: interrupted", file=sys.stderr)

@@ -52,6 +52,12 @@ def print_json(obj) -> None:
     print(json.dumps(_plain(obj), ensure_ascii=False, indent=2, allow_nan=False))
 
 
+def aligned(label: str) -> str:
+    """A component label with its kind padded, so layer numbers line up: "MLP L3" -> "MLP  L3"."""
+    kind, sep, rest = label.partition(" ")
+    return f"{kind:<4} {rest}" if sep and kind in ("Attn", "MLP") else label
+
+
 def bar(value: float, scale: float, width: int = BAR_WIDTH) -> Text:
     n = 0 if scale <= 0 else round(width * min(1.0, abs(value) / scale))
     return Text("█" * n + " " * (width - n), style="green" if value >= 0 else "red")
@@ -66,7 +72,7 @@ def attribution(con: Console, a: Attribution, top_k: int, *, position_label: int
     con.print("Top Contributors to Final Logit:" if a.baseline is None else "Top Contributors to Logit Difference:")
     parts = a.top(top_k)
     for c, share in zip(parts, a.shares(parts), strict=True):
-        con.print(f"- {c.label:<8}: {c.value:+.2f} ({share:.1%})")
+        con.print(f"- {aligned(c.label):<8}: {c.value:+.2f} ({share:.1%})")
     con.print(Text(f"parts + bias {a.total:+.4f} vs {a.logit_source} logit {a.logit:+.4f}: error {a.error:.1e}",
                    style="dim"))
 
@@ -121,7 +127,7 @@ def cot(con: Console, cb: CotBreakdown, top_k: int) -> None:
         top = step.top(top_k)
         scale = max((abs(v) for _, v in top), default=1.0)
         for label, value in top:
-            line = Text(f"  {label:<8} ")
+            line = Text(f"  {aligned(label):<8} ")
             line.append_text(bar(value, scale))
             line.append(f" {value:+.2f}")
             con.print(line)
@@ -143,5 +149,5 @@ def diff(con: Console, d: AttributionDiff, top_k: int) -> None:
         return "—" if v is None else f"{v:+.2f}"
 
     for row in d.rows[:top_k]:
-        table.add_row(row.label, fmt(row.a), fmt(row.b), f"{row.delta:+.2f}")
+        table.add_row(aligned(row.label), fmt(row.a), fmt(row.b), f"{row.delta:+.2f}")
     con.print(table)

@@ -176,16 +176,16 @@ class Recorder:
             output = os.path.join(folder, time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8] + ".hxr")
         output = check_output_path(os.fspath(output))
         if int(top_k) < 1:
-            raise HexRayError(f"--top-k must be at least 1, not {top_k}")
+            raise HexRayError(f"top_k= must be at least 1, not {top_k}")
         if int(generate) < 0:
-            raise HexRayError(f"--generate must be 0 or more, not {generate}")
+            raise HexRayError(f"generate= must be 0 or more, not {generate}")
         check_generation(temperature, None)  # a finite temperature >= 0 (NaN refused); the seed: record()
         if overflow not in ("f32", "bf16", "float32", "bfloat16"):
             raise HexRayError(f"overflow fallback must be float32 or bfloat16, not {overflow}")
         try:
             act_tag = resolve_act_dtype(act_dtype, self.loaded.dtype)
         except ValueError as e:
-            raise HexRayError(f"--act-dtype: {e}") from None
+            raise HexRayError(f"act_dtype={act_dtype!r}: {e}") from None
         if prepend_bos is None:
             prepend_bos = bool(getattr(self.bridge.cfg, "default_prepend_bos", True))
         token_lists = [self.tokenize(p, prepend_bos) for p in prompts]

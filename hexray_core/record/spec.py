@@ -146,14 +146,14 @@ def check_generation(temperature, seed) -> None:
     try:
         t = float(temperature)
     except (TypeError, ValueError):
-        raise HexRayError(f"--temperature must be a number, not {temperature!r}") from None
+        raise HexRayError(f"temperature= must be a number, not {temperature!r}") from None
     if not math.isfinite(t) or t < 0:
-        raise HexRayError(f"--temperature must be a finite number, 0 (greedy) or more, not {temperature}")
+        raise HexRayError(f"temperature= must be a finite number, 0 (greedy) or more, not {temperature}")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise HexRayError(f"--seed must be an integer, not {seed!r}")
+            raise HexRayError(f"seed= must be an integer, not {seed!r}")
         if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-            raise HexRayError(f"--seed {seed} does not fit in 64 bits (use 0 to {SEED_RANGE[1]})")
+            raise HexRayError(f"seed= {seed} does not fit in 64 bits (use 0 to {SEED_RANGE[1]})")
 
 
 _DEVICE = re.compile(r"auto|cpu|mps|xpu|meta|cuda(:\d+)?")
@@ -162,9 +162,9 @@ _DEVICE = re.compile(r"auto|cpu|mps|xpu|meta|cuda(:\d+)?")
 def check_device(device, n_devices) -> None:
     """--device: auto, cpu, cuda, cuda:N, mps (not empty); --n-devices: 1 or more."""
     if device is not None and (not isinstance(device, str) or not _DEVICE.fullmatch(device.strip())):
-        raise HexRayError(f"--device {shown(str(device))!r}: expected auto, cpu, cuda, cuda:N or mps")
+        raise HexRayError(f"device= {shown(str(device))!r}: expected auto, cpu, cuda, cuda:N or mps")
     if n_devices is not None and (isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1):
-        raise HexRayError(f"--n-devices must be 1 or more, not {n_devices}")
+        raise HexRayError(f"n_devices= must be 1 or more, not {n_devices}")
 
 
 # -- weight files --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Direct logit attribution from a recording.
+"""Direct logit attribution from a recording: the primitives every view uses, and the per-position table.
 
 With the final norm's scale frozen at its recorded value, the logit of token t at position p is
 
@@ -8,6 +8,16 @@ over the residual stream's components c (embeddings, each attention layer or hea
 each MLP layer or neuron plus its bias). ``centre`` subtracts the mean over d_model for
 LayerNorm models (c·centre(u) = centre(c)·u) and is the identity for RMSNorm. Weights are those
 of TransformerLens compatibility mode, where the final norm's gain is folded into W_U and b_U.
+
+The primitives, vectorised over positions and tokens, are shared by the CLI tables, CoT, diff, the
+language server and the TransformerLens cache methods (cache.py):
+
+    component_stack(trace, run)          the residual stream's components [C, n, d] and what each is
+    unembed_columns(trace, ids, run)     W_U columns and b_U entries of many tokens
+    logit_directions(trace, run, ...)    u (centred, over the frozen final scale) and bias per position
+    final_direction(trace, run, p, t)    the same at one position
+    head_results / neuron_results        what each head or neuron writes (z @ W_O, post * W_out)
+    next_token_attributions(trace, run)  every actual next token's logit by component, in one einsum
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ BY_CHOICES = ("component", "head", "neuron")
 
 @dataclass(frozen=True)
 class Contribution:
-    label: str  # "Embed", "PosEmbed", "Attn L3", "MLP  L3", "L3H7", "L3N1021", "Attn L3 bias", "Bias"
+    label: str  # "Embed", "PosEmbed", "Attn L3", "MLP L3", "L3H7", "L3N1021", "Attn L3 bias", "Bias" (unpadded)
     kind: str  # embed | pos_embed | attn | mlp | head | neuron | attn_bias | mlp_bias | bias
     layer: int | None
     index: int | None  # head or neuron number
@@ -76,30 +86,173 @@ class Attribution:
         return d
 
 
-def _unembed(trace, run: int, token_id: int) -> tuple[np.ndarray, float]:
-    """The (processed) unembedding column and bias of one token: from the run, else the kit."""
-    cols = _run_unembed(trace, run)
-    if cols is not None and token_id in cols[0]:
-        i = cols[0][token_id]
-        return cols[1][i], float(cols[2][i])
-    kit = trace.require_kit(f"attribution to token {trace.token_str(token_id, run)!r} (id {token_id})")
-    W_U, b_U = kit["W_U"], kit["b_U"]
-    if not 0 <= token_id < W_U.shape[1]:
-        raise HexRayError(f"token id {token_id} is outside the vocabulary (0..{W_U.shape[1] - 1})")
-    return W_U[:, token_id], float(b_U[token_id])
+@dataclass(frozen=True)
+class Component:
+    """One per-layer component of the residual stream."""
+
+    kind: str  # embed | pos_embed | attn | mlp
+    layer: int | None = None
+
+    @property
+    def label(self) -> str:
+        """HexRay's display label: "Embed", "PosEmbed", "Attn L3", "MLP L3"."""
+        return {"embed": "Embed", "pos_embed": "PosEmbed"}.get(self.kind) or \
+            f"{'Attn' if self.kind == 'attn' else 'MLP'} L{self.layer}"
+
+    @property
+    def tl_label(self) -> str:
+        """TransformerLens's label (``decompose_resid``): "embed", "pos_embed", "3_attn_out", "3_mlp_out"."""
+        return self.kind if self.layer is None else f"{self.layer}_{self.kind}_out"
+
+    @property
+    def hook(self) -> str:
+        return {"embed": "hook_embed", "pos_embed": "hook_pos_embed"}.get(self.kind) or \
+            f"blocks.{self.layer}.hook_{self.kind}_out"
+
+
+def components(trace, run: int) -> list[Component]:
+    """The run's components in residual-stream order (pos_embed only when the model has one)."""
+    out = [Component("embed")]
+    if trace.has("hook_pos_embed", run):
+        out.append(Component("pos_embed"))
+    for layer in range(trace.n_layers):
+        out += [Component("attn", layer), Component("mlp", layer)]
+    return out
+
+
+def component_stack(trace, run: int) -> tuple[list[Component], np.ndarray]:
+    """The run's components and their [n_components, n, d] stack (kept with the run: attributing another
+    position or token costs one matrix-vector product)."""
+    r = trace.run(run)
+
+    def build():
+        comps = components(trace, r.id)
+        return comps, np.stack([trace.tensor(c.hook, r.id) for c in comps])
+
+    return r.memo("component_stack", build)
 
 
 def _run_unembed(trace, run: int):
-    cache = trace._unembed
-    rid = trace.run(run).id
-    if rid not in cache:
-        if trace.has("hexray.unembed_ids", rid):
-            ids = trace.tensor("hexray.unembed_ids", rid)
-            cache[rid] = ({int(t): i for i, t in enumerate(ids)}, trace.tensor("hexray.unembed_cols", rid),
-                          trace.tensor("hexray.unembed_bias", rid))
-        else:
-            cache[rid] = None
-    return cache[rid]
+    """The run's own unembedding table (the columns of its tokens and top-k predictions), or None."""
+    r = trace.run(run)
+
+    def build():
+        if not trace.has("hexray.unembed_ids", r.id):
+            return None
+        ids = trace.tensor("hexray.unembed_ids", r.id)
+        return ({int(t): i for i, t in enumerate(ids)}, trace.tensor("hexray.unembed_cols", r.id),
+                trace.tensor("hexray.unembed_bias", r.id))
+
+    return r.memo("unembed", build)
+
+
+def unembed_columns(trace, ids, run: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """W_U columns [*ids.shape, d_model] and b_U entries [*ids.shape] (float32) of token ids.
+
+    From the run's own table when it holds every id (a trace replays its tokens and predictions
+    without the kit), else from the kit, else from any run's table.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    flat = ids.reshape(-1)
+    tables = ([run] if run is not None else []) + ["kit"] + [r.id for r in trace.runs if r.id != run]
+    for source in tables:
+        if source == "kit":
+            kit = trace.kit
+            if kit is None:
+                continue
+            W_U, b_U = kit["W_U"], kit["b_U"]
+            bad = flat[(flat < 0) | (flat >= W_U.shape[1])]
+            if bad.size:
+                raise HexRayError(f"token id {int(bad[0])} is outside the vocabulary (0..{W_U.shape[1] - 1})")
+            return (np.ascontiguousarray(W_U[:, flat].T).reshape(*ids.shape, -1),
+                    np.asarray(b_U[flat], dtype=np.float32).reshape(ids.shape))
+        table = _run_unembed(trace, source)
+        if table is None:
+            continue
+        row_of, cols, bias = table
+        if all(int(t) in row_of for t in flat):
+            rows = np.fromiter((row_of[int(t)] for t in flat), dtype=np.int64, count=flat.size)
+            return cols[rows].reshape(*ids.shape, -1), bias[rows].reshape(ids.shape)
+    own = _run_unembed(trace, run if run is not None else 0)
+    missing = next((int(t) for t in flat if own is None or int(t) not in own[0]), 0)
+    trace.require_kit(f"the unembedding of token {trace.token_str(missing, run or 0)!r} (id {missing})")
+    raise AssertionError("unreachable: require_kit raises")
+
+
+def final_scale(trace, run: int) -> np.ndarray:
+    """[n]: the final norm's recorded scale at every position."""
+    r = trace.run(run)
+    return trace.tensor("ln_final.hook_scale", r.id).reshape(r.n_tokens, -1)[:, 0]
+
+
+def logit_directions(trace, run: int, positions, target_ids, baseline_ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """u [P, d] (float64) and the constant bias [P] of each (position, target[, baseline]) logit.
+
+    logit = resid[p] · u[p] + bias[p], with u the unembedding column (minus the baseline's), centred for
+    LayerNorm, over the final norm's frozen scale at p.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    u, bias = unembed_columns(trace, target_ids, run)
+    u, bias = u.astype(np.float64), bias.astype(np.float64)
+    if baseline_ids is not None:
+        ub, bb = unembed_columns(trace, baseline_ids, run)
+        u, bias = u - ub, bias - bb
+    if trace.uses_layernorm:
+        u = u - u.mean(-1, keepdims=True)
+    return u / final_scale(trace, run)[positions].astype(np.float64)[:, None], bias
+
+
+def final_direction(trace, run: int, position: int, target_id: int, baseline_id: int | None):
+    """`logit_directions` at one position: u [d] and the bias (a float)."""
+    u, bias = logit_directions(trace, run, [position], [target_id], None if baseline_id is None else [baseline_id])
+    return u[0], float(bias[0])
+
+
+def head_results(trace, run: int, layer: int, pos=slice(None)) -> np.ndarray:
+    """What each head writes into the residual stream, [*pos, n_heads, d_model]: the recorded
+    ``attn.hook_result``, else ``attn.hook_z`` @ W_O (the kit). ``pos`` indexes positions first."""
+    name = f"blocks.{layer}.attn.hook_result"
+    if trace.has(name, run):
+        return trace.tensor(name, run)[pos]
+    z = trace.tensor(f"blocks.{layer}.attn.hook_z", run)[pos]  # [*pos, heads, d_head]
+    W_O = trace.require_kit("per-head results (W_O)")["W_O"][layer]  # [heads, d_head, d_model]
+    return np.einsum("...hk,hkd->...hd", z, W_O)
+
+
+def neuron_results(trace, run: int, layer: int, pos=slice(None), neurons=slice(None), project=None) -> np.ndarray:
+    """What each MLP neuron writes, [*pos, n_neurons, d_model] (post * W_out), or with ``project``
+    ([d_model] or [d_model, k]) that write projected on it without the [.., d_mlp, d_model] intermediate."""
+    post = trace.tensor(f"blocks.{layer}.mlp.hook_post", run)[pos][..., neurons]
+    W_out = trace.require_kit("per-neuron results (W_out)")["W_out"][layer][neurons]  # [neurons, d_model]
+    if project is None:
+        return post[..., None] * W_out
+    projected = W_out @ project
+    return post * projected if np.ndim(project) == 1 else post[..., None] * projected
+
+
+def attention_bias(trace, layer: int) -> np.ndarray:
+    return trace.require_kit("attention biases (b_O)")["b_O"][layer]
+
+
+def mlp_bias(trace, layer: int) -> np.ndarray:
+    return trace.require_kit("MLP biases (b_out)")["b_out"][layer]
+
+
+def next_token_attributions(trace, run: int) -> tuple[list[str], np.ndarray]:
+    """Labels and [n_components + 1, n_tokens - 1] contributions to each actual next token's logit.
+
+    Column p explains the logit of token p+1 at position p; the last row is the bias term. One einsum
+    over all positions.
+    """
+    r = trace.run(run)
+    comps, stack = component_stack(trace, r.id)
+    n = r.n_tokens
+    labels = [c.label for c in comps] + ["Bias"]
+    if n < 2:
+        return labels, np.zeros((len(labels), 0))
+    u, bias = logit_directions(trace, r.id, np.arange(n - 1), np.asarray(r.tokens[1:]))
+    values = np.einsum("cpd,pd->cp", stack[:, :-1, :], u.astype(np.float32), dtype=np.float64)
+    return labels, np.concatenate([values, bias[None, :]])
 
 
 def recorded_logit(trace, run: int, position: int, token_id: int) -> float | None:
@@ -122,36 +275,23 @@ def resolve_target(trace, run: int, position: int, target: str | int | None) -> 
         return int(trace.tensor("hexray.topk_ids", r.id)[position, 0])
     if target == "next":
         if position + 1 >= r.n_tokens:
-            raise HexRayError(f"position {position} is the last token: there is no actual next token "
-                              "(use --target top or a token)")
+            raise HexRayError(f"position={position} is the last token: there is no actual next token "
+                              "(use target='top' or a token)")
         return r.tokens[position + 1]
     return trace.token_id(target, r.id)
-
-
-def final_direction(trace, run: int, position: int, target_id: int, baseline_id: int | None):
-    """u (the vector every component is dotted with) and the constant bias term."""
-    u, bias = _unembed(trace, run, target_id)
-    if baseline_id is not None:
-        ub, bb = _unembed(trace, run, baseline_id)
-        u, bias = u - ub, bias - bb
-    u = np.asarray(u, dtype=np.float64)
-    if trace.uses_layernorm:
-        u = u - u.mean()
-    scale = float(trace.tensor("ln_final.hook_scale", run)[position].reshape(-1)[0])
-    return u / scale, bias
 
 
 def direct_logit_attribution(trace, *, position: int = -1, run: int = 0, target: str | int | None = None,
                              baseline: str | int | None = None, by: str = "component") -> Attribution:
     """Decompose the target's logit at `position` of `run` by component, head or neuron."""
     if by not in BY_CHOICES:
-        raise HexRayError(f"--by must be one of {', '.join(BY_CHOICES)}, not {by!r}")
+        raise HexRayError(f"by= must be one of {', '.join(BY_CHOICES)}, not {by!r}")
     r = trace.run(run)
     p = r.position(position)
     tid = resolve_target(trace, r.id, p, target)
     bid = None if baseline is None else resolve_target(trace, r.id, p, baseline)
     u, bias = final_direction(trace, r.id, p, tid, bid)
-    parts = _components(trace, r.id, p, u, by)
+    parts = _contributions(trace, r.id, p, u, by)
     parts.append(Contribution("Bias", "bias", None, None, bias))
     total = float(sum(c.value for c in parts))
 
@@ -169,53 +309,21 @@ def direct_logit_attribution(trace, *, position: int = -1, run: int = 0, target:
                        None if bid is None else trace.token_str(bid, r.id), by, logit, source, total, prob, parts)
 
 
-def component_stack(trace, run: int) -> tuple[list[tuple[str, str, int | None]], np.ndarray]:
-    """Per-layer components of the residual stream of a run: labels and a [n_components, n, d] stack.
-
-    Cached per run, so attributing another position or token costs one matrix-vector product.
-    """
-    cache = trace._stacks
-    if run not in cache:
-        labels, arrays = [("Embed", "embed", None)], [trace.tensor("hook_embed", run)]
-        if trace.has("hook_pos_embed", run):
-            labels.append(("PosEmbed", "pos_embed", None))
-            arrays.append(trace.tensor("hook_pos_embed", run))
-        for layer in range(trace.n_layers):
-            labels.append((f"Attn L{layer}", "attn", layer))
-            arrays.append(trace.tensor(f"blocks.{layer}.hook_attn_out", run))
-            labels.append((f"MLP  L{layer}", "mlp", layer))
-            arrays.append(trace.tensor(f"blocks.{layer}.hook_mlp_out", run))
-        cache[run] = (labels, np.stack(arrays))
-    return cache[run]
-
-
-def _components(trace, run: int, p: int, u: np.ndarray, by: str) -> list[Contribution]:
-    labels, stack = component_stack(trace, run)
+def _contributions(trace, run: int, p: int, u: np.ndarray, by: str) -> list[Contribution]:
+    comps, stack = component_stack(trace, run)
     values = stack[:, p, :] @ u
     out = []
-    for (label, kind, layer), v in zip(labels, values, strict=True):
-        if by == "head" and kind == "attn":
-            out.extend(_heads(trace, run, p, layer, u))
-        elif by == "neuron" and kind == "mlp":
-            out.extend(_neurons(trace, run, p, layer, u))
+    for c, v in zip(comps, values, strict=True):
+        if by == "head" and c.kind == "attn":
+            per_head = head_results(trace, run, c.layer, p) @ u  # [heads]
+            out += [Contribution(f"L{c.layer}H{h}", "head", c.layer, h, float(x)) for h, x in enumerate(per_head)]
+            out.append(Contribution(f"Attn L{c.layer} bias", "attn_bias", c.layer, None,
+                                    float(attention_bias(trace, c.layer) @ u)))
+        elif by == "neuron" and c.kind == "mlp":
+            per_neuron = neuron_results(trace, run, c.layer, p, project=u)  # [d_mlp]
+            out += [Contribution(f"L{c.layer}N{n}", "neuron", c.layer, n, float(x)) for n, x in enumerate(per_neuron)]
+            out.append(Contribution(f"MLP L{c.layer} bias", "mlp_bias", c.layer, None,
+                                    float(mlp_bias(trace, c.layer) @ u)))
         else:
-            out.append(Contribution(label, kind, layer, None, float(v)))
-    return out
-
-
-def _heads(trace, run: int, p: int, layer: int, u: np.ndarray) -> list[Contribution]:
-    kit = trace.require_kit("per-head attribution (W_O)")
-    z = trace.tensor(f"blocks.{layer}.attn.hook_z", run)[p]  # [heads, d_head]
-    per_head = np.einsum("hk,hk->h", z, kit["W_O"][layer] @ u)  # head h writes z_h @ W_O[h]
-    out = [Contribution(f"L{layer}H{h}", "head", layer, h, float(v)) for h, v in enumerate(per_head)]
-    out.append(Contribution(f"Attn L{layer} bias", "attn_bias", layer, None, float(kit["b_O"][layer] @ u)))
-    return out
-
-
-def _neurons(trace, run: int, p: int, layer: int, u: np.ndarray) -> list[Contribution]:
-    kit = trace.require_kit("per-neuron attribution (W_out)")
-    post = trace.tensor(f"blocks.{layer}.mlp.hook_post", run)[p]  # [d_mlp]
-    per_neuron = post * (kit["W_out"][layer] @ u)
-    out = [Contribution(f"L{layer}N{n}", "neuron", layer, n, float(v)) for n, v in enumerate(per_neuron)]
-    out.append(Contribution(f"MLP  L{layer} bias", "mlp_bias", layer, None, float(kit["b_out"][layer] @ u)))
+            out.append(Contribution(c.label, c.kind, c.layer, None, float(v)))
     return out

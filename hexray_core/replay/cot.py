@@ -16,7 +16,7 @@ import numpy as np
 from hexray_core.errors import HexRayError
 
 from .attention import attention_blocks
-from .attribution import component_stack, final_direction
+from .attribution import next_token_attributions
 
 SPLIT_MODES = ("auto", "lines", "sentences", "regex")
 
@@ -52,7 +52,7 @@ def resolve_mode(text: str, mode: str = "auto", step_regex: str | None = None) -
     if step_regex:
         mode = "regex"
     if mode not in SPLIT_MODES:
-        raise HexRayError(f"step split must be one of {', '.join(SPLIT_MODES)}, not {mode!r}")
+        raise HexRayError(f"mode= (the step split) must be one of {', '.join(SPLIT_MODES)}, not {mode!r}")
     if mode == "auto":
         mode = "lines" if len([ln for ln in text.splitlines() if ln.strip()]) >= 2 else "sentences"
     return mode
@@ -63,13 +63,13 @@ def split_steps(text: str, mode: str = "auto", step_regex: str | None = None) ->
     mode = resolve_mode(text, mode, step_regex)
     if mode == "regex":
         if not step_regex:
-            raise HexRayError("--step-regex is required for regex step splitting")
+            raise HexRayError("step_regex= is required for regex step splitting")
         try:
             starts = [m.start() for m in re.finditer(step_regex, text)]
         except re.error as e:
-            raise HexRayError(f"bad --step-regex {step_regex!r}: {e}") from None
+            raise HexRayError(f"bad step_regex={step_regex!r}: {e}") from None
         if not starts:
-            raise HexRayError(f"--step-regex {step_regex!r} matches nowhere in the text")
+            raise HexRayError(f"step_regex={step_regex!r} matches nowhere in the text")
         bounds = sorted({0, *starts})
     elif mode == "lines":
         bounds = [0] + [m.end() for m in re.finditer(r"\n", text)]
@@ -90,22 +90,6 @@ def _token_steps(run, ranges: list[tuple[int, int]]) -> np.ndarray:
         if step < len(ranges) and ranges[step][0] <= e - 1:
             out[i] = step
     return out
-
-
-def next_token_attributions(trace, run: int) -> tuple[list[str], np.ndarray]:
-    """Labels and [n_components + 1, n_tokens - 1] contributions to each actual next token's logit.
-
-    Column p explains the logit of token p+1 at position p; the last row is the bias term.
-    """
-    r = trace.run(run)
-    labels, stack = component_stack(trace, r.id)
-    n = r.n_tokens
-    values = np.zeros((len(labels) + 1, max(n - 1, 0)))
-    for p in range(n - 1):
-        u, bias = final_direction(trace, r.id, p, r.tokens[p + 1], None)
-        values[:-1, p] = stack[:, p, :] @ u
-        values[-1, p] = bias
-    return [lab for lab, _, _ in labels] + ["Bias"], values
 
 
 def step_attention(trace, run: int, steps_of: np.ndarray, n_steps: int) -> np.ndarray:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import collections
 import os
 import re
-from dataclasses import dataclass
+import warnings
+from collections.abc import Mapping
 from functools import cached_property
 
 import numpy as np
@@ -18,27 +19,38 @@ import numpy as np
 from hexray_core.errors import HexRayError
 from trace_format import TraceReader
 
+from .cache import CacheMethods, ModelMethods, get_act_name
 from .kit import Kit, find_kit
 from .validate import check_kit, check_recording
 
 _CACHE_BYTES = 512 << 20
 
 
-@dataclass(frozen=True)
-class Run:  # frozen, yet `labels` is a cached_property: dataclass(frozen) leaves __dict__ writable
-    """One recorded prompt: its text and tokens."""
+class Run(CacheMethods, Mapping):
+    """One recorded prompt, and a TransformerLens ``ActivationCache`` of its forward pass (no batch dim).
 
-    id: int
-    prompt: str
-    tokens: list[int]
-    token_strs: list[str]
-    char_spans: list[tuple[int, int]]
-    n_prompt_tokens: int
-    info: dict
+    A ``Mapping`` from hook name to tensor, read lazily from the trace: ``run["blocks.0.hook_resid_post"]``,
+    TransformerLens shorthand ``run["resid_post", 3]``, ``run["pattern", 0]``, ``run["z", 2, "attn"]``;
+    ``keys()`` are the recorded hooks (and names that share a recorded tensor). The cache methods
+    (``decompose_resid``, ``logit_attrs``, ...) come from `CacheMethods`. Also the run's text and tokens.
+    """
+
+    has_batch_dim = False  # as run_with_cache(..., remove_batch_dim=True)
+
+    def __init__(self, trace: Trace, id: int, prompt: str, tokens: list[int], token_strs: list[str],
+                 char_spans: list[tuple[int, int]], n_prompt_tokens: int, info: dict):
+        self.trace, self.id, self.prompt, self.tokens, self.token_strs = trace, id, prompt, tokens, token_strs
+        self.char_spans, self.n_prompt_tokens, self.info = char_spans, n_prompt_tokens, info
+        self._memo: dict = {}
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def str_tokens(self) -> list[str]:
+        """The token texts (TransformerLens's ``to_str_tokens`` of the run)."""
+        return self.token_strs
 
     @cached_property
     def labels(self) -> list[str]:
@@ -60,21 +72,166 @@ class Run:  # frozen, yet `labels` is a cached_property: dataclass(frozen) leave
         """Resolve a possibly negative position; out of range is a user error."""
         n = len(self.tokens)
         if not -n <= pos < n:
-            raise HexRayError(f"position {pos} is out of range: run {self.id} has {n} tokens (0..{n - 1}, or -1..-{n})")
+            raise HexRayError(f"position={pos} is out of range: run {self.id} has {n} tokens (0..{n - 1}, or -1..-{n})")
         return pos % n
 
+    def memo(self, key, build):
+        """A value derived from this run's tensors, built once and kept with the run (stacks, tables)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
-class Trace:
-    """An opened `.hxr` recording.
+    # -- the Mapping over recorded tensors --------------------------------------------------------
 
-    >>> t = hexray.open("trace.hxr")
-    >>> t.runs[0].token_strs
-    >>> t.tensor("blocks.0.hook_resid_post")          # float32 [n_tokens, d_model]
-    >>> t.attribution(position=-1).top(10)
+    @cached_property
+    def _names(self) -> list[str]:
+        stored = [n for n in self.trace.reader.names(self.id) if not n.startswith(_NOT_ACTIVATIONS)]
+        aliases = self.info.get("aliases")
+        aliases = aliases if isinstance(aliases, dict) else {}
+        extra = [a for a, t in aliases.items() if isinstance(t, str) and t in stored]
+        derived = [n for n in _derivable(self.trace, self.id) if n not in stored]
+        computed = [n for n in self._memo.get("computed", ()) if n not in stored]  # compute_head_results()
+        return stored + [a for a in extra if a not in stored] + derived + computed
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, key) -> bool:
+        try:
+            return self.resolve(key) in self._name_set
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    @cached_property
+    def _name_set(self) -> frozenset[str]:
+        return frozenset(self._names)
+
+    def resolve(self, key) -> str:
+        """The full hook name of a key: a full name, or shorthand as TransformerLens's ``get_act_name``."""
+        if isinstance(key, str):
+            return key if key in self._name_set else get_act_name(key)
+        if isinstance(key, tuple) and key:
+            if len(key) > 1 and key[1] is not None and int(key[1]) < 0:  # negative layers count from the end
+                key = (key[0], self.trace.n_layers + int(key[1]), *key[2:])
+            return get_act_name(*key)
+        raise TypeError(f"a run is indexed by a hook name or (name, layer[, layer_type]), not {key!r}")
+
+    def __getitem__(self, key):
+        return self.trace.output(self.array(key))
+
+    def array(self, key) -> np.ndarray:
+        """A tensor by hook name or shorthand, always as a numpy array (read-only, cached by the trace)."""
+        name = self.resolve(key)
+        if self.trace.has(name, self.id):
+            return self.trace.tensor(name, self.id)
+        computed = self._memo.get("computed")
+        if computed and name in computed:
+            return computed[name]
+        derived = _derive(self.trace, self.id, name)
+        if derived is not None:
+            return derived
+        raise MissingHook(self.trace, self.id, name)
+
+    def __eq__(self, other) -> bool:  # a Mapping compares items; two runs are equal only when they are the same
+        return self is other
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"<Run {self.id} of {self.trace.path}: {self.n_tokens} tokens, {len(self)} tensors>"
+
+    # -- analyses of this run ---------------------------------------------------------------------
+
+    def attribution(self, position: int = -1, **kw):
+        """Direct logit attribution at a position (see `Trace.attribution`)."""
+        return self.trace.attribution(position, self.id, **kw)
+
+    def source_attribution(self, pos: int = -1, tokens=None, incorrect_tokens=None):
+        """``[n_layers, n_heads, pos + 1]``: how much each source token supplied, through each head, to the
+        logit of ``tokens`` at ``pos`` (default: the top prediction; an id or a token's text), minus
+        ``incorrect_tokens``'s (a logit difference). Summed over sources: each head's entry of
+        ``stack_head_results`` + ``logit_attrs``. See `hexray_core.replay.sources`."""
+        from .sources import source_attribution
+
+        def target(tok):  # as logit_attrs: a token's text is literal, never an id
+            if tok is None or tok in ("top", "next"):
+                return tok
+            return self.trace.token_id(tok, self.id, literal=True) if isinstance(tok, str) else int(tok)
+
+        sa = source_attribution(self.trace, position=pos, run=self.id, target=target(tokens),
+                                baseline=None if incorrect_tokens is None else target(incorrect_tokens))
+        return self._out(sa.values)
+
+
+_NOT_ACTIVATIONS = ("hexray.", "kit/")  # per-run bookkeeping the recorder adds; not TransformerLens hooks
+
+
+class MissingHook(HexRayError, KeyError):
+    """A tensor the run did not record; the message names it and the ``--hooks`` that records it."""
+
+    def __init__(self, trace: Trace, run: int, name: str, why: str = ""):
+        glob = re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
+        recorded = _hook_set(trace.meta)
+        need = f"{why} needs {name}" if why else f"run {run} has no {name}"
+        super().__init__(f"{need}, which {trace.path} did not record (hooks: {recorded}); record it with "
+                         f"--hooks default,{glob}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def _hook_set(meta: dict) -> str:
+    hooks = meta.get("hooks") if isinstance(meta.get("hooks"), dict) else {}
+    return str(hooks.get("set", "unknown"))
+
+
+def _derivable(trace: Trace, run: int) -> list[str]:
+    """Hook names a run computes from what it recorded: attention patterns from stored q and k."""
+    return [f"blocks.{layer}.attn.hook_pattern" for layer in range(trace.n_layers) if _from_qk(trace, run, layer)]
+
+
+def _from_qk(trace: Trace, run: int, layer: int) -> bool:
+    from .attention import attention_source
+
+    try:
+        return attention_source(trace, run, layer) == "qk"
+    except HexRayError:  # neither a pattern nor q and k: not a key (reading it names what to record)
+        return False
+
+
+def _derive(trace: Trace, run: int, name: str) -> np.ndarray | None:
+    m = re.fullmatch(r"blocks\.(\d+)\.attn\.hook_pattern", name)
+    if m is None or not _from_qk(trace, run, int(m.group(1))):
+        return None
+    from .attention import attention_pattern
+
+    key = ("pattern", int(m.group(1)))  # quadratic in the context: computed once per run and layer
+    arr = trace.runs[run].memo(key, lambda: attention_pattern(trace, run, int(m.group(1))))
+    arr.setflags(write=False)
+    return arr
+
+
+class Trace(ModelMethods):
+    """An opened `.hxr` recording: a sequence of `Run`s, and a stand-in for the model they came from.
+
+    >>> t = hexray.open("trace.hxr")                  # framework="pt": tensors as torch tensors
+    >>> run = t[0]                                    # a Run: a TransformerLens ActivationCache, no model needed
+    >>> run["resid_post", 1]                          # float32 [n_tokens, d_model]
+    >>> stack, labels = run.decompose_resid(pos_slice=-1, return_labels=True)
+    >>> run.logit_attrs(stack, tokens=t.to_single_token(" Paris"))
+    >>> t.attribution(position=-1).top(10)            # HexRay's own tables
     """
 
-    def __init__(self, path: str | os.PathLike, *, kit: Kit | None = None):
+    def __init__(self, path: str | os.PathLike, *, kit: Kit | None = None, framework: str = "np"):
+        if framework not in FRAMEWORKS:
+            raise HexRayError(f"framework= must be one of {', '.join(FRAMEWORKS)}, not {framework!r}")
         self.path = os.fspath(path)
+        self.framework = framework
+        if framework == "pt":
+            _torch()  # fail at open, not at the first tensor
         self.reader = TraceReader(self.path)  # a missing, special or damaged file: TraceFormatError
         try:  # what the recording says, against the contract (metadata and index only; validate.py)
             self.contract = check_recording(self.reader)
@@ -84,10 +241,6 @@ class Trace:
         self._cache: collections.OrderedDict[tuple[int, str], np.ndarray] = collections.OrderedDict()
         self._cache_bytes = 0
         self._kit = kit
-        # Per-run results derived from tensors, kept for the life of the trace (hovers reuse them):
-        self._strs: dict[int, dict[int, str]] = {}  # token id -> text known to a run
-        self._unembed: dict[int, tuple | None] = {}  # the run's unembedding columns (attribution.py)
-        self._stacks: dict[int, tuple] = {}  # the run's component stack (attribution.py)
         self.runs = [self._make_run(r) for r in self.reader.runs]
         if not self.runs:
             raise HexRayError(f"{self.path}: the trace holds no runs (is it a model kit?)")
@@ -96,8 +249,26 @@ class Trace:
         tokens = [int(t) for t in info.get("tokens", [])]
         strs = list(info.get("token_strs") or [f"#{t}" for t in tokens])
         spans = [tuple(s) for s in info.get("char_spans") or [(-1, -1)] * len(tokens)]
-        return Run(int(info["id"]), str(info.get("prompt", "")), tokens, strs, spans,
+        return Run(self, int(info["id"]), str(info.get("prompt", "")), tokens, strs, spans,
                    int(info.get("n_prompt_tokens", len(tokens))), info)
+
+    def __getitem__(self, i: int) -> Run:
+        return self.run(i)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __iter__(self):
+        return iter(self.runs)
+
+    def output(self, arr: np.ndarray):
+        """An array as the trace's framework gives it: numpy, or a torch tensor sharing its memory."""
+        if self.framework != "pt" or not isinstance(arr, np.ndarray):
+            return arr
+        torch = _torch()
+        with warnings.catch_warnings():  # cached tensors are read-only views; torch warns it cannot enforce that
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr)
 
     # -- model shape -----------------------------------------------------------------------
 
@@ -162,9 +333,10 @@ class Trace:
             self._cache.move_to_end(key)
             return hit
         if not self.reader.has(stored, run_id):
-            hooks = self.meta.get("hooks") if isinstance(self.meta.get("hooks"), dict) else {}
+            if not name.startswith(_NOT_ACTIVATIONS):
+                raise MissingHook(self, run_id, name)
             raise HexRayError(f"{self.path}: run {run_id} has no tensor {name!r} (recorded hooks: "
-                              f"{hooks.get('set', 'unknown')}); record it with --hooks default,{name}")
+                              f"{_hook_set(self.meta)})")
         arr = self.reader.read(stored, run_id)
         arr.setflags(write=False)
         self._cache[key] = arr
@@ -188,15 +360,17 @@ class Trace:
         return f"#{token_id}"
 
     def _known_strs(self, run_id: int) -> dict[int, str]:
-        if run_id not in self._strs:
-            run = self.runs[run_id]
+        run = self.runs[run_id]
+
+        def build() -> dict[int, str]:
             known = dict(zip(run.tokens, run.token_strs, strict=False))
             strs = run.info.get("unembed_strs")
             if strs is not None and self.reader.has("hexray.unembed_ids", run_id):
                 ids = self.tensor("hexray.unembed_ids", run_id)
                 known.update(zip((int(i) for i in ids), strs, strict=False))
-            self._strs[run_id] = known
-        return self._strs[run_id]
+            return known
+
+        return run.memo("token_strs", build)
 
     @cached_property
     def vocab(self) -> list[str] | None:
@@ -273,6 +447,12 @@ class Trace:
 
         return attention_summary(self, position=position, run=run, **kw)
 
+    def sources(self, position: int = -1, run: int = 0, **kw):
+        """Source attribution at a position: a `SourceAttribution` (values per layer, head and source token)."""
+        from .sources import source_attribution
+
+        return source_attribution(self, position=position, run=run, **kw)
+
     def cot(self, run: int = 0, **kw):
         from .cot import cot_breakdown
 
@@ -292,6 +472,18 @@ class Trace:
         return f"<Trace {self.path}: {self.model_name}, {len(self.runs)} run(s)>"
 
 
-def open_trace(path: str | os.PathLike) -> Trace:
-    """Open a `.hxr` recording for analysis."""
-    return Trace(path)
+FRAMEWORKS = ("np", "pt")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise HexRayError("framework='pt' needs torch, which is not installed (pip install torch; or open the "
+                          "trace with the default framework='np' for numpy arrays)") from None
+    return torch
+
+
+def open_trace(path: str | os.PathLike, framework: str = "np") -> Trace:
+    """Open a `.hxr` recording for analysis: numpy arrays, or torch tensors with ``framework="pt"``."""
+    return Trace(path, framework=framework)
