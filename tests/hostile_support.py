@@ -88,11 +88,15 @@ def every_view(path: str) -> list[str]:
             lambda: trace.attribution(position=0, target="next"), lambda: trace.logit_lens(),
             lambda: trace.logit_lens(target="the"), lambda: trace.residual(), lambda: trace.attention(),
             lambda: trace.cot(), lambda: trace.runs[0].labels, lambda: trace.token_str(5),
+            # the notebook API: a run as a TransformerLens ActivationCache
+            lambda: trace.runs[0]["blocks.0.attn.hook_pattern"], lambda: trace.runs[0].accumulated_resid(),
+            lambda: trace.runs[0].decompose_resid(), lambda: trace.runs[0].stack_head_results(),
+            lambda: trace.cfg,
         ]
         for view in views:
             try:
                 view()
-            except (HexRayError, TraceFormatError) as e:
+            except (HexRayError, TraceFormatError) as e:  # (a hook not recorded: MissingHook, a HexRayError)
                 errors.append(str(e))
     return errors
 
