@@ -22,6 +22,8 @@ COMMANDS = {
     "info": "hexray_core.cli.info_cmd",
     "verify": "hexray_core.cli.verify_cmd",
     "lsp": "hexray_core.cli.lsp_cmd",
+    "view": "hexray_core.cli.view_cmd",
+    "report": "hexray_core.cli.report_cmd",
 }
 HELP = {
     "record": "run a model on prompts and record the forward pass into a .hxr trace",
@@ -30,6 +32,8 @@ HELP = {
     "info": "summarise a trace: runs, tokens, tensors, sizes, provenance",
     "verify": "check every record and checksum of a trace (like gzip -t)",
     "lsp": "language server: per-token attribution in the editor",
+    "view": "open traces in the browser viewer (served on 127.0.0.1)",
+    "report": "write a self-contained HTML viewer of traces (offline, one file)",
 }
 
 

@@ -16,6 +16,7 @@ record-time check that makes it faithful and the bound its rounding implies (``r
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -25,6 +26,10 @@ from hexray_core.errors import HexRayError
 
 #: Scores computed at once when iterating blocks (heads × queries × keys float32): bounds memory.
 BLOCK_ELEMENTS = 1 << 23
+
+#: Layers whose keys stay laid out for products (per run): a hover or a click then costs one matrix-vector
+#: product per head instead of a copy of the layer's keys.
+KEPT_LAYERS = 4
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,18 @@ def attention_source(trace, run: int, layer: int) -> str:
                       "record with --hooks default (or add --hooks default,blocks.*.attn.hook_pattern)")
 
 
+def _qk(trace, run: int, layer: int) -> _QK:
+    """The layer's q and k, from a small per-run LRU of laid-out layers."""
+    kept = trace.run(run).memo("attention_qk", OrderedDict)
+    if layer in kept:
+        kept.move_to_end(layer)
+        return kept[layer]
+    kept[layer] = src = _QK(trace, run, layer)
+    while len(kept) > KEPT_LAYERS:
+        kept.popitem(last=False)
+    return src
+
+
 class _QK:
     """One layer's q and k, laid out for per-head matrix products."""
 
@@ -181,7 +198,7 @@ def attention_rows(trace, run: int, layer: int, queries) -> np.ndarray:
     queries = np.asarray([r.position(int(q)) for q in np.atleast_1d(queries)], dtype=np.int64)
     if attention_source(trace, r.id, layer) == "pattern":
         return _stored_rows(trace, r.id, layer, queries)
-    src = _QK(trace, r.id, layer)
+    src = _qk(trace, r.id, layer)
     return src.rows(queries, src.n)
 
 
@@ -197,7 +214,7 @@ def attention_blocks(trace, run: int, layer: int, *, elements: int = BLOCK_ELEME
     r = trace.run(run)
     n = r.n_tokens
     stored = attention_source(trace, r.id, layer) == "pattern"
-    src = None if stored else _QK(trace, r.id, layer)
+    src = None if stored else _qk(trace, r.id, layer)
     heads = _stored_heads(trace, r.id, layer) if stored else src.n_heads
     q0 = 0
     while q0 < n:

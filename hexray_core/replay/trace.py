@@ -68,6 +68,15 @@ class Run(CacheMethods, Mapping):
             out.append(text)
         return out
 
+    def show(self, position: int | None = None, **kw):
+        """The viewer inline in a notebook, opened on this run (hexray_view, no server)."""
+        from hexray_view.notebook import show
+
+        return show(self.trace, next(i for i, r in enumerate(self.trace.runs) if r is self), position, **kw)
+
+    def _repr_html_(self) -> str:
+        return self.show()._repr_html_()
+
     def position(self, pos: int) -> int:
         """Resolve a possibly negative position; out of range is a user error."""
         n = len(self.tokens)
@@ -467,6 +476,15 @@ class Trace(ModelMethods):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def show(self, run: int = 0, position: int | None = None, **kw):
+        """The viewer inline in a notebook (hexray_view.notebook.show): tokens, attribution, lens, attention."""
+        from hexray_view.notebook import show
+
+        return show(self, run, position, **kw)
+
+    def _repr_html_(self) -> str:
+        return self.show()._repr_html_()
 
     def __repr__(self) -> str:
         return f"<Trace {self.path}: {self.model_name}, {len(self.runs)} run(s)>"

@@ -4,7 +4,8 @@
 // Commands: the server's own (hexray.recordTrace, hexray.cancelRecording, hexray.restartWorker) are
 // registered by vscode-languageclient from the server's executeCommandProvider — registering them here too
 // would fail with "command already exists"; the middleware below fills in the active document for the palette.
-// The extension adds hexray.restartServer and hexray.showOutput.
+// The extension adds hexray.restartServer, hexray.showOutput and hexray.openTraceView (the viewer in a webview).
+import * as path from 'node:path';
 import * as vscode from 'vscode';
 import {
   DidChangeConfigurationNotification, ExecuteCommandRequest, LanguageClient, LanguageClientOptions,
@@ -15,6 +16,7 @@ import { probe, ProbeResult } from './probe';
 import { onInterpreterChange, pythonExtensionInstalled, selectedInterpreter } from './python';
 import { documentSelector, getterOf, LANGUAGE_ID, RESTART_SETTINGS, serverSettings } from './settings';
 import { DocStatus, fromDiagnosticCodes, fromStatusReport, present, ServerState } from './status';
+import { OPEN_VIEW, renderReport, traceFor } from './traceView';
 
 export const RECORD = 'hexray.recordTrace';
 export const CANCEL = 'hexray.cancelRecording';
@@ -51,6 +53,7 @@ export class HexRay implements vscode.Disposable {
       this.item,
       vscode.commands.registerCommand('hexray.restartServer', () => this.restart()),
       vscode.commands.registerCommand('hexray.showOutput', () => this.output.show(true)),
+      vscode.commands.registerCommand(OPEN_VIEW, (uri?: vscode.Uri) => this.openTraceView(uri)),
       vscode.window.onDidChangeActiveTextEditor(() => this.scheduleRefresh(0)),
       vscode.languages.onDidChangeDiagnostics((e) => {
         const uri = this.activePrompt()?.uri.toString();
@@ -319,6 +322,36 @@ export class HexRay implements vscode.Disposable {
         : { title: 'Show output', command: 'hexray.showOutput' };
     this.item.show();
     if (status?.state === 'recording' || status?.state === 'loading') this.scheduleRefresh(1000);
+  }
+
+  /** The viewer of the active prompt's trace (or of an .hxr given by the explorer) in a webview beside the editor. */
+  async openTraceView(uri?: vscode.Uri): Promise<vscode.WebviewPanel | undefined> {
+    const doc = vscode.window.activeTextEditor?.document;
+    const file = uri?.fsPath ?? doc?.uri.fsPath;
+    if (!file) {
+      void vscode.window.showWarningMessage('HexRay: open a prompt file or a .hxr trace to view it.');
+      return undefined;
+    }
+    if (!this.command) {
+      void vscode.window.showErrorMessage('HexRay: the trace view needs hexray installed (see the HexRay output).');
+      return undefined;
+    }
+    let serverTrace: string | null | undefined;
+    if (!uri && doc && doc.languageId === LANGUAGE_ID && this.client && this.serverState === 'running') {
+      serverTrace = (await this.queryStatus(this.protocolUri(doc), doc)).trace;
+    }
+    const trace = traceFor(file, serverTrace);
+    let html: string;
+    try {
+      html = await renderReport(this.command, trace, this.folder()?.uri.fsPath);
+    } catch (err) {
+      void vscode.window.showErrorMessage(`HexRay: ${err instanceof Error ? err.message : String(err)}`);
+      return undefined;
+    }
+    const panel = vscode.window.createWebviewPanel('hexray.traceView', `HexRay: ${path.basename(trace)}`,
+      { viewColumn: vscode.ViewColumn.Beside, preserveFocus: true }, { enableScripts: true, localResourceRoots: [] });
+    panel.webview.html = html;
+    return panel;
   }
 
   private async queryStatus(uri: string, doc: vscode.TextDocument): Promise<DocStatus> {

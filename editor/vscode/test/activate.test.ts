@@ -64,7 +64,7 @@ test('activate probes the configured interpreter and starts `python -m hexray_co
   assert.deepEqual(init.extraPaths, ['/ws/models']);
   for (const clientOnly of ['interpreter', 'serverArgs', 'trace', 'trace.server']) assert.ok(!(clientOnly in init), clientOnly);
   // the server's commands are registered by vscode-languageclient, not by the extension
-  assert.deepEqual([...state.commands.keys()].sort(), ['hexray.restartServer', 'hexray.showOutput']);
+  assert.deepEqual([...state.commands.keys()].sort(), ['hexray.openTraceView', 'hexray.restartServer', 'hexray.showOutput']);
   await ext.deactivate();
   assert.equal(c.stopped, true);
 });

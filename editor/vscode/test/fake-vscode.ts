@@ -35,6 +35,7 @@ export interface FakeState {
   onEditor: Emitter;
   onDiagnostics: Emitter;
   onSave: Emitter;
+  panels: Array<{ viewType: string; title: string; column: unknown; options: any; webview: { html: string } }>;
   /** Answer of the fake server to `workspace/executeCommand` requests sent with sendRequest. */
   statusReport?: unknown;
 }
@@ -44,7 +45,7 @@ export const state: FakeState = fresh();
 function fresh(): FakeState {
   return {
     settings: {}, commands: new Map(), executed: [], errors: [], warnings: [], statusMessages: [], clipboard: '',
-    items: [], logs: [], diagnostics: new Map(), clients: [], extensions: {},
+    items: [], logs: [], diagnostics: new Map(), clients: [], extensions: {}, panels: [],
     onConfig: new Emitter(), onEditor: new Emitter(), onDiagnostics: new Emitter(), onSave: new Emitter(),
   };
 }
@@ -68,6 +69,7 @@ const log = (level: string) => (m: string) => { state.logs.push(`${level} ${m}`)
 
 export const fakeVscode = {
   StatusBarAlignment: { Left: 1, Right: 2 },
+  ViewColumn: { Active: -1, Beside: -2, One: 1, Two: 2 },
   ThemeColor: class { constructor(public id: string) {} },
   Uri: { file: (p: string) => new FakeUri(p) },
   workspace: {
@@ -98,6 +100,11 @@ export const fakeVscode = {
       return Promise.resolve(state.pickError);
     },
     showWarningMessage: (message: string) => { state.warnings.push(message); return Promise.resolve(undefined); },
+    createWebviewPanel: (viewType: string, title: string, column: unknown, options: any) => {
+      const panel = { viewType, title, column, options, webview: { html: '' }, dispose() {} };
+      state.panels.push(panel);
+      return panel;
+    },
     setStatusBarMessage: (m: string) => { state.statusMessages.push(m); return { dispose() {} }; },
   },
   languages: {

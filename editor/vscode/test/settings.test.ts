@@ -47,6 +47,6 @@ test('language, grammar and commands are declared', () => {
   assert.ok(fs.existsSync(path.join(__dirname, '..', '..', c.grammars[0].path)));
   assert.ok(fs.existsSync(path.join(__dirname, '..', '..', c.languages[0].configuration)));
   assert.deepEqual(c.commands.map((x: any) => x.command).sort(), [
-    'hexray.cancelRecording', 'hexray.recordTrace', 'hexray.restartServer', 'hexray.restartWorker', 'hexray.showOutput']);
+    'hexray.cancelRecording', 'hexray.openTraceView', 'hexray.recordTrace', 'hexray.restartServer', 'hexray.restartWorker', 'hexray.showOutput']);
   assert.equal(props['hexray.inlayHints'].default, 'probability');
 });

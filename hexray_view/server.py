@@ -1,0 +1,167 @@
+"""`hexray view`: the viewer served from loopback, behind a random token.
+
+Only two kinds of URL exist, both under the token: `/<token>/` (the page) and
+`/<token>/api/<view>?t=&run=...` (JSON, one panel at a time, computed on demand so a 16k-token
+trace opens as fast as a short one). Traces are addressed by their number on the command line,
+never by a path, so no request can name a file; anything else, a wrong or missing token, a path
+with `..` (raw or percent-encoded) or an unexpected Host header (DNS rebinding) is refused.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import socket
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from hexray_core.errors import HexRayError
+
+from . import data, page
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_URL = 4096
+
+
+class ViewServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, traces: list, names: list[str], host: str = "127.0.0.1", port: int = 0):
+        self.traces, self.names = traces, names
+        self.token = secrets.token_urlsafe(24)
+        self.lock = threading.Lock()  # a Trace's caches are not thread-safe: one computation at a time
+        self.explicit_host = host not in LOOPBACK
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), Handler)
+        self.page = page.render(" + ".join(names)).encode("utf-8")
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = self.server_address[0]
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{self.port}/{self.token}/"
+
+    def allowed_host(self, header: str | None) -> bool:
+        if self.explicit_host:  # the user chose to serve other machines: any Host, the token still guards
+            return True
+        if not header:
+            return False
+        return header.lower() in {f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+
+    def answer(self, view: str, params: dict[str, str]):
+        """The JSON of one API view."""
+        def num(key: str, default: int | None = None) -> int:
+            raw = params.get(key)
+            if raw is None:
+                if default is None:
+                    raise HexRayError(f"missing parameter {key!r}")
+                return default
+            try:
+                return int(raw)
+            except ValueError:
+                raise HexRayError(f"parameter {key!r} must be an integer, not {raw[:40]!r}") from None
+
+        def trace(key: str = "t"):
+            i = num(key, 0)
+            if not 0 <= i < len(self.traces):
+                raise HexRayError(f"there is no trace {i} (this server shows {len(self.traces)})")
+            return self.traces[i]
+
+        if view == "overview":
+            return [data.overview(t, n) for t, n in zip(self.traces, self.names, strict=True)]
+        if view == "detail":
+            return data.token_detail(trace(), num("run", 0), num("pos"))
+        if view == "lens":
+            return data.lens_grid(trace(), num("run", 0), num("start"), num("end"))
+        if view == "attention":
+            return data.attention_rows(trace(), num("run", 0), num("pos"), num("layer"), num("head"))
+        if view == "colours":
+            return data.component_colours(trace(), num("run", 0))
+        if view == "cot":
+            return data.cot(trace(), num("run", 0))
+        if view == "diff":
+            return data.diff(trace("ta"), trace("tb"), num("ra", 0), num("rb", 0), num("pa", -1), num("pb", -1))
+        return None
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: ViewServer
+    protocol_version = "HTTP/1.1"
+    server_version = "hexray-view"
+    sys_version = ""
+
+    def log_message(self, format, *args):  # noqa: A002 - quiet: the terminal shows the URL, not a request log
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")  # the token must not leak in a Referer
+        self.send_header("Cross-Origin-Resource-Policy", "same-origin")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj) -> None:
+        body = json.dumps(data.plain(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        self._send(status, body.encode("utf-8"), "application/json; charset=utf-8")
+
+    def _refuse(self, status: HTTPStatus) -> None:
+        self._send(status, f"{status.value} {status.phrase}\n".encode())
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        srv = self.server
+        if len(self.path) > MAX_URL:
+            return self._refuse(HTTPStatus.REQUEST_URI_TOO_LONG)
+        if not srv.allowed_host(self.headers.get("Host")):
+            return self._refuse(HTTPStatus.FORBIDDEN)
+        parts = urlsplit(self.path)
+        raw = parts.path
+        decoded = unquote(unquote(raw))  # refuse '..' however often it was percent-encoded
+        if ".." in decoded or "\\" in decoded or "\x00" in decoded or "//" in raw:
+            return self._refuse(HTTPStatus.BAD_REQUEST)
+        segments = raw.split("/")  # "", token, rest...
+        if len(segments) < 3 or not hmac.compare_digest(segments[1].encode(), srv.token.encode()):
+            return self._refuse(HTTPStatus.FORBIDDEN)
+        rest = "/".join(segments[2:])
+        if rest in ("", "index.html"):
+            return self._send(HTTPStatus.OK, srv.page, "text/html; charset=utf-8")
+        if rest.startswith("api/") and rest.count("/") == 1:
+            try:
+                params = {k: v[0] for k, v in parse_qs(parts.query, max_num_fields=20).items()}
+            except ValueError:  # more fields than any view takes
+                return self._json(HTTPStatus.BAD_REQUEST, {"error": "too many query parameters"})
+            try:
+                with srv.lock:
+                    result = srv.answer(rest[4:], params)
+            except HexRayError as e:
+                return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+            except Exception as e:  # a corrupt trace: the page shows the line, the server keeps serving
+                errors = sys.modules.get("trace_format.errors")
+                if errors is not None and isinstance(e, errors.TraceFormatError):
+                    return self._json(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(e)})
+                raise
+            if result is None:
+                return self._refuse(HTTPStatus.NOT_FOUND)
+            return self._json(HTTPStatus.OK, result)
+        return self._refuse(HTTPStatus.NOT_FOUND)
+
+    def _no_body(self) -> None:
+        self._refuse(HTTPStatus.METHOD_NOT_ALLOWED)
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _no_body

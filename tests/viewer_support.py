@@ -1,0 +1,80 @@
+"""Shared by the viewer tests: a real demo-model trace on disk, the `hexray` CLI, a served viewer."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+PROMPTS = [
+    "Step 1: The capital of France is Paris.\nStep 2: The capital of Germany is Berlin.\nSo the answer is",
+    "The cat sat on the mat. The dog sat on the",
+]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def hexray(*args, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "hexray_core", *map(str, args)], capture_output=True, text=True,
+                         cwd=REPO, env=env(), timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"hexray {args} failed ({out.returncode}): {out.stderr[-2000:]}")
+    return out
+
+
+def record_demo(folder) -> str:
+    """Two runs of the embedded demo model (a multi-step text, a short one), the kit bundled."""
+    prompts = os.path.join(folder, "prompts.jsonl")
+    with open(prompts, "w", encoding="utf-8") as f:
+        for p in PROMPTS:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    path = os.path.join(folder, "demo.hxr")
+    hexray("record", "--model", "hexray-demo", "--device", "cpu", "--prompts-file", prompts, "-o", path, "-q")
+    return path
+
+
+def replay_json(*args) -> dict:
+    return json.loads(hexray(*args, "--json").stdout)
+
+
+class Served:
+    """`hexray view --no-browser` in a subprocess; `url` is the first line it printed."""
+
+    def __init__(self, *traces, extra=()):
+        self.proc = subprocess.Popen([sys.executable, "-m", "hexray_core", "view", *map(str, traces), "--no-browser",
+                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                     env=env())
+        line = self.proc.stdout.readline().strip()
+        if not line:
+            raise AssertionError(f"hexray view printed no URL: {self.proc.stderr.read()[-2000:]}")
+        self.url = line
+        m = re.fullmatch(r"http://(127\.0\.0\.1|\[::1\]|[\d.]+):(\d+)/([A-Za-z0-9_-]{20,})/", line)
+        assert m, f"unexpected URL line {line!r}"
+        self.host, self.port, self.token = m.group(1), int(m.group(2)), m.group(3)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_for(predicate, timeout: float = 10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")

@@ -1,0 +1,137 @@
+// The JSON the Python side (hexray_view/data.py) sends: one interface per panel.
+
+export interface RunOverview {
+  id: number;
+  prompt: string;
+  labels: string[];
+  n_prompt_tokens: number;
+  prob: (number | null)[]; // probability the model gave token i (null for the first)
+  top: string[]; // the model's top prediction at each position
+  components: string[];
+  has_lens: boolean;
+  has_attention: boolean;
+  has_source: boolean;
+}
+
+export interface TraceOverview {
+  name: string;
+  model: string;
+  n_layers: number;
+  n_heads: number;
+  has_kit: boolean;
+  runs: RunOverview[];
+}
+
+export interface Contribution {
+  label: string;
+  kind: string;
+  value: number;
+}
+
+export interface Attribution {
+  run: number;
+  position: number;
+  token: string;
+  target_id: number;
+  target: string;
+  logit: number;
+  logit_source: string;
+  total: number;
+  error: number;
+  probability: number | null;
+  contributions: Contribution[];
+}
+
+export interface Prediction {
+  id: number;
+  token: string;
+  logit: number;
+  prob: number | null;
+}
+
+export interface HeadTop {
+  label: string;
+  layer: number;
+  head: number;
+  focus: number;
+  keys: [number, number][];
+}
+
+export interface Detail {
+  run: number;
+  position: number;
+  token: string;
+  predictions: Prediction[];
+  attribution: Attribution;
+  heads: number[][] | null;
+  neurons: { label: string; layer: number; index: number; value: number }[] | null;
+  attention: { focus: number[][]; top: HeadTop[]; rows?: Record<string, [number, number][]> } | null;
+  source: unknown;
+}
+
+export interface LensColumn {
+  position: number;
+  target: string;
+  prob: number[];
+  rank: number[];
+  top: [string, number][][];
+}
+
+export interface LensGrid {
+  run: number;
+  start: number;
+  end: number;
+  layers: string[];
+  columns: LensColumn[];
+}
+
+export interface AttnRows {
+  label: string;
+  layer: number;
+  head: number;
+  position: number;
+  row: number[]; // weight of every key 0..position
+  first: number;
+  window: number[][]; // rows of queries first..position over keys first..position
+  sparse?: boolean; // only the heaviest keys are known (a report)
+}
+
+export interface Colours {
+  labels: string[];
+  values: (number | null)[][]; // [component][position]: attribution to the logit of token position+1
+}
+
+export interface CotStep {
+  index: number;
+  text: string;
+  tokens: [number, number];
+  total: number;
+  mean_logprob: number | null;
+  components: [string, number][];
+  attends_to: [number, number][];
+}
+
+export interface Cot {
+  mode: string;
+  steps: CotStep[];
+  attention: number[][];
+}
+
+export interface DiffRow {
+  label: string;
+  a: number | null;
+  b: number | null;
+  delta: number;
+}
+
+export interface Diff {
+  a: Attribution;
+  b: Attribution;
+  rows: DiffRow[];
+}
+
+export interface Side {
+  trace: number;
+  run: number;
+  position: number;
+}
