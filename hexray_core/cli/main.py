@@ -13,7 +13,7 @@ import re
 import sys
 
 from hexray_core import __version__
-from hexray_core.errors import HexRayError
+from hexray_core.errors import HexRayError, one_line
 
 COMMANDS = {
     "record": "hexray_core.cli.record_cmd",
@@ -45,8 +45,18 @@ def _load(command: str):
     return importlib.import_module(COMMANDS[command])
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (plus where to read more) instead of the usage block.
+
+    Subcommand parsers are made by ``add_subparsers`` with the parent's class, so they get it too.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hexray",
         description="HexRay: an X-ray for transformer language models.",
         epilog="One-shot mode (record and replay in one go): "
@@ -66,7 +76,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 PARAM_FLAGS = {"by": "--by", "position": "--position", "pos": "--position", "target": "--target",
                "baseline": "--baseline", "step_regex": "--step-regex", "mode": "--split", "top_k": "--top-k",
                "run": "--run", "generate": "--generate", "temperature": "--temperature", "act_dtype": "--act-dtype",
-               "hooks": "--hooks"}
+               "hooks": "--hooks", "seed": "--seed", "device": "--device", "n_devices": "--n-devices"}
 _PARAM = re.compile(r"(?<![\w.\-])(" + "|".join(PARAM_FLAGS) + r")= ?")
 
 
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _is_user_error(e):
             raise
-        print(f"hexray: error: {as_flags(str(e))}", file=sys.stderr)
+        print(f"hexray: error: {as_flags(one_line(str(e)))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("hexray: interrupted", file=sys.stderr)

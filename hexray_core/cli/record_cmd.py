@@ -256,8 +256,10 @@ def run(args) -> int:
         raise HexRayError(f"--top-k must be at least 1, not {args.top_k}")
     if args.generate < 0:
         raise HexRayError(f"--generate must be 0 or more, not {args.generate}")
-    if args.temperature < 0:
-        raise HexRayError(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
+    from hexray_core.record.spec import check_device, check_generation
+
+    check_generation(args.temperature, args.seed)
+    check_device(args.device, args.n_devices)
     if not args.list_hooks and wants_dataset(args):
         from hexray_core.cli import record_dataset_cmd
 

@@ -21,6 +21,7 @@ from trace_format import TraceReader
 
 from .cache import CacheMethods, ModelMethods, get_act_name
 from .kit import Kit, find_kit
+from .validate import check_kit, check_recording
 
 _CACHE_BYTES = 512 << 20
 _WHOLE_READ_BYTES = 4 << 20  # tensor_rows decodes a smaller tensor whole (and caches it)
@@ -243,12 +244,15 @@ class Trace(ModelMethods):
         if framework not in FRAMEWORKS:
             raise HexRayError(f"framework= must be one of {', '.join(FRAMEWORKS)}, not {framework!r}")
         self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise HexRayError(f"{self.path}: no such file")
         self.framework = framework
         if framework == "pt":
             _torch()  # fail at open, not at the first tensor
-        self.reader = TraceReader(self.path)
+        self.reader = TraceReader(self.path)  # a missing, special or damaged file: TraceFormatError
+        try:  # what the recording says, against the contract (metadata and index only; validate.py)
+            self.contract = check_recording(self.reader)
+        except BaseException:
+            self.reader.close()
+            raise
         self._cache: collections.OrderedDict[tuple[int, str], np.ndarray] = collections.OrderedDict()
         self._cache_bytes = 0
         self._kit = kit
@@ -434,7 +438,10 @@ class Trace(ModelMethods):
     @property
     def kit(self) -> Kit | None:
         if self._kit is None:
-            self._kit = find_kit(self.reader) or False
+            kit = find_kit(self.reader)
+            if kit is not None and kit.reader is not self.reader:  # a cached kit file: check it first
+                check_kit(kit.reader, self.contract)
+            self._kit = kit or False
         return self._kit or None
 
     def require_kit(self, what: str) -> Kit:
