@@ -224,6 +224,8 @@ def main() -> None:
     ap.add_argument("--generate", type=int, default=0)
     ap.add_argument("--hooks", default="default")
     ap.add_argument("--out")
+    ap.add_argument("--trace", help="replay section: an existing tiny-long-1h trace instead of recording one")
+    ap.add_argument("--generate-models", default="hexray-demo,tiny-long")
     args = ap.parse_args()
     if args.worker:
         fn = {"record": worker_record, "forward": worker_forward, "generate": worker_generate,
@@ -288,6 +290,8 @@ def main() -> None:
         print("generation (greedy; median of rounds, interleaved)")
         gen = results["generate"] = {}
         for model, prompt, n in (("hexray-demo", 16, 480), ("tiny-long", 16, 1000)):
+            if model not in args.generate_models.split(","):
+                continue
             gen[model] = r = spawn("generate", model=model, tokens=prompt, generate=n, rounds=args.rounds,
                                    threads=args.threads)
             if "error" in r:
@@ -298,7 +302,7 @@ def main() -> None:
                   f"{r['same_tokens']}", flush=True)
     if "replay" in sections:
         n = max(lengths)
-        path = os.path.join(tmp, f"tiny-long-1h-{n}.hxr")
+        path = args.trace or os.path.join(tmp, f"tiny-long-1h-{n}.hxr")
         if not os.path.exists(path):
             spawn("record", model="tiny-long-1h", tokens=n, out=path, threads=args.threads)
         print(f"replay of the {n}-token tiny-long-1h trace")

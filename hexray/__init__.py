@@ -10,6 +10,7 @@
 ``hexray.record`` needs the recording extras (torch, transformer-lens) and imports them only when
 called; everything else reads a trace with numpy alone. To record many times without reloading
 the model: ``rec = hexray.Recorder("hexray-demo"); rec.record(prompts, "t.hxr")``.
+``hexray.open_dataset("out/")`` opens a folder written by ``hexray record --prompts-file F -o out/``.
 API reference: docs/api.md.
 """
 
@@ -38,7 +39,7 @@ _LAZY = {
     "Recorder": "hexray_core.record.recorder",
 }
 
-__all__ = sorted(["__version__", "open", "record", *_LAZY])  # noqa: PLE0605 (built from _LAZY)
+__all__ = sorted(["__version__", "open", "open_dataset", "record", *_LAZY])  # noqa: PLE0605 (built from _LAZY)
 
 
 def _recorder_module():
@@ -93,3 +94,10 @@ def open(path, framework: str = "np"):  # noqa: A001 - hexray.open(path) is the 
     from hexray_core.replay.trace import open_trace
 
     return open_trace(path, framework=framework)
+
+
+def open_dataset(path):
+    """Open a recorded dataset folder: iterate its runs across shards, aggregate their attribution (numpy only)."""
+    from hexray_core.replay.aggregate import open_dataset as _open_dataset
+
+    return _open_dataset(path)

@@ -24,3 +24,9 @@ def record_extra_missing(e: ModuleNotFoundError) -> RecordExtraMissing | None:
     return RecordExtraMissing(f"recording needs {top}, which is not installed: pip install 'hexray[record]' (on a "
                               "CPU-only machine install torch's CPU build first, e.g. pip install torch==2.13.0); "
                               "replaying traces needs neither")
+
+
+def one_line(text: str) -> str:
+    """A message as one terminal line: newlines, tabs and other control characters escaped (a file
+    name can hold a newline; a message must still be one line)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

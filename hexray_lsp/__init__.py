@@ -5,7 +5,11 @@
 
 Modules, one feature each over one document-and-trace model:
 
-    server        HexRayServer, create_server(): document lifecycle, settings, diagnostics publishing
+    cli           the entry point (`hexray lsp`, `python -m hexray_lsp`): options, logging, start
+    transport     the JSON-RPC message loop: bounded messages, error answers for what does not parse
+    ids           command ids and the diagnostics' source, defined once
+    server        HexRayServer, create_server(): document lifecycle, settings, diagnostics publishing;
+                  module-level handlers behind one guard decorator
     settings      typed settings with defaults (bad values fall back and are reported)
     documents     open documents, which ones are served, binary/too-large checks
     line_index    exact LSP positions (utf-8/16/32, LSP line breaks only) <-> string offsets

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from lsprotocol import types as t
 
-from .commands import CANCEL
-from .diagnostics import RECORD
+from .ids import CANCEL, RECORD
 
 _STATE = {"fresh": "trace up to date", "stale": "trace stale", "none": "no trace", "error": "trace unreadable",
           "loading": "loading trace…"}

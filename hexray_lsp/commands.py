@@ -22,16 +22,13 @@ import uuid
 
 from lsprotocol import types as t
 
-from .diagnostics import RECORD, SOURCE
 from .documents import Document, fs_path
+from .ids import CANCEL, RECORD, RESTART, SOURCE, STATUS  # noqa: F401 (ids re-exported)
 from .traces import record_path
 from .worker import WorkerCancelled, WorkerError
 
 log = logging.getLogger(__name__)
 
-CANCEL = "hexray.cancelRecording"
-RESTART = "hexray.restartWorker"
-STATUS = "hexray.status"
 
 
 def worker_config(settings) -> dict:

@@ -20,15 +20,13 @@ import os
 from lsprotocol import types as t
 
 from .documents import Document
+from .ids import RECORD, SOURCE  # noqa: F401 (SOURCE re-exported)
 from .inlay_hints import _groups, _joint, group_tokens
 from .line_index import LineIndex
 from .render import bits, pct
 from .settings import Settings
 from .trace_view import TraceView
 from .traces import TraceStatus
-
-SOURCE = "hexray"
-RECORD = "hexray.recordTrace"
 
 
 def _range(index: LineIndex, start: int, end: int) -> t.Range:

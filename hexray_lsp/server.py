@@ -18,40 +18,40 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import gc
 import logging
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from lsprotocol import types as t
 from pygls.lsp.server import LanguageServer
 
 from hexray_core import __version__
 
+from . import ids
 from . import settings as settings_mod
 from .documents import Document, DocumentStore, fs_path, is_served, unusable_reason
 from .protocol import HexRayProtocol
 from .settings import Settings
+from .transport import DEFAULT_MAX_BYTES, MessageLoop, StdinReader, StreamReaderAdapter
 from .worker import WorkerClient
 
 log = logging.getLogger("hexray_lsp")
 
 POLL_SECONDS = 1.0
-RECORD = "hexray.recordTrace"
-CANCEL = "hexray.cancelRecording"
-RESTART = "hexray.restartWorker"
-STATUS = "hexray.status"
+RECORD, CANCEL, RESTART, STATUS = ids.RECORD, ids.CANCEL, ids.RESTART, ids.STATUS  # (kept for importers)
 
 
 class HexRayServer(LanguageServer):
-    def __init__(self):
+    def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_BYTES):
         # Full sync: pygls' incremental sync splits lines with str.splitlines (see line_index).
         super().__init__("hexray-lsp", __version__, text_document_sync_kind=t.TextDocumentSyncKind.Full,
                          protocol_cls=HexRayProtocol)
         self.settings = Settings()
         self.docs = DocumentStore()
-        self.trace_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hexray-trace")
+        self.max_message_bytes = max_message_bytes
         self._traces = None
         self.worker = WorkerClient()
         self.recordings: dict = {}  # uri -> commands.Recording
@@ -70,8 +70,46 @@ class HexRayServer(LanguageServer):
         if self._traces is None:
             from .traces import TraceStore
 
-            self._traces = TraceStore(self.trace_executor, on_change=self._trace_changed)
+            self._traces = TraceStore(on_change=self._trace_changed)
         return self._traces
+
+    # -- transport: pygls' protocol, behind a message loop that bounds and answers everything ---------
+
+    def start_io(self, stdin=None, stdout=None) -> None:
+        from pygls.io_ import StdoutWriter
+
+        self._stop_event = threading.Event()
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        loop = MessageLoop(StdinReader(stdin or sys.stdin.buffer), self.protocol, max_bytes=self.max_message_bytes)
+        try:
+            asyncio.run(loop.run(self._stop_event))
+        except BrokenPipeError:
+            log.error("the connection to the client is lost; shutting down")
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        finally:
+            self.shutdown()
+
+    def start_tcp(self, host: str, port: int) -> None:
+        self._stop_event = stop_event = threading.Event()
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+            self.protocol.set_writer(writer)
+            loop = MessageLoop(StreamReaderAdapter(reader), self.protocol, max_bytes=self.max_message_bytes)
+            await loop.run(stop_event)
+            self.shutdown()
+
+        async def serve():
+            self._server = await asyncio.start_server(connection, host, port)
+            async with self._server:
+                await self._server.serve_forever()
+
+        try:
+            asyncio.run(serve())
+        except (KeyboardInterrupt, SystemExit, asyncio.CancelledError):
+            pass
+        finally:
+            self.shutdown()
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -306,183 +344,232 @@ def _warm_imports() -> None:
 
 
 # ==========================================================================================
-# wiring
+# handlers: module-level functions, registered by create_server
 # ==========================================================================================
 
+_FEATURES: list[tuple[str, object, object]] = []  # (LSP method, options, handler)
+_COMMANDS: list[tuple[str, object]] = []  # (command id, handler)
 
-def create_server() -> HexRayServer:
-    server = HexRayServer()
 
-    @server.feature(t.INITIALIZE)
-    def on_initialize(ls: HexRayServer, params: t.InitializeParams):
-        opts = params.initialization_options
-        if opts is not None:
-            ls.apply_settings(opts)
+def feature(method: str, options=None):
+    def register(fn):
+        _FEATURES.append((method, options, fn))
+        return fn
+    return register
 
-    @server.feature(t.INITIALIZED)
-    async def on_initialized(ls: HexRayServer, params: t.InitializedParams):
-        log.info("initialized: position encoding %s, roots %s", ls.encoding, ls.roots())
-        ls.trace_executor.submit(_warm_imports)
-        ls.worker.cwd = (ls.roots() or [None])[0]
-        ls._poll_task = asyncio.ensure_future(ls.poll())
-        asyncio.ensure_future(ls.watch_trace_files())
-        await ls.pull_settings()
-        if ls.settings.record_on_save:
-            asyncio.ensure_future(ls.preload_worker())
 
-    @server.feature(t.WORKSPACE_DID_CHANGE_CONFIGURATION)
-    async def on_config(ls: HexRayServer, params: t.DidChangeConfigurationParams):
-        raw = params.settings
-        if isinstance(raw, dict) and (settings_mod.SECTION in raw or "settings" in raw):
-            ls.apply_settings(raw)
-        else:
-            await ls.pull_settings()
+def command(name: str):
+    def register(fn):
+        _COMMANDS.append((name, fn))
+        return fn
+    return register
 
-    @server.feature(t.TEXT_DOCUMENT_DID_OPEN)
-    async def did_open(ls: HexRayServer, params: t.DidOpenTextDocumentParams):
-        item = params.text_document
-        ls.docs.open(item.uri, item.text, item.version, item.language_id)
-        await ls.publish_after_check(item.uri)
 
-    @server.feature(t.TEXT_DOCUMENT_DID_CHANGE)
-    def did_change(ls: HexRayServer, params: t.DidChangeTextDocumentParams):
-        uri = params.text_document.uri
-        changes = params.content_changes
-        if len(changes) == 1 and isinstance(changes[0], t.TextDocumentContentChangeWholeDocument):
-            text = changes[0].text
-        else:  # a client that sends ranges anyway: take pygls' copy of the document
+def guarded(what: str, default=None):
+    """A feature that must never take the server down or pop up an error: an exception is logged and
+    answered with ``default()`` (or ``default``); a slow answer is logged."""
+    def wrap(fn):
+        fallback = default if callable(default) else (lambda _params: default)
+
+        if asyncio.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def run_async(ls: HexRayServer, params):
+                t0 = time.perf_counter()
+                try:
+                    return await fn(ls, params)
+                except Exception:
+                    log.exception("%s failed", what)
+                    return fallback(params)
+                finally:
+                    _slow(what, t0)
+            return run_async
+
+        @functools.wraps(fn)
+        def run(ls: HexRayServer, params):
+            t0 = time.perf_counter()
             try:
-                text = ls.workspace.get_text_document(uri).source
+                return fn(ls, params)
             except Exception:
-                return
-        if ls.docs.update(uri, text, params.text_document.version) is None:
+                log.exception("%s failed", what)
+                return fallback(params)
+            finally:
+                _slow(what, t0)
+        return run
+    return wrap
+
+
+@feature(t.INITIALIZE)
+def on_initialize(ls: HexRayServer, params: t.InitializeParams):
+    opts = params.initialization_options
+    if opts is not None:
+        ls.apply_settings(opts)
+
+
+@feature(t.INITIALIZED)
+async def on_initialized(ls: HexRayServer, params: t.InitializedParams):
+    log.info("initialized: position encoding %s, roots %s", ls.encoding, ls.roots())
+    threading.Thread(target=_warm_imports, name="hexray-warm", daemon=True).start()
+    ls.worker.cwd = (ls.roots() or [None])[0]
+    ls._poll_task = asyncio.ensure_future(ls.poll())
+    asyncio.ensure_future(ls.watch_trace_files())
+    await ls.pull_settings()
+    if ls.settings.record_on_save:
+        asyncio.ensure_future(ls.preload_worker())
+
+
+@feature(t.WORKSPACE_DID_CHANGE_CONFIGURATION)
+async def on_config(ls: HexRayServer, params: t.DidChangeConfigurationParams):
+    raw = params.settings
+    if isinstance(raw, dict) and (settings_mod.SECTION in raw or "settings" in raw):
+        ls.apply_settings(raw)
+    else:
+        await ls.pull_settings()
+
+
+@feature(t.TEXT_DOCUMENT_DID_OPEN)
+async def did_open(ls: HexRayServer, params: t.DidOpenTextDocumentParams):
+    item = params.text_document
+    ls.docs.open(item.uri, item.text, item.version, item.language_id)
+    await ls.publish_after_check(item.uri)
+
+
+@feature(t.TEXT_DOCUMENT_DID_CHANGE)
+def did_change(ls: HexRayServer, params: t.DidChangeTextDocumentParams):
+    uri = params.text_document.uri
+    changes = params.content_changes
+    if len(changes) == 1 and isinstance(changes[0], t.TextDocumentContentChangeWholeDocument):
+        text = changes[0].text
+    else:  # a client that sends ranges anyway: take pygls' copy of the document
+        try:
+            text = ls.workspace.get_text_document(uri).source
+        except Exception:
             return
-        ls.record_errors.pop(uri, None)
-        ls.publish(uri)
+    if ls.docs.update(uri, text, params.text_document.version) is None:
+        return
+    ls.record_errors.pop(uri, None)
+    ls.publish(uri)
 
-    @server.feature(t.TEXT_DOCUMENT_DID_SAVE)
-    async def did_save(ls: HexRayServer, params: t.DidSaveTextDocumentParams):
-        uri = params.text_document.uri
-        doc = ls.docs.get(uri)
-        if doc is None:
-            return
-        if params.text is not None and params.text != doc.text:
-            ls.docs.update(uri, params.text, doc.version)
-        await ls.publish_after_check(uri)
-        if ls.settings.record_on_save and ls.served(uri) is not None:
-            from .commands import schedule_record
 
-            schedule_record(ls, uri, ls.settings.record_on_save_delay_ms / 1000.0)
+@feature(t.TEXT_DOCUMENT_DID_SAVE)
+async def did_save(ls: HexRayServer, params: t.DidSaveTextDocumentParams):
+    uri = params.text_document.uri
+    doc = ls.docs.get(uri)
+    if doc is None:
+        return
+    if params.text is not None and params.text != doc.text:
+        ls.docs.update(uri, params.text, doc.version)
+    await ls.publish_after_check(uri)
+    if ls.settings.record_on_save and ls.served(uri) is not None:
+        from .commands import schedule_record
 
-    @server.feature(t.TEXT_DOCUMENT_DID_CLOSE)
-    def did_close(ls: HexRayServer, params: t.DidCloseTextDocumentParams):
-        uri = params.text_document.uri
-        ls.docs.close(uri)
-        timer = ls.save_timers.pop(uri, None)
-        if timer is not None:
-            timer.cancel()
-        ls.record_errors.pop(uri, None)
-        if ls._published.pop(uri, None) is not None:
-            ls._send_diagnostics(uri, None, [])
+        schedule_record(ls, uri, ls.settings.record_on_save_delay_ms / 1000.0)
 
-    @server.feature(t.WORKSPACE_DID_CHANGE_WATCHED_FILES)
-    def watched(ls: HexRayServer, params: t.DidChangeWatchedFilesParams):
-        for ev in params.changes:
-            p = fs_path(ev.uri)
-            if p:
-                ls.traces.check(p)
 
-    @server.feature(t.SHUTDOWN)
-    async def on_shutdown(ls: HexRayServer, params):
-        if ls._poll_task is not None:
-            ls._poll_task.cancel()
-        for rec in list(ls.recordings.values()):
-            rec.cancel()
-        await ls.worker.stop("the language server is shutting down")
-        ls.trace_executor.shutdown(wait=False, cancel_futures=True)
-        if ls._traces is not None:
-            ls._traces.close()
+@feature(t.TEXT_DOCUMENT_DID_CLOSE)
+def did_close(ls: HexRayServer, params: t.DidCloseTextDocumentParams):
+    uri = params.text_document.uri
+    ls.docs.close(uri)
+    timer = ls.save_timers.pop(uri, None)
+    if timer is not None:
+        timer.cancel()
+    ls.record_errors.pop(uri, None)
+    if ls._published.pop(uri, None) is not None:
+        ls._send_diagnostics(uri, None, [])
 
-    # -- features (modules imported on first use) -------------------------------------------------
 
-    @server.feature(t.TEXT_DOCUMENT_HOVER)
-    async def on_hover(ls: HexRayServer, params: t.HoverParams):
-        from .hover import hover
+@feature(t.WORKSPACE_DID_CHANGE_WATCHED_FILES)
+def watched(ls: HexRayServer, params: t.DidChangeWatchedFilesParams):
+    for ev in params.changes:
+        p = fs_path(ev.uri)
+        if p:
+            ls.traces.check(p)
 
-        t0 = time.perf_counter()
-        try:
-            return await hover(ls, params)
-        except Exception:  # a hover is never worth an error popup
-            log.exception("hover failed")
-            return None
-        finally:
-            _slow("hover", t0)
 
-    @server.feature(t.TEXT_DOCUMENT_INLAY_HINT, t.InlayHintOptions(resolve_provider=True))
-    async def on_inlay_hints(ls: HexRayServer, params: t.InlayHintParams):
-        from .inlay_hints import inlay_hints
+@feature(t.SHUTDOWN)
+async def on_shutdown(ls: HexRayServer, params):
+    if ls._poll_task is not None:
+        ls._poll_task.cancel()
+    for rec in list(ls.recordings.values()):
+        rec.cancel()
+    await ls.worker.stop("the language server is shutting down")
+    if ls._traces is not None:
+        ls._traces.close()
 
-        t0 = time.perf_counter()
-        try:
-            return await inlay_hints(ls, params)
-        except Exception:
-            log.exception("inlay hints failed")
-            return []
-        finally:
-            _slow("inlay hints", t0)
 
-    @server.feature(t.INLAY_HINT_RESOLVE)
-    def on_inlay_hint_resolve(ls: HexRayServer, hint: t.InlayHint):
-        from .inlay_hints import resolve
+# -- features (modules imported on first use) ---------------------------------------------------
 
-        try:
-            return resolve(ls, hint)
-        except Exception:
-            log.exception("inlay hint resolve failed")
-            return hint
+@feature(t.TEXT_DOCUMENT_HOVER)
+@guarded("hover")  # a hover is never worth an error popup
+async def on_hover(ls: HexRayServer, params: t.HoverParams):
+    from .hover import hover
 
-    @server.feature(t.TEXT_DOCUMENT_CODE_LENS)
-    def on_code_lens(ls: HexRayServer, params: t.CodeLensParams):
-        from .code_lens import lenses
+    return await hover(ls, params)
 
-        try:
-            return lenses(ls, params.text_document.uri)
-        except Exception:
-            log.exception("code lens failed")
-            return []
 
-    @server.feature(t.TEXT_DOCUMENT_CODE_ACTION, t.CodeActionOptions(code_action_kinds=[t.CodeActionKind.QuickFix]))
-    def on_code_action(ls: HexRayServer, params: t.CodeActionParams):
-        from .commands import code_actions
+@feature(t.TEXT_DOCUMENT_INLAY_HINT, t.InlayHintOptions(resolve_provider=True))
+@guarded("inlay hints", default=lambda _params: [])
+async def on_inlay_hints(ls: HexRayServer, params: t.InlayHintParams):
+    from .inlay_hints import inlay_hints
 
-        try:
-            return code_actions(ls, params)
-        except Exception:
-            log.exception("code actions failed")
-            return None
+    return await inlay_hints(ls, params)
 
-    @server.command(RECORD)
-    async def record_cmd(ls: HexRayServer, *args):
-        from .commands import record_command
 
-        return await record_command(ls, args)
+@feature(t.INLAY_HINT_RESOLVE)
+@guarded("inlay hint resolve", default=lambda hint: hint)
+def on_inlay_hint_resolve(ls: HexRayServer, hint: t.InlayHint):
+    from .inlay_hints import resolve
 
-    @server.command(CANCEL)
-    def cancel_cmd(ls: HexRayServer, *args):
-        from .commands import cancel_command
+    return resolve(ls, hint)
 
-        return cancel_command(ls, args)
 
-    @server.command(RESTART)
-    async def restart_cmd(ls: HexRayServer, *args):
-        from .commands import restart_command
+@feature(t.TEXT_DOCUMENT_CODE_LENS)
+@guarded("code lens", default=lambda _params: [])
+def on_code_lens(ls: HexRayServer, params: t.CodeLensParams):
+    from .code_lens import lenses
 
-        return await restart_command(ls, args)
+    return lenses(ls, params.text_document.uri)
 
-    @server.command(STATUS)
-    def status_cmd(ls: HexRayServer, *args):
-        from .commands import status_report
 
-        return status_report(ls)
+@feature(t.TEXT_DOCUMENT_CODE_ACTION, t.CodeActionOptions(code_action_kinds=[t.CodeActionKind.QuickFix]))
+@guarded("code actions")
+def on_code_action(ls: HexRayServer, params: t.CodeActionParams):
+    from .commands import code_actions
 
+    return code_actions(ls, params)
+
+
+@command(ids.RECORD)
+async def record_cmd(ls: HexRayServer, *args):
+    from .commands import record_command
+
+    return await record_command(ls, args)
+
+
+@command(ids.CANCEL)
+def cancel_cmd(ls: HexRayServer, *args):
+    from .commands import cancel_command
+
+    return cancel_command(ls, args)
+
+
+@command(ids.RESTART)
+async def restart_cmd(ls: HexRayServer, *args):
+    from .commands import restart_command
+
+    return await restart_command(ls, args)
+
+
+@command(ids.STATUS)
+def status_cmd(ls: HexRayServer, *args):
+    from .commands import status_report
+
+    return status_report(ls)
+
+
+def create_server(*, max_message_bytes: int = DEFAULT_MAX_BYTES) -> HexRayServer:
+    server = HexRayServer(max_message_bytes=max_message_bytes)
+    for method, options, fn in _FEATURES:
+        server.feature(method, options)(fn)
+    for name, fn in _COMMANDS:
+        server.command(name)(fn)
     return server

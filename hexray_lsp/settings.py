@@ -8,36 +8,9 @@ settings file; nested objects and dotted keys (``"hover.predictions": 8``) are b
 A value of the wrong type or out of range does not stop the server: that setting falls back to
 its default and `parse` returns a message saying so, which the server shows once.
 
-Settings (key, type and default, meaning):
-
-    filePatterns            globs, ["*.prompt"]   documents served: a glob without "/" matches the file
-                                                 name, one with "/" the path; documents with language
-                                                 id hexray-prompt are always served
-    inlayHints              "probability"         probability | surprisal | contributor | off
-    surpriseThreshold       0 (off)               mark tokens given a probability below this (0..1)
-    maxSurpriseDiagnostics  200                   at most this many surprising-token diagnostics
-    recordOnSave            false                 record the trace again when the document is saved
-    recordOnSaveDelayMs     200                   debounce: wait this long after the last save
-    model                   "hexray-demo"         model the worker records with: a name, hub id or folder
-    modelFactory            ""                    "package.module:function" returning an already built
-                                                 model (a TransformerBridge, a (model, tokenizer) pair or
-                                                 {"model", "tokenizer"}); overrides model. Tests use it
-                                                 for tiny in-memory models
-    device                  "cpu"                 torch device of the worker: cpu, cuda, cuda:1, mps, auto
-    python                  ""                    the worker's interpreter (needs hexray + torch); empty:
-                                                 the server's own
-    extraPaths              []                    prepended to the worker's sys.path (modelFactory modules)
-    workerNice              10                    the worker's CPU niceness (0-19): recording never
-                                                 starves the server's answers
-    workerThreads           0 (auto)              torch CPU threads in the worker; 0: half the cores
-    recordOptions           {}                    extra keyword arguments for the recorder, e.g.
-                                                 {"top_k": 20, "bundle": true, "act_dtype": "float32"}
-    recordTo                "beside"              beside (name.hxr next to name.prompt) | cache (traceFolder)
-    traceFolder             ".hexray/traces"      the workspace trace folder (relative to the workspace
-                                                 folder, or absolute)
-    hover.predictions       5                     top predictions listed in a hover
-    hover.contributors      5                     top components (and heads) listed in a hover
-    maxDocumentBytes        2000000               larger documents get only a diagnostic saying so
+Each setting is declared once, below, as a field of `Settings` with its check, its editor key
+and its meaning; `describe()` renders the list (appended to this docstring, and shown by
+``hexray lsp --help``).
 """
 
 from __future__ import annotations
@@ -49,54 +22,6 @@ from typing import Any
 INLAY_MODES = ("probability", "surprisal", "contributor", "off")
 RECORD_TO = ("beside", "cache")
 SECTION = "hexray"
-
-
-@dataclass(frozen=True)
-class Settings:
-    file_patterns: tuple[str, ...] = ("*.prompt",)
-    inlay_hints: str = "probability"
-    surprise_threshold: float = 0.0
-    max_surprise_diagnostics: int = 200
-    record_on_save: bool = False
-    record_on_save_delay_ms: int = 200
-    model: str = "hexray-demo"
-    model_factory: str = ""
-    device: str = "cpu"
-    python: str = ""
-    extra_paths: tuple[str, ...] = ()
-    worker_nice: int = 10
-    worker_threads: int = 0
-    record_options: dict = field(default_factory=dict, hash=False, compare=True)
-    record_to: str = "beside"
-    trace_folder: str = ".hexray/traces"
-    hover_predictions: int = 5
-    hover_contributors: int = 5
-    max_document_bytes: int = 2_000_000
-
-    def worker_key(self) -> tuple:
-        """What the worker *process* depends on: a change restarts it.
-
-        A change of model, modelFactory or device does not need a new process: the next request
-        carries the new configuration and the warm worker loads that model instead.
-        """
-        return (self.python, self.extra_paths, self.worker_nice, self.worker_threads)
-
-    def to_json(self) -> dict:
-        return {_CAMEL[f.name]: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-def _jsonable(v):
-    return list(v) if isinstance(v, tuple) else v
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.capitalize() for p in rest)
-
-
-_CAMEL = {f.name: _camel(f.name) for f in dataclasses.fields(Settings)}
-_CAMEL.update(hover_predictions="hover.predictions", hover_contributors="hover.contributors")
-_FIELD_OF = {v: k for k, v in _CAMEL.items()}
 
 
 # -- validators: value -> checked value, or raise ValueError with what was expected ---------
@@ -170,27 +95,75 @@ def _dict(v):
     raise ValueError("expected an object")
 
 
-_CHECKS = {
-    "file_patterns": _patterns,
-    "inlay_hints": _choice(INLAY_MODES),
-    "surprise_threshold": _prob,
-    "max_surprise_diagnostics": _int_in(0, 100_000),
-    "record_on_save": _bool,
-    "record_on_save_delay_ms": _int_in(0, 60_000),
-    "model": _nonempty_str,
-    "model_factory": _factory,
-    "device": _nonempty_str,
-    "python": _str,
-    "extra_paths": _str_list,
-    "worker_nice": _int_in(0, 19),
-    "worker_threads": _int_in(0, 256),
-    "record_options": _dict,
-    "record_to": _choice(RECORD_TO),
-    "trace_folder": _nonempty_str,
-    "hover_predictions": _int_in(0, 50),
-    "hover_contributors": _int_in(0, 50),
-    "max_document_bytes": _int_in(1_000, 1 << 31),
-}
+
+
+def setting(default, check, doc: str, *, key: str | None = None, compare: bool = True):
+    """One setting: its default, the check of a client's value, its meaning, and its editor key
+    (camelCase of the field name unless given)."""
+    factory = {"default_factory": (lambda: dict(default))} if isinstance(default, dict) else {"default": default}
+    return field(**factory, compare=compare, hash=False if isinstance(default, dict) else None,
+                 metadata={"check": check, "doc": doc, "key": key})
+
+
+@dataclass(frozen=True)
+class Settings:
+    file_patterns: tuple[str, ...] = setting(
+        ("*.prompt",), _patterns, 'documents served: a glob without "/" matches the file name, one with "/" the '
+        "path; documents with language id hexray-prompt are always served")
+    inlay_hints: str = setting("probability", _choice(INLAY_MODES), "probability | surprisal | contributor | off")
+    surprise_threshold: float = setting(0.0, _prob, "mark tokens given a probability below this (0..1; 0 = off)")
+    max_surprise_diagnostics: int = setting(200, _int_in(0, 100_000), "at most this many surprising-token "
+                                                                       "diagnostics")
+    record_on_save: bool = setting(False, _bool, "record the trace again when the document is saved")
+    record_on_save_delay_ms: int = setting(200, _int_in(0, 60_000), "debounce: wait this long after the last save")
+    model: str = setting("hexray-demo", _nonempty_str, "model the worker records with: a name, hub id or folder")
+    model_factory: str = setting(
+        "", _factory, '"package.module:function" returning an already built model (a TransformerBridge, a '
+        '(model, tokenizer) pair or {"model", "tokenizer"}); overrides model. Tests use it for tiny in-memory models')
+    device: str = setting("cpu", _nonempty_str, "torch device of the worker: cpu, cuda, cuda:1, mps, auto")
+    python: str = setting("", _str, "the worker's interpreter (needs hexray + torch); empty: the server's own")
+    extra_paths: tuple[str, ...] = setting((), _str_list, "prepended to the worker's sys.path (modelFactory modules)")
+    worker_nice: int = setting(10, _int_in(0, 19), "the worker's CPU niceness (0-19): recording never starves the "
+                                                   "server's answers")
+    worker_threads: int = setting(0, _int_in(0, 256), "torch CPU threads in the worker; 0: half the cores")
+    record_options: dict = setting({}, _dict, 'extra keyword arguments for the recorder, e.g. {"top_k": 20, '
+                                              '"bundle": true, "act_dtype": "float32"}')
+    record_to: str = setting("beside", _choice(RECORD_TO), "beside (name.hxr next to name.prompt) | cache "
+                                                           "(traceFolder)")
+    trace_folder: str = setting(".hexray/traces", _nonempty_str, "the workspace trace folder (relative to the "
+                                                                 "workspace folder, or absolute)")
+    hover_predictions: int = setting(5, _int_in(0, 50), "top predictions listed in a hover", key="hover.predictions")
+    hover_contributors: int = setting(5, _int_in(0, 50), "top components (and heads) listed in a hover",
+                                      key="hover.contributors")
+    max_document_bytes: int = setting(2_000_000, _int_in(1_000, 1 << 31), "larger documents get only a diagnostic "
+                                                                          "saying so")
+
+    def worker_key(self) -> tuple:
+        """What the worker *process* depends on: a change restarts it.
+
+        A change of model, modelFactory or device does not need a new process: the next request
+        carries the new configuration and the warm worker loads that model instead.
+        """
+        return (self.python, self.extra_paths, self.worker_nice, self.worker_threads)
+
+    def to_json(self) -> dict:
+        return {_CAMEL[f.name]: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.capitalize() for p in rest)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_CAMEL = {name: f.metadata["key"] or _camel(name) for name, f in _FIELDS.items()}
+_FIELD_OF = {v: k for k, v in _CAMEL.items()}
+
+
 
 
 def _flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
@@ -234,8 +207,20 @@ def parse(options: Any, base: Settings | None = None) -> tuple[Settings, list[st
         if raw is None:
             continue  # "unset": keep the default
         try:
-            values[name] = _CHECKS[name](raw)
+            values[name] = _FIELDS[name].metadata["check"](raw)
         except ValueError as e:
             default = _jsonable(getattr(defaults, name))
             problems.append(f"hexray.{key} = {raw!r} is not valid ({e}); using the default {default!r}")
     return dataclasses.replace(defaults, **values), problems
+
+
+def describe() -> str:
+    """The settings, one per line: editor key, default, meaning."""
+    defaults = Settings()
+    lines = []
+    for name, f in _FIELDS.items():
+        lines.append(f"    {_CAMEL[name]:<24} {_jsonable(getattr(defaults, name))!r:<18} {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+__doc__ = (__doc__ or "") + "\nSettings (editor key, default, meaning):\n\n" + describe() + "\n"

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -115,12 +116,47 @@ class _Slot:
         self.loaded_once = False
 
 
-class TraceStore:
-    """Trace files by path: loaded views, errors, and background (re)loading."""
+LOAD_TIMEOUT = 20.0  # seconds before a load that has not finished is reported as an error
 
-    def __init__(self, executor: Executor, on_change: Callable[[str], None] | None = None):
-        self.executor = executor
+
+def _in_thread(fn, *args) -> asyncio.Future:
+    """Run ``fn`` in a thread of its own (daemon): one file that never finishes loading (a hung
+    network mount, a hostile trace) cannot hold up the loads of other documents' traces."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(result, exc):
+        if fut.done():  # given up on (timeout) or cancelled: nobody will use what it built
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        elif exc is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(exc)
+
+    def work():
+        try:
+            result, exc = fn(*args), None
+        except BaseException as e:  # handed to the loop, which decides what it means
+            result, exc = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:  # the loop closed while this load ran
+            pass
+
+    threading.Thread(target=work, name=f"hexray-trace-load {os.path.basename(str(args[0]))}", daemon=True).start()
+    return fut
+
+
+class TraceStore:
+    """Trace files by path: loaded views, errors, and background (re)loading, each load in its own
+    thread and given up after ``load_timeout`` seconds (reported as an error on the document)."""
+
+    def __init__(self, executor: Executor | None = None, on_change: Callable[[str], None] | None = None, *,
+                 load_timeout: float = LOAD_TIMEOUT):
         self.on_change = on_change
+        self.load_timeout = load_timeout
         self._slots: dict[str, _Slot] = {}
 
     def _slot(self, path: str) -> _Slot:
@@ -144,10 +180,15 @@ class TraceStore:
             if changed and self.on_change:
                 self.on_change(path)
             return None
-        loop = asyncio.get_running_loop()
-        s.task = loop.run_in_executor(self.executor, build_view, path)
-        s.task.add_done_callback(lambda fut, s=s, sig=sig: self._loaded(s, sig, fut))
-        return s.task
+        s.task = task = _in_thread(build_view, path)
+        task.add_done_callback(lambda fut, s=s, sig=sig: self._loaded(s, sig, fut))
+        asyncio.get_running_loop().call_later(self.load_timeout, self._give_up, task, path)
+        return task
+
+    def _give_up(self, task: asyncio.Future, path: str) -> None:
+        if not task.done():  # the thread may still finish; its result is then dropped
+            task.set_exception(TraceUnreadable(f"{path}: still loading after {self.load_timeout:g} s (a hung file "
+                                               "system, or a file that is not a plain trace); gave up"))
 
     def _drop(self, s: _Slot) -> None:
         if s.view is not None:
@@ -155,8 +196,9 @@ class TraceStore:
         s.view, s.error = None, None
 
     def _loaded(self, s: _Slot, sig: tuple, fut: asyncio.Future) -> None:
-        s.task = None
-        if fut.cancelled():
+        if s.task is fut:
+            s.task = None
+        if fut.cancelled() or s.task not in (None, fut):
             return
         self._drop(s)
         exc = fut.exception()

@@ -129,3 +129,34 @@ def test_run_method_matches_and_speaks_tokens(tiny_gpt2_recorder, tmp_path):
     np.testing.assert_allclose(run.source_attribution(-1, tokens=int(top[0]), incorrect_tokens=text),
                                source_attribution(t, target=f"#{top[0]}", baseline=f"#{top[1]}").values)
     assert run.source_attribution(3).shape == (t.n_layers, 4, 4)
+
+
+def test_step_sources_sum_per_position_sources(tiny_llama_recorder, tmp_path):
+    """A CoT step's sources are the per-position source attributions of its tokens' logits, summed; with the
+    layers' b_O they make up the steps' attention attribution."""
+    from hexray_core.replay.attribution import logit_directions, next_token_attributions
+    from hexray_core.replay.cot import _token_steps, split_steps
+    from hexray_core.replay.sources import step_sources
+
+    text = "Step 1: Alice went to the store.\nStep 2: Bob gave a drink to Alice.\nStep 3: so"
+    t = hexray.open(tiny_llama_recorder.record(text, tmp_path / "t.hxr", act_dtype="float32").path)
+    r = t[0]
+    ranges = split_steps(r.prompt, "lines")
+    steps_of = _token_steps(r, ranges)
+    drawn = step_sources(t, 0, steps_of, len(ranges))
+    want = np.zeros_like(drawn)
+    for p in range(r.n_tokens - 1):
+        if steps_of[p + 1] >= 0:
+            want[steps_of[p + 1], : p + 1] += source_attribution(t, position=p, target="next").per_source
+    np.testing.assert_allclose(drawn, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    labels, values = next_token_attributions(t, 0)
+    attn = values[[i for i, lab in enumerate(labels) if lab.startswith("Attn")]].sum(0)  # [n - 1]
+    u, _ = logit_directions(t, 0, np.arange(r.n_tokens - 1), np.asarray(r.tokens[1:]))
+    b_O = t.require_kit("test")["b_O"].sum(0) @ u.T  # [n - 1]
+    for i in range(len(ranges)):
+        rows = np.nonzero(steps_of[1:] == i)[0]
+        assert drawn[i].sum() + b_O[rows].sum() == pytest.approx(attn[rows].sum(), abs=1e-4)
+    cot = t.cot(mode="lines", sources=True)
+    assert cot.steps[0].sources == [] and len(cot.steps[2].sources) == 5
+    top = cot.steps[2].sources[0]
+    assert top[0] < cot.steps[2].tokens[0] and top[2] == pytest.approx(drawn[2, top[0]])

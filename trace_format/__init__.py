@@ -11,6 +11,8 @@ the package).
                   tensors(run), info(name, run), has / ``in``, read(name, run, index=, dtype=),
                   version, features, minor, file_uuid, appends, trailer_chain()
     TensorInfo    what the index says about one tensor (dtype, shape, chunks, nbytes, stored_bytes)
+    open_regular, check_output_path   open only regular files, never blocking (FIFOs, devices); refuse to
+                  write over a non-regular file
     TraceFormatError   the one error for a file that is not a whole, valid trace (``.offset``:
                   byte offset of the damaged structure, when known)
     Limits        caps applied to every number read from a file (DEFAULT_LIMITS)
@@ -20,14 +22,16 @@ the package).
 """
 
 from .errors import TraceFormatError
+from .fileio import check_output_path, open_regular
+from .layout import WEIGHTS_RUN
 from .limits import DEFAULT_LIMITS, Limits
 from .reader import TensorInfo, TraceReader
 from .verify import VerifyReport, verify
-from .writer import WEIGHTS_RUN, TraceWriter
+from .writer import TraceWriter
 
 FORMAT_VERSION = (1, 0)  # (major, minor) this package writes; it reads every minor of major 1
 
 __all__ = [
     "DEFAULT_LIMITS", "FORMAT_VERSION", "Limits", "TensorInfo", "TraceFormatError", "TraceReader", "TraceWriter",
-    "VerifyReport", "WEIGHTS_RUN", "verify",
+    "VerifyReport", "WEIGHTS_RUN", "check_output_path", "open_regular", "verify",
 ]

@@ -117,10 +117,36 @@ def pack_obj(obj) -> bytes:
 _PLAIN = (str, int, float, bool, bytes, type(None))
 
 
-def unpack_obj(data: bytes, where: str):
+class _TooManyItems(Exception):
+    pass
+
+
+def unpack_obj(data: bytes, where: str, *, max_items: int | None = None):
+    """Decode a META / INDEX payload. ``max_items`` bounds the elements of all its arrays and maps
+    together (each container counts one more): a megabyte of msgpack can otherwise be a million
+    empty maps, some 64 MB of Python objects."""
+    limit = 2 * len(data) + 2 if max_items is None else max_items  # (None: no limit beyond the bytes)
+    budget = [limit]
+
+    def count(x):
+        budget[0] -= len(x) + 1
+        if budget[0] < 0:
+            raise _TooManyItems
+        return x
+
+    cap = max(0, budget[0])
     try:
         # unpackb derives its size limits from len(data); ext types are refused by ext_hook...
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True)
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
+                              list_hook=count, object_hook=count, max_array_len=cap, max_map_len=cap)
+    except _TooManyItems:
+        raise TraceFormatError(f"{where}: holds more than {limit:,} msgpack items, over the limit for a file "
+                               "of this size") from None
+    except ValueError as e:
+        if "exceeds max_" in str(e):  # one array or map longer than the whole budget
+            raise TraceFormatError(f"{where}: malformed msgpack (an array or map of more than {limit:,} msgpack "
+                                   "items, over the limit for a file of this size)") from None
+        raise TraceFormatError(f"{where}: malformed msgpack ({type(e).__name__}: {e})") from None
     except Exception as e:  # msgpack raises ValueError, StackError, FormatError, UnicodeDecodeError...
         raise TraceFormatError(f"{where}: malformed msgpack ({type(e).__name__}: {e})") from None
     # ...except the Timestamp ext (-1), which msgpack decodes without asking ext_hook.

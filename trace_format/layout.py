@@ -19,6 +19,9 @@ END_MAGIC = b"HXR-END\n"
 
 MAJOR, MINOR = 1, 0
 ALIGN = 64
+WEIGHTS_RUN = -1  # run id of file-level tensors (model kit weights)
+TAIL_READ = 64 * 1024  # opening reads this much of the file's end: the trailer and, usually, the index
+MAX_ZSTD_RATIO = 32768  # no zstd frame decodes to more than this many times its own size (4 B per 128 KiB block)
 PREAMBLE_SIZE = HEADER_SIZE = TRAILER_SIZE = 64
 
 # Record kinds. Bit 7 marks a kind as critical: a reader that does not know it must stop; a kind

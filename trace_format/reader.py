@@ -21,12 +21,10 @@ from . import layout
 from .codec import decode, unpack_obj
 from .dtypes import DTYPES, FLOAT_TAGS, to_float32
 from .errors import TraceFormatError
+from .fileio import open_regular, shown
 from .layout import KIND_CHUNK, KIND_INDEX, RecordHeader, Trailer, padded, rows_of
 from .limits import DEFAULT_LIMITS, Limits
-from .writer import WEIGHTS_RUN
 
-TAIL_READ = 64 * 1024
-MAX_ZSTD_RATIO = 32768  # no zstd frame decodes to more than this many times its own size (4 B per 128 KiB block)
 KNOWN_FEATURES: frozenset[str] = frozenset()
 
 
@@ -64,10 +62,10 @@ def _guarded(method):
             if isinstance(e, TraceFormatError) or not getattr(e, "_hexray_user_error", False):
                 if isinstance(e, TraceFormatError):
                     raise
-                raise TraceFormatError(f"{self.path}: malformed trace ({type(e).__name__}: {e})") from None
+                raise TraceFormatError(f"{self.name}: malformed trace ({type(e).__name__}: {e})") from None
             raise
         except (OverflowError, MemoryError, RecursionError, UnicodeError, struct.error) as e:
-            raise TraceFormatError(f"{self.path}: malformed trace ({type(e).__name__}: {e})") from None
+            raise TraceFormatError(f"{self.name}: malformed trace ({type(e).__name__}: {e})") from None
 
     return wrapper
 
@@ -89,15 +87,10 @@ class TraceReader:
 
     def __init__(self, path: str | os.PathLike, *, limits: Limits = DEFAULT_LIMITS):
         self.path = os.fspath(path)
+        self.name = shown(self.path)  # the path as messages show it (one line, whatever it holds)
         self.limits = limits
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise TraceFormatError(f"{self.path}: no such file") from None
-        except IsADirectoryError:
-            raise TraceFormatError(f"{self.path}: is a directory, not a trace") from None
-        except OSError as e:
-            raise TraceFormatError(f"{self.path}: cannot open ({e.strerror})") from None
+        self._fd = -1
+        self._fd = open_regular(self.path)  # regular files only, never a blocking open (FIFOs, devices)
         try:
             self._open()
         except BaseException:
@@ -110,62 +103,62 @@ class TraceReader:
     @_guarded
     def _open(self) -> None:
         self.size = os.fstat(self._fd).st_size
-        if os.path.isdir(self.path):
-            raise TraceFormatError(f"{self.path}: is a directory, not a trace")
         # One read of the tail; for a small file it is the whole file, preamble included.
-        tail_start = max(0, self.size - TAIL_READ)
+        tail_start = max(0, self.size - layout.TAIL_READ)
         tail = self._pread(tail_start, self.size - tail_start)
         head = tail[:layout.PREAMBLE_SIZE] if tail_start == 0 else self._pread(0, min(self.size, layout.PREAMBLE_SIZE))
-        self.file_uuid = layout.check_preamble(head, self.path)
+        self.file_uuid = layout.check_preamble(head, self.name)
         self.minor = struct.unpack_from("<H", head, 10)[0]
         min_size = layout.PREAMBLE_SIZE + 2 * layout.HEADER_SIZE + layout.TRAILER_SIZE
         if self.size < min_size:
-            raise TraceFormatError(f"{self.path}: truncated ({self.size} bytes; a trace has at least {min_size})")
+            raise TraceFormatError(f"{self.name}: truncated ({self.size} bytes; a trace has at least {min_size})")
         trailer_at = self.size - layout.TRAILER_SIZE
-        self._trailer = t = Trailer.unpack(tail[-layout.TRAILER_SIZE:], trailer_at, self.path)
+        self._trailer = t = Trailer.unpack(tail[-layout.TRAILER_SIZE:], trailer_at, self.name)
         if t.data_end != trailer_at:
-            raise TraceFormatError(f"{self.path}: trailer says data ends at {t.data_end}, file is {self.size} bytes "
+            raise TraceFormatError(f"{self.name}: trailer says data ends at {t.data_end}, file is {self.size} bytes "
                                    "(truncated or extended)", offset=trailer_at)
         if (t.index_offset % layout.ALIGN or t.index_offset < layout.PREAMBLE_SIZE + layout.HEADER_SIZE
                 or t.index_len < layout.HEADER_SIZE or padded(t.index_offset + t.index_len) != t.data_end):
-            raise TraceFormatError(f"{self.path}: trailer points at an impossible index position", offset=trailer_at)
-        if t.index_len - layout.HEADER_SIZE > self.limits.max_index_bytes:
-            raise TraceFormatError(f"{self.path}: INDEX record of {t.index_len} bytes is over the limit of "
-                                   f"{self.limits.max_index_bytes}", offset=t.index_offset)
+            raise TraceFormatError(f"{self.name}: trailer points at an impossible index position", offset=trailer_at)
+        index_cap = self.limits.decoded_cap(self.size, self.limits.max_index_bytes)
+        if t.index_len - layout.HEADER_SIZE > index_cap:
+            raise TraceFormatError(f"{self.name}: INDEX record of {t.index_len} bytes is over the limit of "
+                                   f"{index_cap}", offset=t.index_offset)
         if t.prev_trailer and (t.prev_trailer % layout.ALIGN or t.prev_trailer >= t.index_offset
                                or t.prev_trailer < layout.PREAMBLE_SIZE + layout.HEADER_SIZE):
-            raise TraceFormatError(f"{self.path}: trailer's previous-trailer link is impossible", offset=trailer_at)
+            raise TraceFormatError(f"{self.name}: trailer's previous-trailer link is impossible", offset=trailer_at)
         if t.index_offset >= tail_start:
             raw = tail[t.index_offset - tail_start: t.index_offset - tail_start + t.index_len]
         else:
             raw = self._pread(t.index_offset, t.index_len)
         self._index_end = t.index_offset
         index, crc = self._decode_record(raw, t.index_offset, expect_kind=KIND_INDEX,
-                                         raw_cap=self.limits.max_index_bytes, what="INDEX record")
+                                         raw_cap=index_cap, what="INDEX record")
         if crc != t.index_crc:
-            raise TraceFormatError(f"{self.path}: INDEX checksum differs from the trailer's", offset=t.index_offset)
-        self._index = self._check_index(unpack_obj(bytes(index), f"{self.path}: INDEX record"))
+            raise TraceFormatError(f"{self.name}: INDEX checksum differs from the trailer's", offset=t.index_offset)
+        self._index = self._check_index(unpack_obj(bytes(index), f"{self.name}: INDEX record",
+                                                   max_items=self.limits.items_cap(self.size)))
 
     def _decode_record(self, raw: bytes, offset: int, *, expect_kind: int, raw_cap: int, what: str):
         """Check and decode a META or INDEX record held whole in ``raw``. Returns (decoded bytes, payload CRC)."""
-        header = RecordHeader.unpack(raw[:layout.HEADER_SIZE], offset, self.path)
+        header = RecordHeader.unpack(raw[:layout.HEADER_SIZE], offset, self.name)
         if header.kind != expect_kind:
-            raise TraceFormatError(f"{self.path}: expected an {what}, found kind {header.kind:#x}", offset=offset)
+            raise TraceFormatError(f"{self.name}: expected an {what}, found kind {header.kind:#x}", offset=offset)
         payload = raw[layout.HEADER_SIZE:]
         if header.payload_len != len(payload):
-            raise TraceFormatError(f"{self.path}: {what} length disagrees with the trailer", offset=offset)
+            raise TraceFormatError(f"{self.name}: {what} length disagrees with the trailer", offset=offset)
         if header.raw_len > raw_cap:
-            raise TraceFormatError(f"{self.path}: {what} claims {header.raw_len} bytes, over the limit of {raw_cap}",
+            raise TraceFormatError(f"{self.name}: {what} claims {header.raw_len} bytes, over the limit of {raw_cap}",
                                    offset=offset)
         if layout.crc32(payload) != header.payload_crc:
-            raise TraceFormatError(f"{self.path}: checksum mismatch in {what}", offset=offset)
+            raise TraceFormatError(f"{self.name}: checksum mismatch in {what}", offset=offset)
         data = decode(payload, codec=header.codec, filt=header.filter, raw_len=header.raw_len, itemsize=1,
-                      where=f"{self.path}: {what} at byte {offset}")
+                      where=f"{self.name}: {what} at byte {offset}")
         return data, header.payload_crc
 
     def _check_index(self, index) -> dict:
         """Validate the index's structure and every chunk position before anything uses them."""
-        lim, where = self.limits, f"{self.path}: INDEX"
+        lim, where = self.limits, f"{self.name}: INDEX"
 
         def need(cond, msg):
             if not cond:
@@ -174,13 +167,13 @@ class TraceReader:
         need(isinstance(index, dict), "not a map")
         version = index.get("hxr")
         need(isinstance(version, list) and len(version) == 2 and all(type(v) is int for v in version), "no version")
-        layout.check_version(version[0], self.path)
+        layout.check_version(version[0], self.name)
         self.version = (version[0], version[1])
         features = index.get("features", [])
         need(isinstance(features, list) and all(isinstance(f, str) for f in features), "bad features list")
         unknown = [f for f in features if f not in KNOWN_FEATURES]
         if unknown:
-            raise TraceFormatError(f"{self.path}: needs feature(s) this HexRay does not know: "
+            raise TraceFormatError(f"{self.name}: needs feature(s) this HexRay does not know: "
                                    f"{', '.join(map(repr, unknown))}; upgrade hexray",
                                    offset=self._trailer.index_offset)
         self.features = list(features)
@@ -201,7 +194,7 @@ class TraceReader:
             need(isinstance(name, str) and 0 < len(name) <= lim.max_name_len, f"tensor {i} has a bad name")
             run, dtype, shape, chunk_rows = t.get("run"), t.get("dtype"), t.get("shape"), t.get("chunk_rows")
             need(t.get("id", i) == i, f"tensor {name!r}: id {t.get('id')!r} is not its position {i}")
-            need(type(run) is int and (run == WEIGHTS_RUN or 0 <= run < len(runs)), f"tensor {name!r}: bad run")
+            need(type(run) is int and (run == layout.WEIGHTS_RUN or 0 <= run < len(runs)), f"tensor {name!r}: bad run")
             need(isinstance(dtype, str) and dtype in DTYPES, f"tensor {name!r}: unknown dtype {dtype!r}")
             need(isinstance(shape, list) and len(shape) <= lim.max_ndim
                  and all(type(d) is int and 0 <= d <= lim.max_dim for d in shape), f"tensor {name!r}: bad shape")
@@ -249,7 +242,7 @@ class TraceReader:
             ends = offs + np.uint64(layout.HEADER_SIZE) + plens
             bad = ((offs % np.uint64(layout.ALIGN) != 0) | (offs < np.uint64(layout.PREAMBLE_SIZE))
                    | (plens > raw_lens + (raw_lens >> np.uint64(7)) + np.uint64(1024))
-                   | (raw_lens > plens * np.uint64(MAX_ZSTD_RATIO))
+                   | (raw_lens > plens * np.uint64(layout.MAX_ZSTD_RATIO))
                    | (offs >= index_end) | (ends > index_end))
             if bad.any():
                 need(False, f"tensor {owner(bad)!r}: chunk position or length out of bounds (chunk runs past the "
@@ -291,16 +284,16 @@ class TraceReader:
         while t.prev_trailer:
             at = t.prev_trailer
             if at % layout.ALIGN or at >= chain[-1] or at < layout.PREAMBLE_SIZE + layout.HEADER_SIZE:
-                raise TraceFormatError(f"{self.path}: broken chain of previous trailers", offset=chain[-1])
-            t = Trailer.unpack(self._pread(at, layout.TRAILER_SIZE), at, self.path)
+                raise TraceFormatError(f"{self.name}: broken chain of previous trailers", offset=chain[-1])
+            t = Trailer.unpack(self._pread(at, layout.TRAILER_SIZE), at, self.name)
             if (t.data_end != at or t.index_offset % layout.ALIGN or t.index_len < layout.HEADER_SIZE
                     or padded(t.index_offset + t.index_len) != at):
-                raise TraceFormatError(f"{self.path}: superseded trailer points at an impossible index", offset=at)
+                raise TraceFormatError(f"{self.name}: superseded trailer points at an impossible index", offset=at)
             chain.append(at)
         return chain
 
     def names(self, run: int = 0) -> list[str]:
-        """Names of the tensors stored for a run (``WEIGHTS_RUN`` for file-level weights), in write order."""
+        """Names of the tensors stored for a run (``layout.WEIGHTS_RUN`` for file-level weights), in write order."""
         return [name for (r, name) in self._by_name if r == run]
 
     def tensors(self, run: int | None = None) -> list[TensorInfo]:
@@ -318,8 +311,8 @@ class TraceReader:
         try:
             return self._by_name[(run, name)]
         except (KeyError, TypeError):
-            where = "the file's weights" if run == WEIGHTS_RUN else f"run {run}"
-            raise _user_error(KeyError(f"no tensor {name!r} in {where} of {self.path}")) from None
+            where = "the file's weights" if run == layout.WEIGHTS_RUN else f"run {run}"
+            raise _user_error(KeyError(f"no tensor {name!r} in {where} of {self.name}")) from None
 
     @_guarded
     def read(self, name: str, run: int = 0, *, index=(), dtype: str = "float32") -> np.ndarray:
@@ -339,62 +332,100 @@ class TraceReader:
         shape = info.shape
         r0, r1, out_shape = _row_range(shape, index)
         rows, row_elems = rows_of(shape)
-        itemsize = DTYPES[info.dtype].itemsize
-        row_bytes = row_elems * itemsize
+        stored = DTYPES[info.dtype]
+        row_bytes = row_elems * stored.itemsize
         total = (r1 - r0) * row_bytes
-        if total > self.limits.max_tensor_bytes:
-            raise TraceFormatError(f"{self.path}: tensor {name!r} read of {total} bytes is over the limit of "
-                                   f"{self.limits.max_tensor_bytes}")
-        first, last = r0 // info.chunk_rows, (r1 - 1) // info.chunk_rows
-        borrowed = bool(total) and first == last
-        if borrowed:  # one chunk: slice it, allocate nothing the file merely claims
+        convert = dtype == "float32" and info.dtype in FLOAT_TAGS
+        out_dtype = np.dtype(np.float32) if convert else stored
+        first, last = (r0 // info.chunk_rows, (r1 - 1) // info.chunk_rows) if total else (0, -1)
+        # A read decodes at most a few times what its chunks are stored in, and returns at most a
+        # few times the file's size (limits.py): a small file of zstd frames full of zeros cannot
+        # make it allocate gigabytes.
+        out_bytes = (r1 - r0) * row_elems * out_dtype.itemsize
+        touched = info.chunks[first:last + 1]
+        stored_bytes, decoded = (int(touched[:, 1].sum()), int(touched[:, 2].sum())) if total else (0, 0)
+        if decoded > self.limits.decode_cap(stored_bytes):
+            raise TraceFormatError(f"{self.name}: tensor {name!r}: {stored_bytes:,} stored bytes claim to decode to "
+                                   f"{decoded:,}, over the limit of {self.limits.decode_cap(stored_bytes):,} "
+                                   "(an implausible compression ratio)")
+        if out_bytes > self.limits.result_cap(self.size):
+            raise TraceFormatError(f"{self.name}: tensor {name!r}: a read of {out_bytes:,} bytes is over the limit of "
+                                   f"{self.limits.result_cap(self.size):,} for a file of {self.size:,} bytes")
+        if total and first == last:  # one chunk: slice it, allocate nothing the file merely claims
             c0 = first * info.chunk_rows
             data = np.frombuffer(self._read_chunk(info, first), dtype=np.uint8)
-            raw = data[(r0 - c0) * row_bytes:(r1 - c0) * row_bytes]  # a view: copied below unless converted
-        else:  # bounded by max_tensor_bytes and by MAX_ZSTD_RATIO x the stored bytes (checked at open)
-            raw = np.empty(total, dtype=np.uint8)
-            for c in range(first, last + 1) if total else ():
-                c0 = c * info.chunk_rows
-                lo, hi = max(r0, c0), min(r1, c0 + info.chunk_rows, rows)
-                dst = raw[(lo - r0) * row_bytes:(hi - r0) * row_bytes]
-                if lo == c0 and hi == min(c0 + info.chunk_rows, rows):  # whole chunk: decode in place
-                    self._read_chunk(info, c, out=dst)
-                else:
-                    data = np.frombuffer(self._read_chunk(info, c), dtype=np.uint8)
-                    dst[:] = data[(lo - c0) * row_bytes:(hi - c0) * row_bytes]
-        arr = raw.view(DTYPES[info.dtype]).reshape(out_shape)
-        if dtype == "float32" and info.dtype in FLOAT_TAGS:
-            arr = to_float32(arr, info.dtype)
-        if borrowed and np.shares_memory(arr, raw):
-            arr = arr.copy()  # a new, writeable array that does not keep the whole chunk alive
-        return arr
+            raw = data[(r0 - c0) * row_bytes:(r1 - c0) * row_bytes].view(stored)
+            arr = to_float32(raw, info.dtype) if convert else raw
+            if np.shares_memory(arr, data):
+                arr = arr.copy()  # a new, writeable array that does not keep the whole chunk alive
+            return arr.reshape(out_shape)
+        # Several chunks: each is decoded (into the result when no conversion is needed) and copied
+        # or converted into its rows of the result, so the peak is the result plus one chunk.
+        out = np.empty(out_bytes, dtype=np.uint8)
+        out_row = row_elems * out_dtype.itemsize
+        for c in range(first, last + 1):
+            c0 = c * info.chunk_rows
+            lo, hi = max(r0, c0), min(r1, c0 + info.chunk_rows, rows)
+            dst = out[(lo - r0) * out_row:(hi - r0) * out_row]
+            whole = lo == c0 and hi == min(c0 + info.chunk_rows, rows)
+            if whole and not convert:  # decode in place
+                self._read_chunk(info, c, out=dst)
+                continue
+            data = np.frombuffer(self._read_chunk(info, c), dtype=np.uint8)
+            piece = data[(lo - c0) * row_bytes:(hi - c0) * row_bytes].view(stored)
+            dst.view(out_dtype)[:] = to_float32(piece, info.dtype) if convert else piece
+        return out.view(out_dtype).reshape(out_shape)
+
+    # -- the public view of the container (what verify and the writer's append use) ----------
+
+    @property
+    def trailer(self) -> Trailer:
+        """The final trailer: where the index is, where the data ends, the superseded trailer."""
+        return self._trailer
+
+    @property
+    def index(self) -> dict:
+        """The decoded, checked index map (``hxr``, ``features``, ``meta``, ``runs``, ``tensors``). Do not modify it."""
+        return self._index
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        """Exactly ``n`` bytes at ``offset``, refusing reads past the end of the file."""
+        return self._pread(offset, n)
+
+    def read_chunk(self, info: TensorInfo, c: int) -> bytes:
+        """Chunk ``c`` of a tensor read, checked against its header and the index, and decoded."""
+        return self._read_chunk(info, c)
 
     def _read_chunk(self, info: TensorInfo, c: int, out: np.ndarray | None = None):
         """Read, check and decode chunk ``c`` of a tensor. Returns exactly its raw_len bytes (in ``out`` if given)."""
         offset, plen, raw_len, crc = (int(v) for v in info.chunks[c])
         what = f"chunk {c} of {info.name!r} (run {info.run})"
+        cap = min(self.limits.decode_cap(plen), self.limits.result_cap(self.size))
+        if raw_len > cap:  # checked before anything is read or allocated (verify decodes every chunk)
+            raise TraceFormatError(f"{self.name}: {what}: {plen:,} stored bytes claim to decode to {raw_len:,}, over "
+                                   f"the limit of {cap:,}", offset=offset, what=what)
         raw = self._pread(offset, layout.HEADER_SIZE + plen)
-        header = RecordHeader.unpack(raw[:layout.HEADER_SIZE], offset, self.path)
+        header = RecordHeader.unpack(raw[:layout.HEADER_SIZE], offset, self.name)
         if (header.kind != KIND_CHUNK or header.ident != info.id or header.chunk != c or header.payload_len != plen
                 or header.raw_len != raw_len or header.payload_crc != crc
                 or header.first_row != c * info.chunk_rows):
-            raise TraceFormatError(f"{self.path}: {what}: record header disagrees with the index", offset=offset,
+            raise TraceFormatError(f"{self.name}: {what}: record header disagrees with the index", offset=offset,
                                    what=what)
         payload = memoryview(raw)[layout.HEADER_SIZE:]
         if layout.crc32(payload) != crc:
-            raise TraceFormatError(f"{self.path}: checksum mismatch in {what}", offset=offset, what=what)
+            raise TraceFormatError(f"{self.name}: checksum mismatch in {what}", offset=offset, what=what)
         return decode(payload, codec=header.codec, filt=header.filter, raw_len=raw_len,
-                      itemsize=DTYPES[info.dtype].itemsize, where=f"{self.path}: {what} at byte {offset}", out=out)
+                      itemsize=DTYPES[info.dtype].itemsize, where=f"{self.name}: {what} at byte {offset}", out=out)
 
     def _pread(self, offset: int, n: int) -> bytes:
         if offset < 0 or n < 0 or offset + n > getattr(self, "size", offset + n):
-            raise TraceFormatError(f"{self.path}: read of {n} bytes past the end of the file", offset=offset)
+            raise TraceFormatError(f"{self.name}: read of {n} bytes past the end of the file", offset=offset)
         try:
             data = os.pread(self._fd, n, offset)
         except OSError as e:
-            raise TraceFormatError(f"{self.path}: read failed ({e.strerror})", offset=offset) from None
+            raise TraceFormatError(f"{self.name}: read failed ({e.strerror})", offset=offset) from None
         if len(data) != n:
-            raise TraceFormatError(f"{self.path}: file shrank while reading (truncated)", offset=offset)
+            raise TraceFormatError(f"{self.name}: file shrank while reading (truncated)", offset=offset)
         return data
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from . import layout
 from .codec import decode, unpack_obj
 from .errors import TraceFormatError
+from .fileio import shown
 from .layout import CRITICAL, KIND_CHUNK, KIND_INDEX, KIND_META, KIND_NAMES, RecordHeader, Trailer, padded
 from .limits import DEFAULT_LIMITS, Limits
 from .reader import TraceReader
@@ -54,14 +55,14 @@ def verify(
         raise
     except (KeyError, IndexError, ValueError, TypeError, AttributeError, OverflowError, MemoryError, RecursionError,
             UnicodeError, struct.error) as e:
-        raise TraceFormatError(f"{path}: malformed trace ({type(e).__name__}: {e})") from None
+        raise TraceFormatError(f"{shown(path)}: malformed trace ({type(e).__name__}: {e})") from None
     finally:
         if own:
             r.close()
 
 
 def _verify(r: TraceReader) -> VerifyReport:
-    path, final, lim = r.path, r._trailer, r.limits
+    path, final, lim = r.name, r.trailer, r.limits
     report = VerifyReport(path, r.size, runs=len(r.runs), tensors=len(r.tensors()))
     chunks = {}
     for info in r.tensors():
@@ -71,16 +72,16 @@ def _verify(r: TraceReader) -> VerifyReport:
     chain = r.trailer_chain()
     report.appends = len(chain) - 1
     old_trailers = set(chain[1:])
-    old_indexes = {Trailer.unpack(r._pread(at, layout.TRAILER_SIZE), at, path).index_offset for at in chain[1:]}
+    old_indexes = {Trailer.unpack(r.read_at(at, layout.TRAILER_SIZE), at, path).index_offset for at in chain[1:]}
 
     pos, seen_chunks, seen_indexes = layout.PREAMBLE_SIZE, 0, set()
     while pos < final.index_offset:
         if pos in old_trailers:
-            Trailer.unpack(r._pread(pos, layout.TRAILER_SIZE), pos, path)
+            Trailer.unpack(r.read_at(pos, layout.TRAILER_SIZE), pos, path)
             report.superseded_bytes += layout.TRAILER_SIZE
             pos += layout.TRAILER_SIZE
             continue
-        header = RecordHeader.unpack(r._pread(pos, layout.HEADER_SIZE), pos, path)
+        header = RecordHeader.unpack(r.read_at(pos, layout.HEADER_SIZE), pos, path)
         name = _kind(header.kind)
         if pos == layout.PREAMBLE_SIZE and header.kind != KIND_META:
             raise TraceFormatError(f"{path}: first record is {name}, not META", offset=pos)
@@ -93,7 +94,7 @@ def _verify(r: TraceReader) -> VerifyReport:
                 raise TraceFormatError(f"{path}: CHUNK record (tensor id {header.ident}, chunk {header.chunk}) "
                                        "is not in the index", offset=pos)
             info, c = chunks.pop(pos)
-            data = r._read_chunk(info, c)  # header/index agreement, CRC, frame size, zstd content checksum
+            data = r.read_chunk(info, c)  # header/index agreement, CRC, frame size, zstd content checksum
             report.chunks += 1
             report.raw_bytes += len(data)
             report.stored_bytes += header.payload_len
@@ -105,15 +106,15 @@ def _verify(r: TraceReader) -> VerifyReport:
                 if pos not in old_indexes:
                     raise TraceFormatError(f"{path}: INDEX record that no trailer points to", offset=pos)
                 seen_indexes.add(pos)
-            cap = lim.max_meta_bytes if header.kind == KIND_META else lim.max_index_bytes
+            cap = lim.decoded_cap(r.size, lim.max_meta_bytes if header.kind == KIND_META else lim.max_index_bytes)
             if header.raw_len > cap or header.payload_len > cap:
                 raise TraceFormatError(f"{path}: {name} record over the size limit of {cap} bytes", offset=pos)
-            payload = r._pread(pos + layout.HEADER_SIZE, header.payload_len)
+            payload = r.read_at(pos + layout.HEADER_SIZE, header.payload_len)
             if layout.crc32(payload) != header.payload_crc:
                 raise TraceFormatError(f"{path}: checksum mismatch in {name} record", offset=pos)
             raw = decode(payload, codec=header.codec, filt=header.filter, raw_len=header.raw_len, itemsize=1,
                          where=f"{path}: {name} record at byte {pos}")
-            obj = unpack_obj(bytes(raw), f"{path}: {name} record at byte {pos}")
+            obj = unpack_obj(bytes(raw), f"{path}: {name} record at byte {pos}", max_items=lim.items_cap(r.size))
             if not isinstance(obj, dict):
                 raise TraceFormatError(f"{path}: {name} record is not a map", offset=pos)
             if header.kind == KIND_INDEX:
@@ -125,11 +126,11 @@ def _verify(r: TraceReader) -> VerifyReport:
             crc, at = 0, pos + layout.HEADER_SIZE
             while at < end:
                 n = min(_PIECE, end - at)
-                crc = layout.zlib.crc32(r._pread(at, n), crc)
+                crc = layout.zlib.crc32(r.read_at(at, n), crc)
                 at += n
             if crc & 0xFFFFFFFF != header.payload_crc:
                 raise TraceFormatError(f"{path}: checksum mismatch in {name} record", offset=pos)
-        if any(r._pread(end, stop - end)):
+        if any(r.read_at(end, stop - end)):
             raise TraceFormatError(f"{path}: padding after {name} record is not zero", offset=end)
         report.records[name] = report.records.get(name, 0) + 1
         pos = stop
@@ -143,7 +144,7 @@ def _verify(r: TraceReader) -> VerifyReport:
     if seen_indexes != old_indexes:
         raise TraceFormatError(f"{path}: a superseded INDEX record is missing", offset=min(old_indexes - seen_indexes))
     index_end = final.index_offset + final.index_len
-    if any(r._pread(index_end, final.data_end - index_end)):
+    if any(r.read_at(index_end, final.data_end - index_end)):
         raise TraceFormatError(f"{path}: padding after the index is not zero", offset=index_end)
     report.records["INDEX"] = report.records.get("INDEX", 0) + 1
     return report

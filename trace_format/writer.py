@@ -22,8 +22,10 @@ from . import layout
 from .codec import encode, pack_obj
 from .dtypes import DTYPES, FLOAT_TAGS, f32_to_bf16, tag_of
 from .errors import TraceFormatError
-from .layout import KIND_CHUNK, KIND_INDEX, KIND_META, RecordHeader, Trailer, padded, rows_of
+from .fileio import check_output_path, open_regular, shown
+from .layout import KIND_CHUNK, KIND_INDEX, KIND_META, WEIGHTS_RUN, RecordHeader, Trailer, padded, rows_of
 from .limits import DEFAULT_LIMITS
+from .reader import TraceReader
 
 try:
     import fcntl
@@ -32,7 +34,6 @@ except ImportError:  # pragma: no cover - Windows: no advisory lock
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_LEVEL = 1  # measured: level 1 compresses as well as 3 on activations, at twice the speed
-WEIGHTS_RUN = -1  # run id of file-level tensors (model kit weights)
 
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_LEVEL", "WEIGHTS_RUN", "TraceWriter", "rows_of"]
@@ -114,6 +115,7 @@ class TraceWriter:
     # -- opening ---------------------------------------------------------------------------
 
     def _open_new(self) -> None:
+        check_output_path(self.path)  # renaming over /dev/null (as root) would replace the device node
         folder = os.path.dirname(os.path.abspath(self.path))
         self._tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         self._f = open(self._tmp, "xb")
@@ -124,28 +126,21 @@ class TraceWriter:
         self._write_record(KIND_META, pack_obj(self.meta), ident=0, chunk=0, first_row=0)
 
     def _open_for_append(self) -> None:
-        from .reader import TraceReader
-
-        try:
-            f = open(self.path, "r+b")
-        except FileNotFoundError:
-            raise TraceFormatError(f"{self.path}: no such file to append to") from None
-        except IsADirectoryError:
-            raise TraceFormatError(f"{self.path}: is a directory, not a trace") from None
-        self._f = f
+        fd = open_regular(self.path, write=True)  # regular files only, never a blocking open
+        f = self._f = os.fdopen(fd, "r+b")
         if fcntl is not None:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                raise TraceFormatError(f"{self.path}: another writer is appending to this file") from None
+                raise TraceFormatError(f"{shown(self.path)}: another writer is appending to this file") from None
         with TraceReader(self.path) as old:
-            index = old._index
+            index = old.index
             self.file_uuid = old.file_uuid
-            trailer_at = old._trailer.data_end
+            trailer_at = old.trailer.data_end
         f.seek(0, os.SEEK_END)
         self._pos = f.tell()
         if self._pos != trailer_at + layout.TRAILER_SIZE:
-            raise TraceFormatError(f"{self.path}: changed while opening for append")
+            raise TraceFormatError(f"{shown(self.path)}: changed while opening for append")
         self._rollback_size = self._pos
         self._prev_trailer = trailer_at
         self.meta = {**index["meta"], **self.meta}
@@ -322,6 +317,7 @@ class TraceWriter:
                 os.fsync(self._f.fileno())
             self._f.close()
             if self._tmp is not None:
+                check_output_path(self.path)
                 os.replace(self._tmp, self.path)
                 self._tmp = None
                 if self.fsync:

@@ -12,6 +12,7 @@ import os
 from trace_format import WEIGHTS_RUN, TensorInfo, TraceReader
 
 PREVIEW_CHARS = 60
+MAX_TABLE_ROWS = 200  # the terminal tables stop here (a file may hold 100,000 runs); --json has them all
 JSON_SCHEMA_VERSION = 1  # bump when a key of the --json output changes meaning or disappears
 
 
@@ -216,9 +217,10 @@ def render(s: dict) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    con = Console(highlight=False)
+    # Metadata strings are the file's, not rich markup: a model name holding "[/" prints as it is.
+    con = Console(highlight=False, markup=False, emoji=False)
     if not con.is_terminal:  # piped: whole lines, never wrapped at 80 columns (as the replay views)
-        con = Console(highlight=False, width=10_000)
+        con = Console(highlight=False, markup=False, emoji=False, width=10_000)
     fmt = s["format"]
     con.print(Text(s["path"], style="bold"))
     appended = f", appended {fmt['appends']}x" if fmt["appends"] else ""
@@ -263,12 +265,16 @@ def render(s: dict) -> None:
             tokens += f" (+{run['n_generated']} gen)"
         rows.append([str(run["id"]), str(run["status"] or "-"), tokens, str(run["tensors"]), human(run["raw_bytes"]),
                      human(run["stored_bytes"]), _ratio(run["ratio"]), _preview(run["prompt"])])
+    more_runs = len(rows) - MAX_TABLE_ROWS
+    del rows[MAX_TABLE_ROWS:]
     w = s["weights"]
     if w and w["tensors"]:
         rows.append(["w", "weights", "-", str(w["tensors"]), human(w["raw_bytes"]), human(w["stored_bytes"]),
                      _ratio(w["ratio"]), "(file-level tensors)"])
     con.print(_table("runs", ["run", "status", "tokens", "tensors", "raw", "stored", "ratio", "prompt"], rows,
                      width=con.width, right={0, 2, 3, 4, 5, 6}))
+    if more_runs > 0:
+        con.print(f"  ... and {more_runs:,} more runs (hexray info --run ID, or --json, shows them)")
     t = s["totals"]
     con.print(f"  total    {t['runs']} runs, {t['tensors']} tensors in {t['chunks']} chunks, "
               f"{human(t['raw_bytes'])} raw -> {human(t['stored_bytes'])} stored ({_ratio(t['ratio'])})")
@@ -277,7 +283,10 @@ def render(s: dict) -> None:
         if "tensor_list" not in run or not run["tensor_list"]:
             continue
         rows = []
-        for row in run["tensor_list"]:
+        if len(run["tensor_list"]) > MAX_TABLE_ROWS:
+            con.print(f"  (run {run['id']}: the first {MAX_TABLE_ROWS} of {len(run['tensor_list']):,} tensors; "
+                      "--json has all)")
+        for row in run["tensor_list"][:MAX_TABLE_ROWS]:
             ratio = row["raw_bytes"] / row["stored_bytes"] if row["stored_bytes"] else None
             rows.append([row["name"], row["dtype"], "[" + ", ".join(map(str, row["shape"])) + "]", str(row["chunks"]),
                          human(row["raw_bytes"]), human(row["stored_bytes"]), _ratio(ratio)])

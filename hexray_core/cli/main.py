@@ -13,7 +13,7 @@ import re
 import sys
 
 from hexray_core import __version__
-from hexray_core.errors import HexRayError
+from hexray_core.errors import HexRayError, one_line
 
 COMMANDS = {
     "record": "hexray_core.cli.record_cmd",
@@ -24,6 +24,8 @@ COMMANDS = {
     "lsp": "hexray_core.cli.lsp_cmd",
     "view": "hexray_core.cli.view_cmd",
     "report": "hexray_core.cli.report_cmd",
+    "aggregate": "hexray_core.cli.aggregate_cmd",
+    "fuzz": "hexray_core.cli.fuzz_cmd",
 }
 HELP = {
     "record": "run a model on prompts and record the forward pass into a .hxr trace",
@@ -34,6 +36,8 @@ HELP = {
     "lsp": "language server: per-token attribution in the editor",
     "view": "open traces in the browser viewer (served on 127.0.0.1)",
     "report": "write a self-contained HTML viewer of traces (offline, one file)",
+    "aggregate": "attribution statistics over every run of a recorded dataset",
+    "fuzz": "perturb a prompt and rank its tokens by how much the prediction depends on them",
 }
 
 
@@ -44,8 +48,18 @@ def _load(command: str):
     return importlib.import_module(COMMANDS[command])
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (plus where to read more) instead of the usage block.
+
+    Subcommand parsers are made by ``add_subparsers`` with the parent's class, so they get it too.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hexray",
         description="HexRay: an X-ray for transformer language models.",
         epilog="One-shot mode (record and replay in one go): "
@@ -73,7 +87,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 PARAM_FLAGS = {"by": "--by", "position": "--position", "pos": "--position", "target": "--target",
                "baseline": "--baseline", "step_regex": "--step-regex", "mode": "--split", "top_k": "--top-k",
                "run": "--run", "generate": "--generate", "temperature": "--temperature", "act_dtype": "--act-dtype",
-               "hooks": "--hooks"}
+               "hooks": "--hooks", "seed": "--seed", "device": "--device", "n_devices": "--n-devices"}
 _PARAM = re.compile(r"(?<![\w.\-])(" + "|".join(PARAM_FLAGS) + r")= ?")
 
 
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _is_user_error(e):
             raise
-        print(f"hexray: error: {as_flags(str(e))}", file=sys.stderr)
+        print(f"hexray: error: {as_flags(one_line(str(e)))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("hexray: interrupted", file=sys.stderr)

@@ -16,7 +16,9 @@ from hexray_core.errors import HexRayError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from hexray_core.cli.main import Parser
+
+    p = Parser(
         prog="hexray",
         description="Record a prompt's forward pass and show what produced the model's prediction "
                     "(shares are |contribution| / Σ|contribution| over the rows shown). "

@@ -25,7 +25,8 @@ examples:
   hexray record --model hexray-demo --prompt "It is a truth universally" -o t.hxr
   hexray record --model ./my-model --prompts-file prompts.jsonl --hooks full --act-dtype float32 -o t.hxr
   hexray record --model gpt2 --prompt "Step 1:" --generate 40 --temperature 0.7 --seed 1 -o cot.hxr
-  hexray record --model gpt2 --list-hooks"""
+  hexray record --model gpt2 --list-hooks
+  hexray record --model gpt2 --prompts-file data.jsonl -o out/ --ray      # a dataset: shards + manifest, on Ray"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -80,11 +81,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     k.add_argument("--bundle", action="store_true",
                    help="embed the model kit in the trace so it replays with no cache (adds W_U, W_O, W_out...)")
     k.add_argument("--cache-dir", metavar="DIR", help="kit cache folder (default $HEXRAY_CACHE or ~/.cache/hexray)")
+    d = p.add_argument_group("datasets (--prompts-file FILE -o DIR/: shards and a manifest; rerun to resume)")
+    d.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="spread the prompts over a Ray cluster, one model per worker (auto: $RAY_ADDRESS, else a "
+                        "local cluster); needs pip install 'hexray[ray]'")
+    d.add_argument("--workers", type=int, metavar="N",
+                   help="model replicas on Ray (default: one per GPU, else one per --worker-cpus CPUs)")
+    d.add_argument("--worker-cpus", type=float, default=1, metavar="C", help="CPUs per Ray CPU worker (default 1)")
+    d.add_argument("--shard-size", type=int, default=16, metavar="N", help="prompts per shard trace (default 16)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors and the summary line")
     p.add_argument("--json", action="store_true",
                    help="print what was written as JSON (path, runs, tokens, tensors, bytes, seconds, kit) instead "
                         "of the summary line; with --list-hooks, the hook names")
     return p
+
+
+def wants_dataset(args) -> bool:
+    """-o DIR/ (or an existing folder) with --prompts-file, or --ray: record a dataset, not one trace."""
+    out = args.output or ""
+    folder = out.endswith(("/", os.sep)) or os.path.isdir(out)
+    return args.ray is not None or (args.prompts_file is not None and folder)
 
 
 # -- prompts -----------------------------------------------------------------------------------
@@ -244,8 +260,14 @@ def run(args) -> int:
         raise HexRayError(f"--top-k must be at least 1, not {args.top_k}")
     if args.generate < 0:
         raise HexRayError(f"--generate must be 0 or more, not {args.generate}")
-    if args.temperature < 0:
-        raise HexRayError(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
+    from hexray_core.record.spec import check_device, check_generation
+
+    check_generation(args.temperature, args.seed)
+    check_device(args.device, args.n_devices)
+    if not args.list_hooks and wants_dataset(args):
+        from hexray_core.cli import record_dataset_cmd
+
+        return record_dataset_cmd.run(args)
     prompts = None
     if not args.list_hooks:
         prompts = gather_prompts(args)

@@ -238,3 +238,61 @@ def diff(con: Out, d: AttributionDiff, top_k: int) -> None:
 
     rows = [[aligned(row.label), fmt(row.a), fmt(row.b), f"{row.delta:+.2f}"] for row in d.rows[:top_k]]
     con.print(table(con, [("component", "left"), ("A", "right"), ("B", "right"), ("Δ", "right")], rows))
+
+
+def aggregate(con: Out, agg, top_k: int) -> None:
+    """`hexray aggregate`: per-label statistics over a dataset's runs (an Aggregate)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    lg = agg.logit
+    con.print(f"Attribution over {agg.n} run{'s' if agg.n != 1 else ''} (by {agg.by}, position {agg.position})")
+    con.print(f"Explained logit: mean {lg['mean']:+.3f}, std {_f(lg['std'])}, > 0 in {lg['frac_positive']:.0%}")
+    table = Table(title=f"Top {min(top_k, len(agg.labels))} of {len(agg.labels)} by |mean|", title_justify="left")
+    for col in ("label", "mean", "std", "95% CI", "> 0", ""):
+        table.add_column(col, justify="left" if col in ("label", "") else "right")
+    scale = float(abs(agg.mean[0])) if len(agg.mean) else 1.0
+    for r in agg.rows[:top_k]:
+        lo, hi = r["ci95"]
+        ci = "—" if lo != lo else f"[{lo:+.2f}, {hi:+.2f}]"
+        table.add_row(r["label"], f"{r['mean']:+.3f}", _f(r["std"]), ci, f"{r['frac_positive']:.0%}",
+                      Text(*bar(r["mean"], scale)))
+    con.print(table)
+
+
+def _f(v: float) -> str:
+    return "—" if v != v else f"{v:.3f}"
+
+
+def fuzz(con: Out, report, top_k: int) -> None:
+    """`hexray fuzz`: the token strip (each prompt token coloured by its effect) and the ranked table."""
+    from rich.table import Table
+    from rich.text import Text
+
+    con.print(f"Target: {q(report.target)} (id {report.target_id}), logit {report.base_logit:+.3f}, "
+              f"p = {report.base_prob:.1%} after {len(report.variants)} variants")
+    moved = [abs(t["delta_logit"]) for t in report.base_tokens if t["delta_logit"] is not None]
+    scale = max(moved, default=0.0) or 1.0
+    strip = Text()
+    for t in report.base_tokens:
+        d = t["delta_logit"]
+        if d is None:
+            strip.append(t["token"], style="dim")
+            continue
+        level = int(55 + 200 * min(1.0, abs(d) / scale))
+        # red: perturbing this token lowers the target (the prediction depends on it); blue: raises it
+        colour = f"rgb({level},40,40)" if d < 0 else f"rgb(40,40,{level})"
+        strip.append(t["token"], style=f"bold white on {colour}")
+    con.print(strip)
+    con.print(Text("(red: perturbing the token lowers the target's logit, blue: raises it)", style="dim"))
+    table = Table(title="Tokens by how much perturbing them moves the target", title_justify="left")
+    for col in ("pos", "token", "Δ logit", "Δ p", "worst variant"):
+        table.add_column(col, justify="right" if col in ("pos", "Δ logit", "Δ p") else "left")
+    for t in report.tokens[:top_k]:
+        w = t["worst_variant"]
+        what = "delete" if w["kind"] == "delete" else f"→ {q(w['replacement'])}"
+        table.add_row(str(t["position"]), q(t["token"]), f"{t['delta_logit']:+.3f}", f"{t['delta_prob']:+.1%}", what)
+    con.print(table)
+    users = [v for v in report.variants if v["kind"] == "user"]
+    for v in users:
+        con.print(f"variant {q(v['prompt'])}: Δ logit {v['delta_logit']:+.3f}, Δ p {v['delta_prob']:+.1%}")

@@ -7,8 +7,10 @@ damaged file, naming the first damaged record and its byte offset, and exit 1.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
+from hexray_core.errors import one_line
 from trace_format import TraceFormatError, verify
 
 
@@ -28,9 +30,11 @@ def run(args) -> int:
             report = verify(path)
         except TraceFormatError as e:
             status = 1
+            # A file that is not there (or not a file) is not damaged: say what it is instead.
+            damaged = os.path.isfile(path)
             if args.json:
-                print(json.dumps({"path": path, "ok": False, "error": str(e), "offset": e.offset}))
-            print(f"hexray verify: DAMAGED {e}", file=sys.stderr)
+                print(json.dumps({"path": path, "ok": False, "damaged": damaged, "error": str(e), "offset": e.offset}))
+            print(f"hexray verify: {'DAMAGED ' if damaged else ''}{one_line(str(e))}", file=sys.stderr)
             continue
         if args.json:
             print(json.dumps({"path": path, "ok": True, "size": report.size, "records": report.n_records,
@@ -40,7 +44,7 @@ def run(args) -> int:
                               "appends": report.appends}))
         else:
             kinds = ", ".join(f"{n} {k}" for k, n in report.records.items())
-            print(f"OK {path}: {report.n_records} records ({kinds}), {report.chunks} chunks, "
+            print(f"OK {one_line(path)}: {report.n_records} records ({kinds}), {report.chunks} chunks, "
                   f"{report.raw_bytes:,} bytes decoded from {report.stored_bytes:,} stored, "
                   f"file {report.size:,} bytes")
     return status

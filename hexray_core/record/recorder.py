@@ -31,7 +31,7 @@ from .generate import generate as run_generation
 from .generate import no_generation
 from .hooks import HookPlan, plan_hooks
 from .models import LoadedModel, from_objects, load_model, writer_meta
-from .spec import check_output_path, human_bytes, normalize_prompts
+from .spec import check_generation, check_output_path, human_bytes, normalize_prompts
 from .tokens import encode_prompt, mentioned_token_texts, token_text
 
 DEFAULT_TOP_K = 20
@@ -116,6 +116,7 @@ class Recorder:
         GPU, or on a CPU when its cost is small).
         """
         t0 = time.perf_counter()
+        check_generation(temperature, seed)  # a 64-bit seed, before anything runs
         opts = self.validate(prompts, output, act_dtype=act_dtype, overflow=overflow, top_k=top_k,
                              generate=generate, temperature=temperature, prepend_bos=prepend_bos,
                              cache_dir=cache_dir)
@@ -178,8 +179,7 @@ class Recorder:
             raise HexRayError(f"top_k= must be at least 1, not {top_k}")
         if int(generate) < 0:
             raise HexRayError(f"generate= must be 0 or more, not {generate}")
-        if not float(temperature) >= 0:  # also refuses NaN
-            raise HexRayError(f"temperature= must be 0 (greedy) or more, not {temperature}")
+        check_generation(temperature, None)  # a finite temperature >= 0 (NaN refused); the seed: record()
         if overflow not in ("f32", "bf16", "float32", "bfloat16"):
             raise HexRayError(f"overflow fallback must be float32 or bfloat16, not {overflow}")
         try:

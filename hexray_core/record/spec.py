@@ -11,9 +11,14 @@ What a ``--model`` value names:
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
+import stat
+import struct
 import uuid
+import zipfile
 
 from hexray_core.errors import HexRayError
 
@@ -79,6 +84,8 @@ def precheck(spec: str) -> tuple[str, str]:
                           "or use --model with a hub id, a folder or a .gguf file")
     if source == "local" and not os.path.isfile(os.path.join(where, "config.json")):
         raise HexRayError(f"--model {spec}: {where} has no config.json (expected a save_pretrained folder)")
+    if source in ("local", "embedded"):
+        check_weight_files(where, spec)
     if source == "local":
         check_tokenizer_files(spec, where)
     why = "the Hugging Face hub is switched off (HF_HUB_OFFLINE)"
@@ -131,24 +138,129 @@ def normalize_prompts(prompts) -> list[str]:
             raise HexRayError(f"prompt {i + 1} is a {type(p).__name__}, not text")
         if p == "":
             raise HexRayError("empty prompt: nothing to record" if len(prompts) == 1 else f"prompt {i + 1} is empty")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # a non-UTF-8 byte in argv arrives as a lone surrogate
+            raise HexRayError(f"prompt {i + 1} is not valid UTF-8 text (an undecodable byte at character "
+                              f"{e.start})") from None
     return prompts
 
 
+def shown(text: str) -> str:
+    """A path or value for a one-line message: control characters (a newline in a name) escaped."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# -- numbers and devices -------------------------------------------------------------------------
+
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+
+
+def check_generation(temperature, seed) -> None:
+    """--temperature: a finite number >= 0; --seed: an integer that fits in 64 bits."""
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        raise HexRayError(f"temperature= must be a number, not {temperature!r}") from None
+    if not math.isfinite(t) or t < 0:
+        raise HexRayError(f"temperature= must be a finite number, 0 (greedy) or more, not {temperature}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise HexRayError(f"seed= must be an integer, not {seed!r}")
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise HexRayError(f"seed= {seed} does not fit in 64 bits (use 0 to {SEED_RANGE[1]})")
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|xpu|meta|cuda(:\d+)?")
+
+
+def check_device(device, n_devices) -> None:
+    """--device: auto, cpu, cuda, cuda:N, mps (not empty); --n-devices: 1 or more."""
+    if device is not None and (not isinstance(device, str) or not _DEVICE.fullmatch(device.strip())):
+        raise HexRayError(f"device= {shown(str(device))!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if n_devices is not None and (isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1):
+        raise HexRayError(f"n_devices= must be 1 or more, not {n_devices}")
+
+
+# -- weight files --------------------------------------------------------------------------------
+
+def check_weight_files(folder: str, spec: str) -> None:
+    """Refuse a model folder whose weight files are cut short, before torch reads them.
+
+    safetensors: the header (8-byte length, then JSON with each tensor's data offsets) must fit in
+    the file, and so must the data it describes. PyTorch .bin files (zip archives since torch 1.6):
+    the zip's central directory must be there (it is at the very end, so a truncation removes it).
+    """
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        raise HexRayError(f"--model {spec}: cannot list {shown(folder)} ({e.strerror or e})") from None
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".safetensors"):
+            problem = _safetensors_problem(path)
+        elif name.endswith(".bin") and name.startswith("pytorch_model"):
+            problem = None if zipfile.is_zipfile(path) else "not a complete zip archive (truncated?)"
+        else:
+            continue
+        if problem:
+            raise HexRayError(f"--model {spec}: weights file {shown(name)} is damaged: {problem}")
+
+
+def _safetensors_problem(path: str) -> str | None:
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                return f"its header claims {n:,} bytes but the file has {size:,} (truncated?)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"unreadable safetensors header ({e})"
+    if not isinstance(header, dict):
+        return "the safetensors header is not a JSON object"
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)):
+            return f"tensor {key!r} has no valid data_offsets"
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        return f"its tensors need {8 + n + end:,} bytes but the file has {size:,} (truncated)"
+    return None
+
+
 def check_output_path(path: str) -> str:
-    """Fail early (before loading a model) when ``path`` cannot be written."""
+    """Fail early (before loading a model) when ``path`` cannot be written: its folder is missing or
+    not writable, or it exists and is not a regular file (``-o /dev/null`` run as root would replace
+    the device node with a trace)."""
     path = os.path.expanduser(os.fspath(path))
     if not path:
         raise HexRayError("no output path given (-o trace.hxr)")
-    if os.path.isdir(path):
-        raise HexRayError(f"cannot write {path}: it is a folder")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise HexRayError(f"cannot write {shown(path)}: it is a folder")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise HexRayError(f"cannot write {shown(path)}: it exists and is not a regular file "
+                          "(a device, FIFO or socket); give a new path or a regular file to replace")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise HexRayError(f"cannot write {path}: no such folder {folder}")
+        raise HexRayError(f"cannot write {shown(path)}: no such folder {shown(folder)}")
     probe = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.probe")
     try:
         with open(probe, "xb"):
             pass
         os.unlink(probe)
     except OSError as e:
-        raise HexRayError(f"cannot write {path}: {e.strerror or e}") from None
+        raise HexRayError(f"cannot write {shown(path)}: {e.strerror or e}") from None
     return path

@@ -16,7 +16,6 @@ record-time check that makes it faithful and the bound its rounding implies (``r
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -27,9 +26,6 @@ from hexray_core.errors import HexRayError
 #: Scores computed at once when iterating blocks (heads × queries × keys float32): bounds memory.
 BLOCK_ELEMENTS = 1 << 23
 
-#: Layers whose keys stay laid out for products (per run): a hover or a click then costs one matrix-vector
-#: product per head instead of a copy of the layer's keys.
-KEPT_LAYERS = 4
 
 
 @dataclass(frozen=True)
@@ -116,47 +112,41 @@ def attention_source(trace, run: int, layer: int) -> str:
                       "record with --hooks default (or add --hooks default,blocks.*.attn.hook_pattern)")
 
 
-def _qk(trace, run: int, layer: int) -> _QK:
-    """The layer's q and k, from a small per-run LRU of laid-out layers."""
-    kept = trace.run(run).memo("attention_qk", OrderedDict)
-    if layer in kept:
-        kept.move_to_end(layer)
-        return kept[layer]
-    kept[layer] = src = _QK(trace, run, layer)
-    while len(kept) > KEPT_LAYERS:
-        kept.popitem(last=False)
-    return src
-
-
 class _QK:
-    """One layer's q and k, laid out for per-head matrix products."""
+    """One layer's queries and keys as the trace holds them; rows are products per key/value group."""
+
+    #: Up to this many consecutive query rows are read as a row range, not the whole q tensor.
+    ROW_READ = 256
 
     def __init__(self, trace, run: int, layer: int):
-        q_name, k_name = _qk_names(trace, layer)
-        self.q = trace.tensor(q_name, run)  # [n, heads, d]
-        k = trace.tensor(k_name, run)  # [n, kv_heads, d]
-        if self.q.ndim != 3 or k.ndim != 3 or k.shape[0] != self.q.shape[0] or k.shape[2] != self.q.shape[2] \
-                or k.shape[1] < 1 or self.q.shape[1] % k.shape[1]:
-            raise HexRayError(f"{trace.path}: {q_name} {list(self.q.shape)} and {k_name} {list(k.shape)} do not "
+        self.trace, self.run = trace, run
+        self.q_name, k_name = _qk_names(trace, layer)
+        q_shape = trace.reader.info(trace.stored_name(self.q_name, run), run).shape
+        self.k = trace.tensor(k_name, run)  # [n, kv_heads, d]
+        k = self.k
+        if len(q_shape) != 3 or k.ndim != 3 or k.shape[0] != q_shape[0] or k.shape[2] != q_shape[2] \
+                or k.shape[1] < 1 or q_shape[1] % k.shape[1]:
+            raise HexRayError(f"{trace.path}: {self.q_name} {list(q_shape)} and {k_name} {list(k.shape)} do not "
                               "fit together as queries [n, heads, d] and keys [n, kv_heads, d]")
-        self.kt = np.ascontiguousarray(k.transpose(1, 2, 0))  # [kv_heads, d, n]
-        self.rep = self.q.shape[1] // k.shape[1]
+        self.n, self.n_heads = int(q_shape[0]), int(q_shape[1])
+        self.rep = self.n_heads // k.shape[1]
         self.params = _layer_params(trace, layer)
 
-    @property
-    def n(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.q.shape[1]
+    def _queries(self, queries: np.ndarray) -> np.ndarray:
+        lo, hi = int(queries.min()), int(queries.max()) + 1
+        if hi - lo <= self.ROW_READ:  # a hover or a click: a few rows, not the layer's whole q
+            return self.trace.tensor_rows(self.q_name, self.run, lo, hi)[queries - lo]
+        return self.trace.tensor(self.q_name, self.run)[queries]
 
     def rows(self, queries: np.ndarray, n_keys: int) -> np.ndarray:
         """[heads, len(queries), n_keys] softmax weights (keys at or before each query, within its window)."""
-        out = np.empty((self.n_heads, len(queries), n_keys), dtype=np.float32)
-        qs = self.q[queries]  # [b, heads, d]
-        for h in range(self.n_heads):
-            np.matmul(qs[:, h, :], self.kt[h // self.rep, :, :n_keys], out=out[h])
+        b = len(queries)
+        out = np.empty((self.n_heads, b, n_keys), dtype=np.float32)
+        qs = self._queries(queries)  # [b, heads, d]
+        for g in range(self.k.shape[1]):  # the heads sharing key/value head g: one product, keys read in place
+            heads = slice(g * self.rep, (g + 1) * self.rep)
+            scores = qs[:, heads, :].reshape(b * self.rep, -1) @ self.k[:n_keys, g, :].T  # [b * rep, n_keys]
+            out[heads] = scores.reshape(b, self.rep, n_keys).transpose(1, 0, 2)
         return softmax_rows(out, queries, self.params)
 
 
@@ -167,11 +157,11 @@ def softmax_rows(scores: np.ndarray, queries: np.ndarray, params: dict) -> np.nd
     if cap:
         np.tanh(scores / np.float32(cap), out=scores)
         scores *= np.float32(cap)
-    keys = np.arange(scores.shape[-1])[None, :]
-    hidden = keys > queries[:, None]
-    if params.get("window"):
-        hidden |= keys <= queries[:, None] - params["window"]
-    scores[:, hidden] = -np.inf
+    window = params.get("window")
+    for j, q in enumerate(queries):  # slices, not a boolean mask: a mask costs a pass over every score
+        scores[:, j, q + 1:] = -np.inf
+        if window and q - window >= 0:
+            scores[:, j, : q - window + 1] = -np.inf
     scores -= scores.max(-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(-1, keepdims=True)
@@ -198,7 +188,7 @@ def attention_rows(trace, run: int, layer: int, queries) -> np.ndarray:
     queries = np.asarray([r.position(int(q)) for q in np.atleast_1d(queries)], dtype=np.int64)
     if attention_source(trace, r.id, layer) == "pattern":
         return _stored_rows(trace, r.id, layer, queries)
-    src = _qk(trace, r.id, layer)
+    src = _QK(trace, r.id, layer)
     return src.rows(queries, src.n)
 
 
@@ -214,7 +204,7 @@ def attention_blocks(trace, run: int, layer: int, *, elements: int = BLOCK_ELEME
     r = trace.run(run)
     n = r.n_tokens
     stored = attention_source(trace, r.id, layer) == "pattern"
-    src = None if stored else _qk(trace, r.id, layer)
+    src = None if stored else _QK(trace, r.id, layer)
     heads = _stored_heads(trace, r.id, layer) if stored else src.n_heads
     q0 = 0
     while q0 < n:

@@ -212,13 +212,21 @@ def final_direction(trace, run: int, position: int, target_id: int, baseline_id:
     return u[0], float(bias[0])
 
 
+def _at(trace, name: str, run: int, pos):
+    """``tensor[pos]``; one position is read as one row (long traces are not decoded whole for a hover)."""
+    if isinstance(pos, int | np.integer):
+        p = trace.run(run).position(int(pos))
+        return trace.tensor_rows(name, run, p, p + 1)[0]
+    return trace.tensor(name, run)[pos]
+
+
 def head_results(trace, run: int, layer: int, pos=slice(None)) -> np.ndarray:
     """What each head writes into the residual stream, [*pos, n_heads, d_model]: the recorded
     ``attn.hook_result``, else ``attn.hook_z`` @ W_O (the kit). ``pos`` indexes positions first."""
     name = f"blocks.{layer}.attn.hook_result"
     if trace.has(name, run):
-        return trace.tensor(name, run)[pos]
-    z = trace.tensor(f"blocks.{layer}.attn.hook_z", run)[pos]  # [*pos, heads, d_head]
+        return _at(trace, name, run, pos)
+    z = _at(trace, f"blocks.{layer}.attn.hook_z", run, pos)  # [*pos, heads, d_head]
     W_O = trace.require_kit("per-head results (W_O)")["W_O"][layer]  # [heads, d_head, d_model]
     return np.einsum("...hk,hkd->...hd", z, W_O)
 
@@ -226,7 +234,7 @@ def head_results(trace, run: int, layer: int, pos=slice(None)) -> np.ndarray:
 def neuron_results(trace, run: int, layer: int, pos=slice(None), neurons=slice(None), project=None) -> np.ndarray:
     """What each MLP neuron writes, [*pos, n_neurons, d_model] (post * W_out), or with ``project``
     ([d_model] or [d_model, k]) that write projected on it without the [.., d_mlp, d_model] intermediate."""
-    post = trace.tensor(f"blocks.{layer}.mlp.hook_post", run)[pos][..., neurons]
+    post = _at(trace, f"blocks.{layer}.mlp.hook_post", run, pos)[..., neurons]
     W_out = trace.require_kit("per-neuron results (W_out)")["W_out"][layer][neurons]  # [neurons, d_model]
     if project is None:
         return post[..., None] * W_out
@@ -313,9 +321,20 @@ def direct_logit_attribution(trace, *, position: int = -1, run: int = 0, target:
                        None if bid is None else trace.token_str(bid, r.id), by, logit, source, total, prob, parts)
 
 
+def component_rows(trace, run: int, p: int) -> tuple[list[Component], np.ndarray]:
+    """The components at one position, [C, d]: from the run's stack when it is built, else one row of each
+    tensor (cold attribution at one position of a long trace reads a few chunks, not the whole run)."""
+    r = trace.run(run)
+    if "component_stack" in r._memo:
+        comps, stack = component_stack(trace, r.id)
+        return comps, stack[:, p, :]
+    comps = components(trace, r.id)
+    return comps, np.stack([trace.tensor_rows(c.hook, r.id, p, p + 1)[0] for c in comps])
+
+
 def _contributions(trace, run: int, p: int, u: np.ndarray, by: str) -> list[Contribution]:
-    comps, stack = component_stack(trace, run)
-    values = stack[:, p, :] @ u
+    comps, rows = component_rows(trace, run, p)
+    values = rows @ u
     out = []
     for c, v in zip(comps, values, strict=True):
         if by == "head" and c.kind == "attn":

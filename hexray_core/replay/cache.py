@@ -130,6 +130,10 @@ class ModelMethods:
         """The model's config (TransformerLens field names: n_layers, d_model, n_heads, d_head, d_mlp, ...)."""
         c = dict(self.config)
         c.setdefault("n_layers", self.n_layers)
+        # sizes the config lacks, as the tensors showed them (validate.py bound them at open)
+        for name, (value, _source) in getattr(getattr(self, "contract", None), "sizes", {}).items():
+            if name in ("d_model", "n_heads", "d_head", "d_mlp", "d_vocab"):
+                c.setdefault(name, value)
         c.setdefault("normalization_type", "LN")
         c.setdefault("attn_only", False)
         c.setdefault("model_name", self.model_name)

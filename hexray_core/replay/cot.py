@@ -17,6 +17,7 @@ from hexray_core.errors import HexRayError
 
 from .attention import attention_blocks
 from .attribution import next_token_attributions
+from .sources import step_sources
 
 SPLIT_MODES = ("auto", "lines", "sentences", "regex")
 
@@ -31,6 +32,9 @@ class CotStep:
     mean_logprob: float | None  # average log-probability the model gave the step's tokens
     components: list[tuple[str, float]]  # every component, largest |value| first
     attends_to: list[tuple[int, float]] = field(default_factory=list)  # (earlier step, attention mass)
+    # with sources=True: (token position, text, value) of the earlier tokens the step's logits drew on most,
+    # through all heads (source attribution), largest |value| first
+    sources: list[tuple[int, str, float]] = field(default_factory=list)
 
     def top(self, k: int) -> list[tuple[str, float]]:
         return self.components[:k]
@@ -110,7 +114,8 @@ def step_attention(trace, run: int, steps_of: np.ndarray, n_steps: int) -> np.nd
     per_query = np.zeros((len(steps_of), n_steps))  # summed over layers
     for layer in range(trace.n_layers):
         for q0, q1, rows in attention_blocks(trace, run, layer):
-            per_query[q0:q1] += rows.mean(0) @ onehot[:q1]  # [queries, steps]
+            h, b, k = rows.shape  # mean over heads after the product: the rows are large, the steps few
+            per_query[q0:q1] += (rows.reshape(h * b, k) @ onehot[:k]).reshape(h, b, -1).mean(0)
     for s in range(n_steps):
         rows = np.nonzero(steps_of == s)[0]
         if rows.size:
@@ -118,7 +123,10 @@ def step_attention(trace, run: int, steps_of: np.ndarray, n_steps: int) -> np.nd
     return mass / max(trace.n_layers, 1)
 
 
-def cot_breakdown(trace, *, run: int = 0, mode: str = "auto", step_regex: str | None = None) -> CotBreakdown:
+def cot_breakdown(trace, *, run: int = 0, mode: str = "auto", step_regex: str | None = None, sources: bool = False,
+                  top_sources: int = 5) -> CotBreakdown:
+    """Steps with their per-component sums and step-to-step attention; ``sources=True`` also names the
+    earlier tokens each step drew on (source attribution, as costly as reading the whole attention)."""
     r = trace.run(run)
     ranges = split_steps(r.prompt, mode, step_regex)
     if not ranges:
@@ -129,6 +137,7 @@ def cot_breakdown(trace, *, run: int = 0, mode: str = "auto", step_regex: str | 
     if trace.has("hexray.next_logit", r.id) and trace.has("hexray.logsumexp", r.id):
         logprobs = trace.tensor("hexray.next_logit", r.id) - trace.tensor("hexray.logsumexp", r.id)
     attention = step_attention(trace, r.id, steps_of, len(ranges))
+    drawn = step_sources(trace, r.id, steps_of, len(ranges)) if sources else None
     steps = []
     for i, (a, b) in enumerate(ranges):
         toks = np.nonzero(steps_of == i)[0]
@@ -140,5 +149,10 @@ def cot_breakdown(trace, *, run: int = 0, mode: str = "auto", step_regex: str | 
         span = (int(toks.min()), int(toks.max()) + 1) if toks.size else (0, 0)
         attends = [(j, float(attention[i, j])) for j in range(i)]
         attends.sort(key=lambda x: -x[1])
-        steps.append(CotStep(i, r.prompt[a:b].strip(), (a, b), span, float(per_comp.sum()), mean_lp, comps, attends))
+        step = CotStep(i, r.prompt[a:b].strip(), (a, b), span, float(per_comp.sum()), mean_lp, comps, attends)
+        if drawn is not None and span[0] > 1:
+            earlier = drawn[i, 1: span[0]]  # tokens before the step, the first (a sink) left out
+            best = np.argsort(-np.abs(earlier), kind="stable")[:top_sources] + 1
+            step.sources = [(int(s), r.labels[s], float(drawn[i, s])) for s in best]
+        steps.append(step)
     return CotBreakdown(r.id, resolve_mode(r.prompt, mode, step_regex), steps, attention.tolist())

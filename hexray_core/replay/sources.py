@@ -18,8 +18,8 @@ import numpy as np
 
 from hexray_core.errors import HexRayError
 
-from .attention import attention_row
-from .attribution import final_direction, resolve_target
+from .attention import attention_blocks, attention_row
+from .attribution import final_direction, logit_directions, resolve_target
 
 
 @dataclass
@@ -66,21 +66,68 @@ def source_attribution(trace, *, position: int = -1, run: int = 0, target: str |
     u, _ = final_direction(trace, r.id, q, tid, bid)
     kit = trace.require_kit("source attribution (W_O)")
     W_O = kit["W_O"]  # [layers, heads, d_head, d_model]
+    u32 = u.astype(np.float32)  # the activations are float32: a float64 u would convert W_O on every call
     out = None
     for layer in range(trace.n_layers):
-        name = f"blocks.{layer}.attn.hook_v"
-        if not trace.has(name, r.id):
-            raise HexRayError(f"source attribution needs {name}, which this trace did not record; "
-                              f"record with --hooks default (or --hooks default,blocks.*.attn.hook_v)")
-        v = trace.tensor(name, r.id)[: q + 1]  # [sources, kv_heads, d_head]
+        v = _values(trace, r.id, layer)[: q + 1]  # [sources, kv_heads, d_head]
         A = attention_row(trace, r.id, layer, q)[:, : q + 1]  # [heads, sources]
         n_heads = A.shape[0]
-        if v.ndim != 3 or n_heads % v.shape[1]:
-            raise HexRayError(f"{trace.path}: {name} has shape {list(v.shape)}, which does not fit {n_heads} heads")
-        w = W_O[layer] @ u  # [heads, d_head]: what one unit of each head's value direction adds to the logit
-        kv = np.arange(n_heads) // (n_heads // v.shape[1])
-        through = np.einsum("shd,hd->hs", v[:, kv, :], w)  # [heads, sources]
+        _check_heads(trace, layer, v, n_heads)
+        w = W_O[layer] @ u32  # [heads, d_head]: what one unit of each head's value direction adds to the logit
+        rep = n_heads // v.shape[1]
+        through = np.empty((n_heads, q + 1), dtype=np.float32)  # [heads, sources]
+        for g in range(v.shape[1]):  # per key/value group, v read in place
+            through[g * rep:(g + 1) * rep] = w[g * rep:(g + 1) * rep] @ v[:, g, :].T
         if out is None:
             out = np.empty((trace.n_layers, n_heads, q + 1))
         out[layer] = A * through
     return SourceAttribution(r.id, q, tid, trace.token_str(tid, r.id), bid, out)
+
+
+def _values(trace, run: int, layer: int) -> np.ndarray:
+    name = f"blocks.{layer}.attn.hook_v"
+    if not trace.has(name, run):
+        raise HexRayError(f"source attribution needs {name}, which this trace did not record; "
+                          f"record with --hooks default (or --hooks default,blocks.*.attn.hook_v)")
+    return trace.tensor(name, run)
+
+
+def _check_heads(trace, layer: int, v: np.ndarray, n_heads: int) -> None:
+    if v.ndim != 3 or v.shape[1] < 1 or n_heads % v.shape[1]:
+        raise HexRayError(f"{trace.path}: blocks.{layer}.attn.hook_v has shape {list(v.shape)}, which does not "
+                          f"fit {n_heads} heads")
+
+
+def step_sources(trace, run: int, steps_of: np.ndarray, n_steps: int) -> np.ndarray:
+    """``[n_steps, n_tokens]``: what each source token supplied, through all heads, to the logits of every
+    step's tokens (each token's logit at the position before it, as in the CoT breakdown).
+
+    Row i summed over sources is the heads' part of step i's attention attribution (the layers' ``b_O``
+    excluded). Computed block by block over the attention (``attention_blocks``): memory stays bounded,
+    time grows as the attention itself (n² per layer and head).
+    """
+    r = trace.run(run)
+    n = r.n_tokens
+    out = np.zeros((n_steps, n))
+    if n < 2:
+        return out
+    W_O = trace.require_kit("source attribution (W_O)")["W_O"]
+    u, _ = logit_directions(trace, r.id, np.arange(n - 1), np.asarray(r.tokens[1:]))  # [n-1, d]
+    produced = np.asarray(steps_of[1:])  # the step of the token each position predicts
+    for layer in range(trace.n_layers):
+        v = _values(trace, r.id, layer)
+        for q0, q1, rows in attention_blocks(trace, r.id, layer):  # rows [heads, q1 - q0, q1]
+            q1p = min(q1, n - 1)  # the last position predicts nothing
+            if q1p <= q0:
+                continue
+            A = rows[:, : q1p - q0]
+            _check_heads(trace, layer, v, A.shape[0])
+            rep = A.shape[0] // v.shape[1]
+            w = np.einsum("hkd,bd->hbk", W_O[layer], u[q0:q1p])  # [heads, b, d_head]
+            contrib = np.zeros((q1p - q0, q1))
+            for h in range(A.shape[0]):
+                contrib += A[h] * (w[h] @ v[:q1, h // rep, :].T)  # [b, sources]
+            sid = produced[q0:q1p]
+            keep = sid >= 0
+            np.add.at(out[:, :q1], sid[keep], contrib[keep])
+    return out

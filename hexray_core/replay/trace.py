@@ -21,8 +21,10 @@ from trace_format import TraceReader
 
 from .cache import CacheMethods, ModelMethods, get_act_name
 from .kit import Kit, find_kit
+from .validate import check_kit, check_recording
 
 _CACHE_BYTES = 512 << 20
+_WHOLE_READ_BYTES = 4 << 20  # tensor_rows decodes a smaller tensor whole (and caches it)
 
 
 class Run(CacheMethods, Mapping):
@@ -88,6 +90,11 @@ class Run(CacheMethods, Mapping):
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
+
+    def forget(self) -> None:
+        """Drop what the run derived (``memo``) and its decoded tensors: memory back to what opening costs."""
+        self._memo.clear()
+        self.trace.forget_tensors(self.id)
 
     # -- the Mapping over recorded tensors --------------------------------------------------------
 
@@ -237,12 +244,15 @@ class Trace(ModelMethods):
         if framework not in FRAMEWORKS:
             raise HexRayError(f"framework= must be one of {', '.join(FRAMEWORKS)}, not {framework!r}")
         self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise HexRayError(f"{self.path}: no such file")
         self.framework = framework
         if framework == "pt":
             _torch()  # fail at open, not at the first tensor
-        self.reader = TraceReader(self.path)
+        self.reader = TraceReader(self.path)  # a missing, special or damaged file: TraceFormatError
+        try:  # what the recording says, against the contract (metadata and index only; validate.py)
+            self.contract = check_recording(self.reader)
+        except BaseException:
+            self.reader.close()
+            raise
         self._cache: collections.OrderedDict[tuple[int, str], np.ndarray] = collections.OrderedDict()
         self._cache_bytes = 0
         self._kit = kit
@@ -351,6 +361,22 @@ class Trace(ModelMethods):
             self._cache_bytes -= old.nbytes
         return arr
 
+    def tensor_rows(self, name: str, run: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a run's tensor: from the cache when it holds the tensor, else read from
+        the chunks that hold those rows only (a position of a 16k-token trace without decoding it all)."""
+        run_id = self.run(run).id
+        stored = self.stored_name(name, run_id)
+        hit = self._cache.get((run_id, stored))
+        if hit is not None or not self.reader.has(stored, run_id) \
+                or self.reader.info(stored, run_id).nbytes <= _WHOLE_READ_BYTES:
+            return self.tensor(name, run_id)[start:stop]
+        return self.reader.read(stored, run_id, index=slice(start, stop))
+
+    def forget_tensors(self, run: int) -> None:
+        """Drop a run's decoded tensors from the cache."""
+        for key in [k for k in self._cache if k[0] == run]:
+            self._cache_bytes -= self._cache.pop(key).nbytes
+
     # -- tokens ----------------------------------------------------------------------------
 
     def token_str(self, token_id: int, run: int = 0) -> str:
@@ -437,7 +463,10 @@ class Trace(ModelMethods):
     @property
     def kit(self) -> Kit | None:
         if self._kit is None:
-            self._kit = find_kit(self.reader) or False
+            kit = find_kit(self.reader)
+            if kit is not None and kit.reader is not self.reader:  # a cached kit file: check it first
+                check_kit(kit.reader, self.contract)
+            self._kit = kit or False
         return self._kit or None
 
     def require_kit(self, what: str) -> Kit:
