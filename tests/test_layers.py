@@ -46,7 +46,8 @@ LAYERS = "layers: trace_format < replay < cli, lsp"
 def test_a_back_edge_breaks_a_contract(tmp_path, module, line, contract):
     """The check can fail: a copy of the packages with one forbidden import, inside a function, is refused."""
     for pkg in PACKAGES:
-        shutil.copytree(os.path.join(REPO, pkg), tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__", "models", "static"))
+        shutil.copytree(os.path.join(REPO, pkg), tmp_path / pkg,
+                        ignore=shutil.ignore_patterns("__pycache__", "models", "static"))
     shutil.copy(os.path.join(REPO, "pyproject.toml"), tmp_path)
     with open(tmp_path / module, "a", encoding="utf-8") as f:
         f.write(f"\n\ndef _back_edge():\n{line}\n")
