@@ -122,14 +122,14 @@ class _QK:
         self.trace, self.run = trace, run
         self.q_name, k_name = _qk_names(trace, layer)
         q_shape = trace.reader.info(trace.stored_name(self.q_name, run), run).shape
-        self.k = trace.tensor(k_name, run)  # [n, kv_heads, d]
-        k = self.k
-        if len(q_shape) != 3 or k.ndim != 3 or k.shape[0] != q_shape[0] or k.shape[2] != q_shape[2] \
-                or k.shape[1] < 1 or q_shape[1] % k.shape[1]:
-            raise HexRayError(f"{trace.path}: {self.q_name} {list(q_shape)} and {k_name} {list(k.shape)} do not "
+        k_shape = trace.reader.info(trace.stored_name(k_name, run), run).shape
+        if len(q_shape) != 3 or len(k_shape) != 3 or k_shape[0] != q_shape[0] or k_shape[2] != q_shape[2] \
+                or k_shape[1] < 1 or q_shape[1] % k_shape[1]:
+            raise HexRayError(f"{trace.path}: {self.q_name} {list(q_shape)} and {k_name} {list(k_shape)} do not "
                               "fit together as queries [n, heads, d] and keys [n, kv_heads, d]")
+        self.k = trace.tensor_by_head(k_name, run)  # [kv_heads, n, d]: each head's keys contiguous
         self.n, self.n_heads = int(q_shape[0]), int(q_shape[1])
-        self.rep = self.n_heads // k.shape[1]
+        self.rep = self.n_heads // int(k_shape[1])
         self.params = _layer_params(trace, layer)
 
     def _queries(self, queries: np.ndarray) -> np.ndarray:
@@ -143,9 +143,9 @@ class _QK:
         b = len(queries)
         out = np.empty((self.n_heads, b, n_keys), dtype=np.float32)
         qs = self._queries(queries)  # [b, heads, d]
-        for g in range(self.k.shape[1]):  # the heads sharing key/value head g: one product, keys read in place
+        for g in range(self.k.shape[0]):  # the heads sharing key/value head g: one matrix product
             heads = slice(g * self.rep, (g + 1) * self.rep)
-            scores = qs[:, heads, :].reshape(b * self.rep, -1) @ self.k[:n_keys, g, :].T  # [b * rep, n_keys]
+            scores = qs[:, heads, :].reshape(b * self.rep, -1) @ self.k[g, :n_keys].T  # [b * rep, n_keys]
             out[heads] = scores.reshape(b, self.rep, n_keys).transpose(1, 0, 2)
         return softmax_rows(out, queries, self.params)
 

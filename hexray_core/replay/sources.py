@@ -69,15 +69,15 @@ def source_attribution(trace, *, position: int = -1, run: int = 0, target: str |
     u32 = u.astype(np.float32)  # the activations are float32: a float64 u would convert W_O on every call
     out = None
     for layer in range(trace.n_layers):
-        v = _values(trace, r.id, layer)[: q + 1]  # [sources, kv_heads, d_head]
+        v = _values(trace, r.id, layer)[:, : q + 1]  # [kv_heads, sources, d_head]
         A = attention_row(trace, r.id, layer, q)[:, : q + 1]  # [heads, sources]
         n_heads = A.shape[0]
         _check_heads(trace, layer, v, n_heads)
         w = W_O[layer] @ u32  # [heads, d_head]: what one unit of each head's value direction adds to the logit
-        rep = n_heads // v.shape[1]
+        rep = n_heads // v.shape[0]
         through = np.empty((n_heads, q + 1), dtype=np.float32)  # [heads, sources]
-        for g in range(v.shape[1]):  # per key/value group, v read in place
-            through[g * rep:(g + 1) * rep] = w[g * rep:(g + 1) * rep] @ v[:, g, :].T
+        for g in range(v.shape[0]):  # per key/value group
+            through[g * rep:(g + 1) * rep] = w[g * rep:(g + 1) * rep] @ v[g].T
         if out is None:
             out = np.empty((trace.n_layers, n_heads, q + 1))
         out[layer] = A * through
@@ -85,17 +85,18 @@ def source_attribution(trace, *, position: int = -1, run: int = 0, target: str |
 
 
 def _values(trace, run: int, layer: int) -> np.ndarray:
+    """``[kv_heads, n, d_head]``: the layer's value vectors, each head's contiguous."""
     name = f"blocks.{layer}.attn.hook_v"
     if not trace.has(name, run):
         raise HexRayError(f"source attribution needs {name}, which this trace did not record; "
                           f"record with --hooks default (or --hooks default,blocks.*.attn.hook_v)")
-    return trace.tensor(name, run)
+    return trace.tensor_by_head(name, run)
 
 
 def _check_heads(trace, layer: int, v: np.ndarray, n_heads: int) -> None:
-    if v.ndim != 3 or v.shape[1] < 1 or n_heads % v.shape[1]:
-        raise HexRayError(f"{trace.path}: blocks.{layer}.attn.hook_v has shape {list(v.shape)}, which does not "
-                          f"fit {n_heads} heads")
+    if v.ndim != 3 or v.shape[0] < 1 or n_heads % v.shape[0]:
+        raise HexRayError(f"{trace.path}: blocks.{layer}.attn.hook_v has {v.shape[0]} heads, which does not "
+                          f"fit {n_heads} query heads")
 
 
 def step_sources(trace, run: int, steps_of: np.ndarray, n_steps: int) -> np.ndarray:
@@ -122,11 +123,11 @@ def step_sources(trace, run: int, steps_of: np.ndarray, n_steps: int) -> np.ndar
                 continue
             A = rows[:, : q1p - q0]
             _check_heads(trace, layer, v, A.shape[0])
-            rep = A.shape[0] // v.shape[1]
+            rep = A.shape[0] // v.shape[0]
             w = np.einsum("hkd,bd->hbk", W_O[layer], u[q0:q1p])  # [heads, b, d_head]
             contrib = np.zeros((q1p - q0, q1))
             for h in range(A.shape[0]):
-                contrib += A[h] * (w[h] @ v[:q1, h // rep, :].T)  # [b, sources]
+                contrib += A[h] * (w[h] @ v[h // rep, :q1].T)  # [b, sources]
             sid = produced[q0:q1p]
             keep = sid >= 0
             np.add.at(out[:, :q1], sid[keep], contrib[keep])
