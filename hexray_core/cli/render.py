@@ -224,6 +224,27 @@ def cot(con: Out, cb: CotBreakdown, top_k: int) -> None:
         if step.attends_to:
             refs = ", ".join(f"step {j + 1} ({m:.0%})" for j, m in step.attends_to[:3])
             con.line(f"  attends to: {refs}")
+        if step.sources:
+            refs = ", ".join(f"{q(text)}@{s} {v:+.2f}" for s, text, v in step.sources[:top_k])
+            con.line(f"  draws on: {refs}")
+
+
+def sources(con: Out, st: dict) -> None:
+    """`--by source`: source tokens by what they supplied to the prediction through the heads."""
+    con.line(f"Token: {q(st['token'])} (index {st['position']})")
+    what = f"{q(st['target'])} − {q(st['baseline'])}" if st["baseline"] is not None else q(st["target"])
+    con.line(f"Target: {what} (id {st['target_id']})")
+    through = f"head {st['head']}" if st["head"] else "all heads"
+    con.line(f"Source tokens, by what they carried into the logit through {through}:")
+    if not st["head"]:
+        con.line(("  token@position: total over heads (pattern · v · W_O · u), then the strongest heads", "dim"))
+    labels = [f"{q(r['token'])}@{r['position']}" for r in st["rows"]]
+    width = max([8] + [len(label) for label in labels])
+    for r, label in zip(st["rows"], labels, strict=True):
+        via = "  ".join(f"{h['head']} {h['value']:+.2f}" for h in r["heads"])
+        con.line(f"- {label:<{width}}: {r['value']:+.2f}" + (f"   via {via}" if via else ""))
+    con.line((f"sources {st['total']:+.4f} vs heads' attribution {st['heads_total']:+.4f} "
+              f"(the layers' b_O is not from any token): error {st['error']:.1e}", "dim"))
 
 
 def diff(con: Out, d: AttributionDiff, top_k: int) -> None:
