@@ -5,7 +5,8 @@ replay's `source_attribution` splits every head's direct logit attribution to to
 earlier tokens it attended to. The hover lists the strongest sources
 (``from " Paris"@5 via L3H2 +1.20``); ``textDocument/documentHighlight`` marks them in the
 document, strongest first, those whose |total| is at least ``highlights.threshold`` of the
-largest (``Write`` for the ones at half the largest or more, ``Read`` for the rest).
+largest among the document's tokens (``Write`` for the ones at half the largest or more, ``Read``
+for the rest), at most ``highlights.max``.
 
 One result per (view, run, token) is kept in a small LRU: the hover and the highlight an
 editor asks for at the same place compute it once. Without the model kit (W_O) or ``hook_v`` in
@@ -55,24 +56,23 @@ def sources_of(view: TraceView, rv: RunView, i: int) -> SourceAttribution | str:
 
 def ranked(sa: SourceAttribution, rv: RunView, threshold: float, limit: int) -> list[tuple[int, float]]:
     """(source position, total) of the sources shown in the document whose |total| is at least
-    ``threshold`` × the largest |total|, strongest first, at most ``limit``."""
-    totals = sa.per_source
-    if limit <= 0 or totals.size == 0:
+    ``threshold`` × the largest |total| among them, strongest first, at most ``limit``.
+
+    Tokens the document does not show (BOS, often the heads' resting place) are left out before the
+    largest is taken: relative to an attention sink nothing in the text would pass the threshold.
+    """
+    if limit <= 0 or len(rv.shown) == 0:
         return []
-    top = float(np.max(np.abs(totals)))
+    shown = rv.shown[rv.shown <= sa.position]
+    totals = sa.per_source[shown]
+    if totals.size == 0:
+        return []
+    mag = np.abs(totals)
+    top = float(mag.max())
     if not np.isfinite(top) or top <= 0:
         return []
-    order = np.argsort(-np.abs(totals), kind="stable")
-    out = []
-    for s in order:
-        v = float(totals[s])
-        if abs(v) < threshold * top:
-            break
-        if rv.starts[s] >= 0 and rv.ends[s] > rv.starts[s] and rv.ends[s] <= len(rv.text):
-            out.append((int(s), v))
-            if len(out) >= limit:
-                break
-    return out
+    order = np.argsort(-mag, kind="stable")[:limit]
+    return [(int(shown[j]), float(totals[j])) for j in order if mag[j] >= threshold * top]
 
 
 def hover_lines(view: TraceView, rv: RunView, i: int, n: int, text: str) -> list[str]:
