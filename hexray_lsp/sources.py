@@ -16,23 +16,36 @@ the trace there are no sources: the hover says why in one line, highlights are e
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 from lsprotocol import types as t
 
 from hexray_core.errors import HexRayError
-from hexray_core.replay.sources import SourceAttribution, source_attribution
+from hexray_core.replay.sources import source_attribution
 from trace_format import TraceFormatError
 
 from .trace_view import RunView, TraceView
 
 CACHE_SIZE = 64
 STRONG = 0.5  # a source at this share of the largest |total| or more is highlighted as Write
+TOP = 50  # the most sources a hover lists (hover.sources' maximum)
 
-_cache: OrderedDict[tuple, SourceAttribution | str] = OrderedDict()
+
+@dataclass(frozen=True)
+class Sources:
+    """What the hover and the highlights need of one `SourceAttribution`: O(position) floats, not the
+    [layers, heads, position + 1] array (18 MB at 16k tokens in GPT-2-small's shape), so the cache stays small."""
+
+    position: int
+    per_source: np.ndarray  # [position + 1] each source's total through all heads
+    top: list  # SourceAttribution.top_sources(TOP, heads=1)
 
 
-def sources_of(view: TraceView, rv: RunView, i: int) -> SourceAttribution | str:
+_cache: OrderedDict[tuple, Sources | str] = OrderedDict()
+
+
+def sources_of(view: TraceView, rv: RunView, i: int) -> Sources | str:
     """The source attribution of token ``i``'s logit at position ``i - 1``, or why there is none."""
     key = (view.generation, rv.index, i)
     hit = _cache.get(key)
@@ -40,13 +53,14 @@ def sources_of(view: TraceView, rv: RunView, i: int) -> SourceAttribution | str:
         _cache.move_to_end(key)
         return hit
     if i < 1 or i >= len(rv.tokens):
-        result: SourceAttribution | str = "no earlier position predicted this token"
+        result: Sources | str = "no earlier position predicted this token"
     elif not view.kit_available:
         result = "sources need the model kit (W_O), which is not available for this trace"
     else:
         try:
-            result = source_attribution(view.trace, position=i - 1, run=rv.index, target=int(rv.tokens[i]))
-        except (HexRayError, TraceFormatError, KeyError, ValueError, IndexError) as e:
+            sa = source_attribution(view.trace, position=i - 1, run=rv.index, target=int(rv.tokens[i]))
+            result = Sources(sa.position, sa.per_source, sa.top_sources(TOP, heads=1))
+        except (HexRayError, TraceFormatError, KeyError, ValueError, IndexError, TypeError, OSError) as e:
             result = str(e)
     _cache[key] = result
     while len(_cache) > CACHE_SIZE:
@@ -54,7 +68,7 @@ def sources_of(view: TraceView, rv: RunView, i: int) -> SourceAttribution | str:
     return result
 
 
-def ranked(sa: SourceAttribution, rv: RunView, threshold: float, limit: int) -> list[tuple[int, float]]:
+def ranked(sa: Sources, rv: RunView, threshold: float, limit: int) -> list[tuple[int, float]]:
     """(source position, total) of the sources shown in the document whose |total| is at least
     ``threshold`` × the largest |total| among them, strongest first, at most ``limit``.
 
@@ -87,7 +101,7 @@ def hover_lines(view: TraceView, rv: RunView, i: int, n: int, text: str) -> list
         return ["", f"*Sources unavailable: {sa}*"]
     lines = ["", f"**Sources** of its logit (which earlier tokens the heads carried it from, Σ "
              f"{signed(float(sa.per_source.sum()))})", ""]
-    for s, total, heads in sa.top_sources(n, heads=1):
+    for s, total, heads in sa.top[:n]:
         via = f" via {heads[0][0]} {signed(heads[0][1])}" if heads else ""
         lines.append(f"- from {code(token_label(rv, s, text))}@{s}{via} (total {signed(total)})")
     return lines
