@@ -2,7 +2,9 @@
 """Replay speed: cold `hexray replay` against the TransformerLens way, and in-process hover costs.
 
 1. Cold start, side by side in one run (fresh processes, interleaved, median of N):
-   a. `hexray replay trace.hxr --top-k 10` on a 128-token trace of a GPT-2-small-shaped model;
+   a. `hexray replay trace.hxr --top-k 10` on a 128-token trace of a GPT-2-small-shaped model
+      (and the floor beside it: a process that imports numpy, msgpack and zstandard and stops;
+      `python -X importtime` then lists what the replay imports beyond that floor);
    b. the TransformerLens way of getting the same table: a fresh process that imports
       TransformerLens, boots the same model from a local folder, runs run_with_cache and
       computes the per-component attribution of the top prediction at the last position.
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -80,10 +83,41 @@ def build_model(folder: str) -> None:
     GPT2LMHeadModel(GPT2Config()).eval().save_pretrained(folder)
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, str]:
+FLOOR = "import numpy, msgpack, zstandard"  # what any replay must import: the floor of a cold start
+
+
+def import_breakdown(cmd: list[str], env: dict) -> dict:
+    """`python -X importtime`: self time of every module the command imports beyond the floor's (ms)."""
+    def selves(argv):
+        err = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True, env=env,
+                             cwd=REPO).stderr
+        out = {}
+        for line in err.splitlines():
+            parts = line.split("|")
+            if line.startswith("import time:") and len(parts) == 3 and parts[0].split(":")[1].strip().isdigit():
+                out[parts[2].strip()] = int(parts[0].split(":")[1]) / 1000
+        return out
+
+    floor = selves([sys.executable, "-c", FLOOR])
+    extra = {k: v for k, v in selves(cmd).items() if k not in floor}
+    top = dict(sorted(extra.items(), key=lambda kv: -kv[1])[:12])
+    return {"total": round(sum(extra.values()), 1), "modules": len(extra),
+            "largest": {k: round(v, 1) for k, v in top.items()}}
+
+
+CPU_TIMES: dict[str, list[float]] = {}  # command label -> CPU seconds (user + sys) of each run
+
+
+def timed(cmd: list[str], env: dict, label: str | None = None) -> tuple[float, str]:
+    """Wall time and stdout of a fresh process; its CPU time (user + sys, far less sensitive than wall time to
+    other work on a shared machine) goes to CPU_TIMES[label]."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if label is not None:
+        CPU_TIMES.setdefault(label, []).append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
     if out.returncode != 0:
         raise SystemExit(f"{cmd[:3]} failed: {out.stderr[-2000:]}")
     return dt, out.stdout
@@ -118,12 +152,17 @@ def main() -> None:
 
     hexray_cmd = [sys.executable, "-m", "hexray_core", "replay", trace_path, "--top-k", "10"]
     tl_cmd = [sys.executable, "-c", TL_SCRIPT, model_dir, token_arg]
-    hx, tl = [], []
-    for _ in range(args.reps):  # interleaved, so machine noise hits both alike
-        dt, hx_out = timed(hexray_cmd, env)
+    floor_cmd = [sys.executable, "-c", FLOOR]
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: modules load from their cached bytecode
+    timed(hexray_cmd, env)  # writes the bytecode caches
+    hx, tl, floor = [], [], []
+    for _ in range(args.reps):  # interleaved, so machine noise hits all alike
+        dt, hx_out = timed(hexray_cmd, env, "hexray")
         hx.append(dt)
-        dt, tl_out = timed(tl_cmd, env)
+        dt, tl_out = timed(tl_cmd, env, "transformerlens")
         tl.append(dt)
+        floor.append(timed(floor_cmd, env, "floor")[0])
+    imports = import_breakdown(hexray_cmd, env)
 
     # In-process hover costs.
     sys.path.insert(0, REPO)
@@ -161,6 +200,13 @@ def main() -> None:
         "cold_hexray_replay_s": {"median": round(statistics.median(hx), 3), "min": round(min(hx), 3)},
         "cold_transformerlens_s": {"median": round(statistics.median(tl), 3), "min": round(min(tl), 3)},
         "speedup_median": round(statistics.median(tl) / statistics.median(hx), 1),
+        "floor_python_numpy_msgpack_zstandard_s": {"median": round(statistics.median(floor), 3),
+                                                    "min": round(min(floor), 3)},
+        "imports_beyond_floor_ms": imports,
+        "cpu_s_median": {k: round(statistics.median(v), 3) for k, v in CPU_TIMES.items()},
+        "cpu_speedup_median": round(statistics.median(CPU_TIMES["transformerlens"])
+                                    / statistics.median(CPU_TIMES["hexray"]), 1),
+        "load_average_at_end": round(os.getloadavg()[0], 2),
         "in_process_ms": {
             "open": ms(t_open), "attribution_first": ms(t_attr_cold), "lens_first": ms(t_lens_cold),
             "attribution_p50": ms(statistics.median(attr)), "attribution_max": ms(max(attr)),

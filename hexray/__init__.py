@@ -42,7 +42,23 @@ _LAZY = {
 __all__ = sorted(["__version__", "open", "open_dataset", "record", *_LAZY])  # noqa: PLE0605 (built from _LAZY)
 
 
+def _recorder_module():
+    """hexray_core.record.recorder, or the CLI's one-line install advice when torch & co are missing."""
+    from hexray_core.errors import record_extra_missing
+
+    try:
+        from hexray_core.record import recorder
+    except ModuleNotFoundError as e:
+        advice = record_extra_missing(e)
+        if advice is not None:
+            raise advice from None
+        raise
+    return recorder
+
+
 def __getattr__(name: str):
+    if name == "Recorder":  # keeps a model loaded across many recordings; without torch: the install line
+        return _recorder_module().Recorder
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hexray' has no attribute {name!r}")
@@ -68,10 +84,8 @@ def record(prompts, model="gpt2", output=None, **opts):
     ``device_map``, ``trust_remote_code``, ``revision``, ``cache_dir``, ``progress`` (a callable
     ``progress(event, **info)``), ``framework`` of the returned trace ("np" or "pt").
     """
-    from hexray_core.record.recorder import record as _record
-
     framework = opts.pop("framework", "np")
-    return open(_record(prompts, model=model, output=output, **opts), framework=framework)
+    return open(_recorder_module().record(prompts, model=model, output=output, **opts), framework=framework)
 
 
 def open(path, framework: str = "np"):  # noqa: A001 - hexray.open(path) is the public name

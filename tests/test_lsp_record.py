@@ -85,6 +85,7 @@ async def wait_until(pred, timeout: float = 20.0, what: str = "condition"):
         await asyncio.sleep(0.02)
 
 
+@pytest.mark.slow
 async def test_record_command_end_to_end(client):
     text = PROMPTS["mixed"]
     uri = new_doc(client, "hello.prompt", text)
@@ -231,6 +232,7 @@ async def test_cancel_request(client):
     assert (await asyncio.wait_for(execute(client, "hexray.recordTrace", uri), 60))["status"] == "recorded"
 
 
+@pytest.mark.slow
 @vscode_only
 async def test_worker_crash_is_survived(client):
     uri = new_doc(client, "crash.prompt", "The worker dies while recording this.\n")

@@ -349,3 +349,33 @@ def test_greedy_generation_equals_hf_generate(tiny, tiny_tokenizer, tmp_path, ar
     res = Recorder(hf, tokenizer=tiny_tokenizer).record("The quick", tmp_path / "t.hxr", generate=6)
     with TraceReader(res.path) as r:
         assert r.runs[0]["tokens"] == ids + ref
+
+
+def test_full_hooks_store_a_tensor_changed_in_place_between_hook_points(tiny, tiny_tokenizer, tmp_path):
+    """`blocks.1.ln1.hook_in` carries the very tensor of `blocks.1.hook_resid_pre`, so `--hooks full`
+    normally stores it as an alias. A model (here a steering hook, as users write them) that adds to
+    that tensor in place between the two hook points must get the changed values stored, not an alias."""
+    from hexray_core.record import Recorder
+
+    rec = Recorder(tiny.build_tiny_gpt2(tiny_tokenizer), tokenizer=tiny_tokenizer)  # own model: it gets a hook
+    plain = rec.record(PROMPT, tmp_path / "plain.hxr", hooks="full", act_dtype="float32")
+    with TraceReader(plain.path) as r:
+        assert r.runs[0]["aliases"]["blocks.1.ln1.hook_in"] == "blocks.1.hook_resid_pre"
+
+    def steer(tensor, hook):
+        tensor.add_(0.5)  # in place: same storage, same strides, a new version
+
+    hp = rec.bridge.hook_dict["blocks.1.ln1.hook_in"]
+    hp.add_hook(steer)  # added before the capture's own hook, so it runs first
+    try:
+        res = rec.record(PROMPT, tmp_path / "steered.hxr", hooks="full", act_dtype="float32")
+    finally:
+        hp.remove_hooks()
+    with TraceReader(res.path) as r:
+        aliases = r.runs[0]["aliases"]
+        assert "blocks.1.ln1.hook_in" not in aliases
+        assert aliases["blocks.0.ln1.hook_in"] == "blocks.0.hook_resid_pre"  # untouched ones still dedupe
+        before, after = r.read("blocks.1.hook_resid_pre"), r.read("blocks.1.ln1.hook_in")
+    with TraceReader(plain.path) as r:
+        np.testing.assert_allclose(before, r.read("blocks.1.hook_resid_pre"), atol=1e-6)  # the edit came later
+    np.testing.assert_allclose(after, before + 0.5, atol=1e-6)

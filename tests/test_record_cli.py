@@ -194,6 +194,7 @@ def test_cli_offline_hub_model_one_line(tmp_path):
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_records_prompts_file(tiny_gpt2_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "Alice 🍕"}) + "\n" + json.dumps({"prompt": "東京"}) + "\n")
@@ -217,6 +218,7 @@ def _limit_file_size():  # runs in the child: writes past 200 kB fail with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
 
+@pytest.mark.slow
 def test_cli_real_write_failure(tiny_gpt2_dir, tmp_path):
     """A real failing write(2) (file size limit, as a full disk would): one line, nothing at the target."""
     out = tmp_path / "out"
@@ -231,6 +233,7 @@ def test_cli_real_write_failure(tiny_gpt2_dir, tmp_path):
     assert os.listdir(out) == []
 
 
+@pytest.mark.slow
 def test_cli_sigint_leaves_nothing(tiny_gpt2_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt number {i} 🍕\n" for i in range(5000)))
@@ -271,3 +274,19 @@ def test_embedded_demo_model(tmp_path, capsys):
     with TraceReader(out) as r:
         assert r.meta["model"]["source"] == "embedded" and r.meta["model"]["name"] == "hexray-demo"
         assert r.runs[0]["generated"]["n"] == 2
+
+
+def test_record_json_says_what_was_written(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "t.hxr"
+    assert main(["record", "--model", tiny_gpt2_dir, "--prompt", "Alice 🍕", "-o", str(out), "-q", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {"path", "runs", "tokens", "tensors", "bytes", "seconds", "kit"}
+    assert data["path"] == str(out) and data["bytes"] == os.path.getsize(out) and data["runs"] == 1
+    with TraceReader(out) as r:
+        assert data["tokens"] == len(r.runs[0]["tokens"])
+        assert data["kit"]["sha256"] == r.meta["kit"]["sha256"] and data["kit"]["bundled"] is False
+        assert data["tensors"] == len(r.names(0))
+    assert os.path.exists(data["kit"]["path"])
+    assert main(["record", "--model", tiny_gpt2_dir, "--list-hooks", "-q", "--json"]) == 0
+    hooks = json.loads(capsys.readouterr().out)["hooks"]
+    assert {"name": "blocks.0.hook_resid_pre", "default": True, "aliases": ["blocks.0.hook_in"]} in hooks

@@ -206,3 +206,34 @@ def test_real_model_smollm2_gguf(tmp_path):
         pieces = [raw[a:b] for a, b in r.runs[1]["byte_spans"] if a >= 0]
         assert b"".join(pieces) == raw
         assert run["token_strs"][1:] == ["The", " capital", " of", " France", " is"]
+
+
+@pytest.mark.slow
+def test_local_folder_without_tokenizer_files_is_refused(tiny, tiny_tokenizer, tiny_gpt2_dir, tmp_path):
+    """Without its tokenizer a folder would record with a one-token-per-prompt fallback: refuse it, naming the
+    files, both from Python and from the CLI (before torch is imported)."""
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "weights-only"
+    tiny.build_tiny_gpt2(tiny_tokenizer).save_pretrained(folder)  # the model, not its tokenizer
+    assert not (folder / "tokenizer.json").exists()
+    with pytest.raises(HexRayError, match=r"no tokenizer files \(expected tokenizer.json or tokenizer.model or "
+                                          r"vocab.json \+ merges.txt or vocab.txt\)"):
+        spec.precheck(str(folder))
+    from hexray_core.record import Recorder
+
+    with pytest.raises(HexRayError, match="no tokenizer files"):
+        Recorder(str(folder), device="cpu")
+    p = subprocess.run([sys.executable, "-m", "hexray_core", "record", "--model", str(folder), "--prompt", "hi",
+                        "-o", str(tmp_path / "t.hxr")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and "no tokenizer files" in p.stderr and "tokenizer.json" in p.stderr
+    assert not (tmp_path / "t.hxr").exists()
+    # GPT-2's slow-tokenizer pair is enough on its own
+    slow = tmp_path / "slow"
+    shutil.copytree(folder, slow)
+    for name in ("vocab.json", "merges.txt"):
+        (slow / name).write_text("{}" if name.endswith("json") else "")
+    spec.precheck(str(slow))

@@ -118,3 +118,30 @@ def test_spans_property(tiny_tokenizer, text):
     ids = encode_prompt(tiny_tokenizer, text, prepend_bos=True)
     tt = check_spans(tiny_tokenizer, text, ids)
     assert tt.text == text
+
+
+def test_every_token_id_a_trace_mentions_has_its_text_without_the_kit(tiny_gpt2_recorder, tiny_tokenizer, tmp_path,
+                                                                       monkeypatch):
+    """Top-k and logit-lens ids get their text from the trace itself (no kit, no '#id' placeholder); a token
+    holding part of a UTF-8 character shows its bytes, so two such tokens never print alike."""
+    from hexray_core.replay import open_trace
+
+    res = tiny_gpt2_recorder.record("I love pizza 🍕 and cats 🐱! 東京", tmp_path / "t.hxr", lens=True, top_k=40)
+    monkeypatch.setenv("HEXRAY_CACHE", str(tmp_path / "empty-cache"))  # the kit is out of reach
+    with open_trace(res.path) as t:
+        assert t.kit is None
+        mentioned = set(t.tensor("hexray.topk_ids").reshape(-1).tolist())
+        mentioned |= set(t.tensor("hexray.lens_topk_ids").reshape(-1).tolist()) | set(t.runs[0].tokens)
+        pieces = dict(zip(sorted(mentioned), token_bytes(tiny_tokenizer, sorted(mentioned)), strict=True))
+        partial = set()
+        for tid in mentioned:
+            text, raw = t.token_str(tid), pieces[tid]
+            assert text != f"#{tid}" and "\ufffd" not in text, (tid, text)
+            if "\ufffd" in tiny_tokenizer.decode([tid]) and raw is not None and raw.decode("utf-8", "replace") != text:
+                partial.add(tid)
+                assert text == raw.decode("utf-8", "backslashreplace")  # e.g. '\xf0\x9f'
+            else:
+                assert text == tiny_tokenizer.decode([tid])
+        assert len(partial) >= 2 and len({t.token_str(i) for i in partial}) == len(partial)
+        lens = t.logit_lens(-1, top_k=40)
+        assert all(s != f"#{i}" and "\ufffd" not in s for layer in lens.layers for i, s, _ in layer.top)

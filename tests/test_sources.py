@@ -160,3 +160,45 @@ def test_step_sources_sum_per_position_sources(tiny_llama_recorder, tmp_path):
     assert cot.steps[0].sources == [] and len(cot.steps[2].sources) == 5
     top = cot.steps[2].sources[0]
     assert top[0] < cot.steps[2].tokens[0] and top[2] == pytest.approx(drawn[2, top[0]])
+
+
+def _hexray(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "hexray_core", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_by_source(tiny_gpt2_recorder, tmp_path):
+    import json
+
+    path = tiny_gpt2_recorder.record(PROMPT, tmp_path / "t.hxr", act_dtype="float32").path
+    t = hexray.open(path)
+    sa = source_attribution(t, position=-2, target="next")
+    out = _hexray("replay", path, "--by", "source", "--position", -2, "--target", "next", "--top-k", 4, "--json")
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)["sources"]
+    order = np.argsort(-np.abs(sa.per_source), kind="stable")[:4]
+    assert [r["position"] for r in st["rows"]] == order.tolist()
+    np.testing.assert_allclose([r["value"] for r in st["rows"]], sa.per_source[order], rtol=1e-9)
+    assert st["error"] < 1e-4 and st["total"] == pytest.approx(sa.per_source.sum())
+    one = json.loads(_hexray("replay", path, "--by", "source", "--head", "L1H2", "--json").stdout)["sources"]
+    full = source_attribution(t)
+    assert one["total"] == pytest.approx(full.values[1, 2].sum()) and one["error"] < 1e-4
+    text = _hexray("replay", path, "--by", "source", "--top-k", 3).stdout
+    assert "through all heads" in text and "via L" in text and "error" in text.splitlines()[-1]
+    bad = _hexray("replay", path, "--by", "source", "--head", "L9H0")
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "--head" in bad.stderr
+    cot = _hexray("replay", path, "--cot", "--split", "sentences", "--by", "source")
+    assert cot.returncode == 0 and "draws on:" in cot.stdout, cot.stderr
+
+
+def test_cli_by_source_without_hook_v(tiny_gpt2_recorder, tmp_path):
+    hooks = ("hook_embed,hook_pos_embed,blocks.*.hook_attn_out,blocks.*.hook_mlp_out,blocks.*.hook_resid_post,"
+             "blocks.*.attn.hook_pattern,ln_final.hook_scale")
+    path = tiny_gpt2_recorder.record(PROMPT, tmp_path / "t.hxr", hooks=hooks).path
+    out = _hexray("replay", path, "--by", "source")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+    assert "blocks.0.attn.hook_v" in out.stderr and "--hooks default" in out.stderr
+    assert _hexray("replay", path).returncode == 0  # the rest still works

@@ -263,13 +263,65 @@ def test_writer_dtype_rules(tmp_path):
         np.testing.assert_array_equal(r.read("big_endian"), x)
 
 
+def _bf16_reference(bits: int) -> int:
+    """Round one finite float32 (given by its bits) to bfloat16 the slow way: of the two bf16 values
+    around it pick the nearer, ties to the even word (exact: float64 holds every value involved)."""
+    x = float(np.array([bits], np.uint32).view(np.float32)[0])
+    lo = bits >> 16  # truncation: same sign, magnitude just below or equal
+    hi = lo + 1
+
+    def value(word: int) -> float:  # the word above the largest finite bf16 is infinity: 2**128 here
+        if word & 0x7FFF == 0x7F80:
+            return math.copysign(2.0 ** 128, -1.0 if word & 0x8000 else 1.0)
+        return float(np.array([word << 16], np.uint32).view(np.float32)[0])
+
+    d_lo, d_hi = abs(x - value(lo)), abs(value(hi) - x)
+    if d_lo != d_hi:
+        return lo if d_lo < d_hi else hi
+    return lo if lo % 2 == 0 else hi
+
+
+def test_bf16_rounds_to_nearest_even_with_subnormals():
+    cases = {
+        0x3F808000: 0x3F80,  # 1 + half a bf16 ulp: a tie, the even word (down)
+        0x3F818000: 0x3F82,  # a tie above an odd word: up to the even one
+        0x3F807FFF: 0x3F80,  # just below the tie: down
+        0x3F808001: 0x3F81,  # just above the tie: up
+        0xBF818000: 0xBF82,  # negative: ties to even by magnitude
+        0x00008000: 0x0000,  # the smallest subnormals: a tie at zero stays zero (even)
+        0x00018000: 0x0002,  # a subnormal tie above an odd word goes up
+        0x000116C2: 0x0001,  # 1e-40, a float32 subnormal: the nearest bf16 subnormal, 2**-133
+        0x007FFFFF: 0x0080,  # the largest subnormal rounds up into the smallest normal
+        0x7F7F7FFF: 0x7F7F,  # below the midpoint to infinity: the largest finite bf16
+        0x7F7FFFFF: 0x7F80,  # float32 max is past that midpoint: +inf, as IEEE rounding says
+    }
+    bits = np.array(list(cases), np.uint32)
+    words = f32_to_bf16(bits.view(np.float32))
+    assert [hex(w) for w in words.tolist()] == [hex(w) for w in cases.values()]
+    assert [hex(_bf16_reference(int(b))) for b in bits] == [hex(w) for w in cases.values()]
+    back = bf16_to_f32(words)
+    assert back[7] == 2.0 ** -133 and 0 < back[7] < np.finfo(np.float32).tiny  # a subnormal survives the trip
+    assert back[8] == np.finfo(np.float32).tiny
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 0xFFFFFFFF))
+def test_bf16_matches_reference_rounding(bits):
+    x = np.array([bits], np.uint32).view(np.float32)
+    if not np.isfinite(x[0]):
+        return
+    assert int(f32_to_bf16(x)[0]) == _bf16_reference(bits)
+
+
 def test_bf16_words_round_trip_and_decode():
     x = np.array([0.0, -0.0, 1.0, -1.5, 3.0e38, 1e-40, np.inf, -np.inf, np.nan], dtype=np.float32)
-    w = f32_to_bf16(x)
-    back = bf16_to_f32(w)
-    np.testing.assert_array_equal(back[:6], x[:6].astype(np.float32) * 0 + back[:6])  # finite stay finite
+    back = bf16_to_f32(f32_to_bf16(x))
+    np.testing.assert_array_equal(back[:4], x[:4])  # exact in bf16
+    assert np.signbit(back[1]) and not np.signbit(back[0])
+    assert abs(back[4] - x[4]) <= x[4] / 256  # within half an ulp (8 significant bits)
+    assert abs(back[5] - x[5]) <= 2.0 ** -134  # a subnormal: within half the smallest bf16 subnormal
     assert back[6] == np.inf and back[7] == -np.inf and np.isnan(back[8])
-    assert np.all(np.abs(back[:4] - x[:4]) <= np.abs(x[:4]) / 128)
+    np.testing.assert_array_equal(f32_to_bf16(back), f32_to_bf16(x))  # bf16 values are fixed points
 
 
 def test_empty_and_scalar_tensors(tmp_path):

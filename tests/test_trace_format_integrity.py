@@ -107,6 +107,7 @@ def scratch(tmp_path):
 
 # -- truncation -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_truncation_at_every_byte_is_refused(scratch):
     data = small_trace()
     assert len(data) < 4096
@@ -116,6 +117,7 @@ def test_truncation_at_every_byte_is_refused(scratch):
             _contents(path)
 
 
+@pytest.mark.slow
 def test_truncating_an_appended_file_gives_error_or_the_state_before_the_append(scratch):
     old, new = small_trace(False), small_trace(True)
     assert new.startswith(old)
@@ -131,6 +133,7 @@ def test_truncating_an_appended_file_gives_error_or_the_state_before_the_append(
 
 # -- byte flips -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("appended", [False, True])
 def test_every_byte_flip_is_detected_by_verify_and_never_read_silently(scratch, appended):
     data = small_trace(appended)

@@ -219,6 +219,8 @@ def render(s: dict) -> None:
 
     # Metadata strings are the file's, not rich markup: a model name holding "[/" prints as it is.
     con = Console(highlight=False, markup=False, emoji=False)
+    if not con.is_terminal:  # piped: whole lines, never wrapped at 80 columns (as the replay views)
+        con = Console(highlight=False, markup=False, emoji=False, width=10_000)
     fmt = s["format"]
     con.print(Text(s["path"], style="bold"))
     appended = f", appended {fmt['appends']}x" if fmt["appends"] else ""

@@ -41,6 +41,9 @@ HELP = {
 }
 
 
+TOP_LEVEL_FLAGS = ("-h", "--help", "--version")  # any other option before a command is the one-shot form's
+
+
 def _load(command: str):
     return importlib.import_module(COMMANDS[command])
 
@@ -60,9 +63,17 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         prog="hexray",
         description="HexRay: an X-ray for transformer language models.",
         epilog="One-shot mode (record and replay in one go): "
-               "hexray --prompt TEXT [--top-k-attribution N] [--cot-debug]",
+               "hexray --prompt TEXT [--top-k-attribution N] [--cot-debug] [--save TRACE]",
     )
     parser.add_argument("--version", action="version", version=f"hexray {__version__}")
+    # Listed for --help only: any of these (or another option) without a command runs oneshot_cmd instead.
+    one = parser.add_argument_group("one-shot mode (record a prompt and explain it in one go; "
+                                    "hexray --prompt TEXT --help lists every option)")
+    one.add_argument("--prompt", metavar="TEXT", help="the prompt to record and explain")
+    one.add_argument("--top-k-attribution", metavar="N", help="contributors to show (default 10)")
+    one.add_argument("--cot-debug", action="store_true", help="also show the chain-of-thought attribution trace")
+    one.add_argument("--save", metavar="TRACE", help="keep the recorded trace at this path")
+    one.add_argument("--model", metavar="MODEL", help="hub id (default gpt2), local folder, .gguf file or hexray-demo")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         if name == command:
@@ -95,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        if command not in COMMANDS and any(a == "--prompt" or a.startswith("--prompt=") for a in argv):
+        oneshot = bool(argv) and argv[0].startswith("-") and argv[0] not in TOP_LEVEL_FLAGS
+        if oneshot or (command not in COMMANDS and any(a.startswith("-") and a not in TOP_LEVEL_FLAGS for a in argv)):
             from hexray_core.cli import oneshot_cmd
 
             return oneshot_cmd.main(argv)

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(shares are |contribution| / Σ|contribution| over the rows shown). "
                     "For the full tool see: hexray record | replay | diff | info | verify | lsp.",
     )
-    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt text")
     p.add_argument("--top-k-attribution", type=int, default=10, metavar="N", help="contributors to show (default 10)")
     p.add_argument("--cot-debug", action="store_true", help="also show the chain-of-thought attribution trace")
     p.add_argument("--model", default="gpt2", help="hub id (default gpt2), local folder, .gguf file, or hexray-demo")
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
 
         args.cot = args.cot or args.cot_debug
         with open_trace(output) as trace:
-            show(trace, args, args.top_k_attribution, always_attribution=True)
+            show(trace, args, args.top_k_attribution, always_attribution=True, shares_of_shown=True)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -90,6 +90,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--worker-cpus", type=float, default=1, metavar="C", help="CPUs per Ray CPU worker (default 1)")
     d.add_argument("--shard-size", type=int, default=16, metavar="N", help="prompts per shard trace (default 16)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors and the summary line")
+    p.add_argument("--json", action="store_true",
+                   help="print what was written as JSON (path, runs, tokens, tensors, bytes, seconds, kit) instead "
+                        "of the summary line; with --list-hooks, the hook names")
     return p
 
 
@@ -240,13 +243,14 @@ def _device_map(value: str | None):
 
 def recorder_class():
     """The Recorder, or one clear line when the recording extra (torch, TransformerLens) is missing."""
+    from hexray_core.errors import record_extra_missing
+
     try:
         from hexray_core.record.recorder import Recorder
     except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in ("torch", "transformer_lens", "transformers"):
-            raise HexRayError(f"recording needs {e.name.split('.')[0]}, which is not installed: "
-                              "pip install 'hexray[record]' (on a CPU-only machine install torch's CPU build "
-                              "first, e.g. pip install torch==2.13.0); replaying traces needs neither") from None
+        advice = record_extra_missing(e)
+        if advice is not None:
+            raise advice from None
         raise
     return Recorder
 
@@ -294,10 +298,26 @@ def run(args) -> int:
         from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
 
         default = set(plan_hooks(rec.bridge, "default").names)
+        if args.json:
+            print(json.dumps({"model": args.model, "hooks": [
+                {"name": name, "default": name in default, "aliases": list(others)}
+                for name, others in list_hooks(rec.bridge)]}, ensure_ascii=False, indent=2))
+            return 0
         print(f"# hooks of {args.model}; * = in --hooks default ({', '.join(DEFAULT_HOOKS[:3])}, ...)")
         for name, others in list_hooks(rec.bridge):
             mark = "*" if name in default else " "
             print(f"{mark} {name}" + (f"    (also: {', '.join(others)})" if others else ""))
         return 0
-    print(f"hexray: {result.summary()}")
+    if args.json:
+        print(json.dumps(result_json(result), ensure_ascii=False, indent=2))
+    else:
+        print(f"hexray: {result.summary()}")
     return 0
+
+
+def result_json(result) -> dict:
+    """What `hexray record --json` prints: the trace written and the model kit it refers to."""
+    return {"path": os.path.abspath(result.path), "runs": result.runs, "tokens": result.tokens,
+            "tensors": result.tensors, "bytes": result.bytes, "seconds": round(result.seconds, 3),
+            "kit": {"sha256": result.kit_sha256, "path": result.kit_path, "written": result.kit_written,
+                    "bundled": result.bundled}}

@@ -17,7 +17,7 @@ Deduplication: a hook point has one canonical name (hooks.py); beyond that, dist
 often carry the very same tensor (``attn.hook_in`` is ``ln1.hook_out``). Tensors that are not
 *protected* (default-set names and explicit names) are written once per distinct tensor: a later
 hook whose tensor is still alive, at the same address, with the same shape, strides, dtype and
-in-place version counter, is recorded as an alias of the first (``run["aliases"]``).
+in-place version counter it had when the first hook saw it, is recorded as an alias of the first (``run["aliases"]``).
 """
 
 from __future__ import annotations
@@ -210,7 +210,9 @@ class Capture:
             if prev is not None:
                 ref, version, first = prev
                 alive = ref()
-                if alive is not None and alive._version == tensor._version and alive.data_ptr() == key[1]:
+                # Same storage and layout is not enough: the model may have changed it in place since
+                # the first hook saw it (x += ...), which bumps the version counter the views share.
+                if alive is not None and tensor._version == version and alive.data_ptr() == key[1]:
                     self.aliases[name] = first
                     self._done.add(name)
                     return

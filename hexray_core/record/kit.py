@@ -133,7 +133,14 @@ def _version() -> str:
 
 
 def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
-    """The decoded text of each token id ("" for ids past the tokenizer's vocabulary)."""
+    """The display text of each token id ("" for ids past the tokenizer's vocabulary; the bytes, as
+    '\\xe8\\x8b', for a token that holds part of a character)."""
     n = min(len(tokenizer), d_vocab)
-    strs = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
-    return [str(s) for s in strs] + [""] * (d_vocab - n)
+    strs = [str(s) for s in tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)]
+    # A token holding part of a UTF-8 character decodes to U+FFFD: show its bytes (as replay does everywhere).
+    from .tokens import mentioned_token_texts
+
+    _, partial = mentioned_token_texts(tokenizer, [i for i, s in enumerate(strs) if "\ufffd" in s])
+    for tid, raw in partial:
+        strs[tid] = raw.decode("utf-8", errors="backslashreplace")
+    return strs + [""] * (d_vocab - n)

@@ -32,7 +32,7 @@ from .generate import no_generation
 from .hooks import HookPlan, plan_hooks
 from .models import LoadedModel, from_objects, load_model, writer_meta
 from .spec import check_generation, check_output_path, human_bytes, normalize_prompts
-from .tokens import encode_prompt, token_text
+from .tokens import encode_prompt, mentioned_token_texts, token_text
 
 DEFAULT_TOP_K = 20
 RUN_TENSORS = ("hexray.topk_ids", "hexray.topk_logits", "hexray.next_logit", "hexray.logsumexp",
@@ -273,11 +273,12 @@ class Recorder:
             _emit(progress, "status", message=f"recording {len(all_ids)} tokens")
         logits = capture.forward(torch.tensor([all_ids], device=lm.input_device))
         need = _write_run_tensors(writer, self.bridge, logits, all_ids, opts.top_k)
+        lens_ids = np.zeros(0, np.int64)
         if plan.lens:
-            _write_lens(writer, self.bridge, [capture.kept[n] for n in plan.lens_layers], logits, all_ids, opts.top_k)
+            lens_ids = _write_lens(writer, self.bridge, [capture.kept[n] for n in plan.lens_layers], logits, all_ids,
+                                   opts.top_k)
             capture.kept.clear()
-        info = {"aliases": dict(capture.aliases),
-                "unembed_strs": [tok.decode([int(i)], clean_up_tokenization_spaces=False) for i in need]}
+        info = {"aliases": dict(capture.aliases), **_token_texts(writer, tok, need, lens_ids)}
         if capture.refired:
             info["refired"] = sorted(set(capture.refired))
         if capture.check is not None:
@@ -287,7 +288,8 @@ class Recorder:
                                                    f"within the {opts.act_tag} rounding bound; its patterns are "
                                                    "stored in the trace")
         writer.end_run(**info)
-        n_written = len(capture.written) + len(RUN_TENSORS) + (len(LENS_TENSORS) if plan.lens else 0)
+        n_written = len(capture.written) + len(RUN_TENSORS) + (len(LENS_TENSORS) + len(TEXT_TENSORS) if plan.lens
+                                                                else 0)
         return len(all_ids), n_written
 
 
@@ -317,7 +319,7 @@ class RecordPlan:
     lens_layers: list[str]
 
 
-def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: list[int], k: int) -> None:
+def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: list[int], k: int) -> np.ndarray:
     """hexray.* per-run tensors: top-k, next-token logit, logsumexp, unembedding of the tokens needed."""
     with torch.no_grad():
         lg = logits[0].float()
@@ -353,13 +355,13 @@ def _lens_hooks(n_layers: int) -> list[str]:
 
 
 def _write_lens(writer: TraceWriter, bridge, resids: list[torch.Tensor], logits: torch.Tensor, ids: list[int],
-                k: int) -> None:
+                k: int) -> np.ndarray:
     """The logit lens at every layer and position, computed where the model runs (a hover then reads it).
 
     As TransformerLens's logit_lens: the stream entering each block and the final stream, normalised
     with recomputed statistics (centred for LayerNorm; the final norm's gain is folded into W_U),
     times W_U plus b_U. Also the lens logit and rank of the model's final top prediction and of the
-    actual next token, so the common targets need no full unembedding at replay.
+    actual next token, so the common targets need no full unembedding at replay. Returns the ids it mentions.
     """
     cfg = bridge.cfg
     layernorm = str(cfg.normalization_type or "LN").upper().startswith("LN")
@@ -389,6 +391,28 @@ def _write_lens(writer: TraceWriter, bridge, resids: list[torch.Tensor], logits:
     for name, parts in out.items():
         arr = torch.stack(parts).cpu().numpy()
         writer.write(name, arr if arr.dtype == np.int32 else arr.astype(np.float32))
+    return np.unique(torch.stack(out["hexray.lens_topk_ids"]).cpu().numpy())
+
+
+TEXT_TENSORS = ("hexray.extra_token_ids", "hexray.extra_token_offsets", "hexray.extra_token_text")
+
+
+def _token_texts(writer: TraceWriter, tok, need: np.ndarray, lens_ids: np.ndarray) -> dict:
+    """The text of every token id the run's tensors mention. Run info: ``unembed_strs`` (one per
+    hexray.unembed_ids) and ``partial_token_bytes`` ([id, bytes] of those holding part of a UTF-8
+    character). The logit lens's further ids (thousands for a large vocabulary) go to tensors, read
+    only when such a token is shown, so opening a trace stays fast: ``hexray.extra_token_ids``, and
+    their UTF-8 texts laid end to end in ``hexray.extra_token_text`` at ``hexray.extra_token_offsets``."""
+    extra = np.setdiff1d(lens_ids, need)
+    strs, partial = mentioned_token_texts(tok, np.concatenate([need, extra]))
+    if lens_ids.size:
+        blobs = [t.encode("utf-8", errors="surrogatepass") for t in strs[len(need):]]
+        offsets = np.zeros(len(blobs) + 1, np.int64)
+        np.cumsum([len(b) for b in blobs], out=offsets[1:])
+        writer.write("hexray.extra_token_ids", extra.astype(np.int32))
+        writer.write("hexray.extra_token_offsets", offsets)
+        writer.write("hexray.extra_token_text", np.frombuffer(b"".join(blobs), np.uint8))
+    return {"unembed_strs": strs[:len(need)], "partial_token_bytes": partial}
 
 
 def _emit(progress, event: str, **info) -> None:

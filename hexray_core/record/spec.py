@@ -86,6 +86,8 @@ def precheck(spec: str) -> tuple[str, str]:
         raise HexRayError(f"--model {spec}: {where} has no config.json (expected a save_pretrained folder)")
     if source in ("local", "embedded"):
         check_weight_files(where, spec)
+    if source == "local":
+        check_tokenizer_files(spec, where)
     why = "the Hugging Face hub is switched off (HF_HUB_OFFLINE)"
     if source == "hub" and not _offline() and not _hub_reachable():
         # No network: say so at once instead of letting the hub client retry for half a minute.
@@ -102,6 +104,19 @@ def precheck(spec: str) -> tuple[str, str]:
             raise HexRayError(f"cannot load model {spec!r}: {why} and the model is not in the local cache; "
                               f"{ALTERNATIVES}")
     return source, where
+
+
+# Files any one of which gives a folder a tokenizer (fast tokenizer; SentencePiece; GPT-2-style BPE; WordPiece).
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+
+
+def check_tokenizer_files(spec: str, folder: str) -> None:
+    """A folder without tokenizer files would load with a one-token-per-prompt fallback: refuse it."""
+    if any(all(os.path.isfile(os.path.join(folder, f)) for f in group) for group in TOKENIZER_FILES):
+        return
+    wanted = " or ".join(" + ".join(group) for group in TOKENIZER_FILES)
+    raise HexRayError(f"--model {spec}: {folder} has no tokenizer files (expected {wanted}); save the tokenizer "
+                      "there too: tokenizer.save_pretrained(folder)")
 
 
 def human_bytes(n: int) -> str:

@@ -104,6 +104,21 @@ def token_bytes(tokenizer, ids: list[int]) -> list[bytes | None]:
     return out
 
 
+def mentioned_token_texts(tokenizer, ids) -> tuple[list[str], list[list]]:
+    """Decoded text of each id, and ``[id, bytes]`` for those that hold only part of a UTF-8 character
+    (they decode to U+FFFD, so two different tokens would look alike; replay shows their bytes)."""
+    ids = [int(i) for i in ids]
+    strs = [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
+    suspects = [i for i, text in zip(ids, strs, strict=True) if "\ufffd" in text]
+    partial = []
+    for tid, raw in zip(suspects, token_bytes(tokenizer, suspects) if suspects else [], strict=True):
+        try:
+            raw.decode("utf-8") if raw is not None else None
+        except UnicodeDecodeError:
+            partial.append([tid, raw])
+    return strs, partial
+
+
 def _decode_with_map(raw: bytes) -> tuple[str, list[int]]:
     """Decode UTF-8 (invalid bytes -> U+FFFD) and map each raw byte to the index of the char it became part of."""
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -12,17 +12,27 @@
 Nothing here may import torch or transformer_lens (a test checks it).
 """
 
-from .attention import attention_summary
-from .attribution import Attribution, Component, Contribution, direct_logit_attribution, next_token_attributions
-from .cache import Slice, get_act_name
-from .cot import cot_breakdown, split_steps
-from .diff import attribution_diff
-from .lens import logit_lens
-from .residual import residual_trace
-from .trace import MissingHook, Run, Trace, open_trace
+# Loaded on first use (PEP 562): `hexray replay t.hxr` needs trace and attribution, not every view.
+_EXPORTS = {
+    "attention_summary": "attention", "Attribution": "attribution", "Component": "attribution",
+    "Contribution": "attribution", "direct_logit_attribution": "attribution",
+    "next_token_attributions": "attribution", "Slice": "cache", "get_act_name": "cache",
+    "cot_breakdown": "cot", "split_steps": "cot", "attribution_diff": "diff", "logit_lens": "lens",
+    "residual_trace": "residual", "MissingHook": "trace", "Run": "trace", "Trace": "trace", "open_trace": "trace",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "Attribution", "Component", "Contribution", "MissingHook", "Run", "Slice", "Trace", "attention_summary",
-    "attribution_diff", "cot_breakdown", "direct_logit_attribution", "get_act_name", "logit_lens",
-    "next_token_attributions", "open_trace", "residual_trace", "split_steps",
-]
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -74,6 +74,10 @@ class Attribution:
         denom = sum(abs(c.value) for c in parts) or 1.0
         return [abs(c.value) / denom for c in parts]
 
+    def total_abs(self) -> float:
+        """Σ|value| over every component but the constant bias: what a part's share is taken of."""
+        return sum(abs(c.value) for c in self.contributions if c.kind != "bias")
+
     def by_label(self) -> dict[str, float]:
         return {c.label: c.value for c in self.contributions}
 
@@ -81,8 +85,8 @@ class Attribution:
         d = asdict(self)
         d["error"] = self.error
         if top is not None:
-            parts = self.top(top)
-            d["top"] = [{**asdict(c), "share": s} for c, s in zip(parts, self.shares(parts), strict=True)]
+            denom = self.total_abs() or 1.0  # share of the whole, so it does not change with `top`
+            d["top"] = [{**asdict(c), "share": abs(c.value) / denom} for c in self.top(top)]
         return d
 
 

@@ -62,6 +62,11 @@ def resolve_mode(text: str, mode: str = "auto", step_regex: str | None = None) -
     return mode
 
 
+def _shown(regex: str) -> str:
+    """A regex as typed (repr would double its backslashes, as in 'Step \\\\d+:')."""
+    return f"'{regex}'" if "'" not in regex else f'"{regex}"'
+
+
 def split_steps(text: str, mode: str = "auto", step_regex: str | None = None) -> list[tuple[int, int]]:
     """Character ranges of the steps of a text (whitespace-only steps are dropped)."""
     mode = resolve_mode(text, mode, step_regex)
@@ -71,9 +76,9 @@ def split_steps(text: str, mode: str = "auto", step_regex: str | None = None) ->
         try:
             starts = [m.start() for m in re.finditer(step_regex, text)]
         except re.error as e:
-            raise HexRayError(f"bad step_regex={step_regex!r}: {e}") from None
+            raise HexRayError(f"bad step_regex={_shown(step_regex)}: {e}") from None
         if not starts:
-            raise HexRayError(f"step_regex={step_regex!r} matches nowhere in the text")
+            raise HexRayError(f"step_regex={_shown(step_regex)} matches nowhere in the text")
         bounds = sorted({0, *starts})
     elif mode == "lines":
         bounds = [0] + [m.end() for m in re.finditer(r"\n", text)]

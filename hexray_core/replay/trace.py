@@ -417,6 +417,9 @@ class Trace(ModelMethods):
         strs = self._known_strs(r.id)
         if token_id in strs:
             return strs[token_id]
+        extra = self._extra_strs(r.id)
+        if token_id in extra:
+            return extra[token_id]
         vocab = self.vocab
         if vocab is not None and 0 <= token_id < len(vocab):
             return vocab[token_id]
@@ -426,14 +429,35 @@ class Trace(ModelMethods):
         run = self.runs[run_id]
 
         def build() -> dict[int, str]:
-            known = dict(zip(run.tokens, run.token_strs, strict=False))
-            strs = run.info.get("unembed_strs")
-            if strs is not None and self.reader.has("hexray.unembed_ids", run_id):
+            info = run.info
+            known: dict[int, str] = {}
+            strs = info.get("unembed_strs")
+            if isinstance(strs, list) and self.reader.has("hexray.unembed_ids", run_id):
                 ids = self.tensor("hexray.unembed_ids", run_id)
-                known.update(zip((int(i) for i in ids), strs, strict=False))
+                known.update(zip((int(i) for i in ids), map(str, strs), strict=False))
+            for item in info.get("partial_token_bytes") or []:  # part of a character: show its bytes
+                if isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[1], bytes):
+                    known[int(item[0])] = item[1].decode("utf-8", errors="backslashreplace")
+            known.update(zip(run.tokens, run.labels, strict=False))
             return known
 
         return run.memo("token_strs", build)
+
+    def _extra_strs(self, run_id: int) -> dict[int, str]:
+        """The logit lens's further token ids and texts (tensors, read on the first miss; recorder.py)."""
+        def build() -> dict[int, str]:
+            known: dict[int, str] = {}
+            if self.reader.has("hexray.extra_token_ids", run_id):
+                ids = self.tensor("hexray.extra_token_ids", run_id)
+                offsets = self.tensor("hexray.extra_token_offsets", run_id)
+                raw = self.reader.read("hexray.extra_token_text", run_id).tobytes()
+                if len(offsets) == len(ids) + 1:
+                    known = {int(t): raw[int(a):int(b)].decode("utf-8", errors="replace")
+                             for t, a, b in zip(ids.tolist(), offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)}
+                known.update(self._known_strs(run_id))  # partial characters keep their bytes
+            return known
+
+        return self.runs[run_id].memo("extra_token_strs", build)
 
     @cached_property
     def vocab(self) -> list[str] | None:
@@ -450,7 +474,8 @@ class Trace(ModelMethods):
         s = str(text_or_id)
         if not literal and re.fullmatch(r"#\d+", s):
             return int(s[1:])
-        for tid, text in self._known_strs(self.run(run).id).items():
+        run_id = self.run(run).id
+        for tid, text in (*self._known_strs(run_id).items(), *self._extra_strs(run_id).items()):
             if text == s:
                 return tid
         vocab = self.vocab
