@@ -11,6 +11,7 @@ import logging
 import os
 
 from hexray_core.errors import HexRayError
+from trace_format import TraceFormatError
 
 
 def import_ray(data: bool = True):
@@ -94,8 +95,9 @@ def resources() -> dict[str, float]:
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
-def user_error(e: BaseException) -> HexRayError | None:
-    """The HexRayError behind a Ray failure (a task's or an actor's), if there is one."""
+def user_error(e: BaseException) -> Exception | None:
+    """The user error (HexRayError, or TraceFormatError for a missing or damaged shard) behind a Ray failure
+    (a task's or an actor's), if there is one."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -103,7 +105,7 @@ def user_error(e: BaseException) -> HexRayError | None:
         if isinstance(cause, BaseException):  # but its text is the remote traceback: use the cause
             e = cause
             continue
-        if isinstance(e, HexRayError):
+        if isinstance(e, HexRayError | TraceFormatError):
             return e
         e = e.__cause__ or e.__context__
     return None
