@@ -9,7 +9,9 @@ What it measures (p50/p90/p99/max over N requests, milliseconds):
 1. spawn -> ``initialize`` answered, and spawn -> first hover answered (after ``initialized``).
 2. For prompts of 1,000 and 6,000 tokens (recorded by the server's own worker with a tiny random
    GPT-2 of n_ctx 8192, ``tests.lsp_support:tiny_gpt2_big_context_factory``):
-   hover at random tokens; inlay hints for a visible range (50 lines) and for the whole document
+   hover at random tokens (and, idle, the same without source attribution as the baseline; hover then
+   ``documentHighlight`` at the same random token, as an editor does when the cursor rests there, and a
+   highlight on its own); inlay hints for a visible range (50 lines) and for the whole document
    (what Neovim asks for), first request (builds the hint cache) and then warm; all of it idle
    and again while the worker records another 6,000-token prompt in a loop.
 3. Save -> refreshed: with ``recordOnSave`` on and the worker warm, the time from ``didSave`` of a
@@ -178,6 +180,13 @@ class Bench:
         return await self.client.request("textDocument/hover", {"textDocument": {"uri": uri},
                                                                 "position": {"line": line, "character": col}})
 
+    async def highlight(self, uri: str, line: int, col: int):
+        return await self.client.request("textDocument/documentHighlight", {
+            "textDocument": {"uri": uri}, "position": {"line": line, "character": col}})
+
+    def configure(self, settings: dict) -> None:
+        self.client.notify("workspace/didChangeConfiguration", {"settings": {"hexray": settings}})
+
     async def hints(self, uri: str, l0: int, l1: int):
         return await self.client.request("textDocument/inlayHint", {
             "textDocument": {"uri": uri}, "range": {"start": {"line": l0, "character": 0},
@@ -216,9 +225,35 @@ async def measure_doc(b: Bench, uri: str, text: str, rnd: random.Random, n_hover
             lat.append((await timed(b.hover(uri, ln, col)))[1])
         return lat
 
+    async def with_highlights(n):
+        """What an editor does when the cursor rests on a token: hover, then documentHighlight there.
+        Random positions, so nearly every hover computes its token's sources (the highlight reuses them)."""
+        hov, hl, pair, found = [], [], [], 0
+        for _ in range(n):
+            ln, col = rand_pos()
+            _, a = await timed(b.hover(uri, ln, col))
+            r, c = await timed(b.highlight(uri, ln, col))
+            hov.append(a)
+            hl.append(c)
+            pair.append(a + c)
+            found += bool(r)
+        lone = []
+        for _ in range(max(1, n // 2)):  # a highlight on its own (a client that highlights without hovering)
+            ln, col = rand_pos()
+            lone.append((await timed(b.highlight(uri, ln, col)))[1])
+        return {"hover_with_sources": stats(hov), "highlight_after_hover": stats(hl),
+                "hover_plus_highlight": stats(pair), "highlight_alone": stats(lone), "with_highlights": found}
+
     if busy_uri is None:
         first, out["inlay_whole_first_ms"] = await timed(b.hints(uri, 0, n_lines + 1))
         out["hints"] = len(first)
+        # baseline: the hover without source attribution (hover.sources 0, highlights off), same run
+        b.configure({**b.settings, "hover": {"sources": 0}, "highlights": {"max": 0}})
+        await asyncio.sleep(0.2)
+        out["hover_no_sources"] = stats(await hovers(n_hover))
+        b.configure(b.settings)
+        await asyncio.sleep(0.2)
+        out.update(await with_highlights(n_hover))
         out["hover"] = stats(await hovers(n_hover))
         lat, n = [], 0
         for _ in range(n_inlay):
@@ -362,6 +397,13 @@ async def latency(args, results, root, env, settings, rnd, tokenizer) -> None:
             print(f"\n{results[f'tokens_{n}']} tokens, {label}"
                   + (f" ({r['recordings_during']} recordings of 6,000 tokens ran meanwhile)" if busy_arg else ""))
             print("  hover:                   ", fmt(r["hover"]))
+            if "hover_no_sources" in r:
+                print("  hover, sources off:      ", fmt(r["hover_no_sources"]))
+                print("  hover (then highlight):  ", fmt(r["hover_with_sources"]))
+                print("  highlight after hover:   ", fmt(r["highlight_after_hover"]))
+                print("  hover + highlight:       ", fmt(r["hover_plus_highlight"]))
+                print(f"  highlight alone:          {fmt(r['highlight_alone'])} ({r['with_highlights']} of "
+                      f"{r['hover_plus_highlight']['n']} positions had highlights)")
             if "inlay_whole_first_ms" in r:
                 print(f"  inlay whole doc, first:   {r['inlay_whole_first_ms']:.2f} ms ({r['hints']} hints)")
             print(f"  inlay 50 lines (~{r.get('visible_hints', '?')}):", fmt(r["inlay_visible"]))

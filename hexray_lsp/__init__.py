@@ -16,6 +16,7 @@ Modules, one feature each over one document-and-trace model:
     traces        where a document's trace is, loading it off the loop, fresh vs stale
     trace_view    one run of a trace: tokens, spans, per-token probability/rank/contributor
     hover         the hover Markdown
+    sources       which earlier tokens a token's prediction came from: the hover's Sources, documentHighlight
     inlay_hints   one figure per token, and the resolve tooltip
     diagnostics   no trace / stale / unreadable / kit missing / surprising tokens
     code_lens     "record trace" / "cancel" on the first line

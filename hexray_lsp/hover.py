@@ -4,8 +4,9 @@ For the token under the cursor (or the tokens, when a tokenizer split one charac
 
     the token as text and id; its probability, rank and surprisal when the model predicted it;
     the top predictions at the previous position; the components (and, with the model kit,
-    heads) that contributed most to its logit, with shares of sum |contribution|; and what the
-    model predicts after it.
+    heads) that contributed most to its logit, with shares of sum |contribution|; with the kit and
+    ``hook_v``, the earlier tokens those heads carried it from (`sources`); and what the model
+    predicts after it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from hexray_core.errors import HexRayError
 from trace_format import TraceFormatError
 
 from .render import bits, bytes_text, code, pct, quote, signed, table, to_plaintext
+from .sources import hover_lines as source_lines
 from .trace_view import RunView, TraceView
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,7 @@ def _next(view: TraceView, rv: RunView, last: int, n: int) -> list[str]:
 
 
 def hover_markdown(view: TraceView, rv: RunView, group: list[int], text: str, *, predictions: int = 5,
-                   contributors: int = 5) -> str:
+                   contributors: int = 5, sources: int = 5) -> str:
     """The hover for a group of tokens sharing the text under the cursor (usually one token)."""
     k = _top_k(view, rv)
     first, last = group[0], group[-1]
@@ -148,6 +150,7 @@ def hover_markdown(view: TraceView, rv: RunView, group: list[int], text: str, *,
     if first > 0:
         lines += _predictions(view, rv, first, predictions, text)
         lines += _contributors(view, rv, first, contributors)
+        lines += source_lines(view, rv, first, sources, text)
     lines += _next(view, rv, last, predictions)
     footer = f"*{view.model_name} · {os.path.basename(view.path)}"
     if len(view.runs) > 1:
@@ -188,7 +191,7 @@ async def hover(ls, params: t.HoverParams) -> t.Hover | None:
         if not group:
             return None
         value = hover_markdown(status.view, rv, group, doc.text, predictions=ls.settings.hover_predictions,
-                               contributors=ls.settings.hover_contributors)
+                               contributors=ls.settings.hover_contributors, sources=ls.settings.hover_sources)
         start = min(int(rv.starts[i]) for i in group)
         end = max(int(rv.ends[i]) for i in group)
         (sl, sc), (el, ec) = index.position(start), index.position(end)

@@ -2,7 +2,7 @@
 
 One model under every feature: `DocumentStore` (what the editor has open) and `TraceStore`
 (traces on disk, loaded off the event loop), joined by `HexRayServer.status(doc)`. The feature
-modules (`hover`, `inlay_hints`, `diagnostics`, `code_lens`, `commands`) hold the logic; this
+modules (`hover`, `sources`, `inlay_hints`, `diagnostics`, `code_lens`, `commands`) hold the logic; this
 module handles the document lifecycle and settings and routes requests to them.
 
 Start-up: only pygls, lsprotocol and the light modules are imported before the ``initialize``
@@ -337,7 +337,7 @@ def _warm_imports() -> None:
     garbage collector's view: a full collection over them took ~100 ms on a busy machine, a
     pause a hover would otherwise hit now and then.
     """
-    from . import code_lens, commands, diagnostics, hover, inlay_hints, line_index, traces  # noqa: F401
+    from . import code_lens, commands, diagnostics, hover, inlay_hints, line_index, sources, traces  # noqa: F401
 
     gc.collect()
     gc.freeze()
@@ -504,6 +504,14 @@ async def on_hover(ls: HexRayServer, params: t.HoverParams):
     from .hover import hover
 
     return await hover(ls, params)
+
+
+@feature(t.TEXT_DOCUMENT_DOCUMENT_HIGHLIGHT)
+@guarded("document highlight", default=lambda _params: [])
+async def on_document_highlight(ls: HexRayServer, params: t.DocumentHighlightParams):
+    from .sources import document_highlight
+
+    return await document_highlight(ls, params)
 
 
 @feature(t.TEXT_DOCUMENT_INLAY_HINT, t.InlayHintOptions(resolve_provider=True))

@@ -46,6 +46,12 @@ def _prob(v):
     return float(v)
 
 
+def _share(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise ValueError("expected a share from 0 to 1")
+    return float(v)
+
+
 def _choice(options):
     def check(v):
         if v not in options:
@@ -135,6 +141,12 @@ class Settings:
     hover_predictions: int = setting(5, _int_in(0, 50), "top predictions listed in a hover", key="hover.predictions")
     hover_contributors: int = setting(5, _int_in(0, 50), "top components (and heads) listed in a hover",
                                       key="hover.contributors")
+    hover_sources: int = setting(5, _int_in(0, 50), "source tokens listed in a hover (0 = none)", key="hover.sources")
+    highlight_threshold: float = setting(
+        0.1, _share, "highlight the source tokens of a prediction whose |total| is at least this share of the "
+        "largest (0..1)", key="highlights.threshold")
+    max_highlights: int = setting(20, _int_in(0, 1000), "at most this many source highlights (0 = off)",
+                                  key="highlights.max")
     max_document_bytes: int = setting(2_000_000, _int_in(1_000, 1 << 31), "larger documents get only a diagnostic "
                                                                           "saying so")
 

@@ -2,8 +2,8 @@
 
 A `TraceView` is built off the event loop (``build_view``: open the trace, pick the runs,
 precompute every token's probability, rank, surprisal and top contributor, warm the tensors a
-hover reads) and is then used only from the event loop, so the replay `Trace` it wraps is never
-touched by two threads at once.
+hover reads, source attribution's included) and is then used only from the event loop, so the
+replay `Trace` it wraps is never touched by two threads at once.
 
 Token ``i`` is "predicted" at position ``i - 1``: its probability is
 ``exp(next_logit[i-1] - logsumexp[i-1])`` and its rank is its place in that position's recorded
@@ -24,6 +24,7 @@ import numpy as np
 from hexray_core.errors import HexRayError
 from hexray_core.replay import Trace
 from hexray_core.replay.attribution import next_token_attributions
+from hexray_core.replay.sources import source_attribution
 from trace_format import TraceFormatError
 
 LN2 = math.log(2.0)
@@ -159,6 +160,8 @@ def build_view(path: str) -> TraceView:
                            "top-k are not available (record with the option bundle, or once on this machine)")
         if kit is not None:
             _warm_kit(kit)
+            for rv in runs:
+                _warm_sources(trace, rv)
     except TraceUnreadable:
         trace.close()
         raise
@@ -184,6 +187,16 @@ def _warm_kit(kit) -> None:
                 kit[name]
         except (TraceFormatError, OSError, ValueError):
             pass
+
+
+def _warm_sources(trace: Trace, rv: RunView) -> None:
+    """Read (and keep in the decode cache) what a hover's source attribution reads: hook_v and q/k."""
+    if len(rv.tokens) < 2:
+        return
+    try:
+        source_attribution(trace, position=len(rv.tokens) - 2, run=rv.index, target=int(rv.tokens[-1]))
+    except (HexRayError, TraceFormatError, KeyError, ValueError, IndexError):
+        pass  # no hook_v (an older trace): hovers say so, highlights are empty
 
 
 def _build_run(trace: Trace, index: int) -> RunView:

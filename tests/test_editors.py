@@ -183,6 +183,9 @@ def test_neovim_hover(sample, tmp_path):
         assert expected in shown, f"the hover float lacks {expected!r}:\n{shown}"
     assert lines_with(out, "FILETYPE") == ["hexray-prompt"]
     assert int(lines_with(out, "INLAY_COUNT")[0]) > 10
+    # the module highlights the hovered token's source tokens on CursorHold (textDocument/documentHighlight)
+    assert int(lines_with(out, "HIGHLIGHT_AUTOCMDS")[0]) >= 1
+    assert int(lines_with(out, "HIGHLIGHT_MARKS")[0]) >= 1
     assert lines_with(out, "STATUS") == ['"fresh"']
     assert "stale-trace" in lines_with(out, "DIAGNOSTICS")[0]
 

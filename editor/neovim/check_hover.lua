@@ -90,6 +90,22 @@ local ok, err = pcall(function()
     if not shown:find(e, 1, true) then return fail('hover float lacks ' .. json(e)) end
   end
 
+  -- source highlights: the module's CursorHold autocmd asks for textDocument/documentHighlight
+  local autocmds = vim.api.nvim_get_autocmds({ event = 'CursorHold', buffer = buf })
+  out('HIGHLIGHT_AUTOCMDS', #autocmds)
+  vim.api.nvim_win_set_cursor(0, { lnum, col })
+  vim.api.nvim_exec_autocmds('CursorHold', { buffer = buf })
+  local marks = 0
+  vim.wait(timeout, function()
+    for name, ns in pairs(vim.api.nvim_get_namespaces()) do
+      if name:find('references', 1, true) then
+        marks = #vim.api.nvim_buf_get_extmarks(buf, ns, 0, -1, {})
+      end
+    end
+    return marks > 0
+  end, 20)
+  out('HIGHLIGHT_MARKS', marks)
+
   local last = vim.api.nvim_buf_line_count(buf)
   local hints = vim.lsp.buf_request_sync(buf, 'textDocument/inlayHint', {
     textDocument = { uri = vim.uri_from_bufnr(buf) },

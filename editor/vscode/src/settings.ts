@@ -24,6 +24,9 @@ export const SERVER_SETTINGS = [
   'maxSurpriseDiagnostics',
   'hover.predictions',
   'hover.contributors',
+  'hover.sources',
+  'highlights.threshold',
+  'highlights.max',
   'filePatterns',
   'maxDocumentBytes',
 ] as const;

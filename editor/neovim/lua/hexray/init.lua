@@ -24,6 +24,7 @@ M.defaults = {
   inlay_hints = true,
   root_markers = { '.git', 'pyproject.toml', '.hexray' },
   hover_key = 'K',
+  source_highlights = true, -- highlight the source tokens of the token under the cursor (CursorHold)
   on_attach = nil, -- function(client, bufnr), called after HexRay's own setup of the buffer
 }
 
@@ -85,6 +86,15 @@ local function on_attach(client, bufnr)
   end
   if M.config.inlay_hints and vim.lsp.inlay_hint and vim.lsp.inlay_hint.enable then
     pcall(vim.lsp.inlay_hint.enable, true, { bufnr = bufnr })
+  end
+  -- Neovim asks for textDocument/documentHighlight only when told to: on CursorHold (after 'updatetime').
+  if M.config.source_highlights and vim.api.nvim_create_autocmd and client.server_capabilities
+      and client.server_capabilities.documentHighlightProvider then
+    local group = vim.api.nvim_create_augroup('hexray_highlight_' .. bufnr, { clear = true })
+    vim.api.nvim_create_autocmd({ 'CursorHold', 'CursorHoldI' }, {
+      group = group, buffer = bufnr, callback = function() pcall(vim.lsp.buf.document_highlight) end })
+    vim.api.nvim_create_autocmd({ 'CursorMoved', 'CursorMovedI', 'BufLeave' }, {
+      group = group, buffer = bufnr, callback = function() pcall(vim.lsp.buf.clear_references) end })
   end
   if M.config.on_attach then M.config.on_attach(client, bufnr) end
 end
