@@ -142,7 +142,7 @@ class _QK:
         """[heads, len(queries), n_keys] softmax weights (keys at or before each query, within its window)."""
         b = len(queries)
         out = np.empty((self.n_heads, b, n_keys), dtype=np.float32)
-        qs = self._queries(queries)  # [b, heads, d]
+        qs = self._queries(queries) * np.float32(self.params["scale"])  # [b, heads, d], scaled
         for g in range(self.k.shape[0]):  # the heads sharing key/value head g: one matrix product
             heads = slice(g * self.rep, (g + 1) * self.rep)
             scores = qs[:, heads, :].reshape(b * self.rep, -1) @ self.k[g, :n_keys].T  # [b * rep, n_keys]
@@ -151,8 +151,8 @@ class _QK:
 
 
 def softmax_rows(scores: np.ndarray, queries: np.ndarray, params: dict) -> np.ndarray:
-    """Scale, soft-cap, mask and normalise raw q·k scores ``[heads, len(queries), n_keys]`` in place."""
-    scores *= np.float32(params["scale"])
+    """Soft-cap, mask and normalise scaled q·k scores ``[heads, len(queries), n_keys]`` in place (the scale is
+    applied to q before the product: one pass less over the scores)."""
     cap = params.get("softcap")
     if cap:
         np.tanh(scores / np.float32(cap), out=scores)

@@ -273,6 +273,7 @@ class Trace(ModelMethods):
         self._cache: collections.OrderedDict[tuple[int, str, str | None], np.ndarray] = collections.OrderedDict()
         self._cache_bytes = 0
         self._cache_budget = _cache_budget()
+        self._row_reads: set = set()  # tensors tensor_rows has read a row range of once
         self._kit = kit
         self.runs = [self._make_run(r) for r in self.reader.runs]
         if not self.runs:
@@ -394,14 +395,16 @@ class Trace(ModelMethods):
         return arr
 
     def tensor_rows(self, name: str, run: int, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of a run's tensor: from the cache when it holds the tensor, else read from
-        the chunks that hold those rows only (a position of a 16k-token trace without decoding it all)."""
+        """Rows ``start:stop`` of a run's tensor: the first time, read from the chunks that hold those rows only
+        (one position of a 16k-token trace without decoding it all: a cold `hexray replay`); after that, and
+        for small tensors, from the whole tensor decoded once and cached (a hover session)."""
         run_id = self.run(run).id
         stored = self.stored_name(name, run_id)
-        hit = self._cache.get((run_id, stored, None))
-        if hit is not None or not self.reader.has(stored, run_id) \
+        key = (run_id, stored, None)
+        if key in self._cache or key in self._row_reads or not self.reader.has(stored, run_id) \
                 or self.reader.info(stored, run_id).nbytes <= _WHOLE_READ_BYTES:
-            return self.tensor(name, run_id)[start:stop]
+            return self.tensor(name, run_id)[start:stop]  # the second time: decoded whole, then cached
+        self._row_reads.add(key)
         return self.reader.read(stored, run_id, index=slice(start, stop))
 
     def forget_tensors(self, run: int) -> None:
