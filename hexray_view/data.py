@@ -23,6 +23,7 @@ from hexray_core.errors import HexRayError
 from hexray_core.replay import attention, attribution, lens
 from hexray_core.replay import cot as cot_mod
 from hexray_core.replay import diff as diff_mod
+from hexray_core.replay.jsonable import plain
 
 TOP_PREDICTIONS = 10
 TOP_NEURONS = 10
@@ -30,23 +31,6 @@ TOP_SOURCES = 12
 TOP_HEADS = 8  # heads whose pattern rows the report embeds per position
 LENS_TOP = 3  # tokens per lens cell (hover)
 MAX_WINDOW = 256  # positions per lens request, queries per attention request
-
-
-def plain(obj):
-    """JSON-ready: numpy values as Python numbers, NaN and ±inf as None (JSON has no such numbers)."""
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return plain(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 def _has_attention(trace, run: int) -> bool:

@@ -8,12 +8,11 @@ common command, `hexray replay t.hxr` into a pipe, pays for no rich import at al
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from typing import TYPE_CHECKING
 
-import numpy as np
+from hexray_core.replay.jsonable import plain
 
 if TYPE_CHECKING:  # the views' types only: importing a view's module is the replay's job
     from hexray_core.replay.attention import AttentionSummary
@@ -109,25 +108,8 @@ def q(token: str) -> str:
     return json.dumps(token, ensure_ascii=False).replace("\\\\x", "\\x")
 
 
-def _plain(obj):
-    """JSON-ready copy: numpy values as Python numbers, NaN and ±inf as null (JSON has no such numbers)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
 def print_json(obj) -> None:
-    print(json.dumps(_plain(obj), ensure_ascii=False, indent=2, allow_nan=False))
+    print(json.dumps(plain(obj), ensure_ascii=False, indent=2, allow_nan=False))
 
 
 def aligned(label: str) -> str:
