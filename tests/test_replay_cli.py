@@ -323,6 +323,10 @@ def test_tables_fit_an_80_column_terminal_and_never_wrap_when_piped(traces):
     info = hexray("info", traces[0]).stdout.splitlines()
     (writer,) = [ln for ln in info if ln.startswith("  writer   ")]
     assert "platform" in writer and len(writer) > 80  # one line in a pipe
+    shown = _run_in_terminal(["info", str(traces[0])], 80).splitlines()
+    assert max(cell_len(ln) for ln in shown) <= 80
+    (writer,) = [ln for ln in shown if ln.startswith("  writer   ")]  # cut with an ellipsis, not wrapped
+    assert writer.rstrip().endswith("…") and not any(ln.startswith("platform") for ln in shown)
 
 
 def test_cot_step_label_is_shown_once(tiny_gpt2_recorder, tmp_path):

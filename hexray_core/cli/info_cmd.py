@@ -221,42 +221,46 @@ def render(s: dict) -> None:
     con = Console(highlight=False, markup=False, emoji=False)
     if not con.is_terminal:  # piped: whole lines, never wrapped at 80 columns (as the replay views)
         con = Console(highlight=False, markup=False, emoji=False, width=10_000)
+
+    def say(line: str) -> None:  # one line: on a terminal, cut with an ellipsis rather than wrapped unindented
+        con.print(line, no_wrap=True, overflow="ellipsis")  # (the console has markup off: the text is literal)
+
     fmt = s["format"]
-    con.print(Text(s["path"], style="bold"))
+    con.print(Text(s["path"], style="bold"), no_wrap=True, overflow="ellipsis")
     appended = f", appended {fmt['appends']}x" if fmt["appends"] else ""
     features = f", features {', '.join(fmt['features'])}" if fmt["features"] else ""
-    con.print(f"  file     {human(s['file_size'])} ({s['file_size']:,} bytes), .hxr v{fmt['version']}"
+    say(f"  file     {human(s['file_size'])} ({s['file_size']:,} bytes), .hxr v{fmt['version']}"
               f"{features}{appended}")
-    con.print(f"  created  {s['created'] or '-'}   closed {s['closed'] or '-'}")
+    say(f"  created  {s['created'] or '-'}   closed {s['closed'] or '-'}")
     if s["kind"]:
-        con.print(f"  kind     {s['kind']}")
+        say(f"  kind     {s['kind']}")
     if s["model"]:
-        con.print(f"  model    {_model_line(s['model'])}")
+        say(f"  model    {_model_line(s['model'])}")
         proc = s["model"].get("processing")
         if isinstance(proc, dict) and proc:
             on = [k for k, v in proc.items() if v is True]
             off = [k for k, v in proc.items() if v is False]
-            con.print(f"  weights  {', '.join(on) or '-'}" + (f" (not: {', '.join(off)})" if off else ""))
+            say(f"  weights  {', '.join(on) or '-'}" + (f" (not: {', '.join(off)})" if off else ""))
     if s["tokenizer"]:
         tok = dict(s["tokenizer"])
         if isinstance(tok.get("sha256"), str):
             tok["sha256"] = tok["sha256"][:12]
-        con.print(f"  tokenizer {_kv_line(tok)}")
+        say(f"  tokenizer {_kv_line(tok)}")
     if s["kit"]:
         kit = s["kit"]
         sha = kit.get("sha256")
-        con.print(f"  kit      {sha[:16] if isinstance(sha, str) else '-'}"
+        say(f"  kit      {sha[:16] if isinstance(sha, str) else '-'}"
                   f"{' (bundled)' if kit.get('bundled') else ' (not bundled)'}"
                   + (f", {kit['n_vocab']} token strings" if isinstance(kit.get("n_vocab"), int) else ""))
     if s["storage"]:
-        con.print(f"  storage  {_kv_line(s['storage'])}")
+        say(f"  storage  {_kv_line(s['storage'])}")
     if s["hooks"]:
         hooks = s["hooks"]
         req = hooks.get("requested")
-        con.print(f"  hooks    {hooks.get('set', '-')}"
+        say(f"  hooks    {hooks.get('set', '-')}"
                   + (f" ({len(req)} requested)" if isinstance(req, list) else ""))
     if s["writer"]:
-        con.print(f"  writer   {_kv_line(s['writer'])}")
+        say(f"  writer   {_kv_line(s['writer'])}")
 
     rows = []
     for run in s["runs"]:
@@ -274,9 +278,9 @@ def render(s: dict) -> None:
     con.print(_table("runs", ["run", "status", "tokens", "tensors", "raw", "stored", "ratio", "prompt"], rows,
                      width=con.width, right={0, 2, 3, 4, 5, 6}))
     if more_runs > 0:
-        con.print(f"  ... and {more_runs:,} more runs (hexray info --run ID, or --json, shows them)")
+        say(f"  ... and {more_runs:,} more runs (hexray info --run ID, or --json, shows them)")
     t = s["totals"]
-    con.print(f"  total    {t['runs']} runs, {t['tensors']} tensors in {t['chunks']} chunks, "
+    say(f"  total    {t['runs']} runs, {t['tensors']} tensors in {t['chunks']} chunks, "
               f"{human(t['raw_bytes'])} raw -> {human(t['stored_bytes'])} stored ({_ratio(t['ratio'])})")
 
     for run in s["runs"] + ([dict(w, id="weights")] if w and "tensor_list" in w else []):
@@ -284,7 +288,7 @@ def render(s: dict) -> None:
             continue
         rows = []
         if len(run["tensor_list"]) > MAX_TABLE_ROWS:
-            con.print(f"  (run {run['id']}: the first {MAX_TABLE_ROWS} of {len(run['tensor_list']):,} tensors; "
+            say(f"  (run {run['id']}: the first {MAX_TABLE_ROWS} of {len(run['tensor_list']):,} tensors; "
                       "--json has all)")
         for row in run["tensor_list"][:MAX_TABLE_ROWS]:
             ratio = row["raw_bytes"] / row["stored_bytes"] if row["stored_bytes"] else None
