@@ -43,17 +43,9 @@ __all__ = sorted(["__version__", "open", "open_dataset", "record", *_LAZY])  # n
 
 
 def _recorder_module():
-    """hexray_core.record.recorder, or the CLI's one-line install advice when torch & co are missing."""
-    from hexray_core.errors import record_extra_missing
+    from hexray_core.recording import import_recorder
 
-    try:
-        from hexray_core.record import recorder
-    except ModuleNotFoundError as e:
-        advice = record_extra_missing(e)
-        if advice is not None:
-            raise advice from None
-        raise
-    return recorder
+    return import_recorder()
 
 
 def __getattr__(name: str):

@@ -243,16 +243,9 @@ def _device_map(value: str | None):
 
 def recorder_class():
     """The Recorder, or one clear line when the recording extra (torch, TransformerLens) is missing."""
-    from hexray_core.errors import record_extra_missing
+    from hexray_core.recording import import_recorder
 
-    try:
-        from hexray_core.record.recorder import Recorder
-    except ModuleNotFoundError as e:
-        advice = record_extra_missing(e)
-        if advice is not None:
-            raise advice from None
-        raise
-    return Recorder
+    return import_recorder().Recorder
 
 
 def run(args) -> int:
