@@ -122,6 +122,9 @@ def test_round_trip(tensors, chunk_bytes, level, shuffle, ix):
                 index = _leading_index(x.shape, *ix)
                 part = r.read(name, index=index, dtype="stored")
                 assert _same_bits(part, x[index]), (name, x.shape, index)
+                part32 = r.read(name, index=index)  # a span of one chunk is un-shuffled alone (codec.decode)
+                np.testing.assert_array_equal(part32, expect[index])
+                assert part.flags.writeable and part32.flags.writeable
         report = verify(path)
         assert report.tensors == len(tensors)
         assert report.chunks == sum(len(t.chunks) for t in TraceReader(path).tensors())
@@ -187,7 +190,7 @@ def test_row_ranges_decode_only_needed_chunks(tmp_path, monkeypatch):
         assert info.chunk_rows == 32 and len(info.chunks) == 24
         seen = []
         real = r._read_chunk
-        monkeypatch.setattr(r, "_read_chunk", lambda info, c, out=None: seen.append(c) or real(info, c, out=out))
+        monkeypatch.setattr(r, "_read_chunk", lambda info, c, out=None, span=None: seen.append(c) or real(info, c, out=out, span=span))
         row = r.read("blocks.0.attn.hook_pattern", index=(3, slice(40, 41)))
         assert row.shape == (1, 64) and seen == [7]
         np.testing.assert_array_equal(row, pattern[3, 40:41].astype(np.float32))

@@ -8,7 +8,7 @@ import msgpack
 import numpy as np
 import zstandard
 
-from .dtypes import shuffle, unshuffle
+from .dtypes import shuffle, unshuffle, unshuffle_span
 from .errors import TraceFormatError
 from .layout import CODEC_NONE, CODEC_ZSTD, FILTER_NONE, FILTER_SHUFFLE, crc32
 
@@ -59,17 +59,22 @@ def encode(data, *, level: int | None, itemsize: int, use_shuffle: bool) -> tupl
     return codec, filt, payload, crc32(payload)
 
 
-def decode(payload, *, codec: int, filt: int, raw_len: int, itemsize: int, where: str, out=None):
+def decode(payload, *, codec: int, filt: int, raw_len: int, itemsize: int, where: str, out=None, span=None):
     """Decode one payload whose decoded length must be exactly raw_len (already checked against limits).
 
     Returns a bytes-like object of exactly raw_len bytes; with ``out`` (a uint8 array of raw_len
-    bytes) the result is written there and ``out`` is returned.
+    bytes) the result is written there and ``out`` is returned. With ``span=(lo, hi)`` (byte offsets,
+    multiples of itemsize) only bytes lo:hi of the decoded data are returned, as a new uint8 array: the
+    whole payload is still decompressed and checked, but a shuffled one is un-shuffled for the span only
+    (one row of a chunk, the cold read of one position).
     """
     if codec == CODEC_NONE:
         if filt != FILTER_NONE:
             raise TraceFormatError(f"{where}: filter {filt} on an uncompressed payload")
         if len(payload) != raw_len:
             raise TraceFormatError(f"{where}: stored length {len(payload)} != decoded length {raw_len}")
+        if span is not None:
+            return memoryview(payload).cast("B")[span[0]:span[1]]
         if out is not None:
             out[:] = memoryview(payload).cast("B")
             return out
@@ -98,6 +103,11 @@ def decode(payload, *, codec: int, filt: int, raw_len: int, itemsize: int, where
         raise TraceFormatError(f"{where}: zstd decoding failed ({e})") from None
     if len(data) != raw_len:
         raise TraceFormatError(f"{where}: decoded {len(data)} bytes, expected {raw_len}")
+    if span is not None:
+        lo, hi = span
+        if filt == FILTER_SHUFFLE:
+            return unshuffle_span(data, itemsize, lo // itemsize, hi // itemsize)
+        return np.frombuffer(data, dtype=np.uint8)[lo:hi].copy()
     if filt == FILTER_SHUFFLE:
         return unshuffle(data, itemsize, out=out)
     if out is not None:

@@ -77,7 +77,17 @@ def shuffle(buf, itemsize: int, out: np.ndarray | None = None) -> np.ndarray:
 
 def unshuffle(buf, itemsize: int, out: np.ndarray | None = None) -> np.ndarray:
     """Inverse of ``shuffle``. Returns a uint8 array (``out`` if given: a uint8 array of len(buf) bytes)."""
-    planes = np.frombuffer(buf, dtype=np.uint8).reshape(itemsize, -1)
+    return _interleave(np.frombuffer(buf, dtype=np.uint8).reshape(itemsize, -1), out)
+
+
+def unshuffle_span(buf, itemsize: int, e0: int, e1: int) -> np.ndarray:
+    """Elements e0:e1 of shuffled ``buf``, un-shuffled alone: a new uint8 array of (e1 - e0) * itemsize bytes."""
+    return _interleave(np.frombuffer(buf, dtype=np.uint8).reshape(itemsize, -1)[:, e0:e1], None)
+
+
+def _interleave(planes: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """Byte planes [itemsize, n] -> the n elements' bytes in order."""
+    itemsize = planes.shape[0]
     dst = np.empty(planes.size, dtype=np.uint8) if out is None else out
     if itemsize == 2:
         w = dst.view("<u2")

@@ -353,10 +353,10 @@ class TraceReader:
                                    f"{self.limits.result_cap(self.size):,} for a file of {self.size:,} bytes")
         if total and first == last:  # one chunk: slice it, allocate nothing the file merely claims
             c0 = first * info.chunk_rows
-            data = np.frombuffer(self._read_chunk(info, first), dtype=np.uint8)
-            raw = data[(r0 - c0) * row_bytes:(r1 - c0) * row_bytes].view(stored)
+            span = ((r0 - c0) * row_bytes, (r1 - c0) * row_bytes)
+            raw = np.frombuffer(self._read_chunk(info, first, span=span), dtype=np.uint8).view(stored)
             arr = to_float32(raw, info.dtype) if convert else raw
-            if np.shares_memory(arr, data):
+            if not arr.flags.writeable:
                 arr = arr.copy()  # a new, writeable array that does not keep the whole chunk alive
             return arr.reshape(out_shape)
         # Several chunks: each is decoded (into the result when no conversion is needed) and copied
@@ -396,8 +396,9 @@ class TraceReader:
         """Chunk ``c`` of a tensor read, checked against its header and the index, and decoded."""
         return self._read_chunk(info, c)
 
-    def _read_chunk(self, info: TensorInfo, c: int, out: np.ndarray | None = None):
-        """Read, check and decode chunk ``c`` of a tensor. Returns exactly its raw_len bytes (in ``out`` if given)."""
+    def _read_chunk(self, info: TensorInfo, c: int, out: np.ndarray | None = None, span=None):
+        """Read, check and decode chunk ``c`` of a tensor. Returns exactly its raw_len bytes (in ``out`` if given),
+        or with ``span=(lo, hi)`` bytes lo:hi of them (codec.decode)."""
         offset, plen, raw_len, crc = (int(v) for v in info.chunks[c])
         what = f"chunk {c} of {info.name!r} (run {info.run})"
         cap = min(self.limits.decode_cap(plen), self.limits.result_cap(self.size))
@@ -415,7 +416,8 @@ class TraceReader:
         if layout.crc32(payload) != crc:
             raise TraceFormatError(f"{self.name}: checksum mismatch in {what}", offset=offset, what=what)
         return decode(payload, codec=header.codec, filt=header.filter, raw_len=raw_len,
-                      itemsize=DTYPES[info.dtype].itemsize, where=f"{self.name}: {what} at byte {offset}", out=out)
+                      itemsize=DTYPES[info.dtype].itemsize, where=f"{self.name}: {what} at byte {offset}", out=out,
+                      span=span)
 
     def _pread(self, offset: int, n: int) -> bytes:
         if offset < 0 or n < 0 or offset + n > getattr(self, "size", offset + n):

@@ -137,17 +137,25 @@ def component_stack(trace, run: int) -> tuple[list[Component], np.ndarray]:
 
 
 def _run_unembed(trace, run: int):
-    """The run's own unembedding table (the columns of its tokens and top-k predictions), or None."""
+    """The run's own unembedding table (the columns of its tokens and top-k predictions) as (row of each id,
+    bias), or None. The columns stay in the trace until asked for (`_run_unembed_rows`)."""
     r = trace.run(run)
 
     def build():
         if not trace.has("hexray.unembed_ids", r.id):
             return None
         ids = trace.tensor("hexray.unembed_ids", r.id)
-        return ({int(t): i for i, t in enumerate(ids)}, trace.tensor("hexray.unembed_cols", r.id),
-                trace.tensor("hexray.unembed_bias", r.id))
+        return {int(t): i for i, t in enumerate(ids)}, trace.tensor("hexray.unembed_bias", r.id)
 
     return r.memo("unembed", build)
+
+
+def _run_unembed_rows(trace, run: int, rows: np.ndarray) -> np.ndarray:
+    """Rows of the run's unembedding table; one row is read alone (a cold `hexray replay` needs one column of
+    a table of thousands), more come from the table decoded once."""
+    if rows.size == 1:
+        return trace.tensor_rows("hexray.unembed_cols", run, int(rows[0]), int(rows[0]) + 1)
+    return trace.tensor("hexray.unembed_cols", run)[rows]
 
 
 def unembed_columns(trace, ids, run: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -173,10 +181,10 @@ def unembed_columns(trace, ids, run: int | None = None) -> tuple[np.ndarray, np.
         table = _run_unembed(trace, source)
         if table is None:
             continue
-        row_of, cols, bias = table
+        row_of, bias = table
         if all(int(t) in row_of for t in flat):
             rows = np.fromiter((row_of[int(t)] for t in flat), dtype=np.int64, count=flat.size)
-            return cols[rows].reshape(*ids.shape, -1), bias[rows].reshape(ids.shape)
+            return _run_unembed_rows(trace, source, rows).reshape(*ids.shape, -1), bias[rows].reshape(ids.shape)
     own = _run_unembed(trace, run if run is not None else 0)
     missing = next((int(t) for t in flat if own is None or int(t) not in own[0]), 0)
     trace.require_kit(f"the unembedding of token {trace.token_str(missing, run or 0)!r} (id {missing})")
