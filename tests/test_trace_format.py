@@ -190,7 +190,8 @@ def test_row_ranges_decode_only_needed_chunks(tmp_path, monkeypatch):
         assert info.chunk_rows == 32 and len(info.chunks) == 24
         seen = []
         real = r._read_chunk
-        monkeypatch.setattr(r, "_read_chunk", lambda info, c, out=None, span=None: seen.append(c) or real(info, c, out=out, span=span))
+        monkeypatch.setattr(r, "_read_chunk",
+                            lambda info, c, out=None, span=None: seen.append(c) or real(info, c, out=out, span=span))
         row = r.read("blocks.0.attn.hook_pattern", index=(3, slice(40, 41)))
         assert row.shape == (1, 64) and seen == [7]
         np.testing.assert_array_equal(row, pattern[3, 40:41].astype(np.float32))

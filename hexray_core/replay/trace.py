@@ -41,7 +41,7 @@ def _cache_budget() -> int:
     if mb < 0:
         raise HexRayError(f"HEXRAY_TRACE_CACHE_MB must be 0 or more, not {mb}")
     return mb << 20
-_WHOLE_READ_BYTES = 64 << 10  # tensor_rows decodes a smaller tensor whole (and caches it): decoding twice costs nothing
+_WHOLE_READ_BYTES = 64 << 10  # tensor_rows decodes a smaller tensor whole (and caches it): twice costs nothing
 
 
 class Run(CacheMethods, Mapping):
