@@ -31,6 +31,7 @@ TOP_SOURCES = 12
 TOP_HEADS = 8  # heads whose pattern rows the report embeds per position
 LENS_TOP = 3  # tokens per lens cell (hover)
 MAX_WINDOW = 256  # positions per lens request, queries per attention request
+KEY_MIN = 1e-3  # attention keys lighter than this travel as one sum (attention_rows)
 
 
 def _has_attention(trace, run: int) -> bool:
@@ -199,8 +200,12 @@ def lens_grid(trace, run: int, start: int, end: int) -> dict:
 
 
 def attention_rows(trace, run: int, pos: int, layer: int, head: int, window: int = 24) -> dict:
-    """The selected head's pattern: the full row of `pos`, and the rows of the `window` queries
-    ending at pos over the keys in that window (a small lower-triangular heatmap)."""
+    """The selected head's pattern: the keys of `pos`'s row that weigh at least KEY_MIN (every key the page
+    shows: its underlines start at 0.01, its list is the 6 heaviest), what the others weigh together, and the
+    rows of the `window` queries ending at pos over the keys in that window (a small lower-triangular heatmap).
+
+    Sparse because a row of a 16k-token trace is 16k numbers (290 KB of JSON per click) of which a few
+    dozen are visible."""
     r = trace.run(run)
     p = r.position(pos)
     if not 0 <= layer < trace.n_layers or not 0 <= head < _n_heads(trace):
@@ -208,8 +213,11 @@ def attention_rows(trace, run: int, pos: int, layer: int, head: int, window: int
     window = max(1, min(window, MAX_WINDOW))
     first = max(0, p - window + 1)
     rows = attention.attention_rows(trace, r.id, layer, list(range(first, p + 1)))[head]  # [queries, n]
+    row = rows[-1, : p + 1]
+    heavy = np.flatnonzero(row >= KEY_MIN)
     return {"run": r.id, "position": p, "layer": layer, "head": head, "label": f"L{layer}H{head}",
-            "row": rows[-1, : p + 1].tolist(), "first": first,
+            "keys": [[int(k), float(row[k])] for k in heavy], "n_keys": p + 1,
+            "rest": float(row.sum(dtype=np.float64) - row[heavy].sum(dtype=np.float64)), "first": first,
             "window": rows[:, first: p + 1].tolist()}
 
 

@@ -96,6 +96,9 @@ class ViewServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: ViewServer
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as two writes; with Nagle's algorithm the second waits for the client's delayed
+    # ACK, 40 ms on Linux, on every answer of a kept-alive connection (measured: 48 ms per request, 1 ms without).
+    disable_nagle_algorithm = True
     server_version = "hexray-view"
     sys_version = ""
 

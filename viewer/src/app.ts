@@ -8,6 +8,8 @@ import type { AttnRows, Colours, Detail, LensGrid, Side, TraceOverview } from ".
 const LENS_BEFORE = 12;
 const LENS_AFTER = 12;
 const LENS_PAGE = 32;
+const BLOCK_MIN = 200; // tokens in a block of the strip before a line break may end it
+const BLOCK_MAX = 600; // ... and without one
 
 export class App {
   private traces: TraceOverview[] = [];
@@ -20,7 +22,7 @@ export class App {
   private tab: "tokens" | "cot" | "diff" = "tokens";
   private seq = 0; // drops answers to an older selection
   private tokens: HTMLSpanElement[] = [];
-  private overlay: number[] | null = null; // attention row shown on the strip
+  private overlay: [number, number][] | null = null; // the selected head's heavy keys, underlined on the strip
   private sourcePositions = new Set<number>();
   private painted: number[] = []; // tokens the overlay last touched
   private stripValues: (number | null)[] | null = null; // the component colouring shown, if any
@@ -97,9 +99,14 @@ export class App {
     void this.select(this.pos);
   }
 
+  /** The strip in blocks of a few hundred tokens (ending at a line break where there is one), each with
+   * `content-visibility: auto`: the browser lays out and paints only the blocks in view, so a click on a
+   * 16k-token strip repaints a few hundred tokens, not all of them. */
   private buildStrip(): void {
     const r = this.currentRun();
     const frag = document.createDocumentFragment();
+    let block = h("div", { class: "strip-block" });
+    let inBlock = 0;
     this.tokens = r.labels.map((label, i) => {
       const span = document.createElement("span");
       span.className = i >= r.n_prompt_tokens ? "tok gen" : "tok";
@@ -112,9 +119,16 @@ export class App {
           if (p) span.append(visible(p));
         });
       }
-      frag.append(span);
+      block.append(span);
+      inBlock++;
+      if ((inBlock >= BLOCK_MIN && label.includes("\n")) || inBlock >= BLOCK_MAX) {
+        frag.append(block);
+        block = h("div", { class: "strip-block" });
+        inBlock = 0;
+      }
       return span;
     });
+    if (inBlock) frag.append(block);
     for (const i of this.source.embedded?.(this.t, this.run) ?? []) this.tokens[i]?.classList.add("held");
     this.strip.replaceChildren(frag);
     this.strip.onmouseover = (e) => {
@@ -168,10 +182,8 @@ export class App {
       if (span) { span.style.boxShadow = ""; span.classList.remove("src"); }
     }
     this.painted = [];
-    const row = this.overlay ?? [];
-    for (let i = 0; i < row.length && i < this.tokens.length; i++) {
-      const w = row[i];
-      if (w > 0.01) {
+    for (const [i, w] of this.overlay ?? []) {
+      if (w > 0.01 && this.tokens[i]) {
         this.tokens[i].style.boxShadow = `inset 0 -${Math.max(2, Math.round(w * 6))}px 0 rgba(230, 120, 0, ${0.3 + 0.7 * w})`;
         this.painted.push(i);
       }
@@ -385,13 +397,15 @@ export class App {
       headBox.append(h("div", { class: "dim", text: `L${layer}H${head}: not embedded in this report (it keeps the ${d.attention.top.length} most focused heads)` }));
       this.overlay = null; this.paintOverlay(); return;
     }
-    this.overlay = rows.row;
+    this.overlay = rows.keys;
     this.paintOverlay();
     const r = this.currentRun();
-    const keys = rows.row.map((w, k) => [k, w] as [number, number]).sort((a, b) => b[1] - a[1]).slice(0, 6);
+    const keys = [...rows.keys].sort((a, b) => b[1] - a[1]).slice(0, 6);
     headBox.append(h("h4", { text: `${rows.label} from ${q(r.labels[this.pos])} (index ${this.pos})${rows.sparse ? " · heaviest keys only" : ""}` }),
       h("div", { class: "keys" }, ...keys.map(([k, w]) => h("span", { class: "key", "data-key": k, text: `${q(r.labels[k])}@${k} ${pct(w, 0)}` }))),
-      h("div", { class: "dim", text: "orange underline in the strip: this head's weights" }));
+      h("div", { class: "dim", text: "orange underline in the strip: this head's weights" +
+        (rows.rest != null && rows.n_keys > rows.keys.length
+          ? ` · the other ${rows.n_keys - rows.keys.length} keys (each under 0.1%) together ${pct(rows.rest, 1)}` : "") }));
     if (rows.window.length > 1) {
       const labels = rows.window.map((_, i) => r.labels[rows!.first + i]);
       headBox.append(h("div", { class: "sub", text: "pattern rows (queries × keys) up to the selected token" }),

@@ -76,11 +76,11 @@ export class EmbeddedSource implements Source {
   }
 
   async attention(t: number, run: number, pos: number, layer: number, head: number): Promise<AttnRows | null> {
-    const sparse = this.data.details[`${t}.${run}.${pos}`]?.attention?.rows?.[`${layer}.${head}`];
-    if (!sparse) return null;
-    const row = new Array<number>(pos + 1).fill(0);
-    for (const [k, w] of sparse) row[k] = w;
-    return { label: `L${layer}H${head}`, layer, head, position: pos, row, first: pos, window: [[row[pos]]], sparse: true };
+    const keys = this.data.details[`${t}.${run}.${pos}`]?.attention?.rows?.[`${layer}.${head}`];
+    if (!keys) return null;
+    const self = keys.find(([k]) => k === pos)?.[1] ?? 0;
+    return { label: `L${layer}H${head}`, layer, head, position: pos, keys, n_keys: pos + 1, rest: null, first: pos,
+      window: [[self]], sparse: true };
   }
 
   async colours(t: number, run: number) { return this.data.colours[`${t}.${run}`] ?? null; }

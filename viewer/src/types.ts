@@ -90,10 +90,12 @@ export interface AttnRows {
   layer: number;
   head: number;
   position: number;
-  row: number[]; // weight of every key 0..position
+  keys: [number, number][]; // [key, weight] of the keys 0..position that weigh at least 0.001, key order
+  n_keys: number; // position + 1
+  rest: number | null; // what the other keys weigh together (null: not known)
   first: number;
   window: number[][]; // rows of queries first..position over keys first..position
-  sparse?: boolean; // only the heaviest keys are known (a report)
+  sparse?: boolean; // only the heaviest few keys are known (a report)
 }
 
 export interface Colours {
