@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 
 from hexray_core import __version__  # noqa: F401 (public, in __all__)
+from hexray_core.replay import display as _display
 
 #: name -> module it lives in (imported on first use: `import hexray` stays cheap)
 _LAZY = {
@@ -80,6 +81,13 @@ def record(prompts, model="gpt2", output=None, **opts):
     return open(_recorder_module().record(prompts, model=model, output=output, **opts), framework=framework)
 
 
+def _show(trace, run, position, **kw):
+    """`Trace.show` / `Run.show` and their notebook display: the viewer, imported when first shown."""
+    from hexray_view.notebook import show
+
+    return show(trace, run, position, **kw)
+
+
 def open(path, framework: str = "np"):  # noqa: A001 - hexray.open(path) is the public name
     """Open a trace for replay: its runs are TransformerLens caches of numpy arrays (no torch needed),
     or of torch tensors sharing the trace's memory with ``framework="pt"``."""
@@ -93,3 +101,6 @@ def open_dataset(path):
     from hexray_core.replay.aggregate import open_dataset as _open_dataset
 
     return _open_dataset(path)
+
+
+_display.use_viewer(_show)  # the replay layer shows traces through hexray_view without importing it

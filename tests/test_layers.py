@@ -1,6 +1,6 @@
 """The layers hold (import-linter, contracts in pyproject.toml): trace_format < hexray_core.replay <
-{hexray_core.cli, hexray_lsp}; the replay side never imports the recorder, torch, TransformerLens or transformers,
-not even inside a function."""
+{hexray_core.cli, hexray_lsp, hexray_view}; the replay side never imports the recorder, torch, TransformerLens or
+transformers, not even inside a function."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_the_layering_contracts_are_kept():
 
 
 REPLAY_SIDE = "replay side: no recorder, no torch & co"
-LAYERS = "layers: trace_format < replay < cli, lsp"
+LAYERS = "layers: trace_format < replay < cli, lsp, view"
 
 
 @pytest.mark.parametrize("module, line, contract", [
@@ -41,6 +41,7 @@ LAYERS = "layers: trace_format < replay < cli, lsp"
     ("hexray_core/replay/lens.py", "    from hexray_core.record import tokens", REPLAY_SIDE),
     ("trace_format/reader.py", "    from hexray_core import errors", "trace_format stands alone"),
     ("hexray_core/replay/trace.py", "    from hexray_core.cli import render", LAYERS),
+    ("hexray_core/replay/trace.py", "    from hexray_view.notebook import show", LAYERS),  # display.py plugs it in
     ("hexray_lsp/hover.py", "    from hexray_core.cli import render", "lsp does not import the cli"),
 ])
 def test_a_back_edge_breaks_a_contract(tmp_path, module, line, contract):

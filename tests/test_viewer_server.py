@@ -11,9 +11,11 @@ import http.client
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
-from viewer_support import Served, hexray, record_demo, replay_json
+from viewer_support import REPO, Served, env, hexray, record_demo, replay_json
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +240,23 @@ def test_a_trace_without_lens_attention_or_heads_still_reports_and_serves(tmp_pa
         assert api(s, "detail", run=0, pos=3)[0] == 200
     finally:
         s.close()
+
+
+def test_a_trace_shows_in_a_notebook_through_the_viewer_hexray_plugs_in(demo_trace):
+    """The replay layer imports no viewer (tests/test_layers.py): `import hexray` plugs hexray_view in."""
+    code = ("import sys; from hexray_core.replay import open_trace; t = open_trace(sys.argv[1]); "
+            "print(t._repr_html_() is None, t.run(0)._repr_html_() is None, 'hexray_view' in sys.modules); "
+            "import hexray; print(t._repr_html_().startswith('<iframe'), t.run(1).show(position=3).html[:7])")
+    out = subprocess.run([sys.executable, "-c", code, str(demo_trace)], capture_output=True, text=True, env=env(),
+                         cwd=REPO, timeout=120)
+    assert out.stdout.split() == ["True", "True", "False", "True", "<iframe"], out.stderr[-2000:]
+    import hexray as hexray_package
+    from hexray_core.errors import HexRayError
+    from hexray_core.replay import display, open_trace
+
+    display.use_viewer(None)
+    try:
+        with pytest.raises(HexRayError, match="import hexray"):
+            open_trace(demo_trace).show()
+    finally:
+        display.use_viewer(hexray_package._show)

@@ -19,6 +19,7 @@ import numpy as np
 from hexray_core.errors import HexRayError
 from trace_format import TraceReader
 
+from . import display
 from .cache import CacheMethods, ModelMethods, get_act_name
 from .kit import Kit, find_kit
 from .validate import check_kit, check_recording
@@ -87,13 +88,11 @@ class Run(CacheMethods, Mapping):
         return out
 
     def show(self, position: int | None = None, **kw):
-        """The viewer inline in a notebook, opened on this run (hexray_view, no server)."""
-        from hexray_view.notebook import show
+        """The viewer inline in a notebook, opened on this run (the viewer `hexray` plugs in, no server)."""
+        return display.show(self.trace, next(i for i, r in enumerate(self.trace.runs) if r is self), position, **kw)
 
-        return show(self.trace, next(i for i, r in enumerate(self.trace.runs) if r is self), position, **kw)
-
-    def _repr_html_(self) -> str:
-        return self.show()._repr_html_()
+    def _repr_html_(self) -> str | None:
+        return self.show()._repr_html_() if display.has_viewer() else None  # None: the notebook shows repr()
 
     def position(self, pos: int) -> int:
         """Resolve a possibly negative position; out of range is a user error."""
@@ -560,13 +559,11 @@ class Trace(ModelMethods):
         self.close()
 
     def show(self, run: int = 0, position: int | None = None, **kw):
-        """The viewer inline in a notebook (hexray_view.notebook.show): tokens, attribution, lens, attention."""
-        from hexray_view.notebook import show
+        """The viewer inline in a notebook (tokens, attribution, lens, attention; `display.py`)."""
+        return display.show(self, run, position, **kw)
 
-        return show(self, run, position, **kw)
-
-    def _repr_html_(self) -> str:
-        return self.show()._repr_html_()
+    def _repr_html_(self) -> str | None:
+        return self.show()._repr_html_() if display.has_viewer() else None
 
     def __repr__(self) -> str:
         return f"<Trace {self.path}: {self.model_name}, {len(self.runs)} run(s)>"
