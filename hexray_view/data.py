@@ -31,7 +31,8 @@ TOP_SOURCES = 12
 TOP_HEADS = 8  # heads whose pattern rows the report embeds per position
 LENS_TOP = 3  # tokens per lens cell (hover)
 MAX_WINDOW = 256  # positions per lens request, queries per attention request
-KEY_MIN = 1e-3  # attention keys lighter than this travel as one sum (attention_rows)
+KEY_MIN = 1e-3  # attention keys lighter than this travel as one sum (attention_rows)...
+TOP_KEYS = 6  # ...unless among the heaviest, which the page lists
 
 
 def _has_attention(trace, run: int) -> bool:
@@ -200,8 +201,9 @@ def lens_grid(trace, run: int, start: int, end: int) -> dict:
 
 
 def attention_rows(trace, run: int, pos: int, layer: int, head: int, window: int = 24) -> dict:
-    """The selected head's pattern: the keys of `pos`'s row that weigh at least KEY_MIN (every key the page
-    shows: its underlines start at 0.01, its list is the 6 heaviest), what the others weigh together, and the
+    """The selected head's pattern: the keys of `pos`'s row that weigh at least KEY_MIN and the TOP_KEYS
+    heaviest (every key the page shows: its underlines start at 0.01, its list is the 6 heaviest), what the
+    others weigh together, and the
     rows of the `window` queries ending at pos over the keys in that window (a small lower-triangular heatmap).
 
     Sparse because a row of a 16k-token trace is 16k numbers (290 KB of JSON per click) of which a few
@@ -214,10 +216,11 @@ def attention_rows(trace, run: int, pos: int, layer: int, head: int, window: int
     first = max(0, p - window + 1)
     rows = attention.attention_rows(trace, r.id, layer, list(range(first, p + 1)))[head]  # [queries, n]
     row = rows[-1, : p + 1]
-    heavy = np.flatnonzero(row >= KEY_MIN)
+    shown = row >= KEY_MIN
+    shown[np.argsort(-row, kind="stable")[:TOP_KEYS]] = True  # a diffuse head still lists its heaviest keys
     return {"run": r.id, "position": p, "layer": layer, "head": head, "label": f"L{layer}H{head}",
-            "keys": [[int(k), float(row[k])] for k in heavy], "n_keys": p + 1,
-            "rest": float(row.sum(dtype=np.float64) - row[heavy].sum(dtype=np.float64)), "first": first,
+            "keys": [[int(k), float(row[k])] for k in np.flatnonzero(shown)], "n_keys": p + 1,
+            "rest": float(row[~shown].sum(dtype=np.float64)), "first": first,
             "window": rows[:, first: p + 1].tolist()}
 
 

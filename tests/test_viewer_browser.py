@@ -209,3 +209,46 @@ def test_notebook_repr_renders_inline(browser, demo_trace, tmp_path):
     page.screenshot(path=str(tmp_path / "notebook.png"), full_page=True)
     assert p.errors == [] and all(u in ("about:blank", "about:srcdoc") for u in p.requests)
     assert html.unescape(markup).count("<script") >= 2
+
+
+def test_a_long_strip_in_blocks_reads_as_one_text_and_scrolls_to_the_selection(browser, tmp_path):
+    """Past ~200 tokens the strip is cut into content-visibility blocks (app.ts buildStrip): each ends where a
+    line does, every token is there once in order, and the selection scrolls into view from any block."""
+    lines = [f"Line {i}: the cat sat on the mat and the dog ran to the park." for i in range(20)]
+    path = tmp_path / "long.hxr"
+    hexray("record", "--model", "hexray-demo", "--device", "cpu", "--prompt", "\n".join(lines), "-o", path, "-q")
+    s = Served(path)
+    p = Page(browser)
+    try:
+        page = p.open(s.url)
+        blocks = page.eval_on_selector_all("#strip .strip-block", "bs => bs.map(b => [...b.querySelectorAll("
+                                           "'.tok')].map(t => Number(t.dataset.i)))")
+        assert len(blocks) >= 2
+        assert [i for b in blocks for i in b] == list(range(sum(map(len, blocks))))
+        run = replay_json("info", path)["runs"][0]
+        assert sum(map(len, blocks)) == run["n_tokens"]
+        # every block but the last ends with a token that ends a line (its ↵ and <br>)
+        assert all(page.inner_html(f"#strip .tok[data-i='{b[-1]}']").endswith("<br>") for b in blocks[:-1])
+
+        def in_view(i: int) -> bool:
+            return page.evaluate(f"""(() => {{ const s = document.getElementById('strip').getBoundingClientRect();
+                const t = document.querySelector("#strip .tok[data-i='{i}']").getBoundingClientRect();
+                return t.top >= s.top && t.bottom <= s.bottom; }})()""")
+
+        last = run["n_tokens"] - 1
+        assert p.selected() == last and in_view(last)  # opened on the last token, in the last block
+        page.evaluate("document.getElementById('strip').scrollTop = 0")
+        page.focus("#strip")
+        p.select(lambda: page.keyboard.press("ArrowLeft"))
+        assert p.selected() == last - 1 and in_view(last - 1)  # scrolled back down to it
+        mid = blocks[1][len(blocks[1]) // 2]
+        page.evaluate(f"document.querySelector(\"#strip .tok[data-i='{mid}']\").scrollIntoView({{block: 'center'}})")
+        before = page.evaluate("document.getElementById('strip').scrollTop")
+        p.select(lambda: page.click(f"#strip .tok[data-i='{mid}']"))
+        assert p.selected() == mid and in_view(mid)
+        assert page.evaluate("document.getElementById('strip').scrollTop") == before  # in view: no jump
+        page.screenshot(path=str(tmp_path / "long-strip.png"))
+        assert not p.errors, p.errors
+    finally:
+        p.page.close()
+        s.close()

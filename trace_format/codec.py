@@ -68,6 +68,8 @@ def decode(payload, *, codec: int, filt: int, raw_len: int, itemsize: int, where
     whole payload is still decompressed and checked, but a shuffled one is un-shuffled for the span only
     (one row of a chunk, the cold read of one position).
     """
+    if span is not None and not (0 <= span[0] <= span[1] <= raw_len and span[0] % itemsize == span[1] % itemsize == 0):
+        raise ValueError(f"span {span} is not a range of whole elements within {raw_len} bytes")
     if codec == CODEC_NONE:
         if filt != FILTER_NONE:
             raise TraceFormatError(f"{where}: filter {filt} on an uncompressed payload")

@@ -107,6 +107,12 @@ export class App {
     const frag = document.createDocumentFragment();
     let block = h("div", { class: "strip-block" });
     let inBlock = 0;
+    let lines = 0; // the block's height, guessed (lines of ~100 characters) until the browser has laid it out
+    let chars = 0;
+    const close = () => {
+      block.style.containIntrinsicSize = `auto ${(1.9 * (lines + Math.ceil(chars / 100))).toFixed(1)}em`;
+      frag.append(block);
+    };
     this.tokens = r.labels.map((label, i) => {
       const span = document.createElement("span");
       span.className = i >= r.n_prompt_tokens ? "tok gen" : "tok";
@@ -121,14 +127,18 @@ export class App {
       }
       block.append(span);
       inBlock++;
-      if ((inBlock >= BLOCK_MIN && label.includes("\n")) || inBlock >= BLOCK_MAX) {
-        frag.append(block);
+      lines += label.split("\n").length - 1;
+      chars += label.length;
+      // A block ends where a line does (a token ending in a line break), so the text reads as before; a
+      // text without one is cut every BLOCK_MAX tokens.
+      if ((inBlock >= BLOCK_MIN && label.endsWith("\n")) || inBlock >= BLOCK_MAX) {
+        close();
         block = h("div", { class: "strip-block" });
-        inBlock = 0;
+        inBlock = lines = chars = 0;
       }
       return span;
     });
-    if (inBlock) frag.append(block);
+    if (inBlock) close();
     for (const i of this.source.embedded?.(this.t, this.run) ?? []) this.tokens[i]?.classList.add("held");
     this.strip.replaceChildren(frag);
     this.strip.onmouseover = (e) => {
@@ -267,7 +277,8 @@ export class App {
   /** Scroll the strip (only the strip: scrollIntoView would also scroll a notebook around its frame). */
   private scrollToToken(tok: HTMLElement): void {
     const s = this.strip;
-    const top = tok.offsetTop; // the strip is the offset parent (position: relative)
+    // From the rectangles: the token's offsetParent is its block (content-visibility contains layout).
+    const top = tok.getBoundingClientRect().top - s.getBoundingClientRect().top - s.clientTop + s.scrollTop;
     if (top < s.scrollTop || top + tok.offsetHeight > s.scrollTop + s.clientHeight) {
       s.scrollTop = Math.max(0, top - s.clientHeight / 2);
     }

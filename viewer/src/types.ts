@@ -90,7 +90,7 @@ export interface AttnRows {
   layer: number;
   head: number;
   position: number;
-  keys: [number, number][]; // [key, weight] of the keys 0..position that weigh at least 0.001, key order
+  keys: [number, number][]; // [key, weight] of the keys 0..position that weigh at least 0.001 or are among the 6 heaviest, key order
   n_keys: number; // position + 1
   rest: number | null; // what the other keys weigh together (null: not known)
   first: number;
