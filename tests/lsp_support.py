@@ -299,7 +299,8 @@ def server_env(**extra) -> dict:
 
 
 async def start_client(client_name: str, root, settings: dict | None = None, **env):
-    """Start ``python -m hexray_lsp`` and initialize it as ``client_name`` would."""
+    """Start ``python -m hexray_lsp`` and initialize it as ``client_name`` would (``.name``, ``.root``); the server
+    must pick the position encoding that client prefers."""
     from lsprotocol import types as t
     from pytest_lsp import ClientServerConfig, client_capabilities
 
@@ -319,6 +320,8 @@ async def start_client(client_name: str, root, settings: dict | None = None, **e
         initialization_options={"hexray": settings} if settings is not None else None))
     client.position_encoding = result.capabilities.position_encoding or "utf-16"
     client.server_capabilities = result.capabilities
+    client.name, client.root = client_name, root
+    assert client.position_encoding == ENCODINGS.get(client_name, client.position_encoding)
     return client
 
 

@@ -14,7 +14,6 @@ import pytest
 import pytest_asyncio
 from lsp_support import (
     CLIENTS,
-    ENCODINGS,
     PROMPTS,
     hover_at,
     make_workspace,
@@ -49,9 +48,6 @@ def workspace(tiny_gpt2_recorder, tmp_path_factory):
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=CLIENTS)
 async def client(request, workspace):
     c = await start_client(request.param, workspace, settings={})
-    c.name = request.param
-    c.root = workspace
-    assert c.position_encoding == ENCODINGS[request.param]
     yield c
     await stop_client(c)
 
