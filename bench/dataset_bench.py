@@ -55,7 +55,7 @@ def prompts(n: int) -> list[dict]:
 
 
 def timed_run(items, out, *, ray_address, workers, shard_size, device, act_dtype):
-    from hexray_core.record.dataset import record_dataset
+    from hexray_core.dataset.writer import record_dataset
 
     marks = []
 

@@ -23,7 +23,7 @@ import hostile_support  # noqa: E402
 from hostile_support import hexray, peak_rss_mb  # noqa: E402
 from test_hostile_memory import OPEN_AND_READ, _frames, craft  # noqa: E402
 
-CLI = "import sys; from hexray_core.cli.main import main; sys.exit(main(sys.argv[1:]))"
+CLI = "import sys; from hexray.cli.main import main; sys.exit(main(sys.argv[1:]))"
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     res = hexray("record", "--model", "hexray-demo", "--prompt", prompt, "-o", honest, "-q", timeout=600)
     assert res.returncode == 0, res.stderr
     files["honest demo trace (500 tokens)"] = honest
-    baseline, _ = peak_rss_mb("import hexray_core.cli.main, trace_format")
+    baseline, _ = peak_rss_mb("import hexray.cli.main, trace_format")
     print(f"tools of {hostile_support.REPO}")
     print(f"peak RSS in MB (VmHWM, fresh process; interpreter + numpy + msgpack + zstd alone: {baseline:.0f} MB)")
     print(f"{'file':32} {'size':>9} {'verify':>7} {'info':>6} {'replay':>7} {'open+read':>10}")

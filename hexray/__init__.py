@@ -44,7 +44,7 @@ __all__ = sorted(["__version__", "open", "open_dataset", "record", *_LAZY])  # n
 
 
 def _recorder_module():
-    from hexray_core.recording import import_recorder
+    from hexray.recording import import_recorder
 
     return import_recorder()
 
@@ -98,7 +98,7 @@ def open(path, framework: str = "np"):  # noqa: A001 - hexray.open(path) is the 
 
 def open_dataset(path):
     """Open a recorded dataset folder: iterate its runs across shards, aggregate their attribution (numpy only)."""
-    from hexray_core.replay.aggregate import open_dataset as _open_dataset
+    from hexray_core.dataset.reader import open_dataset as _open_dataset
 
     return _open_dataset(path)
 

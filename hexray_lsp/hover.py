@@ -21,24 +21,11 @@ from lsprotocol import types as t
 from hexray_core.errors import HexRayError
 from trace_format import TraceFormatError
 
-from .render import bits, bytes_text, code, pct, quote, signed, table, to_plaintext
+from .render import bits, code, pct, quote, signed, table, to_plaintext
 from .sources import hover_lines as source_lines
-from .trace_view import RunView, TraceView
+from .trace_view import RunView, TraceView, token_label
 
 log = logging.getLogger(__name__)
-
-
-def token_label(rv: RunView, i: int, text: str | None = None) -> str:
-    """The token as quoted text; a token holding part of a character is shown by its bytes."""
-    s = rv.token_strs[i] if i < len(rv.token_strs) else f"#{int(rv.tokens[i])}"
-    if "\ufffd" in s and rv.byte_spans is not None and text is not None:
-        try:
-            b0, b1 = (int(x) for x in rv.byte_spans[i])
-            if 0 <= b0 < b1:
-                return quote(bytes_text(text.encode("utf-8", "surrogatepass")[b0:b1]))
-        except (ValueError, TypeError, IndexError):
-            pass
-    return quote(s)
 
 
 def _probs_at(view: TraceView, rv: RunView, pos: int, k: int) -> list[tuple[int, str, float]]:

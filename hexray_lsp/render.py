@@ -7,35 +7,10 @@ to line up in a monospace font, counting wide (CJK, emoji) characters as two col
 
 from __future__ import annotations
 
-import json
 import math
 import unicodedata
 
-_KEEP_FORMAT = {"\u200d", "\u200c", "\ufe0f", "\ufe0e"}  # ZWJ/ZWNJ and variation selectors belong to emoji
-
-
-def quote(token: str) -> str:
-    """A token as a visible, escaped string: `" Paris"`, `"\\n"`. Quotes make spaces visible.
-
-    Bytes that are not whole UTF-8 characters, passed in as ``surrogateescape`` code points
-    (see `bytes_text`), show as ``\\xNN``.
-    """
-    out = []
-    for ch in json.dumps(token, ensure_ascii=False)[1:-1]:
-        cp = ord(ch)
-        cat = unicodedata.category(ch)
-        if 0xDC80 <= cp <= 0xDCFF:
-            out.append(f"\\x{cp - 0xDC00:02X}")
-        elif ch in _KEEP_FORMAT or cat not in ("Cc", "Zl", "Zp", "Cs", "Cf"):
-            out.append(ch)
-        else:
-            out.append(f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}")
-    return '"' + "".join(out) + '"'
-
-
-def bytes_text(raw: bytes) -> str:
-    """Decode bytes that may start or end inside a character; stray bytes become surrogate escapes."""
-    return raw.decode("utf-8", "surrogateescape")
+from hexray_core.replay.tokentext import KEEP_FORMAT, bytes_text, quote  # noqa: F401 (re-exported for hovers)
 
 
 def code(s: str) -> str:
@@ -50,7 +25,7 @@ def code(s: str) -> str:
 def width(s: str) -> int:
     w = 0
     for ch in s:
-        if unicodedata.combining(ch) or ch in _KEEP_FORMAT:
+        if unicodedata.combining(ch) or ch in KEEP_FORMAT:
             continue
         w += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
     return w

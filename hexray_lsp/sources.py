@@ -25,7 +25,8 @@ from hexray_core.errors import HexRayError
 from hexray_core.replay.sources import source_attribution
 from trace_format import TraceFormatError
 
-from .trace_view import RunView, TraceView
+from .render import code, signed
+from .trace_view import RunView, TraceView, token_label
 
 CACHE_SIZE = 64
 STRONG = 0.5  # a source at this share of the largest |total| or more is highlighted as Write
@@ -93,8 +94,6 @@ def hover_lines(view: TraceView, rv: RunView, i: int, n: int, text: str) -> list
     """The hover's "Sources" paragraph: ``from " Paris"@5 via L3H2 +1.20`` per source."""
     if n <= 0 or i < 1:
         return []
-    from .hover import token_label  # hover imports this module lazily; no cycle at import time
-    from .render import code, signed
 
     sa = sources_of(view, rv, i)
     if isinstance(sa, str):

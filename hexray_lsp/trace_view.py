@@ -25,6 +25,7 @@ from hexray_core.errors import HexRayError
 from hexray_core.replay import Trace
 from hexray_core.replay.attribution import next_token_attributions
 from hexray_core.replay.sources import source_attribution
+from hexray_core.replay.tokentext import bytes_text, quote
 from trace_format import TraceFormatError
 
 LN2 = math.log(2.0)
@@ -276,3 +277,16 @@ def contributions_to_next(trace: Trace, run: int) -> tuple[list[str], np.ndarray
         return [], None
     labels, values = next_token_attributions(trace, run)
     return labels[:-1], values[:-1]
+
+
+def token_label(rv: RunView, i: int, text: str | None = None) -> str:
+    """The token as quoted text; a token holding part of a character is shown by its bytes."""
+    s = rv.token_strs[i] if i < len(rv.token_strs) else f"#{int(rv.tokens[i])}"
+    if "\ufffd" in s and rv.byte_spans is not None and text is not None:
+        try:
+            b0, b1 = (int(x) for x in rv.byte_spans[i])
+            if 0 <= b0 < b1:
+                return quote(bytes_text(text.encode("utf-8", "surrogatepass")[b0:b1]))
+        except (ValueError, TypeError, IndexError):
+            pass
+    return quote(s)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from hexray_core.kitstore import cache_dir
+from hexray_core.kit.store import cache_dir
 
 from .documents import Document
 from .settings import Settings

@@ -22,7 +22,7 @@ PROMPT = "The capital of France is Paris.\nThe capital of Spain is"
 
 
 def hexray(*args, input=None, timeout=120, env=None):
-    return subprocess.run([sys.executable, "-m", "hexray_core", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hexray", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, input=input, timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -1,4 +1,4 @@
-"""`hexray info` and `hexray verify`, run as a user runs them (`python -m hexray_core ...`) on real traces."""
+"""`hexray info` and `hexray verify`, run as a user runs them (`python -m hexray ...`) on real traces."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ FULL_META = {
 
 def hexray(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="120", PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "hexray_core", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "hexray", *args], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=120)
 
 

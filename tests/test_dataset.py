@@ -13,8 +13,8 @@ import os
 import numpy as np
 import pytest
 
-from hexray_core import datasetstore
-from hexray_core.cli.main import main
+from hexray.cli.main import main
+from hexray_core.dataset import layout as datasetstore
 
 PROMPTS = [
     "It is a truth universally acknowledged, that a single man",
@@ -130,7 +130,7 @@ def test_rerun_records_nothing_and_keeps_the_shards(dataset, capsys):
 
 
 def test_resume_after_an_interrupted_run(demo, tmp_path):
-    from hexray_core.record.dataset import record_dataset
+    from hexray_core.dataset.writer import record_dataset
 
     items = [{"prompt": p, "id": i} for i, p in enumerate(PROMPTS)]
     out = str(tmp_path / "out")
@@ -162,7 +162,7 @@ def test_resume_after_an_interrupted_run(demo, tmp_path):
 
 def test_a_shard_that_never_landed_is_cleaned_and_redone(demo, tmp_path):
     """A worker killed mid-shard leaves its sidecar and a temporary trace; the next run redoes the shard."""
-    from hexray_core.record.dataset import record_dataset
+    from hexray_core.dataset.writer import record_dataset
 
     items = [{"prompt": p, "id": i} for i, p in enumerate(PROMPTS[:4])]
     out = tmp_path / "out"
@@ -269,7 +269,7 @@ def test_a_folder_recorded_otherwise_is_refused(dataset, capsys):
 
 
 def test_unknown_target_names_the_prompt(tmp_path, demo, capsys):
-    from hexray_core.record.dataset import record_dataset
+    from hexray_core.dataset.writer import record_dataset
 
     out = tmp_path / "out"
     record_dataset([{"prompt": "It was the", "id": "x", "target": "no such token here"}], out, model="hexray-demo",
@@ -347,7 +347,7 @@ def test_aggregate_needs_neither_torch_nor_ray(dataset):
     import sys
 
     code = ("import sys; sys.modules['torch'] = None; sys.modules['ray'] = None; "
-            "from hexray_core.cli.main import main; rc = main(['aggregate', sys.argv[1], '--json', '--jobs', '2']); "
+            "from hexray.cli.main import main; rc = main(['aggregate', sys.argv[1], '--json', '--jobs', '2']); "
             "import hexray; ds = hexray.open_dataset(sys.argv[1]); n = sum(1 for _ in ds); "
             "bad = [m for m in ('torch', 'transformer_lens', 'transformers', 'ray') if sys.modules.get(m)]; "
             "print('IMPORTED', bad, n); sys.exit(rc)")

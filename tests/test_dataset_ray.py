@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 
 from test_dataset import PROMPTS, assert_exactly_once, manifest, run_cli  # noqa: E402
 
-from hexray_core.record.dataset import record_dataset  # noqa: E402
+from hexray_core.dataset.writer import record_dataset  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITEMS = [{"prompt": f"{p} {k}", "id": f"r{k}-{i}", "k": k} for k in range(2) for i, p in enumerate(PROMPTS)]  # 22
@@ -99,7 +99,7 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_job_completes(cluster, tm
 
 
 def test_fuzz_on_ray_equals_fuzz_in_process(cluster, tmp_path):
-    from hexray_core.cli.fuzz_cmd import fuzz
+    from hexray.cli.fuzz_cmd import fuzz
 
     on_ray = fuzz("It was the", str(tmp_path / "ray"), model="hexray-demo", alternatives=1, ray="auto")
     local = fuzz("It was the", str(tmp_path / "local"), model="hexray-demo", alternatives=1, device="cpu")

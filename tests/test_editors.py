@@ -38,7 +38,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 EDITOR = REPO / "editor"
 VSCODE = EDITOR / "vscode"
-SERVER_CMD = [sys.executable, "-m", "hexray_core", "lsp"]
+SERVER_CMD = [sys.executable, "-m", "hexray", "lsp"]
 NETWORK_ERRORS = re.compile(r"ENOTFOUND|EAI_AGAIN|ETIMEDOUT|ECONNREFUSED|ECONNRESET|network|Temporary failure|"
                             r"Could not resolve|Failed to fetch|Unable to connect", re.I)
 

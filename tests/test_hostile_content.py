@@ -194,7 +194,7 @@ def test_bad_content_is_one_error_naming_it(base, case, mutate, expect, capsys):
 
 
 def _cli(capsys, *args):
-    from hexray_core.cli.main import main
+    from hexray.cli.main import main
 
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
@@ -273,7 +273,7 @@ def test_hypothesis_hostile_metadata(base, tmp_path_factory, where, data):
     path = write(str(tmp_path_factory.mktemp("hyp") / "t.hxr"), meta, runs, tensors)
     for msg in every_view(path):  # nothing but one-line user errors
         assert "\n" not in msg
-    from hexray_core.cli.info_cmd import render, summarise
+    from hexray.cli.info_cmd import render, summarise
     from trace_format import TraceReader
 
     with TraceReader(path) as r:

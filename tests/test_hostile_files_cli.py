@@ -113,7 +113,7 @@ def test_bad_record_values_are_one_line(args, needle):
 
 
 def test_a_prompt_with_a_non_utf8_byte_is_one_line(tmp_path):
-    argv = [sys.executable.encode(), b"-m", b"hexray_core", b"record", b"--model", b"hexray-demo", b"--prompt",
+    argv = [sys.executable.encode(), b"-m", b"hexray", b"record", b"--model", b"hexray-demo", b"--prompt",
             b"caf\xe9 au lait", b"-o", os.fsencode(tmp_path / "t.hxr")]
     res = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
     _one_line_error(res, "UTF-8")

@@ -121,7 +121,7 @@ except (HexRayError, TraceFormatError) as e:
 def test_small_hostile_files_stay_under_100_mb(files, case):
     path = files[case]
     for tool in ("verify", "info", "replay"):
-        mb, res = peak_rss_mb("import sys; from hexray_core.cli.main import main; sys.exit(main(sys.argv[1:]))",
+        mb, res = peak_rss_mb("import sys; from hexray.cli.main import main; sys.exit(main(sys.argv[1:]))",
                               tool, path)
         assert mb < LIMIT_MB, (case, tool, mb)
         assert "Traceback" not in res.stderr, res.stderr
@@ -161,7 +161,7 @@ def test_real_recordings_pass_the_relative_limits(tmp_path):
     with TraceReader(path) as r:
         for t in r.tensors():
             r.read(t.name, t.run)
-    mb, res = peak_rss_mb("import sys; from hexray_core.cli.main import main; sys.exit(main(sys.argv[1:]))",
+    mb, res = peak_rss_mb("import sys; from hexray.cli.main import main; sys.exit(main(sys.argv[1:]))",
                           "replay", str(path), "--cot")
     assert res.returncode == 0 and mb < LIMIT_MB, (mb, res.stderr)
 

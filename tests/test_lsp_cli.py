@@ -47,7 +47,7 @@ def test_tcp_and_log_file(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path / "lsp.log"
-    proc = subprocess.Popen([sys.executable, "-m", "hexray_core", "lsp", "--tcp", f"127.0.0.1:{port}",
+    proc = subprocess.Popen([sys.executable, "-m", "hexray", "lsp", "--tcp", f"127.0.0.1:{port}",
                              "--log-file", str(log), "--log-level", "INFO"], env=server_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -79,14 +79,14 @@ def test_tcp_and_log_file(tmp_path):
 
 
 def test_stdio_exits_with_its_client():
-    proc = subprocess.Popen([sys.executable, "-m", "hexray_core", "lsp"], env=server_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "hexray", "lsp"], env=server_env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdin.close()  # the editor went away without shutdown/exit
     assert proc.wait(timeout=30) is not None
 
 
 def test_bad_arguments():
-    r = subprocess.run([sys.executable, "-m", "hexray_core", "lsp", "--tcp", "nowhere"], env=server_env(),
+    r = subprocess.run([sys.executable, "-m", "hexray", "lsp", "--tcp", "nowhere"], env=server_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "HOST:PORT" in r.stderr
     r = subprocess.run([sys.executable, "-m", "hexray_lsp", "--log-file", "/nonexistent/dir/x.log"],

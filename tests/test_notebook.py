@@ -281,7 +281,7 @@ def test_next_token_attributions_add_up_to_the_recorded_logits(recorder, tmp_pat
 
 
 def test_cli_names_flags_where_the_library_names_parameters():
-    from hexray_core.cli.main import as_flags
+    from hexray.cli.main import as_flags
 
     assert as_flags("by= must be one of component, head, neuron") == "--by must be one of component, head, neuron"
     assert as_flags("side B: position=17 is out of range") == "side B: --position 17 is out of range"

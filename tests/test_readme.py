@@ -101,7 +101,7 @@ def folder(tmp_path_factory) -> tuple[Path, dict]:
     shutil.copytree(REPO / "examples", work / "examples")
     bin_dir = work / "bin"
     bin_dir.mkdir()
-    (bin_dir / "hexray").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m hexray_core "$@"\n')
+    (bin_dir / "hexray").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m hexray "$@"\n')
     (bin_dir / "hexray").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from hexray_core.cli.main import main
-from hexray_core.cli.record_cmd import parse_prompts_file
+from hexray.cli.main import main
+from hexray.cli.record_cmd import parse_prompts_file
 from hexray_core.errors import HexRayError
 from trace_format import WEIGHTS_RUN, TraceReader
 
@@ -40,7 +40,7 @@ def cli_env(tmp_path, **extra) -> dict:
 
 
 def hexray_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "hexray_core", "record", *args]
+    return [sys.executable, "-m", "hexray", "record", *args]
 
 
 # -- prompts files -------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def test_kit_written_once_and_reused(tiny, tiny_tokenizer, tmp_path, fresh_cache
 
 
 def test_bundle_replays_with_no_cache(tiny_llama_recorder, tmp_path, monkeypatch):
-    from hexray_core.record.kit import kit_sha256
+    from hexray_core.kit.builder import kit_sha256
 
     res = tiny_llama_recorder.record("Bob 🐱", tmp_path / "t.hxr", bundle=True, act_dtype="float32")
     empty = tmp_path / "empty-cache"
@@ -226,7 +226,7 @@ def test_local_folder_without_tokenizer_files_is_refused(tiny, tiny_tokenizer, t
 
     with pytest.raises(HexRayError, match="no tokenizer files"):
         Recorder(str(folder), device="cpu")
-    p = subprocess.run([sys.executable, "-m", "hexray_core", "record", "--model", str(folder), "--prompt", "hi",
+    p = subprocess.run([sys.executable, "-m", "hexray", "record", "--model", str(folder), "--prompt", "hi",
                         "-o", str(tmp_path / "t.hxr")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.count("\n") == 1 and "no tokenizer files" in p.stderr and "tokenizer.json" in p.stderr

@@ -26,12 +26,12 @@ def traces(tiny_gpt2_recorder, tmp_path_factory):
 
 
 def hexray(*args, env=None, input=None):
-    return subprocess.run([sys.executable, "-m", "hexray_core", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hexray", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **(env or {})}, input=input, timeout=300)
 
 
 def test_replay_prints_the_seed_table_without_importing_torch(traces):
-    code = ("import sys; from hexray_core.cli.main import main; rc = main(['replay', sys.argv[1], '--top-k', '5']); "
+    code = ("import sys; from hexray.cli.main import main; rc = main(['replay', sys.argv[1], '--top-k', '5']); "
             "bad = [m for m in ('torch', 'transformer_lens', 'transformers') if m in sys.modules]; "
             "print('IMPORTED', bad); sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code, traces[0]], capture_output=True, text=True, cwd=REPO,
@@ -197,7 +197,7 @@ def test_python_api(traces):
 
 def test_recording_without_torch_is_one_line_naming_the_extra(tmp_path):
     """A replay-only install (no torch) that tries to record gets the install command, not a traceback."""
-    code = ("import sys; sys.modules['torch'] = None; from hexray_core.cli.main import main; "
+    code = ("import sys; sys.modules['torch'] = None; from hexray.cli.main import main; "
             "sys.exit(main(sys.argv[1:]))")
     for args in (["record", "--model", "hexray-demo", "--prompt", "hi", "-o", str(tmp_path / "t.hxr")],
                  ["--model", "hexray-demo", "--prompt", "hi", "-q"]):
@@ -288,7 +288,7 @@ def _run_in_terminal(args: list[str], columns: int) -> str:
         fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
         os.environ.pop("COLUMNS", None)
         os.chdir(REPO)
-        os.execv(sys.executable, [sys.executable, "-m", "hexray_core", *args])
+        os.execv(sys.executable, [sys.executable, "-m", "hexray", *args])
     chunks = []
     while True:
         try:

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from hexray_core.cli import render
+from hexray.cli import render
 from hexray_core.errors import HexRayError
+from hexray_core.kit.reader import Kit
 from hexray_core.replay import open_trace
-from hexray_core.replay.kit import Kit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COT = "First line of text.\nSecond line, and more.\nThird line."
@@ -30,7 +30,7 @@ def traces(tiny_gpt2_recorder, tmp_path_factory):
 
 
 def hexray(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "hexray_core", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hexray", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **(env or {})}, timeout=300)
 
 
@@ -62,7 +62,7 @@ def test_json_has_no_nan_and_plain_numbers(capsys):
 
 
 def test_closed_stdout_is_not_a_traceback(traces):
-    proc = subprocess.Popen([sys.executable, "-m", "hexray_core", "replay", traces[0], "--by", "neuron", "--json",
+    proc = subprocess.Popen([sys.executable, "-m", "hexray", "replay", traces[0], "--by", "neuron", "--json",
                              "--top-k", "5"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # like `| head -0`: closed before the command writes
     err = proc.stderr.read().decode()

@@ -166,7 +166,7 @@ def _hexray(*args):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "hexray_core", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hexray", *map(str, args)], capture_output=True, text=True,
                           timeout=120)
 
 

@@ -24,7 +24,7 @@ def env() -> dict:
 
 
 def hexray(*args, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "hexray_core", *map(str, args)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "hexray", *map(str, args)], capture_output=True, text=True,
                          cwd=REPO, env=env(), timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"hexray {args} failed ({out.returncode}): {out.stderr[-2000:]}")
@@ -50,7 +50,7 @@ class Served:
     """`hexray view --no-browser` in a subprocess; `url` is the first line it printed."""
 
     def __init__(self, *traces, extra=()):
-        self.proc = subprocess.Popen([sys.executable, "-m", "hexray_core", "view", *map(str, traces), "--no-browser",
+        self.proc = subprocess.Popen([sys.executable, "-m", "hexray", "view", *map(str, traces), "--no-browser",
                                       *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                      env=env())
         line = self.proc.stdout.readline().strip()

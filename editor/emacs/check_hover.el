@@ -1,6 +1,6 @@
 ;;; check_hover.el --- headless check: eglot + hexray.el show HexRay's hover  -*- lexical-binding: t; -*-
 
-;; HEXRAY_CMD='["/path/venv/bin/python","-m","hexray_core","lsp"]' \
+;; HEXRAY_CMD='["/path/venv/bin/python","-m","hexray","lsp"]' \
 ;; HEXRAY_FILE=/tmp/w/sample.prompt HEXRAY_NEEDLE=sat HEXRAY_EXPECT='["Top contributors"]' \
 ;;   emacs --batch -Q -l editor/emacs/check_hover.el
 ;;

@@ -11,7 +11,7 @@
 ;;
 ;;   (add-to-list 'load-path "/path/to/hexray/editor/emacs")
 ;;   (require 'hexray)
-;;   (setq hexray-server-command '("/path/to/venv/bin/python" "-m" "hexray_core" "lsp")) ; default: ("hexray" "lsp")
+;;   (setq hexray-server-command '("/path/to/venv/bin/python" "-m" "hexray" "lsp")) ; default: ("hexray" "lsp")
 ;;   (setq hexray-settings '(:model "gpt2" :device "cpu" :inlayHints "probability"
 ;;                          :hover (:predictions 5) :recordOptions (:top_k 20)))
 ;;   (add-hook 'hexray-prompt-mode-hook #'eglot-ensure)

@@ -1,7 +1,7 @@
 -- Headless check that Neovim, configured with lua/hexray (this folder), shows HexRay's hover for a prompt
 -- with a recorded trace beside it. Prints what it sees; exits 0 on success, 1 (and "FAIL ...") otherwise.
 --
---   HEXRAY_CMD='["/path/venv/bin/python","-m","hexray_core","lsp"]' \
+--   HEXRAY_CMD='["/path/venv/bin/python","-m","hexray","lsp"]' \
 --   HEXRAY_FILE=/tmp/w/sample.prompt HEXRAY_NEEDLE=sat HEXRAY_EXPECT='["Top contributors"]' \
 --     nvim --headless -u NONE -i NONE -n -c 'luafile editor/neovim/check_hover.lua'
 --

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from hexray_core.errors import HexRayError
+from hexray_core.kit import builder as kitmod
 from trace_format import TraceWriter
 
-from . import kit as kitmod
 from .attention import AttentionCheck, attention_spec
 from .capture import Capture, resolve_act_dtype
 from .generate import generate as run_generation
@@ -32,7 +32,7 @@ from .generate import no_generation
 from .hooks import HookPlan, plan_hooks
 from .models import LoadedModel, from_objects, load_model, writer_meta
 from .spec import check_generation, check_output_path, human_bytes, normalize_prompts
-from .tokens import encode_prompt, mentioned_token_texts, token_text
+from .tokens import encode_prompt, mentioned_token_texts, token_text, vocab_strings
 
 DEFAULT_TOP_K = 20
 RUN_TENSORS = ("hexray.topk_ids", "hexray.topk_logits", "hexray.next_logit", "hexray.logsumexp",
@@ -96,7 +96,7 @@ class Recorder:
         """The model's kit (computed once per loaded model)."""
         k = self.loaded.cache.get("kit")
         if k is None:
-            vocab = kitmod.vocab_strings(self.tokenizer, self.loaded.d_vocab)
+            vocab = vocab_strings(self.tokenizer, self.loaded.d_vocab)
             k = kitmod.Kit(kitmod.kit_arrays(self.bridge), self.loaded.model_meta, vocab)
             self.loaded.cache["kit"] = k
         return k

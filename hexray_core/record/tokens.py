@@ -252,3 +252,15 @@ def encode_prompt(tokenizer, prompt: str, prepend_bos: bool) -> list[int]:
     if prepend_bos and bos is not None:
         ids = [int(bos)] + ids
     return [int(i) for i in ids]
+
+
+def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
+    """The display text of each token id ("" for ids past the tokenizer's vocabulary; the bytes, as
+    '\\xe8\\x8b', for a token that holds part of a character)."""
+    n = min(len(tokenizer), d_vocab)
+    strs = [str(s) for s in tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)]
+    # A token holding part of a UTF-8 character decodes to U+FFFD: show its bytes (as replay does everywhere).
+    _, partial = mentioned_token_texts(tokenizer, [i for i, s in enumerate(strs) if "\ufffd" in s])
+    for tid, raw in partial:
+        strs[tid] = raw.decode("utf-8", errors="backslashreplace")
+    return strs + [""] * (d_vocab - n)

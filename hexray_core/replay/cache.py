@@ -26,6 +26,7 @@ import numpy as np
 from hexray_core.errors import HexRayError
 
 from . import attribution as prim
+from .missing import MissingHook
 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 
@@ -246,8 +247,6 @@ class CacheMethods:
         return self.trace.output(arr)
 
     def _get(self, key, why: str = "") -> np.ndarray:
-        from .trace import MissingHook
-
         try:
             return self.array(key)
         except MissingHook as e:

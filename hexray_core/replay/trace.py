@@ -17,11 +17,12 @@ from functools import cached_property
 import numpy as np
 
 from hexray_core.errors import HexRayError
+from hexray_core.kit.reader import Kit, find_kit
 from trace_format import TraceReader
 
 from . import display
 from .cache import CacheMethods, ModelMethods, get_act_name
-from .kit import Kit, find_kit
+from .missing import MissingHook, hook_set
 from .validate import check_kit, check_recording
 
 # Decoded tensors kept per trace (HEXRAY_TRACE_CACHE_MB changes it). A short trace never fills it; a 16k-token
@@ -200,25 +201,6 @@ class Run(CacheMethods, Mapping):
 _NOT_ACTIVATIONS = ("hexray.", "kit/")  # per-run bookkeeping the recorder adds; not TransformerLens hooks
 
 
-class MissingHook(HexRayError, KeyError):
-    """A tensor the run did not record; the message names it and the ``--hooks`` that records it."""
-
-    def __init__(self, trace: Trace, run: int, name: str, why: str = ""):
-        glob = re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
-        recorded = _hook_set(trace.meta)
-        need = f"{why} needs {name}" if why else f"run {run} has no {name}"
-        super().__init__(f"{need}, which {trace.path} did not record (hooks: {recorded}); record it with "
-                         f"--hooks default,{glob}")
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-def _hook_set(meta: dict) -> str:
-    hooks = meta.get("hooks") if isinstance(meta.get("hooks"), dict) else {}
-    return str(hooks.get("set", "unknown"))
-
-
 def _derivable(trace: Trace, run: int) -> list[str]:
     """Hook names a run computes from what it recorded: attention patterns from stored q and k."""
     return [f"blocks.{layer}.attn.hook_pattern" for layer in range(trace.n_layers) if _from_qk(trace, run, layer)]
@@ -378,7 +360,7 @@ class Trace(ModelMethods):
             if not name.startswith(_NOT_ACTIVATIONS):
                 raise MissingHook(self, run_id, name)
             raise HexRayError(f"{self.path}: run {run_id} has no tensor {name!r} (recorded hooks: "
-                              f"{_hook_set(self.meta)})")
+                              f"{hook_set(self.meta)})")
         plain = self._cache.get((run_id, stored, None))
         arr = plain if plain is not None else self.reader.read(stored, run_id)
         if layout == "by_head":

@@ -4,7 +4,7 @@
 //   1. the `hexray.interpreter` setting (a Python command, with optional flags) — used as is, no fallback;
 //   2. the Python extension's active environment for the workspace;
 //   3. PATH: the `hexray` script (e.g. from pipx), else `python3` (`python` on Windows).
-// Each Python candidate runs `python -m hexray_core lsp`; the script runs `hexray lsp`.
+// Each Python candidate runs `python -m hexray lsp`; the script runs `hexray lsp`.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -18,7 +18,7 @@ export interface ServerCommand {
   args: string[];
   /** Where the command came from (shown in the output channel and in error messages). */
   source: Source;
-  /** True for a Python interpreter (`-m hexray_core`), false for the `hexray` script. */
+  /** True for a Python interpreter (`-m hexray`), false for the `hexray` script. */
   python: boolean;
   /** The interpreter plus its flags: what `-m pip install` must be run with. */
   interpreter: string[];
@@ -79,7 +79,7 @@ export function which(name: string, env: NodeJS.ProcessEnv = process.env,
   return undefined;
 }
 
-const MODULE_ARGS = ['-m', 'hexray_core', 'lsp'];
+const MODULE_ARGS = ['-m', 'hexray', 'lsp'];
 
 /**
  * The commands to try, best first. A configured interpreter is the only candidate (the user chose it);

@@ -13,11 +13,11 @@ export const PROBE_SCRIPT = [
   'if sys.version_info < (3, 10):',
   '    print("Python " + sys.version.split()[0]); sys.exit(4)',
   'import importlib.util as u',
-  'missing = [m for m in ("hexray_core", "hexray_lsp", "pygls") if u.find_spec(m) is None]',
+  'missing = [m for m in ("hexray", "hexray_core", "hexray_lsp", "pygls") if u.find_spec(m) is None]',
   'if missing:',
   '    print("no module " + ", ".join(missing)); sys.exit(3)',
-  'import hexray_core',
-  'print(getattr(hexray_core, "__version__", "unknown"))',
+  'import hexray',
+  'print(getattr(hexray, "__version__", "unknown"))',
 ].join('\n');
 
 export interface ProbeOptions {

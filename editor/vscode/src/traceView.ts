@@ -20,7 +20,7 @@ export function traceFor(file: string, serverTrace?: string | null): string {
 /** `hexray report TRACE -o OUT` with the interpreter (or hexray script) the server command uses. */
 export function reportCommand(cmd: ServerCommand, trace: string, out: string): { command: string; args: string[] } {
   const lsp = cmd.args.indexOf('lsp');
-  const prefix = lsp >= 0 ? cmd.args.slice(0, lsp) : cmd.python ? ['-m', 'hexray_core'] : [];
+  const prefix = lsp >= 0 ? cmd.args.slice(0, lsp) : cmd.python ? ['-m', 'hexray'] : [];
   return { command: cmd.command, args: [...prefix, 'report', trace, '-o', out] };
 }
 

@@ -34,7 +34,7 @@ afterEach(async () => {
   ext.hooks.selectedInterpreter = async () => undefined;
 });
 
-test('activate probes the configured interpreter and starts `python -m hexray_core lsp` with the settings', async () => {
+test('activate probes the configured interpreter and starts `python -m hexray lsp` with the settings', async () => {
   reset({
     'hexray.interpreter': ['${workspaceFolder}/.venv/bin/python', '-X', 'utf8'],
     'hexray.serverArgs': ['--log-level', 'INFO'],
@@ -51,7 +51,7 @@ test('activate probes the configured interpreter and starts `python -m hexray_co
   assert.equal(c.started, true);
   assert.equal(h.serverState, 'running');
   assert.equal(c.serverOptions.command, '/ws/.venv/bin/python');
-  assert.deepEqual(c.serverOptions.args, ['-X', 'utf8', '-m', 'hexray_core', 'lsp', '--log-level', 'INFO']);
+  assert.deepEqual(c.serverOptions.args, ['-X', 'utf8', '-m', 'hexray', 'lsp', '--log-level', 'INFO']);
   assert.equal(c.serverOptions.options.cwd, '/ws');
   assert.deepEqual(c.clientOptions.documentSelector, [
     { scheme: 'file', language: 'hexray-prompt' }, { scheme: 'untitled', language: 'hexray-prompt' }]);
@@ -82,7 +82,7 @@ test("no setting: the Python extension's interpreter first, then PATH; the first
     await ext.activate(context() as any);
     assert.deepEqual(probed, ['/envs/project/bin/python', path.join(bin, 'python3')]);
     assert.equal(state.clients[0].serverOptions.command, path.join(bin, 'python3'));
-    assert.deepEqual(state.clients[0].serverOptions.args, ['-m', 'hexray_core', 'lsp']);
+    assert.deepEqual(state.clients[0].serverOptions.args, ['-m', 'hexray', 'lsp']);
     assert.ok(state.logs.some((l) => l.startsWith('warn Not using') && l.includes('no module hexray_core')), state.logs.join('\n'));
     assert.equal(state.errors.length, 0);
   } finally {

@@ -20,7 +20,7 @@ test('the hexray.interpreter setting wins, keeps its flags and is the only candi
     workspaceFolder: '/ws', env, platform: 'linux',
   });
   assert.deepEqual(c, [{
-    command: '/ws/.venv/bin/python', args: ['-X', 'utf8', '-m', 'hexray_core', 'lsp', '--log-file', '/ws/hexray.log'],
+    command: '/ws/.venv/bin/python', args: ['-X', 'utf8', '-m', 'hexray', 'lsp', '--log-file', '/ws/hexray.log'],
     source: 'setting', python: true, interpreter: ['/ws/.venv/bin/python', '-X', 'utf8'],
   }]);
   // relative paths are relative to the workspace folder; bare names stay PATH lookups
@@ -35,9 +35,9 @@ test('without a setting: the Python extension, then the hexray script on PATH, t
   const bin = fakeBin('hexray', 'python3');
   const c = resolveCandidates({ configured: [''], pythonExtension: '/p/bin/python', serverArgs: ['-v'], env: { PATH: bin }, platform: 'linux' });
   assert.deepEqual(c.map((x) => [x.source, x.command, x.args]), [
-    ['python-extension', '/p/bin/python', ['-m', 'hexray_core', 'lsp', '-v']],
+    ['python-extension', '/p/bin/python', ['-m', 'hexray', 'lsp', '-v']],
     ['path-script', path.join(bin, 'hexray'), ['lsp', '-v']],
-    ['path-python', path.join(bin, 'python3'), ['-m', 'hexray_core', 'lsp', '-v']],
+    ['path-python', path.join(bin, 'python3'), ['-m', 'hexray', 'lsp', '-v']],
   ]);
   const bare = resolveCandidates({ configured: [], serverArgs: [], env: { PATH: fakeBin() }, platform: 'linux' });
   assert.deepEqual(bare.map((x) => [x.source, x.command]), [['path-python', 'python3']]);

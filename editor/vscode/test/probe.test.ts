@@ -21,7 +21,7 @@ test('a Python without hexray is reported as not installed', { skip: skipWithout
                         { cwd: os.tmpdir() });
   assert.equal(r.ok, false);
   assert.equal(!r.ok && r.reason, 'not-installed');
-  assert.match(!r.ok ? r.detail : '', /no module hexray_core/);
+  assert.match(!r.ok ? r.detail : '', /no module hexray/);
 });
 
 test('a failing interpreter is reported with its error', async () => {

@@ -76,7 +76,7 @@ test('initialize, record, hover, inlay hints, status, stale edit, shutdown', { s
 
   // The command and the install check the extension itself would use.
   const [cmd] = resolveCandidates({ configured: [python], serverArgs: [], workspaceFolder: dir });
-  assert.deepEqual(cmd.args, ['-m', 'hexray_core', 'lsp']);
+  assert.deepEqual(cmd.args, ['-m', 'hexray', 'lsp']);
   const probed = await probe(cmd);
   assert.equal(probed.ok, true, JSON.stringify(probed));
 

@@ -24,10 +24,10 @@ test('traceFor: an .hxr is itself, a prompt takes the server\'s trace, else name
 });
 
 test('reportCommand reuses the server command up to `lsp`', () => {
-  const py: ServerCommand = { command: '/v/bin/python', args: ['-X', 'utf8', '-m', 'hexray_core', 'lsp', '--log-level', 'INFO'],
+  const py: ServerCommand = { command: '/v/bin/python', args: ['-X', 'utf8', '-m', 'hexray', 'lsp', '--log-level', 'INFO'],
     source: 'setting', python: true, interpreter: ['/v/bin/python', '-X', 'utf8'] } as ServerCommand;
   assert.deepEqual(reportCommand(py, '/t.hxr', '/o.html'),
-    { command: '/v/bin/python', args: ['-X', 'utf8', '-m', 'hexray_core', 'report', '/t.hxr', '-o', '/o.html'] });
+    { command: '/v/bin/python', args: ['-X', 'utf8', '-m', 'hexray', 'report', '/t.hxr', '-o', '/o.html'] });
   const script = { command: '/usr/bin/hexray', args: ['lsp'], source: 'path-script', python: false, interpreter: [] } as ServerCommand;
   assert.deepEqual(reportCommand(script, '/t.hxr', '/o.html').args, ['report', '/t.hxr', '-o', '/o.html']);
 });
@@ -41,7 +41,7 @@ test('the command shows the trace of the active prompt in a webview beside the e
     PYTHONPATH: [REPO, process.env.PYTHONPATH].filter(Boolean).join(path.delimiter) };
   process.env.HEXRAY_CACHE = env.HEXRAY_CACHE;
   process.env.PYTHONPATH = env.PYTHONPATH;
-  execFileSync(python, ['-m', 'hexray_core', 'record', '--model', 'hexray-demo', '--device', 'cpu', '--prompt-file', prompt,
+  execFileSync(python, ['-m', 'hexray', 'record', '--model', 'hexray-demo', '--device', 'cpu', '--prompt-file', prompt,
     '-o', path.join(dir, 'capital.hxr'), '-q'], { env });
 
   reset({ 'hexray.interpreter': [python] }, dir);

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from hexray_core.cli.record_cmd import Progress, _device_map, _read_text
+from hexray.cli.record_support import Progress, device_map, read_text
 from hexray_core.errors import HexRayError
 
 
@@ -50,7 +50,7 @@ def _duration(s: float) -> str:
 
 
 def run(args) -> int:
-    from hexray_core import datasetstore
+    from hexray_core.dataset import layout as datasetstore
     from hexray_core.record.spec import precheck
 
     if args.prompts_file is None:
@@ -66,14 +66,14 @@ def run(args) -> int:
         raise HexRayError(f"--workers must be at least 1, not {args.workers}")
     if args.worker_cpus <= 0:
         raise HexRayError(f"--worker-cpus must be more than 0, not {args.worker_cpus}")
-    rows = datasetstore.parse_rows(_read_text(args.prompts_file, "--prompts-file"), args.prompts_file)
+    rows = datasetstore.parse_rows(read_text(args.prompts_file, "--prompts-file"), args.prompts_file)
     precheck(args.model)
     if args.cache_dir:
         os.environ["HEXRAY_CACHE"] = os.path.expanduser(args.cache_dir)
-    from hexray_core.record.dataset import record_dataset
+    from hexray_core.dataset.writer import record_dataset
 
     model_opts = {"device": args.device, "dtype": args.dtype, "n_devices": args.n_devices,
-                  "device_map": _device_map(args.device_map), "trust_remote_code": args.trust_remote_code,
+                  "device_map": device_map(args.device_map), "trust_remote_code": args.trust_remote_code,
                   "revision": args.revision}
     options = {"hooks": args.hooks, "act_dtype": args.act_dtype, "overflow": args.overflow_dtype, "top_k": args.top_k,
                "generate": args.generate, "temperature": args.temperature, "seed": args.seed,

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from hexray_core.errors import HexRayError
-from hexray_core.kitstore import BUNDLE_PREFIX, cache_dir, kit_path  # noqa: F401 (cache_dir re-exported)
+from hexray_core.kit.store import BUNDLE_PREFIX, cache_dir, kit_path  # noqa: F401 (cache_dir re-exported)
 from trace_format import WEIGHTS_RUN, TraceFormatError, TraceReader
 
 

@@ -12,20 +12,21 @@ import os
 import re
 import sys
 
+from hexray.cli.parser import Parser
 from hexray_core import __version__
 from hexray_core.errors import HexRayError, one_line
 
 COMMANDS = {
-    "record": "hexray_core.cli.record_cmd",
-    "replay": "hexray_core.cli.replay_cmd",
-    "diff": "hexray_core.cli.diff_cmd",
-    "info": "hexray_core.cli.info_cmd",
-    "verify": "hexray_core.cli.verify_cmd",
-    "lsp": "hexray_core.cli.lsp_cmd",
-    "view": "hexray_core.cli.view_cmd",
-    "report": "hexray_core.cli.report_cmd",
-    "aggregate": "hexray_core.cli.aggregate_cmd",
-    "fuzz": "hexray_core.cli.fuzz_cmd",
+    "record": "hexray.cli.record_cmd",
+    "replay": "hexray.cli.replay_cmd",
+    "diff": "hexray.cli.diff_cmd",
+    "info": "hexray.cli.info_cmd",
+    "verify": "hexray.cli.verify_cmd",
+    "lsp": "hexray.cli.lsp_cmd",
+    "view": "hexray.cli.view_cmd",
+    "report": "hexray.cli.report_cmd",
+    "aggregate": "hexray.cli.aggregate_cmd",
+    "fuzz": "hexray.cli.fuzz_cmd",
 }
 HELP = {
     "record": "run a model on prompts and record the forward pass into a .hxr trace",
@@ -46,16 +47,6 @@ TOP_LEVEL_FLAGS = ("-h", "--help", "--version")  # any other option before a com
 
 def _load(command: str):
     return importlib.import_module(COMMANDS[command])
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line (plus where to read more) instead of the usage block.
-
-    Subcommand parsers are made by ``add_subparsers`` with the parent's class, so they get it too.
-    """
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -108,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         oneshot = bool(argv) and argv[0].startswith("-") and argv[0] not in TOP_LEVEL_FLAGS
         if oneshot or (command not in COMMANDS and any(a.startswith("-") and a not in TOP_LEVEL_FLAGS for a in argv)):
-            from hexray_core.cli import oneshot_cmd
+            from hexray.cli import oneshot_cmd
 
             return oneshot_cmd.main(argv)
         parser = build_parser(command if command in COMMANDS else None)

@@ -11,12 +11,12 @@ import os
 import shutil
 import tempfile
 
-from hexray_core.cli.replay_cmd import add_view_options, show
+from hexray.cli.replay_cmd import add_view_options, show
 from hexray_core.errors import HexRayError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hexray_core.cli.main import Parser
+    from hexray.cli.parser import Parser
 
     p = Parser(
         prog="hexray",
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
         raise HexRayError(f"--top-k-attribution must be at least 1, not {args.top_k_attribution}")
     if not args.prompt:
         raise HexRayError("empty prompt: nothing to record")
-    from hexray_core.cli.record_cmd import Progress, recorder_class
+    from hexray.cli.record_support import Progress, recorder_class
     from hexray_core.record.spec import check_output_path, precheck
 
     precheck(args.model)

@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from hexray_core.replay.jsonable import plain
+from hexray_core.replay.tokentext import quote
 
 if TYPE_CHECKING:  # the views' types only: importing a view's module is the replay's job
     from hexray_core.replay.attention import AttentionSummary
@@ -103,9 +104,9 @@ def table(con: Out, columns: list[tuple[str, str]], rows: list[list], *, wide: i
 
 
 def q(token: str) -> str:
-    """A token as a quoted, escaped string: spaces and newlines stay visible, and the byte escapes
-    of a token that holds part of a character (Run.labels) print as \\xNN, not \\\\xNN."""
-    return json.dumps(token, ensure_ascii=False).replace("\\\\x", "\\x")
+    """A token as a quoted, escaped string (`hexray_core.replay.tokentext.quote`); the byte escapes of a
+    token that holds part of a character (Run.labels) print as \\xNN."""
+    return quote(token, literal_byte_escapes=True)
 
 
 def print_json(obj) -> None:

@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from hexray_core.cli import render
+    from hexray.cli import render
     from hexray_core.replay import attribution_diff, open_trace
 
     if args.top_k < 1:

@@ -1,8 +1,8 @@
 """The record worker process: keeps the model loaded and records traces on request.
 
-Started by `hexray_lsp.worker.WorkerClient` as ``python -m hexray_lsp.worker_process``; the
-protocol is described in `hexray_lsp.worker`. This is the only module of the language server
-that imports torch (through `hexray_core.record`), and only in this subprocess.
+Started by `hexray_lsp.worker.WorkerClient` as ``python -m hexray_core.record.worker``; the protocol is
+described in `hexray_lsp.worker`. It belongs to the recorder (it loads the model and imports torch), so the
+language server reaches the recorder only through this process and never imports torch itself.
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import time
 
+from hexray.cli.record_support import Progress, device_map, read_text, recorder_class
 from hexray_core.errors import HexRayError
 
 DESCRIPTION = """\
@@ -103,26 +102,7 @@ def wants_dataset(args) -> bool:
     return args.ray is not None or (args.prompts_file is not None and folder)
 
 
-# -- prompts -----------------------------------------------------------------------------------
-
-def _read_text(path: str, what: str) -> str:
-    try:
-        if path == "-":
-            data = sys.stdin.buffer.read()
-        else:
-            with open(os.path.expanduser(path), "rb") as f:
-                data = f.read()
-    except FileNotFoundError:
-        raise HexRayError(f"{what} {path}: no such file") from None
-    except IsADirectoryError:
-        raise HexRayError(f"{what} {path}: is a folder") from None
-    except OSError as e:
-        raise HexRayError(f"{what} {path}: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise HexRayError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
-
+# -- prompts ----------------------------------------------------------------------------------
 
 def parse_prompts_file(text: str, path: str = "prompts") -> list[str]:
     """One prompt per line, or JSONL objects with a "prompt" key. Blank lines are skipped."""
@@ -147,105 +127,10 @@ def gather_prompts(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
     if args.prompt_file is not None:
-        return [_read_text(args.prompt_file, "--prompt-file")]
+        return [read_text(args.prompt_file, "--prompt-file")]
     if args.prompts_file is not None:
-        return parse_prompts_file(_read_text(args.prompts_file, "--prompts-file"), args.prompts_file)
+        return parse_prompts_file(read_text(args.prompts_file, "--prompts-file"), args.prompts_file)
     raise HexRayError("nothing to record: give --prompt TEXT, --prompt-file FILE or --prompts-file FILE")
-
-
-# -- progress ----------------------------------------------------------------------------------
-
-class Progress:
-    """Progress on stderr: a rich bar on a terminal, plain lines otherwise, nothing with --quiet."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.live = None
-        self.task = None
-        self.total = 0
-        self.t0 = time.perf_counter()
-        if not quiet and sys.stderr.isatty():
-            try:
-                from rich.console import Console
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-                self.live = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                     console=Console(stderr=True), transient=True)
-            except ImportError:
-                self.live = None
-
-    def __enter__(self):
-        if self.live is not None:
-            self.live.start()
-            self.task = self.live.add_task("loading", total=None, info="")
-        return self
-
-    def __exit__(self, *exc):
-        if self.live is not None:
-            self.live.stop()
-
-    def __call__(self, event: str, **info) -> None:
-        if self.quiet and event != "warning":
-            return
-        from hexray_core.record.spec import human_bytes
-
-        if event == "warning":
-            self._line(f"hexray: warning: {info['message']}")
-        elif event == "status":
-            if self.live is not None:
-                self.live.update(self.task, description=info["message"])
-            else:
-                self._line(f"hexray: {info['message']}")
-        elif event == "kit":
-            what = "wrote model kit to" if info["written"] else "using cached model kit"
-            self._line(f"hexray: {what} {info['path']}")
-        elif event == "run_start":
-            self.total = info["total"]
-            if self.live is not None:
-                self.live.update(self.task, description="recording", total=info["total"], completed=info["index"])
-        elif event == "generate":
-            done, total, rate = info["done"], info["total"], info["tokens_per_s"]
-            eta = (total - done) / rate if rate > 0 else 0.0
-            msg = f"{rate:.1f} tokens/s, ETA {eta:.0f} s"
-            if self.live is not None:
-                self.live.update(self.task, description="generating", total=total, completed=done, info=msg)
-            elif done == total or done % 100 == 0:
-                self._line(f"hexray: generated {done}/{total} tokens, {msg}")
-        elif event == "run_done":
-            msg = f"{info['tokens']} tokens, {human_bytes(info['bytes'])} written"
-            if self.live is not None:
-                self.live.update(self.task, description="recording", total=self.total, completed=info["index"] + 1,
-                                 info=msg)
-            else:
-                self._line(f"hexray: [{info['index'] + 1}/{info['total']}] {msg}")
-
-    def _line(self, text: str) -> None:
-        if self.live is not None:
-            self.live.console.print(text, markup=False, highlight=False)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-
-# -- running -----------------------------------------------------------------------------------
-
-def _device_map(value: str | None):
-    if value is None:
-        return None
-    value = value.strip()
-    if value.startswith("{"):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as e:
-            raise HexRayError(f"--device-map: not JSON ({e.msg})") from None
-    return value
-
-
-def recorder_class():
-    """The Recorder, or one clear line when the recording extra (torch, TransformerLens) is missing."""
-    from hexray_core.recording import import_recorder
-
-    return import_recorder().Recorder
 
 
 def run(args) -> int:
@@ -258,7 +143,7 @@ def run(args) -> int:
     check_generation(args.temperature, args.seed)
     check_device(args.device, args.n_devices)
     if not args.list_hooks and wants_dataset(args):
-        from hexray_core.cli import record_dataset_cmd
+        from hexray.cli import record_dataset_cmd
 
         return record_dataset_cmd.run(args)
     prompts = None
@@ -279,7 +164,7 @@ def run(args) -> int:
         progress("status", message="importing torch and TransformerLens")
         Recorder = recorder_class()
         rec = Recorder(args.model, device=args.device, dtype=args.dtype, n_devices=args.n_devices,
-                       device_map=_device_map(args.device_map), trust_remote_code=args.trust_remote_code,
+                       device_map=device_map(args.device_map), trust_remote_code=args.trust_remote_code,
                        revision=args.revision, progress=progress)
         if not args.list_hooks:
             result = rec.record(prompts, args.output, hooks=args.hooks, act_dtype=args.act_dtype,

@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from hexray_core.replay.aggregate import open_dataset
+    from hexray_core.dataset.reader import open_dataset
 
     if args.top_k is not None and args.top_k < 1:
         raise HexRayError(f"--top-k must be at least 1, not {args.top_k}")
@@ -45,7 +45,7 @@ def run(args) -> int:
         raise HexRayError(f"--jobs must be at least 1, not {args.jobs}")
     ds = open_dataset(args.dataset)
     if args.ray is not None:
-        from hexray_core.raycluster import ray_map
+        from hexray_core.dataset.cluster import ray_map
 
         def mapper(fn, tasks):
             return ray_map(fn, tasks, args.ray)
@@ -53,7 +53,7 @@ def run(args) -> int:
         jobs = args.jobs or min(os.cpu_count() or 1, _count_shards(ds))
 
         def mapper(fn, tasks):
-            from hexray_core.replay.aggregate import local_map
+            from hexray_core.dataset.aggregate import local_map
 
             return local_map(fn, tasks, jobs)
     agg = ds.aggregate(by=args.by, position=args.position, target=args.target, baseline=args.baseline, map=mapper)
@@ -61,7 +61,7 @@ def run(args) -> int:
         print(f"hexray: warning: {ds.path} is incomplete (its last recording was interrupted); "
               f"aggregating the {agg.n} runs recorded", file=sys.stderr)
     if args.json:
-        from hexray_core.cli import render
+        from hexray.cli import render
 
         render.print_json({"aggregate": agg.to_dict(top=args.top_k)})
     elif args.csv:
@@ -71,7 +71,7 @@ def run(args) -> int:
             w.writerow([r["label"], _num(r["mean"]), _num(r["std"]), _num(r["ci95"][0]), _num(r["ci95"][1]),
                         _num(r["frac_positive"]), agg.n])
     else:
-        from hexray_core.cli import render
+        from hexray.cli import render
 
         render.aggregate(render.console(), agg, args.top_k or 20)
     return 0

@@ -1,11 +1,11 @@
 """Record a dataset of prompts into ``OUT/`` shards plus a manifest, in this process or on Ray.
 
-    from hexray_core.record.dataset import record_dataset
+    from hexray_core.dataset.writer import record_dataset
     record_dataset(rows, "out/", model="hexray-demo")                # one process, shard after shard
     record_dataset(rows, "out/", model="gpt2", ray="auto")           # a Ray Data actor pool, one model each
 
 The layout and its guarantees (atomic shards, fixed shard names, a manifest) are described in
-``hexray_core/datasetstore.py``. Rerunning the same call skips every prompt already recorded.
+``hexray_core/dataset/layout.py``. Rerunning the same call skips every prompt already recorded.
 
 On Ray, the shards are the rows of a Ray Data dataset mapped by an actor class (``ShardWorker``):
 Ray starts ``workers`` actors, each loads the model once (``num_gpus=1`` per actor when the cluster
@@ -23,7 +23,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from hexray_core import datasetstore as store
+from hexray_core.dataset import layout as store
 from hexray_core.errors import HexRayError
 from hexray_core.record.spec import classify, human_bytes
 
@@ -231,7 +231,7 @@ def _only_warnings(progress):
 
 def _record_on_ray(address: str, plan, out: str, model: str, model_opts: dict, options: dict,
                    workers: int | None, worker_cpus: float, meter: _Meter, progress, total: int, skipped: int) -> int:
-    from hexray_core import raycluster
+    from hexray_core.dataset import cluster as raycluster
 
     _emit(progress, "status", message="connecting to Ray")
     ray = raycluster.connect(address)

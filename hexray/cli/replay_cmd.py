@@ -51,7 +51,7 @@ def run(args) -> int:
 
 def show(trace, args, top_k: int, *, always_attribution: bool = False, shares_of_shown: bool = False) -> None:
     """Compute and print the views the options ask for (attribution unless another view is chosen)."""
-    from hexray_core.cli import render
+    from hexray.cli import render
 
     views = [v for v in ("lens", "resid", "attention", "cot") if getattr(args, v)]
     results = {}

@@ -44,21 +44,21 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from hexray_core import datasetstore
-    from hexray_core.cli.record_cmd import _read_text
-    from hexray_core.cli.record_dataset_cmd import DatasetProgress
+    from hexray.cli.record_dataset_cmd import DatasetProgress
+    from hexray.cli.record_support import read_text
+    from hexray_core.dataset import layout as datasetstore
     from hexray_core.record.spec import precheck
 
     if args.alternatives < 0:
         raise HexRayError(f"--alternatives must be 0 or more, not {args.alternatives}")
     if args.top_k < 1:
         raise HexRayError(f"--top-k must be at least 1, not {args.top_k}")
-    prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "--prompt-file")
+    prompt = args.prompt if args.prompt is not None else read_text(args.prompt_file, "--prompt-file")
     if not prompt:
         raise HexRayError("empty prompt: nothing to fuzz")
     extra = []
     if args.variants:
-        extra = [r.prompt for r in datasetstore.parse_rows(_read_text(args.variants, "--variants"), args.variants)]
+        extra = [r.prompt for r in datasetstore.parse_rows(read_text(args.variants, "--variants"), args.variants)]
     if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
         raise HexRayError(f"-o {args.output}: is a file (give a folder)")
     precheck(args.model)
@@ -71,7 +71,7 @@ def run(args) -> int:
     finally:
         if not args.output:
             shutil.rmtree(out, ignore_errors=True)
-    from hexray_core.cli import render
+    from hexray.cli import render
 
     if args.json:
         render.print_json({"fuzz": report.to_dict()})
@@ -86,14 +86,14 @@ def fuzz(prompt: str, out: str, *, model: str, target: str | None = None, altern
          act_dtype: str = "float32", device: str = "auto", ray: str | None = None, workers: int | None = None,
          shard_size: int = 16, progress=None):
     """Record the prompt and its variants into the dataset ``out``; return the FuzzReport."""
-    from hexray_core.record.dataset import record_dataset
-    from hexray_core.replay.aggregate import open_dataset
+    from hexray_core.dataset.reader import open_dataset
+    from hexray_core.dataset.writer import record_dataset
     from hexray_core.replay.attribution import resolve_target
     from hexray_core.replay.fuzz import fuzz_report, make_variants
 
     recorder = None
     if ray is None:  # one model for both rounds
-        from hexray_core.cli.record_cmd import recorder_class
+        from hexray.cli.record_support import recorder_class
 
         recorder = recorder_class()(model, device=device, progress=progress)
     common = {"model": model, "ray": ray, "workers": workers, "shard_size": shard_size, "recorder": recorder,

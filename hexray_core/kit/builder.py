@@ -28,7 +28,7 @@ import os
 import numpy as np
 import torch
 
-from hexray_core.kitstore import BUNDLE_PREFIX, KIT_TENSORS, cache_dir, kit_path  # noqa: F401 (re-exported)
+from hexray_core.kit.store import BUNDLE_PREFIX, KIT_TENSORS, cache_dir, kit_path  # noqa: F401 (re-exported)
 from trace_format import WEIGHTS_RUN, TraceFormatError, TraceReader, TraceWriter
 
 
@@ -130,17 +130,3 @@ def _version() -> str:
     from hexray_core import __version__
 
     return __version__
-
-
-def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
-    """The display text of each token id ("" for ids past the tokenizer's vocabulary; the bytes, as
-    '\\xe8\\x8b', for a token that holds part of a character)."""
-    n = min(len(tokenizer), d_vocab)
-    strs = [str(s) for s in tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)]
-    # A token holding part of a UTF-8 character decodes to U+FFFD: show its bytes (as replay does everywhere).
-    from .tokens import mentioned_token_texts
-
-    _, partial = mentioned_token_texts(tokenizer, [i for i, s in enumerate(strs) if "\ufffd" in s])
-    for tid, raw in partial:
-        strs[tid] = raw.decode("utf-8", errors="backslashreplace")
-    return strs + [""] * (d_vocab - n)

@@ -1,0 +1,5 @@
+import sys
+
+from hexray.cli.main import main
+
+sys.exit(main())

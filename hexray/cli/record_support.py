@@ -1,0 +1,125 @@
+"""What the recording commands share (record, a dataset, fuzz, the one-shot form): reading a text
+argument, the progress display on stderr, --device-map, and the recorder class."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from hexray_core.errors import HexRayError
+
+
+def read_text(path: str, what: str) -> str:
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(os.path.expanduser(path), "rb") as f:
+                data = f.read()
+    except FileNotFoundError:
+        raise HexRayError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise HexRayError(f"{what} {path}: is a folder") from None
+    except OSError as e:
+        raise HexRayError(f"{what} {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HexRayError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+class Progress:
+    """Progress on stderr: a rich bar on a terminal, plain lines otherwise, nothing with --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.live = None
+        self.task = None
+        self.total = 0
+        self.t0 = time.perf_counter()
+        if not quiet and sys.stderr.isatty():
+            try:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.live = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                     console=Console(stderr=True), transient=True)
+            except ImportError:
+                self.live = None
+
+    def __enter__(self):
+        if self.live is not None:
+            self.live.start()
+            self.task = self.live.add_task("loading", total=None, info="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.stop()
+
+    def __call__(self, event: str, **info) -> None:
+        if self.quiet and event != "warning":
+            return
+        from hexray_core.record.spec import human_bytes
+
+        if event == "warning":
+            self._line(f"hexray: warning: {info['message']}")
+        elif event == "status":
+            if self.live is not None:
+                self.live.update(self.task, description=info["message"])
+            else:
+                self._line(f"hexray: {info['message']}")
+        elif event == "kit":
+            what = "wrote model kit to" if info["written"] else "using cached model kit"
+            self._line(f"hexray: {what} {info['path']}")
+        elif event == "run_start":
+            self.total = info["total"]
+            if self.live is not None:
+                self.live.update(self.task, description="recording", total=info["total"], completed=info["index"])
+        elif event == "generate":
+            done, total, rate = info["done"], info["total"], info["tokens_per_s"]
+            eta = (total - done) / rate if rate > 0 else 0.0
+            msg = f"{rate:.1f} tokens/s, ETA {eta:.0f} s"
+            if self.live is not None:
+                self.live.update(self.task, description="generating", total=total, completed=done, info=msg)
+            elif done == total or done % 100 == 0:
+                self._line(f"hexray: generated {done}/{total} tokens, {msg}")
+        elif event == "run_done":
+            msg = f"{info['tokens']} tokens, {human_bytes(info['bytes'])} written"
+            if self.live is not None:
+                self.live.update(self.task, description="recording", total=self.total, completed=info["index"] + 1,
+                                 info=msg)
+            else:
+                self._line(f"hexray: [{info['index'] + 1}/{info['total']}] {msg}")
+
+    def _line(self, text: str) -> None:
+        if self.live is not None:
+            self.live.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+
+# -- running -----------------------------------------------------------------------------------
+
+def device_map(value: str | None):
+    if value is None:
+        return None
+    value = value.strip()
+    if value.startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise HexRayError(f"--device-map: not JSON ({e.msg})") from None
+    return value
+
+
+def recorder_class():
+    """The Recorder, or one clear line when the recording extra (torch, TransformerLens) is missing."""
+    from hexray.recording import import_recorder
+
+    return import_recorder().Recorder

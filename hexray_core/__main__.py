@@ -1,5 +1,0 @@
-import sys
-
-from hexray_core.cli.main import main
-
-sys.exit(main())

@@ -1,0 +1,148 @@
+"""A recorded dataset (``OUT/`` from ``hexray record --prompts-file ... -o OUT/``) opened for analysis.
+
+    ds = open_dataset("out/")                     # hexray.open_dataset
+    len(ds); ds.model
+    for r in ds:                                  # runs across shards, one shard open at a time
+        r.id, r.meta, r.prompt, r.attribution()   # each run's own target / baseline
+    agg = ds.aggregate(by="head", position=-1)    # mean, std, 95% CI, fraction positive per label
+    agg.labels, agg.mean, agg.ci95                # numpy arrays, sorted by |mean|
+    agg.rows                                      # the same as a list of dicts (agg.to_pandas() with pandas)
+
+The aggregate attributes each run's own target (its row's ``target``/``baseline``, else the defaults
+given, else the model's top prediction) at ``position`` and keeps, per label, running moments
+(count, mean, sum of squared deviations, count positive): memory depends on the number of labels and
+on one shard, never on the number of runs. Shards are reduced independently and merged (Chan et
+al.'s pairwise update), so the work spreads over processes, or over a Ray cluster when the caller
+passes a ``map`` that runs there. Labels are those of ``hexray replay --json``. numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from hexray_core.dataset import layout as store
+from hexray_core.errors import HexRayError
+from hexray_core.replay.attribution import BY_CHOICES, direct_logit_attribution
+from hexray_core.replay.trace import Trace
+
+from .aggregate import Aggregate, Moments, ShardStats, ShardTask, local_map, shard_stats
+
+
+@dataclass
+class DatasetRun:
+    """One prompt of a dataset, with its shard's trace open while iterating."""
+
+    id: str | int
+    line: int | None
+    meta: dict
+    target: str | None
+    baseline: str | None
+    shard: str
+    run: int
+    trace: Trace
+
+    @property
+    def prompt(self) -> str:
+        return self.trace.run(self.run).prompt
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.trace.run(self.run).tokens
+
+    def attribution(self, position: int = -1, *, target: str | None = None, baseline: str | None = None,
+                    by: str = "component"):
+        """This run's attribution of its own target (or the one given)."""
+        return direct_logit_attribution(self.trace, position=position, run=self.run,
+                                        target=target or self.target, baseline=baseline or self.baseline, by=by)
+
+
+class Dataset:
+    """An ``OUT/`` folder of shards written by ``hexray record --prompts-file ... -o OUT/``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.path.abspath(os.fspath(path))
+        if not os.path.isdir(self.path):
+            raise HexRayError(f"{self.path}: no such folder" if not os.path.exists(self.path)
+                              else f"{self.path}: not a dataset folder (a trace file? use hexray replay)")
+        info = store.read_dataset_info(self.path)
+        if info is None:
+            raise HexRayError(f"{self.path}: not a HexRay dataset (no {store.DATASET_FILE}; record one with "
+                              "hexray record --prompts-file FILE -o DIR/)")
+        self.info = info
+        self.manifest = os.path.join(self.path, store.MANIFEST_FILE)
+        if not os.path.isfile(self.manifest):
+            raise HexRayError(f"{self.manifest}: missing (rerun the hexray record command to rebuild it)")
+        self._len: int | None = None
+
+    @property
+    def model(self) -> str:
+        return str(self.info.get("model"))
+
+    @property
+    def complete(self) -> bool:
+        """Whether the last recording command recorded every prompt it was given."""
+        last = self.info.get("last") or {}
+        return bool(last) and last.get("recorded") == last.get("prompts")
+
+    def __len__(self) -> int:
+        if self._len is None:
+            with open(self.manifest, "rb") as f:
+                self._len = sum(1 for line in f if line.strip())
+        return self._len
+
+    def shards(self) -> Iterator[tuple[str, list[dict]]]:
+        """(shard trace path, its manifest entries), streaming the manifest one shard at a time."""
+        current, entries = None, []
+        with open(self.manifest, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    e = json.loads(line)
+                    shard, _ = e["shard"], int(e["run"])
+                except (ValueError, KeyError, TypeError):
+                    raise HexRayError(f"{self.manifest}:{number}: not a manifest entry") from None
+                if not isinstance(shard, str) or os.path.isabs(shard) or ".." in shard.split("/"):
+                    raise HexRayError(f"{self.manifest}:{number}: shard {shard!r} is outside the dataset")
+                if shard != current:
+                    if entries:
+                        yield os.path.join(self.path, current), entries
+                    current, entries = shard, []
+                entries.append(e)
+        if entries:
+            yield os.path.join(self.path, current), entries
+
+    def __iter__(self) -> Iterator[DatasetRun]:
+        for path, entries in self.shards():
+            with Trace(path) as trace:
+                for e in entries:
+                    yield DatasetRun(e["id"], e.get("line"), e.get("meta") or {}, e.get("target"), e.get("baseline"),
+                                     path, int(e["run"]), trace)
+
+    def tasks(self, *, by: str = "component", position: int = -1, target: str | None = None,
+              baseline: str | None = None) -> Iterator[ShardTask]:
+        if by not in BY_CHOICES:
+            raise HexRayError(f"--by must be one of {', '.join(BY_CHOICES)}, not {by!r}")
+        for path, entries in self.shards():
+            yield ShardTask(path, tuple(entries), by, position, target, baseline)
+
+    def aggregate(self, *, by: str = "component", position: int = -1, target: str | None = None,
+                  baseline: str | None = None, jobs: int = 1, map: Callable | None = None) -> Aggregate:  # noqa: A002
+        """Per-label statistics of each run's attribution; ``map(fn, tasks)`` may run the shards elsewhere."""
+        tasks = self.tasks(by=by, position=position, target=target, baseline=baseline)
+        results = map(shard_stats, tasks) if map is not None else local_map(shard_stats, tasks, jobs)
+        parts, logit = Moments(()), Moments(("logit",))
+        for s in results:
+            parts, logit = parts.merge(s.parts), logit.merge(s.logit)
+        return Aggregate.from_stats(ShardStats(parts, logit, parts.n), by, position)
+
+    def __repr__(self) -> str:
+        return f"<Dataset {self.path}: {self.model}, {len(self)} run(s)>"
+
+
+def open_dataset(path: str | os.PathLike) -> Dataset:
+    """Open a dataset folder for analysis."""
+    return Dataset(path)
