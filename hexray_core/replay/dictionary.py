@@ -317,7 +317,9 @@ def _read_npz(path: str, budget: list[int]) -> dict[str, np.ndarray]:
                     continue
                 with z.open(info) as f:
                     version = np.lib.format.read_magic(f)
-                    shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dtype = read_header(f)
                     count = math.prod(shape)
                     if dtype.kind != "f" or count * dtype.itemsize > info.file_size:
                         raise _fail(path, f"{info.filename} claims {dtype} {list(shape)}, not a float array of "
