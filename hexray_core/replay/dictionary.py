@@ -141,13 +141,14 @@ class Dictionary:
         return np.maximum(pre, 0)
 
     def decode(self, f: np.ndarray, *, x: np.ndarray | None = None) -> np.ndarray:
-        """``f @ W_dec + b_dec`` (cross-layer: every output layer, ``[..., n_out, d_out]``), undoing a run-time
-        normalisation of ``x`` when there is one."""
+        """``f @ W_dec + b_dec``, undoing a run-time normalisation of ``x`` when there is one. Cross-layer: what
+        these features write into every output layer, ``[..., n_out, d_out]``, without bias (output layer L's
+        bias is the ``b_dec`` of layer L's dictionary)."""
         f = np.asarray(f, dtype=np.float32)
         if self.rescale_acts_by_decoder_norm:
             f = f / self._dec_norm()
-        if self.cross_layer:
-            return np.einsum("...s,sld->...ld", f, self.W_dec) + self.b_dec
+        if self.cross_layer:  # each output layer adds its own b_dec (the dictionary of that layer)
+            return np.einsum("...s,sld->...ld", f, self.W_dec)
         out = f @ self.W_dec + self.b_dec
         if self.normalize_activations != "none":
             if x is None:

@@ -284,21 +284,47 @@ def sparse_arrays(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return f.indptr.astype(np.int32), f.indices, f.values
 
 
-def feature_logits(trace, d: Dictionary, feature: int, k: int = 5, out_layer: int | None = None):
-    """(top, bottom) logits of a feature's decoder direction through the unembedding: [(id, text, value)]."""
-    w = d.W_dec[feature]
-    if w.ndim == 2:  # cross-layer: the direction written at the last layer
-        w = w[-1 if out_layer is None else out_layer - d.layer]
+def feature_logits(trace, d: Dictionary, features, k: int = 5) -> list[tuple[list, list]]:
+    """Per feature, (top, bottom) logits of its decoder direction through the unembedding: [(id, text, value)].
+
+    A cross-layer feature's direction is the sum of what it writes into every layer (all of it reaches the
+    residual stream). The final LayerNorm centres whatever is written, so LayerNorm models centre the direction."""
+    features = [int(f) for f in features]
+    if not features:
+        return []
+    w = d.W_dec[features]
+    if w.ndim == 3:
+        w = w.sum(1)
     if d.d_out != int(trace.config.get("d_model") or d.d_out):
-        return [], []
+        return [([], []) for _ in features]
     if trace.uses_layernorm:
-        w = w - w.mean()  # the final LayerNorm centres whatever is written
+        w = w - w.mean(-1, keepdims=True)
     kit = trace.require_kit("top logits of a feature")
-    logits = np.asarray(w @ np.asarray(kit["W_U"], dtype=np.float32))
-    k = min(k, logits.shape[0])
-    top = np.argpartition(-logits, k - 1)[:k]
-    top = top[np.argsort(-logits[top])]
-    bot = np.argpartition(logits, k - 1)[:k]
-    bot = bot[np.argsort(logits[bot])]
-    return ([(int(i), trace.token_str(int(i)), float(logits[i])) for i in top],
-            [(int(i), trace.token_str(int(i)), float(logits[i])) for i in bot])
+    logits = w @ np.asarray(kit["W_U"], dtype=np.float32)  # [features, d_vocab]
+    k = min(k, logits.shape[-1])
+    out = []
+    for row in logits:
+        top = np.argpartition(-row, k - 1)[:k]
+        top = top[np.argsort(-row[top], kind="stable")]
+        bot = np.argpartition(row, k - 1)[:k]
+        bot = bot[np.argsort(row[bot], kind="stable")]
+        out.append(([[int(i), trace.token_str(int(i)), float(row[i])] for i in top],
+                    [[int(i), trace.token_str(int(i)), float(row[i])] for i in bot]))
+    return out
+
+
+def reconstruction_error(run, dset: DictionarySet, layer: int, position: int) -> float:
+    """|| what the dictionary reconstructs - its reconstruction || at one position, in the dictionary's space."""
+    d = dset[layer]
+    target = dictionary_target(run, d)[position]
+    if d.cross_layer:
+        recon = d.b_dec.astype(np.float64)
+        for i in sorted(dset.layers):
+            if i > layer:
+                break
+            idx, val = run_features(run, dset, i).at(position)
+            recon = recon + val @ dset.layers[i].W_dec[idx, layer - i]
+    else:
+        x = dictionary_input(run, d)[position]
+        recon = d.forward(x[None])[0]
+    return float(np.linalg.norm(target - recon))
