@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import save_file
-from test_dictionary import saelens_folder
 
 import hexray
 from hexray.cli.main import main
