@@ -184,3 +184,36 @@ def test_refusals_are_one_line(setup, capsys, tiny, tiny_tokenizer, tmp_path):
     assert rc == 1 and "--hooks default," in err
     with pytest.raises(HexRayError):
         hexray.open(slim)[0].features(setup["tcs"], 0)
+
+
+def test_record_dict_stores_features_that_replay_reads_like_computed_ones(setup, tiny_gpt2_recorder, tmp_path,
+                                                                           capsys):
+    from hexray.record_features import run_extra
+
+    rec = tiny_gpt2_recorder
+    extra = run_extra(rec, [setup["tcs"], setup["sae"], setup["clt"]])
+    slim = rec.record([PROMPT, "Alice and Bob"], tmp_path / "slim.hxr", act_dtype="float32", bundle=True,
+                      hooks="blocks.*.hook_resid_post", extra=extra).path
+    half = rec.record([PROMPT], tmp_path / "half.hxr", bundle=True, hooks="blocks.*.hook_resid_post",
+                      extra=extra).path
+    full = hexray.open(setup["trace"])
+    stored = hexray.open(slim)
+    assert "blocks.0.hook_mlp_out" not in stored[0] and len(stored.meta["features"]) == 3
+    for which, layers in (("tcs", (0, 1)), ("sae", (1,)), ("clt", (0, 1))):
+        ds = hexray.load_dictionary(setup[which])
+        for layer in layers:
+            for i in (0, 1):
+                a, b = stored[i].features(ds, layer), full[i].features(ds, layer)
+                assert a.source == "stored" and b.source == "computed"
+                np.testing.assert_allclose(a.dense(), b.dense(), rtol=1e-5, atol=1e-5)
+        f16 = hexray.open(half)[0].features(ds, layers[-1])
+        assert f16.source == "stored" and f16.indices.dtype == np.int32
+        assert hexray.open(half).reader.info("hexray.features.0.L0.values", 0).dtype == "f16"
+        np.testing.assert_allclose(f16.dense(), full[0].features(ds, layers[-1]).dense(), rtol=2e-3, atol=2e-3)
+    rc, out, err = _cli(capsys, "features", slim, "--dict", setup["tcs"], "--json")
+    assert rc == 0, err
+    doc = json.loads(out)["features"]
+    assert doc["layers"][0]["error_norm"] is None and doc["layers"][0]["l0"] > 0
+    # attribution needs the components themselves recorded: the missing one is named with its --hooks
+    rc, _, err = _cli(capsys, "replay", slim, "--by", "feature", "--dict", setup["tcs"])
+    assert rc == 1 and "--hooks default," in err

@@ -40,6 +40,7 @@ def report(trace, dset, *, run: int = 0, position: int = -1, layers=None, top_k:
            logits: int = 5) -> dict:
     """The `--json` document: {"features": {"position", "dict", "layers": [...]}}."""
     from hexray_core.replay.features import feature_logits, reconstruction_error, run_features
+    from hexray_core.replay.missing import MissingHook
 
     r = trace.run(run)
     p = r.position(position)
@@ -57,8 +58,12 @@ def report(trace, dset, *, run: int = 0, position: int = -1, layers=None, top_k:
             if int(j) in d.labels:
                 entry["explanation"] = d.labels[int(j)]
             active.append(entry)
+        try:
+            error = reconstruction_error(r, dset, layer, p)
+        except MissingHook:  # features stored by `record --dict` without the hooks the dictionary reads
+            error = None
         out_layers.append({"layer": layer, "hook": d.hook_in, "active": active, "l0": int(len(idx)),
-                           "error_norm": reconstruction_error(r, dset, layer, p)})
+                           "error_norm": error})
     return {"features": {"position": p, "token": r.labels[p], "run": r.id, "dict": dset.path, "kind": dset.kind,
                          "space": str(dset.space), "layers": out_layers}}
 
@@ -84,8 +89,8 @@ def run(args) -> int:
     con.line(f"Dictionary: {dset.name} ({dset.kind}; trained on {dset.space})")
     for layer in f["layers"]:
         con.line()
-        con.line(f"Layer {layer['layer']}  {layer['hook']}: {layer['l0']} active, reconstruction error norm "
-                 f"{layer['error_norm']:.3g}")
+        error = "" if layer["error_norm"] is None else f", reconstruction error norm {layer['error_norm']:.3g}"
+        con.line(f"Layer {layer['layer']}  {layer['hook']}: {layer['l0']} active{error}")
         for a in layer["active"]:
             top = " ".join(render.q(t) for _, t, _ in a["top_logits"][:5])
             bottom = " ".join(render.q(t) for _, t, _ in a["bottom_logits"][:3])

@@ -328,3 +328,78 @@ def reconstruction_error(run, dset: DictionarySet, layer: int, position: int) ->
         x = dictionary_input(run, d)[position]
         recon = d.forward(x[None])[0]
     return float(np.linalg.norm(target - recon))
+
+
+class _ArrayKit:
+    def __init__(self, arrays: dict):
+        self.arrays, self.source = arrays, "the model being recorded"
+
+    def has(self, name: str) -> bool:
+        return name in self.arrays
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.asarray(self.arrays[name], dtype=np.float32)
+
+
+class _ArrayTrace:
+    """What ``activations`` reads from a trace, over arrays in memory (the recorder's live activations)."""
+
+    def __init__(self, arrays: dict, meta: dict, kit: dict, path: str):
+        self.arrays, self.meta, self.path = arrays, meta, path
+        self.config = dict(meta.get("model", {}).get("config", {}))
+        self.n_layers = int(self.config.get("n_layers", 0))
+        self.uses_layernorm = str(self.config.get("normalization_type", "LN")).upper().startswith("LN")
+        self.model_name = str(meta.get("model", {}).get("name", "the model"))
+        self._kit = _ArrayKit(kit)
+
+    def has(self, name: str, run: int = 0) -> bool:
+        return name in self.arrays
+
+    def tensor(self, name: str, run: int = 0) -> np.ndarray:
+        return self.arrays[name]
+
+    def require_kit(self, what: str):
+        return self._kit
+
+
+class ArrayRun:
+    """A run held in memory (float32 arrays by hook name, batch removed): ``dictionary_input`` works on it as on
+    a recorded run. ``kit``: name -> float32 array (the kit's raw/ tensors)."""
+
+    def __init__(self, arrays: dict, tokens: list[int], meta: dict, kit: dict, path: str = "<recording>"):
+        self.trace = _ArrayTrace(arrays, meta, kit, path)
+        self.id, self.tokens, self.n_tokens = 0, list(tokens), len(tokens)
+        self._memo: dict = {}
+
+    def memo(self, key, build):
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+
+def needed_hooks(n_layers: int, upto: int) -> tuple[str, ...]:
+    """Every hook ``activations`` may read for dictionaries up to layer ``upto``."""
+    names = ["hook_embed", "hook_pos_embed"]
+    for layer in range(min(n_layers, upto + 2)):
+        names += [f"blocks.{layer}.{h}" for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+                                                   "hook_attn_out", "hook_mlp_out", "attn.hook_z", "mlp.hook_post",
+                                                   "ln1.hook_scale", "ln2.hook_scale")]
+    return tuple(names)
+
+
+def stored_tensors(run, dsets: list[DictionarySet]) -> dict[str, tuple[np.ndarray, str]]:
+    """The sparse features ``hexray record --dict`` stores for one run: name -> (array, "act" | "raw")."""
+    out = {}
+    for slot, dset in enumerate(dsets):
+        for layer, d in sorted(dset.layers.items()):
+            f = Features.from_dense(d.encode(dictionary_input(run, d)), layer)
+            base = f"{STORED}.{slot}.L{layer}"
+            out[base + ".indptr"] = (f.indptr.astype(np.int64), "raw")
+            out[base + ".indices"] = (f.indices.astype(np.int32), "raw")
+            out[base + ".values"] = (f.values.astype(np.float32), "act")
+    return out
+
+
+def stored_meta(dsets: list[DictionarySet]) -> dict:
+    return {"features": [{"fingerprint": d.fingerprint, "name": d.name, "path": str(d.path), "kind": d.kind,
+                          "layers": sorted(d.layers), "space": str(d.space)} for d in dsets]}
