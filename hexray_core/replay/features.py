@@ -7,7 +7,7 @@ minus its mean over d_model at each position. Dictionaries were trained elsewher
     hook                                   TL 3 fold_ln=True            TL 3 fold_ln=False (circuit-tracer, HF)
     hook_resid_pre/mid/post, hook_mlp_in   raw (or centred if the dictionary's model was centred)
     hook_attn_out, hook_mlp_out            raw (or centred)
-    lnX.hook_normalized                    (x - mean) / scale           LN: that * w + b; RMS: x / scale (no w)
+    lnX.hook_normalized                    (x - mean) / scale (RMS: x / scale), before any weight or bias
     lnX.hook_out, mlp.hook_in              (x - mean) / scale           LN: that * w + b; RMS: x / scale * w
 
 (RMSNorm models are never centred: their residual is recorded raw.) The raw residual before layer L is the
@@ -152,12 +152,10 @@ def activations(run, hook: str, space, why: str | None = None) -> np.ndarray:
         raise HexRayError(f"{why}: hook {hook!r} is not one HexRay can rebuild (it reads blocks.L.hook_resid_pre/mid/"
                           "post, hook_attn_out, hook_mlp_out, lnX.hook_normalized, ln2.hook_out, mlp.hook_in)")
     x = np.asarray(_normalized(run, layer, ln, why), dtype=np.float32)
-    if space.fold_ln:
-        return x  # TL 3's LNPre / RMSPre: no weight, no bias
+    if space.fold_ln or nm:
+        return x  # TL 3's norms fire hook_normalized before their weight and bias; LNPre / RMSPre have none
     if trace.uses_layernorm:
         return x * _raw(trace, f"{ln}.w", why)[layer] + _raw(trace, f"{ln}.b", why)[layer]
-    if nm:
-        return x  # TL 3's RMSNorm applies its weight after hook_normalized
     return x * _raw(trace, f"{ln}.w", why)[layer]
 
 
