@@ -50,7 +50,7 @@ class Space:
     source: str  # where the flags came from
 
     def __str__(self) -> str:
-        return (f"fold_ln={self.fold_ln}, center_writing_weights={self.center_writing_weights} ({self.source})")
+        return f"fold_ln={self.fold_ln}, center_writing_weights={self.center_writing_weights}: {self.source}"
 
 
 @dataclass
