@@ -621,7 +621,7 @@ def _hook_from_path(path: str) -> tuple[str, str, bool]:
         raise _fail(path, "cannot tell which layer this Gemma Scope dictionary reads: its path names no layer_N "
                           "folder (keep the hub's layout: <repo>/layer_N/width_.../params.*)")
     if "transcoder" in text:
-        return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out", True
+        return f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.hook_mlp_out", True  # what the MLP reads
     if re.search(r"(^|[-_/])res([-_/]|$)", text) or "resid" in text:
         return f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_resid_post", False
     if re.search(r"(^|[-_/])mlp([-_/]|$)", text):
