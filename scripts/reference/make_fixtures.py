@@ -45,7 +45,7 @@ PROMPTS = {
     "gpt2": "Step 2: write the answer.",  # 12 tokens with BOS
     "llama": "Let's think step by step.",  # 13 tokens with BOS
 }
-D_SAE = 64  # SAELens dictionaries
+D_SAE = 48  # SAELens dictionaries
 D_TC = 48  # circuit-tracer transcoders, features per layer
 ACTIVE_FRACTION = 0.25  # per feature, over the prompt's positions (bias chosen between two observed values)
 NODE_THRESHOLD, EDGE_THRESHOLD = 0.8, 0.98
@@ -133,12 +133,30 @@ def allow_local_folders() -> None:
     loading.get_official_model_name = official
 
 
+_TL_COPIES: dict[str, str] = {}
+
+
+def tl_path(folder: Path) -> str:
+    """The folder to hand TransformerLens 3.2.1. Its ``convert_hf_model_config`` takes any name containing "llama"
+    for a hub Llama and then reads an unset ``hf_config`` (UnboundLocalError); an identical copy of the folder
+    under a path without that word avoids the bug and changes nothing else."""
+    import tempfile
+
+    if "llama" not in str(folder).lower():
+        return str(folder)
+    if str(folder) not in _TL_COPIES:
+        copy = Path(tempfile.mkdtemp(prefix="hexray_ref_")) / "model"
+        shutil.copytree(folder, copy)
+        _TL_COPIES[str(folder)] = str(copy)
+    return _TL_COPIES[str(folder)]
+
+
 def load_tl(folder: Path, **kwargs):
     """The model as SAELens loads it: sae_lens.load_model -> HookedTransformer.from_pretrained_no_processing."""
     from sae_lens.load_model import load_model
 
     allow_local_folders()
-    return load_model("HookedTransformer", str(folder), device="cpu", model_from_pretrained_kwargs=kwargs)
+    return load_model("HookedTransformer", tl_path(folder), device="cpu", model_from_pretrained_kwargs=kwargs)
 
 
 # ---------------------------------------------------------------- dictionaries
@@ -379,7 +397,7 @@ def graph_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
     info = {}
     for clt in (False, True):
         # circuit-tracer's own load: HookedTransformer.from_pretrained(fold_ln/centring/center_unembed all off).
-        plain = HookedTransformer.from_pretrained(str(folder), fold_ln=False, center_writing_weights=False,
+        plain = HookedTransformer.from_pretrained(tl_path(folder), fold_ln=False, center_writing_weights=False,
                                                   center_unembed=False, device="cpu")
         tc_folder, config = write_transcoders(kind, clt, plain, tokens[None], out, seed=2000 + 10 * clt
                                               + (kind == "llama"))
@@ -394,7 +412,7 @@ def graph_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
         arrays = {"tokens": tokens.numpy().astype(np.int64), "input": x.numpy(), "mlp_out": y.numpy(),
                   "feature_acts": acts.numpy()}
 
-        model = TransformerLensReplacementModel.from_pretrained_and_transcoders(str(folder), tset, device="cpu")
+        model = TransformerLensReplacementModel.from_pretrained_and_transcoders(tl_path(folder), tset, device="cpu")
         graph = attribute(tokens, model, batch_size=256, verbose=False)
         pruned = prune_graph(graph, NODE_THRESHOLD, EDGE_THRESHOLD)
         A = graph.adjacency_matrix.float()
