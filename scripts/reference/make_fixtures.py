@@ -88,8 +88,9 @@ def build_model(kind: str, tok):
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=64, n_ctx=64, vocab_size=len(tok), initializer_range=0.2,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        # n_ctx: TransformerLens 3 reads it; d_mlp stays 4 * d_model, which its GPT-2 conversion assumes.
+        cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=64, n_ctx=64, vocab_size=len(tok),
+                         initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         model = GPT2LMHeadModel(cfg).eval()
     else:
         # No attention/MLP biases: TransformerLens 3's Llama conversion drops them, and the oracle must be exact.
@@ -175,7 +176,7 @@ def _rand(gen, *shape, scale=1.0):
 
 
 SAE_SPECS = {
-    # name: (architecture, hook_in, hook_out or None, extra cfg, model_from_pretrained_kwargs)
+    # (name, architecture, hook_in, hook_out or None, extra cfg, model_from_pretrained_kwargs or None = default)
     "gpt2": [
         ("standard_resid_pre1", "standard", "blocks.1.hook_resid_pre", None, {}, None),
         ("topk_resid_post2", "topk", "blocks.2.hook_resid_post", None, {"k": 8}, None),
@@ -360,8 +361,9 @@ def write_transcoders(kind: str, clt: bool, model, tokens, out: Path, seed: int)
                 t["W_skip"] = _rand(gen, d, d, scale=0.3 * rms_y / (rms_x * d ** 0.5))
             save_file({k: v.contiguous() for k, v in t.items()}, folder / f"layer_{layer}.safetensors")
             files.append(f"layer_{layer}.safetensors")
-    config = {"model_kind": "cross_layer_transcoder" if clt else "transcoder_set", "model_name": f"hexray-reference-{kind}",
-              "feature_input_hook": in_hook, "feature_output_hook": out_hook, "scan": f"hexray-reference/{name}"}
+    config = {"model_kind": "cross_layer_transcoder" if clt else "transcoder_set",
+              "model_name": f"hexray-reference-{kind}", "feature_input_hook": in_hook,
+              "feature_output_hook": out_hook, "scan": f"hexray-reference/{name}"}
     if not clt:
         config["transcoders"] = files
     import yaml
