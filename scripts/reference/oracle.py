@@ -63,7 +63,7 @@ def cmd_make_transcoders(args) -> dict:
         Path(args.output), model, tokens[None], clt=args.cross_layer, in_hook=args.input_hook, jump=args.jumprelu,
         skip=args.skip, d_tc=args.features, active_fraction=args.active_fraction, seed=args.seed,
         model_name=Path(args.model).name, scan=f"hexray-reference/{Path(args.output).name}")
-    return {"transcoders": str(folder), **config}
+    return {**config, "folder": str(folder)}
 
 
 def cmd_graph(args) -> dict:
