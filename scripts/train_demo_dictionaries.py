@@ -91,6 +91,9 @@ def activations(model, seqs: torch.Tensor, batch: int = 32) -> dict:
 
 # -- training ----------------------------------------------------------------------------------------------------------
 
+BATCH = 512
+
+
 def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, steps: int, seed: int) -> dict:
     torch.manual_seed(seed)
     d = x.shape[1]
@@ -101,7 +104,7 @@ def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, steps: int, seed: int) -
     opt = torch.optim.Adam(params.values(), lr=2e-3)
     var = (x - x.mean(0)).pow(2).sum(1).mean()
     for step in range(steps):
-        xb = x[torch.randint(0, len(x), (2048,))]
+        xb = x[torch.randint(0, len(x), (BATCH,))]
         pre = (xb - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
         top = pre.topk(k, dim=-1)
         f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
@@ -114,7 +117,7 @@ def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, steps: int, seed: int) -
         opt.step()
         with torch.no_grad():  # unit decoder rows: activations carry the scale
             params["W_dec"] /= params["W_dec"].norm(dim=1, keepdim=True)
-        if step % 500 == 0:
+        if step % 100 == 0:
             print(f"  sae step {step}: normalised MSE {loss.item():.4f}", flush=True)
     return {k: v.detach() for k, v in params.items()}
 
@@ -131,7 +134,7 @@ def train_transcoder(x: torch.Tensor, y: torch.Tensor, d_tc: int, target_l0: flo
     var = (y - y.mean(0)).pow(2).sum(1).mean()
     lam, l0_avg = 1e-3, None
     for step in range(steps):
-        ix = torch.randint(0, len(x), (2048,))
+        ix = torch.randint(0, len(x), (BATCH,))
         xb, yb = x[ix], y[ix]
         f = torch.relu(xb @ params["W_enc"] + params["b_enc"])
         recon = f @ params["W_dec"] + params["b_dec"]
@@ -147,7 +150,7 @@ def train_transcoder(x: torch.Tensor, y: torch.Tensor, d_tc: int, target_l0: flo
         l0_avg = l0 if l0_avg is None else 0.95 * l0_avg + 0.05 * l0
         if step > 200 and step % 20 == 0:  # steer the L1 coefficient towards the target L0
             lam *= math.exp(0.1 * math.tanh(math.log(l0_avg / target_l0)))
-        if step % 500 == 0:
+        if step % 100 == 0:
             print(f"  transcoder step {step}: normalised MSE {mse.item():.4f}, L0 {l0_avg:.1f}, l1 {lam:.2e}",
                   flush=True)
     return {k: v.detach() for k, v in params.items()}
@@ -303,7 +306,8 @@ A residual-stream sparse autoencoder for the embedded model `hexray-demo`, train
   writing weights not centred; HexRay rebuilds it from a trace and the model kit)
 - SAELens folder, architecture `topk` (k = {args.k}), {args.sae_features} features, float16 weights
 - trained on {args.train_seqs} × 128-token windows of the demo model's corpus (Jane Austen's six novels),
-  {args.steps} Adam steps; evaluated on {report['eval_tokens']:,} held-out tokens (the end of *Persuasion*)
+  {args.steps} Adam steps of {args.batch}; evaluated on {report['eval_tokens']:,} held-out tokens (the end of
+  *Persuasion*)
 
 | metric | value |
 |---|---|
@@ -330,7 +334,8 @@ Per-layer transcoders for the embedded model `hexray-demo`, trained by `scripts/
 - circuit-tracer transcoder set (`config.yaml` + `layer_i.safetensors`), ReLU, {args.tc_features} features per
   layer, float16 weights; trained with an L1 penalty weighted by decoder norms, its coefficient steered towards
   L0 ≈ {args.target_l0:g}
-- {args.train_seqs} × 128-token training windows of Jane Austen's novels, {args.steps} Adam steps; evaluated on
+- {args.train_seqs} × 128-token training windows of Jane Austen's novels, {args.steps} Adam steps of {args.batch};
+  evaluated on
   {report['eval_tokens']:,} held-out tokens (the end of *Persuasion*); clean CE {report['clean_ce']:.3f}
 
 | layer | L0 | variance explained | CE loss recovered | CE with transcoder / MLP zero-ablated | never active |
@@ -348,19 +353,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--austen-dir", required=True, help="where r-cran-janeaustenr's .deb was extracted")
     ap.add_argument("--out", default=MODELS)
-    ap.add_argument("--train-seqs", type=int, default=1200)
+    ap.add_argument("--train-seqs", type=int, default=800)
     ap.add_argument("--eval-seqs", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--sae-features", type=int, default=1024)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--tc-features", type=int, default=512)
     ap.add_argument("--target-l0", type=float, default=24)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--tokens-cache", help="keep the tokenized corpus here (.npy) to skip reading it again")
     args = ap.parse_args()
+    globals()["BATCH"] = args.batch
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tok = load_model()
-    data, eot = token_stream(args.austen_dir, tok)
+    if args.tokens_cache and os.path.exists(args.tokens_cache):
+        data, eot = torch.from_numpy(np.load(args.tokens_cache)), tok.convert_tokens_to_ids("<|endoftext|>")
+    else:
+        data, eot = token_stream(args.austen_dir, tok)
+        if args.tokens_cache:
+            np.save(args.tokens_cache, data.numpy())
     n_val = max(len(data) // 50, 128 * 40)  # as train_demo_model.py: the last 2% is held out
     train, val = data[:-n_val], data[-n_val:]
     acts = activations(model, batches(train, eot, 128, args.train_seqs, seed=1))
