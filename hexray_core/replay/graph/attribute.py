@@ -196,6 +196,6 @@ def _assemble(model: ReplacementModel, pos: int, rows: _Rows, visited, ids, prob
               list(r.tokens[:m]), list(r.str_tokens[:m]), r.prompt, model.trace.model_name, pos, probs)
     g.meta = {"run": r.id, "n_active_features": int(np.sum(model.f_pos <= pos)), "n_selected_features": n_sel,
               "drift": model.drift, "transcoders": model.tc.source, "space": model.tc.space,
-              "kind": model.tc.kind}
+              "kind": model.tc.kind, "logit_strs": {int(t): model.trace.token_str(int(t), r.id) for t in ids}}
     g.model = model  # for QK tracing and tests; not serialised
     return g

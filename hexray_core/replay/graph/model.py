@@ -226,10 +226,12 @@ class ReplacementModel:
         clt = self.tc.kind == "clt"
         x = self.embed + self.pos_embed
         self.resid_mid: list[np.ndarray] = []
+        self.resid_pre: list[np.ndarray] = []
         f_layer, f_pos, f_feat, f_act, f_pre = [], [], [], [], []
         recon = [np.zeros((n, self.d), np.float32) for _ in range(L)]
         self.errors: list[np.ndarray] = []
         for lay in range(L):
+            self.resid_pre.append(x)
             mid = x + self.attn_forward(lay, x)
             self.resid_mid.append(mid)
             tc = self.tc.layers[lay]
