@@ -525,6 +525,15 @@ class Trace(ModelMethods):
 
         return source_attribution(self, position=position, run=run, **kw)
 
+    def graph(self, transcoders, position: int = -1, run: int = 0, **kw):
+        """The attribution graph of a position (unpruned; ``.prune()``, ``.to_neuronpedia()``, ``.paths()``):
+        ``transcoders`` a ``TranscoderSet`` or a circuit-tracer transcoder folder. See ``replay/graph/``."""
+        from .graph import build_graph, load_circuit_tracer
+
+        if not hasattr(transcoders, "layers"):
+            transcoders = load_circuit_tracer(transcoders, self.n_layers)
+        return build_graph(self, transcoders, run=run, position=position, **kw)
+
     def cot(self, run: int = 0, **kw):
         from .cot import cot_breakdown
 
