@@ -102,6 +102,7 @@ def test_completeness_and_values_match_transformer_lens(recorded, kind):
         assert rows.sum() == g.meta["n_selected_features"] + len(g.logit_nodes) > 20
         sums = np.bincount(g.tgt, weights=g.weight.astype(np.float64), minlength=g.n_nodes)
         scale = np.abs(g.value[rows]).max()
+        assert not g.dropped[rows].any()  # every edge kept
         np.testing.assert_allclose(sums[rows] + g.const[rows], g.value[rows], rtol=0, atol=1e-5 * scale)
         inputs, logits = _frozen_reference(rec, model)
         ref = np.array([_value(model, inputs, logits, g, i) for i in np.nonzero(rows)[0]])
@@ -110,6 +111,32 @@ def test_completeness_and_values_match_transformer_lens(recorded, kind):
         last = logits[-1]
         top = np.argsort(-last)[: len(g.logit_nodes)]
         assert list(g.feature[g.logit_nodes]) == list(top)
+
+
+def test_capped_graph_keeps_completeness_and_its_largest_edges(recorded):
+    """With fewer feature rows (chosen by influence) and fewer edges per row, what is left out is summed per
+    row: value = Σ kept edges + dropped + const still holds, and the kept edges are each row's largest."""
+    import hexray
+    from hexray_core.replay.graph import build_graph, random_transcoders
+
+    _, path, weights = recorded
+    with hexray.open(path) as t:
+        ts = random_transcoders(t.n_layers, 64, 128, seed=3)
+        full = build_graph(t, ts, weights=weights)
+        g = build_graph(t, ts, weights=weights, max_feature_nodes=40, max_edges_per_row=25, batch_size=16)
+    assert g.meta["n_selected_features"] == 40 < full.meta["n_selected_features"]
+    rows = ~np.isnan(g.const)
+    assert np.bincount(g.tgt, minlength=g.n_nodes).max() <= 25
+    sums = np.bincount(g.tgt, weights=g.weight.astype(np.float64), minlength=g.n_nodes)
+    np.testing.assert_allclose(sums[rows] + g.dropped[rows] + g.const[rows], g.value[rows], atol=1e-5)
+    # the same logit rows, cut to their 25 largest edges (less those from features given no row)
+    present = {g.node_id(i) for i in range(g.n_nodes)}
+    for i_full, i in zip(full.logit_nodes, g.logit_nodes, strict=True):
+        m = full.tgt == i_full
+        top = np.argsort(-np.abs(full.weight[m]), kind="stable")[:25]
+        want = {full.node_id(s) for s in full.src[m][top]} & present
+        assert {g.node_id(s) for s in g.src[g.tgt == i]} == want
+        assert g.row_abs[i] == pytest.approx(full.row_abs[i_full], rel=1e-6)
 
 
 def test_edges_are_interventions_in_the_frozen_model(recorded):

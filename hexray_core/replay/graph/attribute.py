@@ -23,21 +23,36 @@ from .model import ReplacementModel, Target
 from .prune import normalise
 
 #: Floats of one batch's gradient (batch x positions x d_model): bounds the backward pass's memory.
-GRAD_ELEMENTS = 1 << 24
+GRAD_ELEMENTS = 1 << 25
+#: Edges kept per row (the largest by magnitude). A row has an edge from every earlier source, so a long
+#: context would otherwise hold rows x sources floats; what is dropped is kept as a sum per row (completeness
+#: stays exact) and the row's full |weight| sum still normalises it (influence as with every edge).
+MAX_EDGES_PER_ROW = 1 << 15
 
 
 class _Rows:
     """Computed rows, sparse: row r's non-zero entries over the model's sources."""
 
-    def __init__(self):
+    def __init__(self, max_edges: int = MAX_EDGES_PER_ROW):
+        self.max_edges = max_edges
         self.row_node: list[int] = []  # row -> node (feature index, or -(logit + 1))
         self.tgt: list[np.ndarray] = []
         self.src: list[np.ndarray] = []
         self.w: list[np.ndarray] = []
         self.const: list[float] = []
+        self.abs_sum: list[float] = []  # Σ|w| over the whole row, dropped edges included
+        self.dropped: list[float] = []  # Σw of the dropped edges
 
     def add(self, node: int, edges_row: np.ndarray, const: float) -> None:
         nz = np.nonzero(edges_row)[0]
+        self.abs_sum.append(float(np.abs(edges_row[nz]).sum(dtype=np.float64)))
+        dropped = 0.0
+        if len(nz) > self.max_edges:
+            keep = np.argpartition(-np.abs(edges_row[nz]), self.max_edges)[: self.max_edges]
+            total = float(edges_row[nz].sum(dtype=np.float64))
+            nz = np.sort(nz[keep])
+            dropped = total - float(edges_row[nz].sum(dtype=np.float64))
+        self.dropped.append(dropped)
         self.tgt.append(np.full(len(nz), len(self.row_node), np.int64))
         self.src.append(nz.astype(np.int64))
         self.w.append(edges_row[nz].astype(np.float32))
@@ -90,7 +105,7 @@ def _partial_influence(rows: _Rows, n_sources: int, logit_probs: np.ndarray) -> 
     """circuit-tracer's ``compute_partial_influences`` over the rows so far: influence of every source."""
     tgt, src, w = rows.arrays()
     n_rows = len(rows.row_node)
-    norm = normalise(tgt, w, n_rows)
+    norm = normalise(tgt, w, n_rows, np.asarray(rows.abs_sum))
     row_node = np.asarray(rows.row_node)
     prod = np.zeros(n_rows, np.float64)
     is_logit = row_node < 0
@@ -111,7 +126,8 @@ def _partial_influence(rows: _Rows, n_sources: int, logit_probs: np.ndarray) -> 
 
 def build_graph(trace, transcoders, *, run: int = 0, position: int = -1, targets=None,
                 max_feature_nodes: int | None = None, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-                batch_size: int = 64, weights=None, update_interval: int = 4, progress=None) -> Graph:
+                batch_size: int = 64, weights=None, update_interval: int = 4, progress=None,
+                max_edges_per_row: int = MAX_EDGES_PER_ROW) -> Graph:
     """The unpruned attribution graph of one position of one run (``Graph.prune()`` prunes it)."""
     model = ReplacementModel(trace, run, transcoders, weights=weights)
     r = model.r
@@ -120,7 +136,7 @@ def build_graph(trace, transcoders, *, run: int = 0, position: int = -1, targets
     n_src = model.n_sources
     # a batch's gradient is [batch, positions, d_model]: cap it for long contexts
     bs = max(1, min(batch_size, GRAD_ELEMENTS // max((pos + 1) * model.d, 1)))
-    rows = _Rows()
+    rows = _Rows(max_edges_per_row)
     logit_value = []
     for a in range(0, len(ids), bs):
         tg = [Target("final", model.L, pos, u) for u in us[a:a + bs]]
@@ -187,13 +203,22 @@ def _assemble(model: ReplacementModel, pos: int, rows: _Rows, visited, ids, prob
     act = np.concatenate([model.f_act[sel], np.zeros(L * m + m), probs]).astype(np.float32)
     value = np.full(n_nodes, np.nan)
     const = np.full(n_nodes, np.nan)
+    row_abs = np.zeros(n_nodes)
+    dropped = np.full(n_nodes, np.nan)
     value[:n_sel] = model.f_pre[sel]
     value[n_sel + L * m + m:] = logit_value
-    for r, c in zip(row_map, rows.const, strict=True):
-        const[r] = c
+    const[row_map] = rows.const
+    row_abs[row_map] = rows.abs_sum
+    dropped[row_map] = rows.dropped
+    # edges from sources without a node (features not selected) leave the graph: their sum joins ``dropped``
+    gone = ~keep
+    if gone.any():
+        t_all, _, w_all = rows.arrays()
+        np.add.at(dropped, row_map[t_all[gone]], w_all[gone].astype(np.float64))
     r = model.r
     g = Graph(kind, layer, npos, feature, act, value, const, tgt[order], src[order], w[order], L,
-              list(r.tokens[:m]), list(r.str_tokens[:m]), r.prompt, model.trace.model_name, pos, probs)
+              list(r.tokens[:m]), list(r.str_tokens[:m]), r.prompt, model.trace.model_name, pos, probs,
+              row_abs=row_abs, dropped=dropped)
     g.meta = {"run": r.id, "n_active_features": int(np.sum(model.f_pos <= pos)), "n_selected_features": n_sel,
               "drift": model.drift, "transcoders": model.tc.source, "space": model.tc.space,
               "kind": model.tc.kind, "logit_strs": {int(t): model.trace.token_str(int(t), r.id) for t in ids}}

@@ -43,6 +43,9 @@ class Graph:
     influence: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
     qk: list = field(default_factory=list)  # QK tracing results (qk.py), for the JSON
+    row_abs: np.ndarray | None = None  # [N] Σ|w| of each computed row over every source (normalisation)
+    dropped: np.ndarray | None = None  # [N] Σw of a row's edges not in the graph (too small to keep, or from
+    #                                    features without a row); value = Σ incoming + dropped + const
 
     @property
     def n_nodes(self) -> int:
@@ -75,8 +78,12 @@ class Graph:
         m = self.tgt == i
         return self.src[m], self.weight[m]
 
+    def _row_abs(self) -> np.ndarray | None:
+        """The full rows' |w| sums, when the graph is unpruned (a pruned graph renormalises over what it kept)."""
+        return None if self.row_abs is None or "pruning" in self.meta else self.row_abs
+
     def compute_influence(self) -> np.ndarray:
-        norm = normalise(self.tgt, self.weight, self.n_nodes)
+        norm = normalise(self.tgt, self.weight, self.n_nodes, self._row_abs())
         self.influence = influence(self.tgt, self.src, norm, self.logit_weights())
         return self.influence
 
@@ -86,7 +93,8 @@ class Graph:
         (most influential first; tokens and logits always) and ``max_edges`` edges (highest weight magnitude)."""
         always = (self.kind == TOKEN) | (self.kind == LOGIT)
         node_mask, edge_mask, node_inf = prune(self.tgt, self.src, self.weight, self.n_nodes, self.logit_weights(),
-                                               always, self.kind == FEATURE, node_threshold, edge_threshold)
+                                               always, self.kind == FEATURE, node_threshold, edge_threshold,
+                                               self._row_abs())
         if max_nodes is not None and node_mask.sum() > max_nodes:
             cand = np.nonzero(node_mask & ~always)[0]
             room = max(0, max_nodes - int(always.sum()))
@@ -111,7 +119,9 @@ class Graph:
                      self.activation[node_mask], self.value[node_mask], self.const[node_mask], new[self.tgt[em]],
                      new[self.src[em]], self.weight[em], self.n_layers, self.tokens, self.token_strs, self.prompt,
                      self.scan, self.position, self.logit_probs[logit_keep],
-                     None if self.influence is None else self.influence[node_mask], dict(self.meta), list(self.qk))
+                     None if self.influence is None else self.influence[node_mask], dict(self.meta), list(self.qk),
+                     None if self.row_abs is None else self.row_abs[node_mask],
+                     None if self.dropped is None else self.dropped[node_mask])
 
     def node_id(self, i: int) -> str:
         """circuit-tracer's node ids: ``{layer}_{feature}_{pos}``, ``0_{layer}_{pos}`` errors, ``E_{id}_{pos}``
@@ -139,7 +149,7 @@ class Graph:
         score is the product of its edges' normalised weights |w| / Σ|w| over the target's row: the fraction of
         the target's direct input that each hop carries. Paths start at a node with no incoming edge."""
         t = int(self.logit_nodes[np.argmax(self.logit_probs)]) if target is None else self.find(target)
-        norm = normalise(self.tgt, self.weight, self.n_nodes)
+        norm = normalise(self.tgt, self.weight, self.n_nodes, self._row_abs())
         order = np.argsort(self.tgt, kind="stable")
         starts = np.searchsorted(self.tgt[order], np.arange(self.n_nodes + 1))
         heap = [(-1.0, [t])]

@@ -14,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 
-def normalise(tgt: np.ndarray, w: np.ndarray, n: int) -> np.ndarray:
-    """|w| divided by the sum of |w| over the target's row (clamped as circuit-tracer, 1e-10)."""
+def normalise(tgt: np.ndarray, w: np.ndarray, n: int, row_abs: np.ndarray | None = None) -> np.ndarray:
+    """|w| divided by the sum of |w| over the target's row (clamped as circuit-tracer, 1e-10); ``row_abs``: the
+    rows' sums where some edges were not kept."""
     a = np.abs(w).astype(np.float64)
-    sums = np.bincount(tgt, weights=a, minlength=n)
+    sums = np.bincount(tgt, weights=a, minlength=n) if row_abs is None else row_abs
     return a / np.maximum(sums, 1e-10)[tgt]
 
 
@@ -46,10 +47,10 @@ def find_threshold(scores: np.ndarray, threshold: float) -> float:
 
 
 def prune(tgt, src, w, n_nodes: int, logit_weights: np.ndarray, always: np.ndarray, prunable_in: np.ndarray,
-          node_threshold: float = 0.8, edge_threshold: float = 0.98):
+          node_threshold: float = 0.8, edge_threshold: float = 0.98, row_abs: np.ndarray | None = None):
     """``(node_mask, edge_mask, node_influence)``. ``always``: nodes kept whatever (tokens, logits);
     ``prunable_in``: nodes dropped when left without incoming edges (features)."""
-    norm = normalise(tgt, w, n_nodes)
+    norm = normalise(tgt, w, n_nodes, row_abs)
     node_inf = influence(tgt, src, norm, logit_weights)
     node_mask = node_inf >= find_threshold(node_inf, node_threshold)
     node_mask |= always
