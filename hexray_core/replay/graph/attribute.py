@@ -158,8 +158,8 @@ def build_graph(trace, transcoders, *, run: int = 0, position: int = -1, targets
             infl = _partial_influence(rows, n_src, probs)
             rank = cand[np.argsort(-infl[cand], kind="stable")]
             pending = rank[~visited[rank]][: min(update_interval * bs, limit - n_visited)]
-        # a batch of nearby positions keeps its gradient short
-        pending = pending[np.argsort(model.f_pos[pending], kind="stable")]
+        # a batch of one layer and nearby positions: no work above its layer, a gradient no longer than needed
+        pending = pending[np.lexsort((model.f_pos[pending], model.f_layer[pending]))]
         for a in range(0, len(pending), bs):
             idx = pending[a:a + bs]
             tg, cs = [], []

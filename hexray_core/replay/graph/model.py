@@ -170,19 +170,24 @@ class ReplacementModel:
         for q0, q1, rows in self.blocks(layer, self.n):
             for h in range(self.H):
                 z[q0:q1, h] = rows[h] @ v[:q1, h // self.rep]
-        return np.einsum("nhe,hed->nd", z, self.W_O[layer]) + self.b_attn[layer]
+        return z.reshape(self.n, -1) @ self.W_O[layer].reshape(-1, self.d) + self.b_attn[layer]
 
     def attn_backward(self, layer: int, G: np.ndarray) -> np.ndarray:
         """Gradient at ``resid_pre`` through the frozen attention from the gradient ``G [B, P, d]`` at its output."""
         B, P, _ = G.shape
-        Y = np.einsum("bqd,hed->hqbe", G, self.W_O[layer]).reshape(self.H, P, B * self.dh)
+        H, dh, d = self.H, self.dh, self.d
+        # matrix products, not einsum (which would loop in C without BLAS)
+        Y = (G.reshape(B * P, d) @ self.W_O[layer].reshape(H * dh, d).T).reshape(B, P, H, dh)
+        Y = np.ascontiguousarray(Y.transpose(2, 1, 0, 3)).reshape(H, P, B * dh)
         Z = np.zeros_like(Y)
         for q0, q1, rows in self.blocks(layer, P):
-            for h in range(self.H):
+            for h in range(H):
                 Z[h, :q1] += rows[h].T @ Y[h, q0:q1]
-        Z = Z.reshape(self.W_V.shape[1], self.rep, P, B, self.dh).sum(1)  # per key/value group
-        out = np.einsum("gpbe,gde->bpd", Z, self.W_V[layer])
-        out /= self.sc1[layer][None, :P, None]
+        n_kv = self.W_V.shape[1]
+        Z = Z.reshape(n_kv, self.rep, P, B, dh).sum(1)  # per key/value group
+        Z = np.ascontiguousarray(Z.transpose(1, 2, 0, 3)).reshape(P * B, n_kv * dh)
+        out = (Z @ self.W_V[layer].transpose(0, 2, 1).reshape(n_kv * dh, d)).reshape(P, B, d).transpose(1, 0, 2)
+        out = out / self.sc1[layer][None, :P, None]
         return self._centre(out)
 
     # -- the transcoders' inputs and the nodes --------------------------------------------------------------
@@ -291,23 +296,28 @@ class ReplacementModel:
         const = np.zeros(B, np.float64)
         clt = self.tc.kind == "clt"
 
-        def inject(stage, layer):
+        def inject(stage, layer) -> bool:
+            hit = False
             for b, t in enumerate(targets):
                 if t.stage == stage and (stage == "final" or t.layer == layer):
                     G[b, t.pos] += t.u
+                    hit = True
+            return hit
 
-        inject("final", L)
+        live = inject("final", L)  # until a target enters, G is zero: the layers above it cost nothing
         for lay in range(L - 1, -1, -1):
-            # G: gradient at resid_post[lay]; the MLP's writes (features, error, decoder bias) land here
-            for src in range(0, lay + 1) if clt else (lay,):
-                self._feature_edges(src, lay, G, edges)
-            e0 = self.error_index(lay, 0)
-            edges[:, e0:e0 + P] = np.einsum("bpd,pd->bp", G, self.errors[lay][:P])
-            const += G.sum(1) @ self.b_dec[lay]
-            inject("mid", lay)  # the MLP is detached: the residual carries G on unchanged
-            const += G.sum(1) @ self.b_attn[lay]
-            G += self.attn_backward(lay, G)
-            inject("pre", lay)
+            if live:
+                # G: gradient at resid_post[lay]; the MLP's writes (features, error, decoder bias) land here
+                for src in range(0, lay + 1) if clt else (lay,):
+                    self._feature_edges(src, lay, G, edges)
+                e0 = self.error_index(lay, 0)
+                edges[:, e0:e0 + P] = np.einsum("bpd,pd->bp", G, self.errors[lay][:P])
+                const += G.sum(1) @ self.b_dec[lay]
+            live |= inject("mid", lay)  # the MLP is detached: the residual carries G on unchanged
+            if live:
+                const += G.sum(1) @ self.b_attn[lay]
+                G += self.attn_backward(lay, G)
+            live |= inject("pre", lay)
         t0 = self.token_index(0)
         edges[:, t0:t0 + P] = np.einsum("bpd,pd->bp", G, self.embed[:P])
         const += np.einsum("bpd,pd->b", G, self.pos_embed[:P])
