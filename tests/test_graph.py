@@ -290,3 +290,40 @@ def test_bad_weights_are_one_error(tiny_gpt2_recorder, tmp_path):
     w["W_V"] = w["W_V"][:, :, :32]
     with hexray.open(path) as t, pytest.raises(HexRayError, match="do not fit"):
         t.graph(random_transcoders(2, 64, 16), weights=w)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_raw_space_transcoders_read_the_unprocessed_models_ln2(arch, tiny, tiny_tokenizer, request, tmp_path):
+    """Transcoders trained on the unprocessed model (circuit-tracer's) read its ln2 output, norm weight and bias
+    included, which compatibility mode folded away: rebuilt from the trace and raw/ln2.*, it is Hugging Face's."""
+    import torch
+
+    import hexray
+    from hexray_core.replay.graph import build_graph, random_transcoders
+
+    rec = request.getfixturevalue(f"tiny_{arch}_recorder")
+    hf = (tiny.build_tiny_gpt2 if arch == "gpt2" else tiny.build_tiny_llama)(tiny_tokenizer)  # the unprocessed twin
+    norms = [blk.ln_2 for blk in hf.transformer.h] if arch == "gpt2" else \
+        [blk.post_attention_layernorm for blk in hf.model.layers]
+    weights = _weights(rec.bridge)
+    weights["raw/ln2.w"] = np.stack([n.weight.detach().numpy() for n in norms])
+    if arch == "gpt2":
+        weights["raw/ln2.b"] = np.stack([n.bias.detach().numpy() for n in norms])
+    path = tmp_path / "raw.hxr"
+    rec.record(PROMPT, path, act_dtype="f32", lens=False)
+    seen = {}
+    handles = [n.register_forward_hook(lambda mod, i, o, k=k: seen.__setitem__(k, o[0].detach().numpy()))
+               for k, n in enumerate(norms)]
+    with hexray.open(path) as t, torch.no_grad():
+        hf(torch.tensor([t.run(0).tokens]))
+        for h in handles:
+            h.remove()
+        g = build_graph(t, random_transcoders(t.n_layers, 64, 128, seed=2, space="raw"), weights=weights)
+    m = g.model
+    for lay in range(m.L):
+        np.testing.assert_allclose(m.tc_input(lay, m.resid_mid[lay]), seen[lay], atol=2e-4)
+    rows = ~np.isnan(g.const)
+    sums = np.bincount(g.tgt, weights=g.weight.astype(np.float64), minlength=g.n_nodes)
+    np.testing.assert_allclose(sums[rows] + g.const[rows], g.value[rows], atol=1e-4)
+    # compat-space transcoders would read something else: the spaces really differ
+    assert not np.allclose(m.tc_input(0, m.resid_mid[0]), m._centre(m.resid_mid[0]) / m.sc2[0][:, None], atol=1e-2)
