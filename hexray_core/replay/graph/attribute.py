@@ -53,15 +53,17 @@ class _Rows:
             nz = np.sort(nz[keep])
             dropped = total - float(edges_row[nz].sum(dtype=np.float64))
         self.dropped.append(dropped)
-        self.tgt.append(np.full(len(nz), len(self.row_node), np.int64))
-        self.src.append(nz.astype(np.int64))
+        self.tgt.append(np.full(len(nz), len(self.row_node), np.int32))  # 12 bytes an edge
+        self.src.append(nz.astype(np.int32))
         self.w.append(edges_row[nz].astype(np.float32))
         self.row_node.append(node)
         self.const.append(const)
 
     def arrays(self):
-        cat = np.concatenate
-        return cat(self.tgt), cat(self.src), cat(self.w)
+        if len(self.tgt) > 1:  # keep one array per kind: later calls (influence updates) copy nothing
+            cat = np.concatenate
+            self.tgt, self.src, self.w = [cat(self.tgt)], [cat(self.src)], [cat(self.w)]
+        return self.tgt[0], self.src[0], self.w[0]
 
 
 def _logit_targets(model: ReplacementModel, pos: int, targets, max_n_logits: int, desired_logit_prob: float):
@@ -190,9 +192,9 @@ def _assemble(model: ReplacementModel, pos: int, rows: _Rows, visited, ids, prob
     src_map[model.n_features + lay.ravel() * n + p.ravel()] = n_sel + lay.ravel() * m + p.ravel()
     src_map[model.n_features + L * n + np.arange(m)] = n_sel + L * m + np.arange(m)
     row_map = np.asarray([src_map[r] if r >= 0 else n_sel + L * m + m + (-r - 1) for r in rows.row_node], np.int64)
-    tgt, src, w = rows.arrays()
+    t_all, src, w = rows.arrays()
     keep = src_map[src] >= 0
-    tgt, src, w = row_map[tgt[keep]], src_map[src[keep]], w[keep]
+    tgt, src, w = row_map[t_all[keep]].astype(np.int32), src_map[src[keep]].astype(np.int32), w[keep]
     order = np.lexsort((src, tgt))
     kind = np.concatenate([np.full(n_sel, FEATURE), np.full(L * m, ERROR), np.full(m, TOKEN),
                            np.full(len(ids), LOGIT)]).astype(np.int8)
@@ -213,8 +215,7 @@ def _assemble(model: ReplacementModel, pos: int, rows: _Rows, visited, ids, prob
     # edges from sources without a node (features not selected) leave the graph: their sum joins ``dropped``
     gone = ~keep
     if gone.any():
-        t_all, _, w_all = rows.arrays()
-        np.add.at(dropped, row_map[t_all[gone]], w_all[gone].astype(np.float64))
+        np.add.at(dropped, row_map[t_all[gone]], rows.w[0][gone].astype(np.float64))
     r = model.r
     g = Graph(kind, layer, npos, feature, act, value, const, tgt[order], src[order], w[order], L,
               list(r.tokens[:m]), list(r.str_tokens[:m]), r.prompt, model.trace.model_name, pos, probs,
