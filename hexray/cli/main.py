@@ -28,6 +28,7 @@ COMMANDS = {
     "aggregate": "hexray.cli.aggregate_cmd",
     "fuzz": "hexray.cli.fuzz_cmd",
     "graph": "hexray.cli.graph_cmd",
+    "features": "hexray.cli.features_cmd",
 }
 HELP = {
     "record": "run a model on prompts and record the forward pass into a .hxr trace",
@@ -41,6 +42,7 @@ HELP = {
     "aggregate": "attribution statistics over every run of a recorded dataset",
     "fuzz": "perturb a prompt and rank its tokens by how much the prediction depends on them",
     "graph": "attribution graph of a position (transcoders; Neuronpedia's JSON)",
+    "features": "a trace's active features through sparse autoencoders or transcoders (--dict)",
 }
 
 
