@@ -294,8 +294,8 @@ def test_bad_weights_are_one_error(tiny_gpt2_recorder, tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_raw_space_transcoders_read_the_unprocessed_models_ln2(arch, tiny, tiny_tokenizer, request, tmp_path):
-    """Transcoders trained on the unprocessed model (circuit-tracer's) read its ln2 output, norm weight and bias
-    included, which compatibility mode folded away: rebuilt from the trace and raw/ln2.*, it is Hugging Face's."""
+    """Transcoders reading the unprocessed model's ln2 output (``ln2.hook_out``: norm weight and bias included, which
+    compatibility mode folded away) get it rebuilt from the trace and raw/ln2.*: Hugging Face's ln_2 output."""
     import torch
 
     import hexray
@@ -318,7 +318,8 @@ def test_raw_space_transcoders_read_the_unprocessed_models_ln2(arch, tiny, tiny_
         hf(torch.tensor([t.run(0).tokens]))
         for h in handles:
             h.remove()
-        g = build_graph(t, random_transcoders(t.n_layers, 64, 128, seed=2, space="raw"), weights=weights)
+        g = build_graph(t, random_transcoders(t.n_layers, 64, 128, seed=2, space="raw", hook_in="ln2.hook_out"),
+                        weights=weights)
     m = g.model
     for lay in range(m.L):
         np.testing.assert_allclose(m.tc_input(lay, m.resid_mid[lay]), seen[lay], atol=2e-4)

@@ -25,7 +25,7 @@ from hexray_core.errors import HexRayError
 from hexray_core.replay.attention import attention_blocks, attention_source
 from hexray_core.replay.missing import MissingHook
 
-from .transcoders import TranscoderSet
+from .transcoders import NORM_OUT_HOOKS, TranscoderSet
 
 #: Attention patterns of a run kept in memory when all layers together stay under this (bytes); else rows are
 #: recomputed from q/k in blocks whenever they are needed.
@@ -71,11 +71,14 @@ class Weights:
 class ReplacementModel:
     """Frozen pieces, node values and the block-wise backward pass of one run's local replacement model."""
 
-    def __init__(self, trace, run: int, transcoders: TranscoderSet, *, weights=None):
+    def __init__(self, trace, run: int, transcoders: TranscoderSet, *, weights=None, zero_first: bool = True):
         self.trace = trace
         self.r = trace.run(run)
         self.run = self.r.id
         self.tc = transcoders
+        # circuit-tracer's zero_positions: position 0 (BOS, an attention sink) gets no feature or error nodes; its
+        # MLP writes are constants
+        self.zero_first = zero_first
         cfg = trace.config
         self.L, self.d, self.n = trace.n_layers, int(cfg["d_model"]), self.r.n_tokens
         transcoders.check(self.L, self.d)
@@ -107,11 +110,18 @@ class ReplacementModel:
         bv = np.repeat(b_V, self.rep, axis=1)  # [L, H, dh]
         self.b_attn = b_O + np.einsum("lhe,lhed->ld", bv, self.W_O)
         raw = self.tc.space == "raw"
-        self.ln2_w = [w["raw/ln2.w"][lay] if raw else None for lay in range(L)]
-        self.ln2_b = [w["raw/ln2.b"][lay] if raw and self.ln else None for lay in range(L)]
-        if raw and self.ln and any(tc.hook_in.endswith("hook_resid_mid") for tc in self.tc.layers.values()):
-            raise HexRayError("transcoders that read the raw (uncentred) hook_resid_mid of a LayerNorm model cannot "
-                              "be rebuilt exactly from a compatibility-mode trace; use ln2.hook_normalized ones")
+        # TransformerLens 3 fires ln2.hook_normalized before the norm's weight and bias, folded or not: only
+        # ln2.hook_out / mlp.hook_in (the norm's output) of an unprocessed model carry them (raw/ln2.*)
+        outs = [raw and tc.hook_in.endswith(NORM_OUT_HOOKS) for tc in self.tc.layers.values()]
+        self.ln2_w = [w["raw/ln2.w"][lay] if outs[lay] else None for lay in range(L)]
+        self.ln2_b = [w["raw/ln2.b"][lay] if outs[lay] and self.ln else None for lay in range(L)]
+        # raw-space transcoders reading the residual itself of a LayerNorm model read it uncentred: the model
+        # then carries the raw residual (every write plus the mean centring removed, from the kit's raw/ means)
+        self.raw_resid = raw and self.ln and any(tc.hook_in.endswith("hook_resid_mid")
+                                                 for tc in self.tc.layers.values())
+        if self.raw_resid:
+            self.W_O = self.W_O + w["raw/W_O.mean"][..., None]
+            self.b_attn = self.b_attn + w["raw/b_O.mean"][:, None]
 
     def _get(self, name: str, why: str) -> np.ndarray:
         try:
@@ -128,6 +138,15 @@ class ReplacementModel:
         has_pos = self.trace.has("hook_pos_embed", self.run)
         self.pos_embed = self._get("hook_pos_embed", "positions") if has_pos else np.zeros_like(self.embed)
         self.mlp_out = [self._get(f"blocks.{lay}.hook_mlp_out", "error nodes") for lay in range(L)]
+        if self.raw_resid:
+            toks = np.asarray(self.r.tokens, np.int64)
+            self.embed = self.embed + self.w["raw/W_E.mean"][toks][:, None]
+            if has_pos:
+                self.pos_embed = self.pos_embed + self.w["raw/W_pos.mean"][: self.n][:, None]
+            w_out, b_out = self.w["raw/W_out.mean"], self.w["raw/b_out.mean"]
+            for lay in range(L):
+                post = self._get(f"blocks.{lay}.mlp.hook_post", "the raw residual")
+                self.mlp_out[lay] = self.mlp_out[lay] + (post @ w_out[lay] + b_out[lay])[:, None]
         self.sc1 = [self._get(f"blocks.{lay}.ln1.hook_scale", "frozen norms")[:, 0] for lay in range(L)]
         self.sc2 = [self._get(f"blocks.{lay}.ln2.hook_scale", "frozen norms")[:, 0] for lay in range(L)]
         self.scf = self._get("ln_final.hook_scale", "frozen norms")[:, 0]
@@ -193,6 +212,7 @@ class ReplacementModel:
     # -- the transcoders' inputs and the nodes --------------------------------------------------------------
 
     def tc_input(self, layer: int, mid: np.ndarray) -> np.ndarray:
+        """What ``layer``'s transcoder reads, from the residual ``mid [n, d]`` the model carries."""
         tc = self.tc.layers[layer]
         if tc.hook_in.endswith("hook_resid_mid"):
             return mid
@@ -203,6 +223,16 @@ class ReplacementModel:
             x = x + self.ln2_b[layer]
         return x
 
+    def input_grad(self, layer: int, g: np.ndarray, pos) -> np.ndarray:
+        """Gradient at ``resid_mid`` of a linear read ``g · input`` of ``layer``'s transcoder input (``g [..., d]``,
+        ``pos`` its positions): through the frozen ln2 unless the transcoder reads the residual itself."""
+        tc = self.tc.layers[layer]
+        if tc.hook_in.endswith("hook_resid_mid"):
+            return g
+        if self.ln2_w[layer] is not None:
+            g = g * self.ln2_w[layer]
+        return self._centre(g) / np.asarray(self.sc2[layer][pos], np.float32)[..., None]
+
     def input_direction(self, layer: int, pos: int, feature: int) -> tuple[np.ndarray, float]:
         """(u, c): the feature's pre-activation is u · resid_mid[pos] + c exactly, c its named constant (encoder
         bias, the raw norm's bias through the encoder, the decoder bias when subtracted from the input)."""
@@ -211,19 +241,27 @@ class ReplacementModel:
         c = float(tc.b_enc[feature])
         if tc.apply_b_dec_to_input:
             c -= float((tc.b_dec if tc.b_dec.ndim == 1 else tc.b_dec[0]) @ w)
-        if tc.hook_in.endswith("hook_resid_mid"):
-            return w.copy(), c
-        if self.ln2_b[layer] is not None:
+        if self.ln2_b[layer] is not None and not tc.hook_in.endswith("hook_resid_mid"):
             c += float(self.ln2_b[layer] @ w)
-        if self.ln2_w[layer] is not None:
-            w = w * self.ln2_w[layer]
-        return self._centre(w) / self.sc2[layer][pos], c
+        return self.input_grad(layer, w, pos), c
+
+    def _write(self, v: np.ndarray) -> np.ndarray:
+        """A vector written into the residual as the model carries it: centred in compatibility mode (a LayerNorm
+        downstream removes the mean anyway), as is in the raw residual."""
+        return v if self.raw_resid else self._centre(v)
 
     def decoder(self, layer: int, features: np.ndarray, out_layer: int) -> np.ndarray:
-        """[len(features), d] centred decoder vectors of ``layer``'s features into ``out_layer``'s MLP output."""
+        """[len(features), d] decoder vectors of ``layer``'s features into ``out_layer``'s MLP output."""
         W = self.tc.layers[layer].W_dec
         v = W[features, out_layer - layer] if W.ndim == 3 else W[features]
-        return self._centre(v.astype(np.float32))
+        return self._write(v.astype(np.float32))
+
+    def skip(self, layer: int, mid: np.ndarray) -> np.ndarray:
+        """The transcoder's skip connection ``input @ W_skip.T`` (zero without one): linear, so not detached."""
+        W = self.tc.layers[layer].W_skip
+        if W is None:
+            return np.zeros_like(mid)
+        return self._write(self.tc_input(layer, mid) @ W.T)
 
     def _forward(self) -> None:
         """Run the frozen model once: feature activations, reconstructions, error nodes, the final residual."""
@@ -234,6 +272,7 @@ class ReplacementModel:
         self.resid_pre: list[np.ndarray] = []
         f_layer, f_pos, f_feat, f_act, f_pre = [], [], [], [], []
         recon = [np.zeros((n, self.d), np.float32) for _ in range(L)]
+        self.pos0 = [np.zeros(self.d, np.float32) for _ in range(L)]  # position 0's MLP writes, when zeroed
         self.errors: list[np.ndarray] = []
         for lay in range(L):
             self.resid_pre.append(x)
@@ -242,7 +281,8 @@ class ReplacementModel:
             tc = self.tc.layers[lay]
             pre = tc.pre_acts(self.tc_input(lay, mid)).astype(np.float32)
             act = tc.activation(pre)
-            pos, feat = np.nonzero(act)  # row-major: by position, then feature
+            pos, feat = np.nonzero(act[1:] if self.zero_first else act)  # row-major: by position, then feature
+            pos = pos + 1 if self.zero_first else pos
             f_layer.append(np.full(len(pos), lay, np.int32))
             f_pos.append(pos.astype(np.int32))
             f_feat.append(feat.astype(np.int32))
@@ -252,9 +292,14 @@ class ReplacementModel:
             for out in range(lay, L if clt else lay + 1):
                 dec = W[:, out - lay] if W.ndim == 3 else W
                 recon[out] += act @ dec
+                if self.zero_first:
+                    self.pos0[out] += self._write(act[0] @ dec)
             recon[lay] += self.tc.layers[lay].b_dec if self.tc.layers[lay].b_dec.ndim == 1 \
                 else self.tc.layers[lay].b_dec[0]
-            err = self.mlp_out[lay] - self._centre(recon[lay])
+            err = self.mlp_out[lay] - self._write(recon[lay]) - self.skip(lay, mid)
+            if self.zero_first:  # circuit-tracer zeroes position 0: its error joins the constants
+                self.pos0[lay] += err[0]
+                err[0] = 0
             self.errors.append(err)
             x = mid + self.mlp_out[lay]
         self.resid_final = x
@@ -263,13 +308,14 @@ class ReplacementModel:
         self.f_act, self.f_pre = cat(f_act), cat(f_pre)
         self.layer_start = np.searchsorted(self.f_layer, np.arange(L + 1)).astype(np.int64)
         self.n_features = len(self.f_layer)
-        self.b_dec = [self._centre(np.asarray(self.tc.layers[lay].b_dec, np.float32).reshape(-1, self.d)[0])
+        self.b_dec = [self._write(np.asarray(self.tc.layers[lay].b_dec, np.float32).reshape(-1, self.d)[0])
                       for lay in range(L)]
         name = f"blocks.{L - 1}.hook_resid_post"
         self.drift = None
         if self.trace.has(name, self.run):
             rec = np.asarray(self.trace.tensor(name, self.run), np.float32)
-            self.drift = float(np.abs(rec - x).max() / max(float(np.abs(rec).max()), 1e-30))
+            mine = self._centre(x) if self.raw_resid else x  # the trace is centred
+            self.drift = float(np.abs(rec - mine).max() / max(float(np.abs(rec).max()), 1e-30))
 
     # -- sources: features, then errors (layer-major), then tokens -----------------------------------------
 
@@ -312,8 +358,10 @@ class ReplacementModel:
                     self._feature_edges(src, lay, G, edges)
                 e0 = self.error_index(lay, 0)
                 edges[:, e0:e0 + P] = np.einsum("bpd,pd->bp", G, self.errors[lay][:P])
-                const += G.sum(1) @ self.b_dec[lay]
-            live |= inject("mid", lay)  # the MLP is detached: the residual carries G on unchanged
+                const += G.sum(1) @ self.b_dec[lay] + G[:, 0] @ self.pos0[lay]
+                if self.tc.layers[lay].W_skip is not None:  # the skip connection is the MLP's only live path
+                    G = G + self.input_grad(lay, self._write_grad(G) @ self.tc.layers[lay].W_skip, np.arange(P))
+            live |= inject("mid", lay)  # otherwise the MLP is detached: the residual carries G on unchanged
             if live:
                 const += G.sum(1) @ self.b_attn[lay]
                 G += self.attn_backward(lay, G)
@@ -322,6 +370,11 @@ class ReplacementModel:
         edges[:, t0:t0 + P] = np.einsum("bpd,pd->bp", G, self.embed[:P])
         const += np.einsum("bpd,pd->b", G, self.pos_embed[:P])
         return edges, const
+
+    def _write_grad(self, G: np.ndarray) -> np.ndarray:
+        """The gradient a raw write sees: as is in the raw residual; centred in compatibility mode, where the model
+        carries centre(write)."""
+        return G if self.raw_resid else self._centre(G)
 
     def _feature_edges(self, layer: int, out_layer: int, G: np.ndarray, edges: np.ndarray) -> None:
         """Edges from ``layer``'s active features through their writes into ``out_layer``'s MLP output."""

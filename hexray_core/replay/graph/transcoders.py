@@ -20,8 +20,10 @@ import numpy as np
 
 from hexray_core.errors import HexRayError
 
+#: The norm's output (weight and bias applied) as TransformerLens names it.
+NORM_OUT_HOOKS = ("ln2.hook_out", "mlp.hook_in")
 #: Input hooks a graph can rebuild exactly from a trace.
-INPUT_HOOKS = ("ln2.hook_normalized", "hook_resid_mid")
+INPUT_HOOKS = ("ln2.hook_normalized", "hook_resid_mid", *NORM_OUT_HOOKS)
 
 
 @dataclass
@@ -34,7 +36,7 @@ class Transcoder:
     W_dec: np.ndarray
     b_dec: np.ndarray
     threshold: np.ndarray | None = None
-    W_skip: np.ndarray | None = None
+    W_skip: np.ndarray | None = None  # [d_out, d_in]: skip = input @ W_skip.T (circuit-tracer's orientation)
     hook_in: str = "ln2.hook_normalized"
     hook_out: str = "hook_mlp_out"
     apply_b_dec_to_input: bool = False
@@ -78,15 +80,15 @@ class TranscoderSet:
                 raise HexRayError(f"transcoders ({self.source}) layer {layer}: W_enc {list(tc.W_enc.shape)}, W_dec "
                                   f"{list(tc.W_dec.shape)} do not fit a model with d_model {d_model} and {n_layers} "
                                   "layers: they are for another model")
-            if tc.hook_in.split(".", 2)[-1] not in INPUT_HOOKS and tc.hook_in not in INPUT_HOOKS:
+            if not tc.hook_in.endswith(INPUT_HOOKS):
                 raise HexRayError(f"transcoders ({self.source}) layer {layer} read {tc.hook_in}; a graph supports "
                                   f"{' or '.join(INPUT_HOOKS)}")
             if not tc.hook_out.endswith("hook_mlp_out"):
                 raise HexRayError(f"transcoders ({self.source}) layer {layer} write {tc.hook_out}; a graph "
                                   "replaces MLPs: hook_mlp_out")
-            if tc.W_skip is not None:
-                raise HexRayError(f"transcoders ({self.source}) layer {layer} have a skip connection (W_skip), "
-                                  "which graphs do not support yet")
+            if tc.W_skip is not None and tc.W_skip.shape != (d_model, d_model):
+                raise HexRayError(f"transcoders ({self.source}) layer {layer}: W_skip {list(tc.W_skip.shape)} does "
+                                  f"not fit d_model {d_model}")
 
 
 def _f32(a) -> np.ndarray:
@@ -187,7 +189,8 @@ def save_circuit_tracer(tset: TranscoderSet, path: str | os.PathLike) -> None:
 
 
 def random_transcoders(n_layers: int, d_model: int, d_sae: int, *, kind: str = "transcoder", seed: int = 0,
-                       space: str = "compat", density: float = 0.05) -> TranscoderSet:
+                       space: str = "compat", density: float = 0.05, hook_in: str = "ln2.hook_normalized",
+                       skip: bool = False) -> TranscoderSet:
     """Random transcoders (tests, benches): encoder biases set so that roughly ``density`` of the features fire
     on unit-scale inputs, and a positive JumpReLU threshold on half the layers."""
     rng = np.random.default_rng(seed)
@@ -199,5 +202,6 @@ def random_transcoders(n_layers: int, d_model: int, d_sae: int, *, kind: str = "
         w_dec = rng.standard_normal(shape).astype(np.float32) / np.sqrt(d_sae * density + 1)
         b_dec = (0.1 * rng.standard_normal(d_model)).astype(np.float32)
         thr = np.full(d_sae, 0.05, np.float32) if i % 2 else None
-        layers[i] = Transcoder(w_enc, b_enc, w_dec, b_dec, thr)
+        w_skip = (0.1 * rng.standard_normal((d_model, d_model)) / np.sqrt(d_model)).astype(np.float32) if skip else None
+        layers[i] = Transcoder(w_enc, b_enc, w_dec, b_dec, thr, w_skip, hook_in)
     return TranscoderSet(layers, kind, space)
