@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .prune import influence, normalise, prune
+from .prune import cumulative_scores, influence, normalise, prune
 
 FEATURE, ERROR, TOKEN, LOGIT = 0, 1, 2, 3
 KIND_NAMES = ("feature", "error", "token", "logit")
@@ -46,6 +46,7 @@ class Graph:
     row_abs: np.ndarray | None = None  # [N] Σ|w| of each computed row over every source (normalisation)
     dropped: np.ndarray | None = None  # [N] Σw of a row's edges not in the graph (too small to keep, or from
     #                                    features without a row); value = Σ incoming + dropped + const
+    origin: np.ndarray | None = None  # [N] index of each node in the graph this one was cut from (prune, subset)
 
     @property
     def n_nodes(self) -> int:
@@ -105,7 +106,7 @@ class Graph:
             idx = np.nonzero(edge_mask)[0]
             edge_mask[idx[np.argsort(-np.abs(self.weight[idx]), kind="stable")[max_edges:]]] = False
         g = self.subset(node_mask, edge_mask)
-        g.influence = node_inf[node_mask]
+        g.influence = cumulative_scores(node_inf)[node_mask]  # as circuit-tracer writes into its JSON
         g.meta = {**self.meta, "pruning": {"node_threshold": node_threshold, "edge_threshold": edge_threshold,
                                            "max_nodes": max_nodes, "max_edges": max_edges}}
         return g
@@ -121,11 +122,13 @@ class Graph:
                      self.scan, self.position, self.logit_probs[logit_keep],
                      None if self.influence is None else self.influence[node_mask], dict(self.meta), list(self.qk),
                      None if self.row_abs is None else self.row_abs[node_mask],
-                     None if self.dropped is None else self.dropped[node_mask])
+                     None if self.dropped is None else self.dropped[node_mask],
+                     np.nonzero(node_mask)[0] if self.origin is None else self.origin[node_mask])
 
     def node_id(self, i: int) -> str:
         """circuit-tracer's node ids: ``{layer}_{feature}_{pos}``, ``0_{layer}_{pos}`` errors, ``E_{id}_{pos}``
-        tokens, ``{n_layers + 1}_{id}_{pos}`` logits (as its ``frontend/graph_models.py``)."""
+        tokens, ``{n_layers + 1}_{id}_{pos}`` logits (as its ``frontend/graph_models.py``; an error id can equal
+        a layer-0 feature's, there too)."""
         k, lay, p, f = int(self.kind[i]), int(self.layer[i]), int(self.pos[i]), int(self.feature[i])
         if k == FEATURE:
             return f"{lay}_{f}_{p}"

@@ -1,7 +1,8 @@
 """Neuronpedia's graph JSON (the format circuit-tracer's ``create_graph_files`` writes and both viewers open).
 
-Node ids, ``feature`` (Cantor pairing of layer and feature index), ``jsNodeId`` and ``feature_type`` follow
-circuit-tracer's ``frontend/graph_models.py``. The schema is vendored beside this module
+Node ids, ``feature`` (Cantor pairing of layer and feature index; -1 for errors, the position for tokens),
+``jsNodeId`` and ``feature_type`` follow circuit-tracer's ``frontend/graph_models.py``; ``influence`` is its
+cumulative influence score. The schema is vendored beside this module
 (``graph-schema.json``, Neuronpedia, Apache-2.0: ``graph-schema.LICENSE``).
 """
 
@@ -33,15 +34,15 @@ def _node(g: Graph, i: int) -> dict:
         node.update(feature=cantor(lay, f), layer=str(lay), feature_type="cross layer transcoder",
                     jsNodeId=f"{lay}_{f}-0", activation=float(g.activation[i]))
     elif k == ERROR:
-        node.update(feature=None, layer=str(lay), feature_type="mlp reconstruction error", jsNodeId=f"{lay}_{f}-0",
+        node.update(feature=-1, layer=str(lay), feature_type="mlp reconstruction error", jsNodeId=f"{lay}_{p}-0",
                     activation=None)
     elif k == TOKEN:
-        node.update(feature=None, layer="E", feature_type="embedding", jsNodeId=f"E_{f}-0", activation=None,
+        node.update(feature=p, layer="E", feature_type="embedding", jsNodeId=f"E_{f}-{p}", activation=None,
                     clerp=f'Emb: "{g.token_strs[p]}"')
     else:
         j = int(list(g.logit_nodes).index(i))
         prob = float(g.logit_probs[j])
-        node.update(feature=f, layer=str(g.n_layers + 1), feature_type="logit", jsNodeId=f"L_{f}-0",
+        node.update(feature=f, layer=str(g.n_layers + 1), feature_type="logit", jsNodeId=f"L_{f}-{p}",
                     activation=None, token_prob=prob, is_target_logit=j == 0,
                     clerp=f'Output "{g.meta.get("logit_strs", {}).get(f, f)}" (p={prob:.3f})')
     return node

@@ -72,3 +72,12 @@ def prune(tgt, src, w, n_nodes: int, logit_weights: np.ndarray, always: np.ndarr
         if np.array_equal(node_mask, old):
             break
     return node_mask, edge_mask, node_inf
+
+
+def cumulative_scores(node_inf: np.ndarray) -> np.ndarray:
+    """circuit-tracer's ``cumulative_scores`` (the JSON's ``influence``): each node's place in the cumulative
+    influence, most influential first (0 < s ≤ 1; pruning at t keeps the nodes with s up to about t)."""
+    order = np.argsort(-node_inf, kind="stable")
+    out = np.zeros(len(node_inf))
+    out[order] = np.cumsum(node_inf[order]) / max(float(node_inf.sum()), 1e-300)
+    return out

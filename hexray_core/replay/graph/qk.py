@@ -31,13 +31,13 @@ def _source_desc(model: ReplacementModel, i: int) -> tuple[str, dict]:
     if i < nf + model.L * n:
         lay, p = divmod(i - nf, n)
         nid = f"0_{lay}_{p}"
-        return nid, {"node_id": nid, "feature": None, "layer": str(lay), "ctx_idx": p,
-                     "feature_type": "mlp reconstruction error", "jsNodeId": f"{lay}_-1-0", "clerp": ""}
+        return nid, {"node_id": nid, "feature": -1, "layer": str(lay), "ctx_idx": p,
+                     "feature_type": "mlp reconstruction error", "jsNodeId": f"{lay}_{p}-0", "clerp": ""}
     p = i - nf - model.L * n
     tok = int(model.r.tokens[p])
     nid = f"E_{tok}_{p}"
-    return nid, {"node_id": nid, "feature": None, "layer": "E", "ctx_idx": p, "feature_type": "embedding",
-                 "jsNodeId": f"E_{tok}-0", "clerp": ""}
+    return nid, {"node_id": nid, "feature": p, "layer": "E", "ctx_idx": p, "feature_type": "embedding",
+                 "jsNodeId": f"E_{tok}-{p}", "clerp": ""}
 
 
 def qk_trace(model: ReplacementModel, layer: int, head: int, query: int, key: int, *, top: int = 10) -> dict:
