@@ -12,9 +12,11 @@ Each graph is built in a fresh process (`hexray graph ... -o graph.json`, the CL
 peak memory = that process's VmHWM (what it holds on top of Python, numpy and the trace). The attention
 weights come from the recording bridge (`--weights`) until the kit carries them.
 
-circuit-tracer (0.5) is not installed on this machine (its pins conflict with HexRay's recorder; see
-/work/shared/notes/features-and-circuits.md §0), so its column is *derived*, not measured: the dense float32
-adjacency it allocates, (features visited + errors + tokens + logits)², a lower bound on its peak memory.
+circuit-tracer 0.5 runs on the same model (saved unprocessed), transcoders (circuit-tracer's folder format) and
+token ids, in the reference venv (scripts/reference/make_venv.sh: its pins conflict with HexRay's recorder), in
+its own process under a 16 GiB address-space limit (a MemoryError rather than the OOM killer on a shared machine):
+time of ``attribute`` and peak memory (VmHWM). The dense float32 adjacency it allocates, (features visited + errors
++ tokens + logits)², is printed beside as a derived lower bound.
 
     python bench/graph_bench.py                         # everything (tens of minutes on 2 cores)
     python bench/graph_bench.py --cases demo-64,long-1000 --max-feature-nodes 512
@@ -58,6 +60,7 @@ def prepare(model: str, tokens: int, d_sae: int, folder: str, density: float) ->
     ts = random_transcoders(cfg.n_layers, cfg.d_model, d_sae, seed=0, density=density)
     ts.model_name = None
     save_circuit_tracer(ts, os.path.join(folder, "tc"))
+    save_unprocessed(model, os.path.join(folder, "model"))
     from hexray_core.errors import HexRayError
 
     for ask in range(tokens, tokens - 64, -4):  # decoding and re-encoding random tokens may merge or split some
@@ -68,6 +71,27 @@ def prepare(model: str, tokens: int, d_sae: int, folder: str, density: float) ->
             if "over the model's context" not in str(e):
                 raise
     return {"tokens": res.tokens, "trace_bytes": res.bytes}
+
+
+def save_unprocessed(model: str, out: str) -> None:
+    """The model as a Hugging Face folder before compatibility mode (the recorder's bridge rewrote its own copy):
+    the demo's folder, or tiny-long rebuilt with long_context_bench's seed and config."""
+    import shutil
+
+    import torch
+    from long_context_bench import DEMO
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    if model == "hexray-demo":
+        shutil.copytree(DEMO, out)
+        return
+    tok = AutoTokenizer.from_pretrained(DEMO)
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=16384, vocab_size=len(tok),
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(DEMO, name), out)
 
 
 def _status_kib(field: str, pid: str = "self") -> int:
@@ -115,6 +139,37 @@ def spawn(*args) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+REFVENV = os.environ.get("HEXRAY_REFVENV", "/work/refvenv")
+#: circuit-tracer's address-space limit: a MemoryError here instead of the kernel's OOM killer on a shared machine.
+CT_LIMIT = 16 << 30
+
+
+def circuit_tracer(folder: str, max_feature_nodes: int) -> dict:
+    """circuit-tracer on the same model, transcoders and token ids, in the reference venv (its own process)."""
+    import resource
+
+    import hexray
+
+    py = os.path.join(REFVENV, "bin", "python")
+    if not os.path.exists(py):
+        return {"error": f"no reference venv at {REFVENV} (scripts/reference/make_venv.sh)"}
+    with hexray.open(os.path.join(folder, "t.hxr")) as t:
+        tokens = t.run(0).tokens
+    with open(os.path.join(folder, "tokens.json"), "w") as f:
+        json.dump(tokens, f)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (CT_LIMIT, CT_LIMIT))
+
+    r = subprocess.run([py, os.path.join(HERE, "graph_bench_circuit_tracer.py"), os.path.join(folder, "model"),
+                        os.path.join(folder, "tc"), os.path.join(folder, "tokens.json"), str(max_feature_nodes)],
+                       capture_output=True, text=True, preexec_fn=limit)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": f"exit {r.returncode}: {last[:200]}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def baseline_python_mib() -> float:
     """VmHWM of a process that imports what `hexray graph` imports and opens nothing: subtracted below."""
     code = ("import numpy, hexray.cli.main, hexray_core.replay.graph, safetensors.numpy, yaml;"
@@ -128,6 +183,8 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--max-feature-nodes", type=int, default=1024, help="features given rows (default 1024)")
     ap.add_argument("--density", type=float, default=0.005, help="random transcoders' target firing rate")
+    ap.add_argument("--circuit-tracer", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run circuit-tracer in the reference venv (default: yes)")
     ap.add_argument("--worker", choices=["prepare", "graph"])
     ap.add_argument("--folder")
     ap.add_argument("--model")
@@ -169,6 +226,15 @@ def main() -> None:
                   f"{r['unpruned_edges']} edges); circuit-tracer's dense adjacency alone (derived): "
                   f"{dense_mib:.0f} MiB")
             sys.stdout.flush()
+            if args.circuit_tracer:
+                ct = circuit_tracer(folder, args.max_feature_nodes)
+                if "error" in ct:
+                    print(f"{case}: circuit-tracer: {ct['error']}")
+                else:
+                    print(f"{case}: circuit-tracer 0.5 (same model, transcoders, tokens): {ct['seconds']:.1f} s "
+                          f"(+ {ct['load_seconds']:.1f} s loading), peak {ct['peak_mib']:.0f} MiB, "
+                          f"{ct['n_nodes']} nodes; HexRay peak is {ct['peak_mib'] / r['peak_mib']:.1f}x less")
+                sys.stdout.flush()
 
 
 if __name__ == "__main__":

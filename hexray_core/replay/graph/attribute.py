@@ -23,11 +23,11 @@ from .model import ReplacementModel, Target
 from .prune import normalise
 
 #: Floats of one batch's gradient (batch x positions x d_model): bounds the backward pass's memory.
-GRAD_ELEMENTS = 1 << 25
+GRAD_ELEMENTS = 1 << 24
 #: Edges kept per row (the largest by magnitude). A row has an edge from every earlier source, so a long
 #: context would otherwise hold rows x sources floats; what is dropped is kept as a sum per row (completeness
 #: stays exact) and the row's full |weight| sum still normalises it (influence as with every edge).
-MAX_EDGES_PER_ROW = 1 << 15
+MAX_EDGES_PER_ROW = 1 << 12
 
 
 class _Rows:

@@ -172,6 +172,8 @@ def save_circuit_tracer(tset: TranscoderSet, path: str | os.PathLike) -> None:
            "feature_output_hook": any_tc.hook_out, "scan": tset.model_name or "hexray", "hexray_space": tset.space}
     if tset.model_name:
         cfg["model_name"] = tset.model_name
+    if not clt:
+        cfg["transcoders"] = [f"layer_{i}.safetensors" for i in sorted(tset.layers)]
     for i, tc in tset.layers.items():
         if clt:
             enc = {f"W_enc_{i}": tc.W_enc.T.copy(), f"b_enc_{i}": tc.b_enc, f"b_dec_{i}": tc.b_dec}
