@@ -255,7 +255,7 @@ def test_cli_graph_and_bad_input(tiny_gpt2_recorder, tmp_path):
     tc = tmp_path / "tc"
     save_circuit_tracer(random_transcoders(2, 64, 128, seed=1), tc)
     out = tmp_path / "g.json"
-    p = _cli(trace, "--transcoders", tc, "--weights", wfile, "-o", out, "--json")
+    p = _cli(trace, "--transcoders", tc, "-o", out, "--json")  # the kit holds the attention weights
     assert p.returncode == 0, p.stderr
     summary = json.loads(p.stdout)
     doc = json.loads(out.read_text())

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import hexray
+from hexray_core.replay.dictionary import load_dictionary
 from hexray_core.replay.graph import ERROR, FEATURE, LOGIT, TOKEN
 
 REF = Path(__file__).parent / "fixtures" / "reference"
@@ -55,6 +56,9 @@ def test_graph_equals_circuit_tracer(traces, model, name):
         g = t.graph(REF / "transcoders" / name)
         n, L = t.run(0).n_tokens, t.n_layers
         assert g.meta["drift"] < 1e-5
+        # the features branch's loader gives the same transcoders, hence the same graph
+        same = t.graph(load_dictionary(REF / "transcoders" / name))
+        assert np.array_equal(same.tgt, g.tgt) and np.array_equal(same.weight, g.weight)
     ref["_feat"] = {tuple(int(v) for v in f): j for j, f in enumerate(ref["feature_nodes"])}
     A = ref["adjacency"].astype(np.float64)
     N = A.shape[0]

@@ -22,8 +22,8 @@ def add_parser(sub) -> None:
                                    "pruned by influence as circuit-tracer does. Writes Neuronpedia's graph JSON.")
     p.add_argument("trace", help="a .hxr trace written by `hexray record`")
     p.add_argument("--transcoders", required=True, metavar="DIR",
-                   help="a transcoder folder in circuit-tracer's format (config.yaml + layer_i.safetensors, or a "
-                        "cross-layer set)")
+                   help="transcoders: circuit-tracer's folder (config.yaml + layer_i.safetensors, or a cross-layer "
+                        "set), or any transcoder `hexray features --dict` reads (SAELens, Gemma Scope, ...)")
     p.add_argument("--weights", metavar="FILE",
                    help="a .safetensors file with the attention weights (W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O, "
                         "W_U, b_U; compatibility mode) where the trace's model kit lacks them")
@@ -81,13 +81,14 @@ def _load_weights(path):
 
 def run(args) -> int:
     from hexray_core.replay import open_trace
-    from hexray_core.replay.graph import build_graph, load_circuit_tracer
+    from hexray_core.replay.graph import build_graph
     from hexray_core.replay.graph.qk import attach_qk
+    from hexray_core.replay.graph.transcoders import as_transcoder_set
 
     _check(args)
     weights = _load_weights(args.weights)
     with open_trace(args.trace) as trace:
-        tset = load_circuit_tracer(args.transcoders, trace.n_layers)
+        tset = as_transcoder_set(args.transcoders, trace.n_layers)
         if tset.model_name and tset.model_name != trace.model_name:
             raise HexRayError(f"{args.transcoders}: transcoders for {tset.model_name}, but the trace recorded "
                               f"{trace.model_name}")

@@ -535,11 +535,10 @@ class Trace(ModelMethods):
 
     def graph(self, transcoders, position: int = -1, run: int = 0, **kw):
         """The attribution graph of a position (unpruned; ``.prune()``, ``.to_neuronpedia()``, ``.paths()``):
-        ``transcoders`` a ``TranscoderSet`` or a circuit-tracer transcoder folder. See ``replay/graph/``."""
-        from .graph import build_graph, load_circuit_tracer
+        ``transcoders`` a ``TranscoderSet``, a loaded ``DictionarySet`` or a path (circuit-tracer's folder, or
+        anything ``load_dictionary`` reads). See ``replay/graph/``."""
+        from .graph import build_graph
 
-        if not hasattr(transcoders, "layers"):
-            transcoders = load_circuit_tracer(transcoders, self.n_layers)
         return build_graph(self, transcoders, run=run, position=position, **kw)
 
     def cot(self, run: int = 0, **kw):

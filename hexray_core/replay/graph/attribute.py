@@ -21,6 +21,7 @@ from hexray_core.errors import HexRayError
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
 from .model import ReplacementModel, Target
 from .prune import normalise
+from .transcoders import as_transcoder_set
 
 #: Floats of one batch's gradient (batch x positions x d_model): bounds the backward pass's memory.
 GRAD_ELEMENTS = 1 << 24
@@ -131,7 +132,7 @@ def build_graph(trace, transcoders, *, run: int = 0, position: int = -1, targets
                 batch_size: int = 64, weights=None, update_interval: int = 4, progress=None,
                 max_edges_per_row: int = MAX_EDGES_PER_ROW) -> Graph:
     """The unpruned attribution graph of one position of one run (``Graph.prune()`` prunes it)."""
-    model = ReplacementModel(trace, run, transcoders, weights=weights)
+    model = ReplacementModel(trace, run, as_transcoder_set(transcoders, trace.n_layers), weights=weights)
     r = model.r
     pos = r.position(position)
     ids, probs, us, consts = _logit_targets(model, pos, targets, max_n_logits, desired_logit_prob)

@@ -40,6 +40,7 @@ class Transcoder:
     hook_in: str = "ln2.hook_normalized"
     hook_out: str = "hook_mlp_out"
     apply_b_dec_to_input: bool = False
+    relu_before_threshold: bool = False  # SAELens's JumpReLU: relu(pre) * (pre > t); circuit-tracer's: pre * (pre > t)
 
     @property
     def d_sae(self) -> int:
@@ -54,7 +55,10 @@ class Transcoder:
         """ReLU, or JumpReLU where there is a threshold (as circuit-tracer: ``pre · [pre > threshold]``)."""
         if self.threshold is None:
             return np.maximum(pre, 0)
-        return np.where(pre > self.threshold, pre, 0).astype(np.float32)
+        keep = pre > self.threshold
+        if self.relu_before_threshold:
+            keep &= pre > 0
+        return np.where(keep, pre, 0).astype(np.float32)
 
 
 @dataclass
@@ -207,3 +211,37 @@ def random_transcoders(n_layers: int, d_model: int, d_sae: int, *, kind: str = "
         w_skip = (0.1 * rng.standard_normal((d_model, d_model)) / np.sqrt(d_model)).astype(np.float32) if skip else None
         layers[i] = Transcoder(w_enc, b_enc, w_dec, b_dec, thr, w_skip, hook_in)
     return TranscoderSet(layers, kind, space)
+
+
+def as_transcoder_set(obj, n_layers: int | None = None) -> TranscoderSet:
+    """A ``TranscoderSet`` from one, from a ``hexray_core.replay.dictionary.DictionarySet`` (features branch: SAELens
+    transcoders, circuit-tracer sets, Gemma Scope...), or from a path (circuit-tracer's folder, else
+    ``load_dictionary``). What a graph cannot linearise exactly (TopK, gated, normalised inputs) is one line."""
+    if isinstance(obj, TranscoderSet):
+        return obj
+    if isinstance(obj, str | os.PathLike):
+        if os.path.isfile(os.path.join(os.fspath(obj), "config.yaml")):
+            return load_circuit_tracer(obj, n_layers)
+        from hexray_core.replay.dictionary import load_dictionary
+
+        obj = load_dictionary(obj)
+    if getattr(obj, "kind", None) not in ("transcoder", "clt"):
+        raise HexRayError(f"{getattr(obj, 'path', obj)}: an attribution graph needs transcoders (per-layer or "
+                          f"cross-layer), not {getattr(obj, 'kind', type(obj).__name__)}")
+    space = obj.space
+    layers = {}
+    for layer, d in obj.layers.items():
+        arch = str(d.architecture)
+        if d.k is not None or d.b_gate is not None or d.normalize_activations != "none" or "topk" in arch:
+            raise HexRayError(f"{obj.path}: layer {layer} is a {arch} dictionary (normalize_activations "
+                              f"{d.normalize_activations}); an attribution graph supports ReLU and JumpReLU "
+                              "transcoders")
+        layers[layer] = Transcoder(d.W_enc, d.b_enc, d.W_dec, d.b_dec, d.threshold,
+                                   None if d.W_skip is None else np.ascontiguousarray(d.W_skip.T), d.hook_in,
+                                   d.hook_out, d.apply_b_dec_to_input, d.relu_before_threshold)
+    # "raw" applies the norm's weight and bias to a norm-output input, "compat" does not: the flags must agree
+    reads_norm_out = any(t.hook_in.endswith(NORM_OUT_HOOKS) for t in layers.values())
+    if reads_norm_out and space.fold_ln != space.center_writing_weights:
+        raise HexRayError(f"{obj.path}: transcoders reading the norm's output of a model processed with {space} are "
+                          "not supported by graphs")
+    return TranscoderSet(layers, obj.kind, "compat" if space.center_writing_weights else "raw", None, str(obj.path))
