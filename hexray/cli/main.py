@@ -27,6 +27,7 @@ COMMANDS = {
     "report": "hexray.cli.report_cmd",
     "aggregate": "hexray.cli.aggregate_cmd",
     "fuzz": "hexray.cli.fuzz_cmd",
+    "graph": "hexray.cli.graph_cmd",
     "features": "hexray.cli.features_cmd",
 }
 HELP = {
@@ -40,6 +41,7 @@ HELP = {
     "report": "write a self-contained HTML viewer of traces (offline, one file)",
     "aggregate": "attribution statistics over every run of a recorded dataset",
     "fuzz": "perturb a prompt and rank its tokens by how much the prediction depends on them",
+    "graph": "attribution graph of a position (transcoders; Neuronpedia's JSON)",
     "features": "a trace's active features through sparse autoencoders or transcoders (--dict)",
 }
 

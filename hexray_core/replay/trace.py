@@ -533,6 +533,14 @@ class Trace(ModelMethods):
 
         return source_attribution(self, position=position, run=run, **kw)
 
+    def graph(self, transcoders, position: int = -1, run: int = 0, **kw):
+        """The attribution graph of a position (unpruned; ``.prune()``, ``.to_neuronpedia()``, ``.paths()``):
+        ``transcoders`` a ``TranscoderSet``, a loaded ``DictionarySet`` or a path (circuit-tracer's folder, or
+        anything ``load_dictionary`` reads). See ``replay/graph/``."""
+        from .graph import build_graph
+
+        return build_graph(self, transcoders, run=run, position=position, **kw)
+
     def cot(self, run: int = 0, **kw):
         from .cot import cot_breakdown
 
