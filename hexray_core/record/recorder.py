@@ -30,6 +30,7 @@ from .capture import Capture, resolve_act_dtype
 from .generate import generate as run_generation
 from .generate import no_generation
 from .hooks import HookPlan, plan_hooks
+from .intervene import Interventions, bind
 from .models import LoadedModel, from_objects, load_model, writer_meta
 from .spec import check_generation, check_output_path, human_bytes, normalize_prompts
 from .tokens import encode_prompt, mentioned_token_texts, token_text, vocab_strings
@@ -109,17 +110,19 @@ class Recorder:
     def record(self, prompts, output: str | os.PathLike | None = None, *, hooks="default", act_dtype: str = "auto",
                overflow: str = "f32", top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
                seed: int | None = None, prepend_bos: bool | None = None, bundle: bool = False,
-               cache_dir: str | None = None, progress=None, lens: bool | str = "auto") -> RecordResult:
+               cache_dir: str | None = None, progress=None, lens: bool | str = "auto",
+               interventions=None) -> RecordResult:
         """Record each prompt as one run of a new trace at ``output`` (replaced atomically when complete).
 
         ``lens``: also store the logit lens at every layer and position (True, False, or "auto": on a
-        GPU, or on a CPU when its cost is small).
+        GPU, or on a CPU when its cost is small). ``interventions``: ``--intervene`` specs (strings, see
+        ``intervene_spec.py``) applied during generation and the recorded forward pass of every prompt.
         """
         t0 = time.perf_counter()
         check_generation(temperature, seed)  # a 64-bit seed, before anything runs
         opts = self.validate(prompts, output, act_dtype=act_dtype, overflow=overflow, top_k=top_k,
                              generate=generate, temperature=temperature, prepend_bos=prepend_bos,
-                             cache_dir=cache_dir)
+                             cache_dir=cache_dir, interventions=interventions)
         plan = self._plan(opts, hooks, lens, progress)
         kit = self.kit()
         try:
@@ -167,7 +170,8 @@ class Recorder:
 
     def validate(self, prompts, output=None, *, act_dtype: str = "auto", overflow: str = "f32",
                  top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
-                 prepend_bos: bool | None = None, cache_dir: str | None = None) -> RecordOptions:
+                 prepend_bos: bool | None = None, cache_dir: str | None = None,
+                 interventions=None) -> RecordOptions:
         """Check every option and tokenize every prompt before anything runs (one HexRayError per problem)."""
         prompts = normalize_prompts(prompts)
         if output is None:
@@ -197,10 +201,13 @@ class Recorder:
                 extra = f" + {generate} to generate = {len(ids) + int(generate)}" if generate else ""
                 which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
                 raise HexRayError(f"{which} is {len(ids)} tokens{extra}, over the model's context of {n_ctx} tokens")
+        bound = bind(self.bridge, interventions)
+        for ids in token_lists:
+            bound.check_run(len(ids), len(ids) + int(generate), int(generate))
         return RecordOptions(prompts=prompts, token_lists=token_lists, output=output, act_tag=act_tag,
                              overflow={"float32": "f32", "bfloat16": "bf16"}.get(overflow, overflow),
                              top_k=min(int(top_k), self.loaded.d_vocab), generate=int(generate),
-                             temperature=float(temperature), prepend_bos=bool(prepend_bos))
+                             temperature=float(temperature), prepend_bos=bool(prepend_bos), interventions=bound)
 
     def attention_spec(self) -> dict | None:
         """How replay recomputes this model's attention from q and k (None: patterns are stored). Once per model."""
@@ -248,6 +255,8 @@ class Recorder:
         }
         if plan.attention is not None:
             meta["attention"] = plan.attention
+        if opts.interventions:
+            meta["interventions"] = opts.interventions.describe()
         if bundle:
             meta["vocab"] = kit.vocab  # a bundled trace replays with no cache: it needs the token strings too
         return meta
@@ -260,8 +269,13 @@ class Recorder:
         def on_token(done, total, rate):
             _emit(progress, "generate", done=done, total=total, tokens_per_s=rate)
 
-        gen = run_generation(self.bridge, ids, opts.generate, device=lm.input_device, temperature=opts.temperature,
-                             seed=seed, eos_token_id=getattr(tok, "eos_token_id", None), progress=on_token)
+        iv = opts.interventions
+        iv.reset()
+        with iv.applied(self.bridge):
+            gen = run_generation(self.bridge, ids, opts.generate, device=lm.input_device,
+                                 temperature=opts.temperature, seed=seed,
+                                 eos_token_id=getattr(tok, "eos_token_id", None), progress=on_token,
+                                 window=lambda start: iv.window(start, len(ids)))
         all_ids = ids + gen.tokens
         bos = getattr(tok, "bos_token_id", None)
         prepended = int(opts.prepend_bos and bos is not None and ids[0] == bos)
@@ -271,7 +285,11 @@ class Recorder:
                          generated=gen.info() if opts.generate else no_generation(), prepend_bos=opts.prepend_bos)
         if opts.generate:
             _emit(progress, "status", message=f"recording {len(all_ids)} tokens")
-        logits = capture.forward(torch.tensor([all_ids], device=lm.input_device))
+        iv.reset()
+        iv.window(0, len(ids))
+        with iv.applied(self.bridge):  # added before the capture's hooks, so the trace holds what the model used
+            logits = capture.forward(torch.tensor([all_ids], device=lm.input_device))
+        iv.check_fired()
         need = _write_run_tensors(writer, self.bridge, logits, all_ids, opts.top_k)
         lens_ids = np.zeros(0, np.int64)
         if plan.lens:
@@ -306,6 +324,7 @@ class RecordOptions:
     generate: int
     temperature: float
     prepend_bos: bool
+    interventions: Interventions
 
 
 @dataclass
