@@ -111,12 +111,15 @@ class Recorder:
                overflow: str = "f32", top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
                seed: int | None = None, prepend_bos: bool | None = None, bundle: bool = False,
                cache_dir: str | None = None, progress=None, lens: bool | str = "auto",
-               interventions=None) -> RecordResult:
+               interventions=None, extra_meta: dict | None = None,
+               run_tensors: dict[int, dict[str, np.ndarray]] | None = None) -> RecordResult:
         """Record each prompt as one run of a new trace at ``output`` (replaced atomically when complete).
 
         ``lens``: also store the logit lens at every layer and position (True, False, or "auto": on a
         GPU, or on a CPU when its cost is small). ``interventions``: ``--intervene`` specs (strings, see
         ``intervene_spec.py``) applied during generation and the recorded forward pass of every prompt.
+        ``extra_meta`` / ``run_tensors`` (``{run: {name: array}}``): what a caller such as ``hexray patch``
+        stores beside the recording.
         """
         t0 = time.perf_counter()
         check_generation(temperature, seed)  # a 64-bit seed, before anything runs
@@ -133,7 +136,7 @@ class Recorder:
         else:
             _emit(progress, "kit", path=kit.path, written=kit.written, sha256=kit.sha256)
         try:
-            writer = TraceWriter(opts.output, meta=self._meta(opts, plan, kit, bundle))
+            writer = TraceWriter(opts.output, meta={**self._meta(opts, plan, kit, bundle), **(extra_meta or {})})
         except OSError as e:
             raise _write_error(opts.output, e) from None
         capture = Capture(self.bridge, plan.hooks, writer, act_tag=opts.act_tag, overflow=opts.overflow,
@@ -149,7 +152,8 @@ class Recorder:
                 kit.write_into(writer)
             for i, (prompt, ids) in enumerate(zip(opts.prompts, opts.token_lists, strict=True)):
                 _emit(progress, "run_start", index=i, total=len(opts.prompts))
-                n_tokens, n_written = self._record_run(writer, capture, plan, opts, prompt, ids, seed, progress)
+                n_tokens, n_written = self._record_run(writer, capture, plan, opts, prompt, ids, seed, progress,
+                                                       (run_tensors or {}).get(i, {}))
                 total_tokens += n_tokens
                 n_tensors += n_written
                 _emit(progress, "run_done", index=i, total=len(opts.prompts), tokens=n_tokens,
@@ -262,7 +266,7 @@ class Recorder:
         return meta
 
     def _record_run(self, writer: TraceWriter, capture: Capture, plan: RecordPlan, opts: RecordOptions,
-                    prompt: str, ids: list[int], seed, progress) -> tuple[int, int]:
+                    prompt: str, ids: list[int], seed, progress, extra: dict) -> tuple[int, int]:
         """Generate (if asked), then one forward pass over the whole run. Returns (tokens, tensors written)."""
         lm, tok = self.loaded, self.tokenizer
 
@@ -305,9 +309,11 @@ class Recorder:
                 _emit(progress, "warning", message=f"layer {layer}'s attention could not be recomputed from q and k "
                                                    f"within the {opts.act_tag} rounding bound; its patterns are "
                                                    "stored in the trace")
+        for name, arr in extra.items():
+            writer.write(name, np.ascontiguousarray(arr))
         writer.end_run(**info)
-        n_written = len(capture.written) + len(RUN_TENSORS) + (len(LENS_TENSORS) + len(TEXT_TENSORS) if plan.lens
-                                                                else 0)
+        n_written = len(extra) + len(capture.written) + len(RUN_TENSORS) + (
+            len(LENS_TENSORS) + len(TEXT_TENSORS) if plan.lens else 0)
         return len(all_ids), n_written
 
 
