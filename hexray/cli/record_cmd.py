@@ -91,6 +91,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         INTERVENE_HELP)
     iv.add_argument("--intervene", action="append", default=[], metavar="SPEC",
                     help="change an activation: ablate, set, scale, steer or patch (grammar above)")
+    iv.add_argument("--grad", metavar="METRIC",
+                    help='also store the gradient of METRIC w.r.t. every recorded activation (grad.<hook>), for '
+                         'hexray patch --estimate: logit-diff:"TOKEN","TOKEN" | logit:"TOKEN" | logprob:"TOKEN", '
+                         'optionally @POS (default the last position); a token as "text" or #ID')
 
     g = p.add_argument_group("generation")
     g.add_argument("--generate", type=int, default=0, metavar="N",
@@ -167,9 +171,15 @@ def run(args) -> int:
     from hexray_core.record.intervene_spec import parse_interventions
 
     interventions = parse_interventions(args.intervene)  # torch-free: a bad spec fails before the model loads
+    grad = None
+    if args.grad is not None:
+        from hexray_core.record.metric_spec import parse_metric
+
+        grad = parse_metric(args.grad)
     if not args.list_hooks and wants_dataset(args):
-        if interventions:
-            raise HexRayError("--intervene records one trace; it cannot be combined with a dataset (-o DIR/, --ray)")
+        if interventions or grad is not None:
+            raise HexRayError("--intervene and --grad record one trace; they cannot be combined with a dataset "
+                              "(-o DIR/, --ray)")
         from hexray.cli import record_dataset_cmd
 
         return record_dataset_cmd.run(args)
@@ -199,7 +209,7 @@ def run(args) -> int:
                                 temperature=args.temperature, seed=args.seed,
                                 prepend_bos=False if args.no_bos else None, bundle=args.bundle, progress=progress,
                                 lens={"auto": "auto", "on": True, "off": False}[args.lens],
-                                interventions=interventions)
+                                interventions=interventions, grad=grad)
     if args.list_hooks:
         from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
 

@@ -26,7 +26,7 @@ from hexray_core.kit import builder as kitmod
 from trace_format import TraceWriter
 
 from .attention import AttentionCheck, attention_spec
-from .capture import Capture, resolve_act_dtype
+from .capture import Capture, as_numpy, resolve_act_dtype, to_host
 from .generate import generate as run_generation
 from .generate import no_generation
 from .hooks import HookPlan, plan_hooks
@@ -111,13 +111,15 @@ class Recorder:
                overflow: str = "f32", top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
                seed: int | None = None, prepend_bos: bool | None = None, bundle: bool = False,
                cache_dir: str | None = None, progress=None, lens: bool | str = "auto",
-               interventions=None, extra_meta: dict | None = None,
+               interventions=None, grad=None, extra_meta: dict | None = None,
                run_tensors: dict[int, dict[str, np.ndarray]] | None = None) -> RecordResult:
         """Record each prompt as one run of a new trace at ``output`` (replaced atomically when complete).
 
         ``lens``: also store the logit lens at every layer and position (True, False, or "auto": on a
         GPU, or on a CPU when its cost is small). ``interventions``: ``--intervene`` specs (strings, see
         ``intervene_spec.py``) applied during generation and the recorded forward pass of every prompt.
+        ``grad``: a ``--grad`` metric (``logit-diff:" Mary"," John"``): also store the gradient of that
+        metric with respect to every recorded activation, as ``grad.<hook name>``.
         ``extra_meta`` / ``run_tensors`` (``{run: {name: array}}``): what a caller such as ``hexray patch``
         stores beside the recording.
         """
@@ -125,7 +127,7 @@ class Recorder:
         check_generation(temperature, seed)  # a 64-bit seed, before anything runs
         opts = self.validate(prompts, output, act_dtype=act_dtype, overflow=overflow, top_k=top_k,
                              generate=generate, temperature=temperature, prepend_bos=prepend_bos,
-                             cache_dir=cache_dir, interventions=interventions)
+                             cache_dir=cache_dir, interventions=interventions, grad=grad)
         plan = self._plan(opts, hooks, lens, progress)
         kit = self.kit()
         try:
@@ -175,7 +177,7 @@ class Recorder:
     def validate(self, prompts, output=None, *, act_dtype: str = "auto", overflow: str = "f32",
                  top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
                  prepend_bos: bool | None = None, cache_dir: str | None = None,
-                 interventions=None) -> RecordOptions:
+                 interventions=None, grad=None) -> RecordOptions:
         """Check every option and tokenize every prompt before anything runs (one HexRayError per problem)."""
         prompts = normalize_prompts(prompts)
         if output is None:
@@ -208,10 +210,25 @@ class Recorder:
         bound = bind(self.bridge, interventions)
         for ids in token_lists:
             bound.check_run(len(ids), len(ids) + int(generate), int(generate))
+        metric = self._grad_metric(grad, token_lists, int(generate)) if grad is not None else None
         return RecordOptions(prompts=prompts, token_lists=token_lists, output=output, act_tag=act_tag,
                              overflow={"float32": "f32", "bfloat16": "bf16"}.get(overflow, overflow),
                              top_k=min(int(top_k), self.loaded.d_vocab), generate=int(generate),
-                             temperature=float(temperature), prepend_bos=bool(prepend_bos), interventions=bound)
+                             temperature=float(temperature), prepend_bos=bool(prepend_bos), interventions=bound,
+                             grad=metric)
+
+    def _grad_metric(self, grad, token_lists, generate: int) -> dict:
+        """The --grad metric, its tokens resolved, its position checked against every prompt."""
+        from .metric_spec import MetricSpec, parse_metric
+        from .sweep import token_id
+
+        spec = grad if isinstance(grad, MetricSpec) else parse_metric(grad)
+        ids = [token_id(self.tokenizer, t, self.loaded.d_vocab, "grad") for t in spec.tokens]
+        for toks in token_lists:
+            n = len(toks) + generate
+            if not -n <= spec.position < n:
+                raise HexRayError(f"--grad {spec.spec!r}: position {spec.position} is outside the run's {n} tokens")
+        return {**spec.describe(), "token_ids": ids}
 
     def attention_spec(self) -> dict | None:
         """How replay recomputes this model's attention from q and k (None: patterns are stored). Once per model."""
@@ -261,6 +278,8 @@ class Recorder:
             meta["attention"] = plan.attention
         if opts.interventions:
             meta["interventions"] = opts.interventions.describe()
+        if opts.grad is not None:
+            meta["grad"] = opts.grad
         if bundle:
             meta["vocab"] = kit.vocab  # a bundled trace replays with no cache: it needs the token strings too
         return meta
@@ -309,12 +328,55 @@ class Recorder:
                 _emit(progress, "warning", message=f"layer {layer}'s attention could not be recomputed from q and k "
                                                    f"within the {opts.act_tag} rounding bound; its patterns are "
                                                    "stored in the trace")
+        n_grads = 0
+        if opts.grad is not None:
+            value, n_grads = self._write_grads(writer, plan, opts, all_ids, len(ids))
+            info["grad"] = {"metric_value": value}
         for name, arr in extra.items():
             writer.write(name, np.ascontiguousarray(arr))
         writer.end_run(**info)
-        n_written = len(extra) + len(capture.written) + len(RUN_TENSORS) + (
+        n_written = n_grads + len(extra) + len(capture.written) + len(RUN_TENSORS) + (
             len(LENS_TENSORS) + len(TEXT_TENSORS) if plan.lens else 0)
         return len(all_ids), n_written
+
+    def _write_grads(self, writer: TraceWriter, plan: RecordPlan, opts: RecordOptions, all_ids: list[int],
+                     n_prompt: int) -> tuple[float, int]:
+        """One more forward, with gradients, through TransformerLens's ``cache_activation_and_gradient`` (its
+        backward hooks deliver each gradient in the hook's own shape); writes ``grad.<name>`` for every
+        recorded activation and every layer's attention pattern (AtP* needs d metric / d pattern)."""
+        from transformer_lens.tools.analysis.attribution_patching import cache_activation_and_gradient
+
+        bridge, g = self.bridge, opts.grad
+        gated = getattr(bridge, "_gated_hook_reason", lambda _n: None)
+        names = [n for n in plan.hooks.names if n in bridge.hook_dict and gated(n) is None and n != "hook_unembed"]
+        names += [f"blocks.{i}.attn.hook_pattern" for i in range(int(bridge.cfg.n_layers))
+                  if f"blocks.{i}.attn.hook_pattern" not in names]
+        ids = g["token_ids"]
+
+        def metric(logits: torch.Tensor) -> torch.Tensor:
+            lg = logits[0, g["position"]].float()
+            if g["kind"] == "logprob":
+                return torch.log_softmax(lg, -1)[ids[0]]
+            return lg[ids[0]] - lg[ids[1]] if g["kind"] == "logit-diff" else lg[ids[0]]
+
+        iv = opts.interventions
+        iv.reset()
+        iv.window(0, n_prompt)
+        tokens = torch.tensor([all_ids], device=self.loaded.input_device)
+        with torch.enable_grad(), iv.applied(bridge):
+            gc = cache_activation_and_gradient(bridge, tokens, metric, names_filter=names)
+        n = 0
+        for name in names:
+            if name not in gc.activations:
+                continue
+            grad = gc.gradients.get(name)
+            if grad is None:  # the metric does not depend on it: its gradient is exactly zero
+                grad = torch.zeros_like(gc.activations[name])
+            x, tag, attrs = to_host(grad.detach(), opts.act_tag, overflow=opts.overflow)
+            arr, dt = as_numpy(x.cpu(), tag)
+            writer.write(f"grad.{name}", arr, dtype=dt, attrs=attrs or None)
+            n += 1
+        return float(gc.metric), n
 
 
 @dataclass
@@ -331,6 +393,7 @@ class RecordOptions:
     temperature: float
     prepend_bos: bool
     interventions: Interventions
+    grad: dict | None = None  # meta["grad"]: the --grad metric, its token ids resolved
 
 
 @dataclass

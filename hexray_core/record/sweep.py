@@ -13,8 +13,9 @@ metric values in TransformerLens's layout:
     pattern                        [n_layers, n_heads]       a head's whole attention pattern
 
 Every sweep patches at aligned positions, so clean and corrupt must have the same token count
-(refused in one line naming both). On GQA models these sweeps touch z and the pattern, one per
-query head, never the shared k/v heads (TransformerLens#980).
+(refused in one line naming both). This module imports torch only inside ``run_sweep``, so
+``hexray patch --estimate`` (numpy only) shares ``SweepResult``. On GQA models these sweeps touch z
+and the pattern, one per query head, never the shared k/v heads (TransformerLens#980).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from hexray_core.errors import HexRayError
 
@@ -95,6 +95,7 @@ def run_sweep(rec, clean: str, corrupt: str, *, sweep: str, target: str | None =
               baseline: str | None = None, metric: str = "logit-diff", position: int = -1,
               progress=None) -> SweepResult:
     """Patch clean activations into the corrupt run, index by index, with TransformerLens's function."""
+    import torch
     from transformer_lens import patching
 
     if sweep not in SWEEPS:
@@ -127,7 +128,7 @@ def run_sweep(rec, clean: str, corrupt: str, *, sweep: str, target: str | None =
     elif baseline:
         raise HexRayError(f"--baseline applies to --metric logit-diff, not {metric}")
 
-    def fn(logits: torch.Tensor) -> torch.Tensor:
+    def fn(logits):
         lg = logits[0, pos].float()
         if metric == "logprob":
             return torch.log_softmax(lg, -1)[t_id]
