@@ -53,6 +53,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["logit-diff", "logit", "logprob"], default="logit-diff",
                    help="logit-diff = logit(target) - logit(baseline) (default), logit, or logprob of the target")
     p.add_argument("--position", type=int, default=-1, help="the position the metric reads (default -1)")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="spread the sweep's forward passes over Ray workers (auto: $RAY_ADDRESS, else a local "
+                        "cluster); each worker loads the model once")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="chunks of the sweep for --ray (default 2)")
     p.add_argument("-o", "--output", metavar="OUT.hxr", help="record both runs into this trace, with the sweep")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true",
@@ -78,8 +82,19 @@ def run(args) -> int:
         rec = recorder_class()(args.model, device=args.device, dtype=args.dtype, progress=progress)
         from hexray_core.record.sweep import run_sweep
 
+        spread = {}
+        if args.ray is not None:
+            import os
+
+            from hexray_core.dataset.cluster import ray_map
+
+            if args.workers < 1:
+                raise HexRayError(f"--workers must be at least 1, not {args.workers}")
+            spread = {"map_chunks": lambda fn, tasks: ray_map(fn, tasks, args.ray), "chunks": args.workers,
+                      "model_ref": os.path.abspath(args.model) if os.path.exists(args.model) else args.model}
         result = run_sweep(rec, args.clean, args.corrupt, sweep=args.sweep, target=args.target,
-                           baseline=args.baseline, metric=args.metric, position=args.position, progress=progress)
+                           baseline=args.baseline, metric=args.metric, position=args.position, progress=progress,
+                           **spread)
         if args.output:
             import numpy as np
 
@@ -185,11 +200,12 @@ def pearson(a, b) -> float:
 def spearman(a, b) -> float:
     import numpy as np
 
-    def ranks(x):
+    def ranks(x):  # tied values share their average rank
         x = np.ravel(x)
         r = np.empty(x.size)
         r[np.argsort(x, kind="stable")] = np.arange(x.size)
-        return r
+        _, inv = np.unique(x, return_inverse=True)
+        return (np.bincount(inv, weights=r) / np.bincount(inv))[inv]
     return pearson(ranks(a), ranks(b))
 
 

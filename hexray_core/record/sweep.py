@@ -93,8 +93,12 @@ def token_id(tok, text: str, d_vocab: int, what: str) -> int:
 
 def run_sweep(rec, clean: str, corrupt: str, *, sweep: str, target: str | None = None,
               baseline: str | None = None, metric: str = "logit-diff", position: int = -1,
-              progress=None) -> SweepResult:
-    """Patch clean activations into the corrupt run, index by index, with TransformerLens's function."""
+              progress=None, map_chunks=None, model_ref=None, chunks: int = 2) -> SweepResult:
+    """Patch clean activations into the corrupt run, index by index, with TransformerLens's function.
+
+    ``map_chunks(fn, tasks)`` (e.g. Ray tasks) spreads the forward passes: the index table TransformerLens
+    would walk is cut into ``chunks`` pieces, each run by ``sweep_chunk`` in a worker that loads
+    ``model_ref`` (a name or path) itself and calls ``generic_activation_patch`` on its rows."""
     import torch
     from transformer_lens import patching
 
@@ -137,9 +141,12 @@ def run_sweep(rec, clean: str, corrupt: str, *, sweep: str, target: str | None =
     name, axes = SWEEPS[sweep]
     if progress is not None:
         progress("status", message=f"patching: {sweep} ({_count(bridge, axes, n)} forward passes)")
-    with torch.no_grad(), warnings.catch_warnings(), _quiet_tqdm(patching):
-        warnings.simplefilter("ignore")
-        values = getattr(patching, name)(bridge, x_t, cache, fn)
+    if map_chunks is not None:
+        values = _spread(map_chunks, model_ref, chunks, bridge, sweep, clean, corrupt, t_id, b_id, metric, pos, n)
+    else:
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_tqdm(patching):
+            warnings.simplefilter("ignore")
+            values = getattr(patching, name)(bridge, x_t, cache, fn)
     strs = [tok.decode([i]) for i in c_ids]
     text = _tok_text(tok, t_id) + (f" - {_tok_text(tok, b_id)}" if b_id is not None else "")
     labels = {"layer": [f"L{i}" for i in range(int(bridge.cfg.n_layers))],
@@ -150,6 +157,70 @@ def run_sweep(rec, clean: str, corrupt: str, *, sweep: str, target: str | None =
                        clean_value=float(fn(clean_logits)), corrupt_value=float(fn(corrupt_logits)),
                        clean={"prompt": clean, "tokens": c_ids}, corrupt={"prompt": corrupt, "tokens": x_ids},
                        target=t_id, baseline=b_id, labels={k: v for k, v in labels.items() if v is not None})
+
+
+def _ranges(bridge, axes, n) -> list[int]:
+    return [{"layer": int(bridge.cfg.n_layers), "pos": n, "head": int(bridge.cfg.n_heads)}[a] for a in axes]
+
+
+def _spread(map_chunks, model_ref, chunks, bridge, sweep, clean, corrupt, t_id, b_id, metric, pos, n):
+    """The sweep's index table (TransformerLens's ``make_df_from_ranges``) cut into chunks, run elsewhere."""
+    import torch
+    from transformer_lens.patching import make_df_from_ranges
+
+    if model_ref is None:
+        raise HexRayError("spreading a sweep over workers needs the model as a name or path")
+    axes = SWEEPS[sweep][1]
+    shape = _ranges(bridge, axes, n)
+    rows = make_df_from_ranges(shape, axes).to_numpy().tolist()
+    k = max(1, min(int(chunks), len(rows)))
+    parts = [rows[i * len(rows) // k:(i + 1) * len(rows) // k] for i in range(k)]
+    tasks = [{"model": model_ref, "clean": clean, "corrupt": corrupt, "sweep": sweep, "target": t_id,
+              "baseline": b_id, "metric": metric, "position": pos, "rows": part} for part in parts]
+    values = torch.zeros(shape)
+    for part, vals in map_chunks(sweep_chunk, tasks):
+        for row, v in zip(part, vals, strict=True):
+            values[tuple(row)] = v
+    return values
+
+
+_WORKER_MODELS: dict = {}
+
+
+def sweep_chunk(task: dict) -> tuple[list, list[float]]:
+    """A worker's share of a sweep: ``generic_activation_patch`` with the sweep's own setter and hook, on the
+    given index rows (the model is loaded once per worker process)."""
+    import pandas as pd
+    import torch
+    from transformer_lens import patching
+
+    from .recorder import Recorder
+
+    rec = _WORKER_MODELS.get(task["model"])
+    if rec is None:
+        torch.set_num_threads(1)
+        rec = _WORKER_MODELS[task["model"]] = Recorder(task["model"], device="cpu")
+    bridge = rec.bridge
+    fn_name, axes = SWEEPS[task["sweep"]]
+    partial = getattr(patching, fn_name)
+    t_id, b_id, metric, pos = task["target"], task["baseline"], task["metric"], task["position"]
+
+    def fn(logits):
+        lg = logits[0, pos].float()
+        if metric == "logprob":
+            return torch.log_softmax(lg, -1)[t_id]
+        return lg[t_id] - lg[b_id] if b_id is not None else lg[t_id]
+
+    c_t = torch.tensor([rec.tokenize(task["clean"])])
+    x_t = torch.tensor([rec.tokenize(task["corrupt"])])
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_tqdm(patching):
+        warnings.simplefilter("ignore")
+        _, cache = bridge.run_with_cache(c_t)
+        vals = patching.generic_activation_patch(
+            bridge, x_t, cache, fn, patch_setter=partial.keywords["patch_setter"],
+            activation_name=partial.keywords["activation_name"],
+            index_df=pd.DataFrame(task["rows"], columns=partial.keywords["index_axis_names"]))
+    return task["rows"], [float(v) for v in vals]
 
 
 @contextlib.contextmanager
