@@ -78,7 +78,7 @@ class _Act:
 
     def _coef(self, v: torch.Tensor) -> torch.Tensor:
         """The value acted on: the target, or its coefficient along the direction."""
-        return v if self.direction is None else v @ self.direction.to(v.dtype)
+        return v if self.direction is None else v @ self.direction.to(device=v.device, dtype=v.dtype)
 
     def __call__(self, x: torch.Tensor, hook=None):
         if not isinstance(x, torch.Tensor):
@@ -112,14 +112,14 @@ class _Act:
                 raise HexRayError(f"--intervene {self.iv.spec!r}: the mean needs a pass over the whole prompt")
             new = self.mean.to(c.dtype).expand_as(c)
         elif op == "add_vector":
-            new = c + val * self.vector.to(c.dtype)
+            new = c + val * self.vector.to(device=c.device, dtype=c.dtype)
         else:  # patch
             src = self._view(self.source.to(device=x.device, dtype=x.dtype))
             new = self._coef(src[:, local + start])
         if self.direction is None:
             v[:, local] = new
         else:
-            v[:, local] = sel + (new - c).unsqueeze(-1) * self.direction.to(sel.dtype)
+            v[:, local] = sel + (new - c).unsqueeze(-1) * self.direction.to(device=sel.device, dtype=sel.dtype)
         return y
 
 
