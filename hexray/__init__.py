@@ -78,7 +78,8 @@ def record(prompts, model="gpt2", output=None, **opts):
     Options: ``hooks`` ("default", "full", or names/globs), ``act_dtype`` ("auto", "float32",
     "float16", "bfloat16"), ``top_k`` (20), ``generate`` (N tokens), ``temperature``, ``seed``,
     ``prepend_bos``, ``bundle`` (embed the model kit), ``device``, ``dtype``, ``n_devices``,
-    ``device_map``, ``trust_remote_code``, ``revision``, ``cache_dir``, ``progress`` (a callable
+    ``device_map``, ``trust_remote_code``, ``revision``, ``cache_dir``, ``interventions`` (a list of
+    ``--intervene`` specs, e.g. ``["L1H2=0", "blocks.2.hook_resid_pre@5<-clean.hxr"]``), ``progress`` (a callable
     ``progress(event, **info)``), ``framework`` of the returned trace ("np" or "pt").
     """
     framework = opts.pop("framework", "np")

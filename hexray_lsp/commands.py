@@ -1,6 +1,8 @@
 """Commands: record a document's trace in the worker (with progress and cancellation), and friends.
 
     hexray.recordTrace      [uri]   record the document's current text; returns {"status": "recorded", ...}
+                            [uri, {"interventions": ["L1H2=0", ...]}]   the same with --intervene specs
+                            (file names in them relative to the document's folder)
     hexray.cancelRecording  [uri]   cancel the document's recording (all recordings without a uri)
     hexray.restartWorker            stop the worker; the next recording starts a fresh one
     hexray.status                   what the server knows: settings, worker, documents and their traces
@@ -125,7 +127,8 @@ def _outer_request_future(ls):
         return None
 
 
-async def record_document(ls, uri: str, reason: str = "command", request_future=None) -> dict:
+async def record_document(ls, uri: str, reason: str = "command", request_future=None,
+                          interventions: list[str] | None = None) -> dict:
     doc = _document(ls, uri)
     if doc is None:
         return _fail(ls, uri, f"{uri} is not open and is not a readable file", reason, diagnostic=False)
@@ -161,8 +164,13 @@ async def record_document(ls, uri: str, reason: str = "command", request_future=
                 rec.percentage = int(pct)
             progress.report(rec.message, rec.percentage)
 
+        options = dict(settings.record_options)
+        if interventions:
+            options["interventions"] = list(interventions)
+        path = fs_path(uri)
         req_id, fut = await ls.worker.submit("record", {"config": worker_config(settings), "text": text,
-                                                        "output": output, "options": dict(settings.record_options)},
+                                                        "output": output, "options": options,
+                                                        "base_dir": os.path.dirname(path) if path else None},
                                              on_event)
         rec.req_id = req_id
         if rec.cancelled:
@@ -248,7 +256,13 @@ async def record_command(ls, args) -> dict:
         ls.window_show_message(t.ShowMessageParams(type=t.MessageType.Error,
                                                    message="HexRay: record which document? (pass its URI)"))
         return {"status": "error", "message": "no document URI given"}
-    return await record_document(ls, uri, "command", _outer_request_future(ls))
+    extra = args[1] if len(args) > 1 and isinstance(args[1], dict) else {}
+    interventions = extra.get("interventions")
+    if interventions is not None and (not isinstance(interventions, list)
+                                      or not all(isinstance(s, str) for s in interventions)):
+        return _fail(ls, uri, "interventions must be a list of spec strings (e.g. [\"L1H2=0\"])", "command",
+                     diagnostic=False)
+    return await record_document(ls, uri, "command", _outer_request_future(ls), interventions=interventions)
 
 
 def cancel_command(ls, args) -> dict:

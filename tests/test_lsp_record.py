@@ -256,3 +256,23 @@ async def test_worker_crash_is_survived(client):
     await wait_diagnostics(client, uri, lambda d: codes(d) == [])
     assert (await execute(client, "hexray.restartWorker"))["status"] == "stopped"
     assert (await execute(client, "hexray.status"))["worker"]["alive"] is False
+
+
+@vscode_only
+async def test_record_command_with_interventions(client):
+    """`hexray.recordTrace [uri, {"interventions": [...]}]`: the worker applies them (file names relative to
+    the document's folder) and the trace's metadata lists them; a bad spec fails as one message."""
+    import numpy as np
+
+    from trace_format import TraceReader
+
+    np.save(client.root / "steer.npy", np.ones(64, np.float32))
+    uri = new_doc(client, "steered.prompt", "The quick brown fox")
+    specs = ["L1H2=0", "blocks.0.hook_resid_post@1+=steer.npy*2"]
+    res = await asyncio.wait_for(execute(client, "hexray.recordTrace", uri, {"interventions": specs}), 120)
+    assert res["status"] == "recorded", res
+    with TraceReader(res["path"]) as r:
+        assert [iv["spec"] for iv in r.meta["interventions"]] == specs
+        assert r.meta["interventions"][1]["file"] == str(client.root / "steer.npy")
+    bad = await asyncio.wait_for(execute(client, "hexray.recordTrace", uri, {"interventions": ["L9H0=0"]}), 120)
+    assert bad["status"] != "recorded" and "layer 9 does not exist" in bad["message"]

@@ -57,6 +57,14 @@ def _section(meta: dict, key: str) -> dict | None:
     return out
 
 
+def _interventions(meta: dict) -> list[str] | None:
+    """The specs of ``meta["interventions"]`` (``hexray record --intervene``), as recorded."""
+    ivs = meta.get("interventions")
+    if not isinstance(ivs, list):
+        return None
+    return [str(iv.get("spec")) if isinstance(iv, dict) else str(iv) for iv in ivs[:1000]]
+
+
 def _get(d, *keys):
     """d[k1][k2]... or None when any level is missing or not a map (metadata keys are all optional)."""
     for k in keys:
@@ -135,6 +143,7 @@ def summarise(r: TraceReader, *, tensors: bool = False, only_run: int | None = N
         "kit": _section(meta, "kit"),
         "storage": _section(meta, "storage"),
         "hooks": _section(meta, "hooks"),
+        "interventions": _interventions(meta),
         "writer": _section(meta, "writer"),
         "meta_keys": sorted(str(k) for k in meta),
         "runs": runs,
@@ -259,6 +268,8 @@ def render(s: dict) -> None:
         req = hooks.get("requested")
         say(f"  hooks    {hooks.get('set', '-')}"
                   + (f" ({len(req)} requested)" if isinstance(req, list) else ""))
+    for i, spec in enumerate(s.get("interventions") or []):
+        say(f"  {'intervene' if i == 0 else '':9} {spec}")
     if s["writer"]:
         say(f"  writer   {_kv_line(s['writer'])}")
 

@@ -29,6 +29,7 @@ COMMANDS = {
     "fuzz": "hexray.cli.fuzz_cmd",
     "graph": "hexray.cli.graph_cmd",
     "features": "hexray.cli.features_cmd",
+    "patch": "hexray.cli.patch_cmd",
 }
 HELP = {
     "record": "run a model on prompts and record the forward pass into a .hxr trace",
@@ -43,6 +44,7 @@ HELP = {
     "fuzz": "perturb a prompt and rank its tokens by how much the prediction depends on them",
     "graph": "attribution graph of a position (transcoders; Neuronpedia's JSON)",
     "features": "a trace's active features through sparse autoencoders or transcoders (--dict)",
+    "patch": "activation patching sweeps (clean -> corrupt), and attribution patching from two traces",
 }
 
 

@@ -24,8 +24,24 @@ examples:
   hexray record --model hexray-demo --prompt "It is a truth universally" -o t.hxr
   hexray record --model ./my-model --prompts-file prompts.jsonl --hooks full --act-dtype float32 -o t.hxr
   hexray record --model gpt2 --prompt "Step 1:" --generate 40 --temperature 0.7 --seed 1 -o cot.hxr
+  hexray record --model gpt2 --prompt "..." --intervene L1H2=0 --intervene L2N17@3=mean -o ablated.hxr
+  hexray record --model gpt2 --prompt "..." --intervene "blocks.2.hook_resid_pre@5<-clean.hxr" -o patched.hxr
   hexray record --model gpt2 --list-hooks
   hexray record --model gpt2 --prompts-file data.jsonl -o out/ --ray      # a dataset: shards + manifest, on Ray"""
+
+
+INTERVENE_HELP = """\
+SPEC = TARGET[~DIR.npy][@POSITIONS]ACTION
+  TARGET    L1H2 (head 2 of layer 1: its hook_z), L2N17 (neuron 17: mlp.hook_post),
+            L1.attn / L1.mlp / L1.resid_pre|resid_mid|resid_post (layer outputs, the stream),
+            or any hook name (blocks.2.hook_resid_pre)
+  ~DIR.npy  act on the component along this direction only (a vector, normalised)
+  @POS      3 | 3,5 | 2:6 (positions 2-5); default every position
+  ACTION    =0 | =mean (its mean over the prompt's positions) | =X (set) | =+X / =-X (add) | *X (scale)
+            +=VEC.npy[*X] (add X times the vector: steering) | <-TRACE.hxr[#RUN] (patch from a trace:
+            the same hook recorded there; token counts must agree)
+examples: L1H2=0  L1H2@3=0  L2N17=mean  L1.mlp=0  blocks.2.hook_resid_pre@5<-clean.hxr
+          blocks.1.hook_resid_post~refusal.npy=0  blocks.1.hook_resid_post+=steer.npy*4"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -72,6 +88,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also store this dictionary's features, sparsely, computed from the unrounded activations "
                         "(its input hook need not be recorded; repeatable). `hexray features` reads them")
     r.add_argument("--list-hooks", action="store_true", help="print the model's hook names and exit")
+
+    iv = p.add_argument_group(
+        "interventions (--intervene SPEC, repeatable; applied while generating and recording)",
+        INTERVENE_HELP)
+    iv.add_argument("--intervene", action="append", default=[], metavar="SPEC",
+                    help="change an activation: ablate, set, scale, steer or patch (grammar above)")
+    iv.add_argument("--grad", metavar="METRIC",
+                    help='also store the gradient of METRIC w.r.t. every recorded activation (grad.<hook>), for '
+                         'hexray patch --estimate: logit-diff:"TOKEN","TOKEN" | logit:"TOKEN" | logprob:"TOKEN", '
+                         'optionally @POS (default the last position); a token as "text" or #ID')
 
     g = p.add_argument_group("generation")
     g.add_argument("--generate", type=int, default=0, metavar="N",
@@ -153,7 +179,18 @@ def run(args) -> int:
             raise HexRayError("--dict is not supported when recording a dataset yet: record the dataset, then run "
                               "`hexray features` on its traces")
         dsets = [load_dictionary(p) for p in args.dict]  # a bad dictionary fails before the model loads
+    from hexray_core.record.intervene_spec import parse_interventions
+
+    interventions = parse_interventions(args.intervene)  # torch-free: a bad spec fails before the model loads
+    grad = None
+    if args.grad is not None:
+        from hexray_core.record.metric_spec import parse_metric
+
+        grad = parse_metric(args.grad)
     if not args.list_hooks and wants_dataset(args):
+        if interventions or grad is not None:
+            raise HexRayError("--intervene and --grad record one trace; they cannot be combined with a dataset "
+                              "(-o DIR/, --ray)")
         from hexray.cli import record_dataset_cmd
 
         return record_dataset_cmd.run(args)
@@ -187,7 +224,8 @@ def run(args) -> int:
                                 overflow=args.overflow_dtype, top_k=args.top_k, generate=args.generate,
                                 temperature=args.temperature, seed=args.seed,
                                 prepend_bos=False if args.no_bos else None, bundle=args.bundle, progress=progress,
-                                lens={"auto": "auto", "on": True, "off": False}[args.lens], extra=extra)
+                                lens={"auto": "auto", "on": True, "off": False}[args.lens], extra=extra,
+                                interventions=interventions, grad=grad)
     if args.list_hooks:
         from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
 

@@ -77,12 +77,13 @@ def _step_fn(bridge):
 
 
 def generate(bridge, tokens: list[int], n: int, *, device, temperature: float = 0.0, seed: int | None = None,
-             eos_token_id: int | None = None, progress=None) -> Generated:
+             eos_token_id: int | None = None, progress=None, window=None) -> Generated:
     """Continue ``tokens`` by up to ``n`` tokens.
 
     ``progress(done, total, tokens_per_s)`` is called after each new token. Sampling draws from a CPU
     generator, so a seed gives the same tokens on any device (up to the logits' own numerical
-    differences).
+    differences). ``window(start)`` is called before each forward pass with the position of its first
+    token (interventions at named positions need it: a cached step sees only the new token).
     """
     temperature = float(temperature or 0.0)
     if n <= 0:
@@ -101,9 +102,13 @@ def generate(bridge, tokens: list[int], n: int, *, device, temperature: float = 
         if stepper is not None:
             step, make_cache = stepper
             cache = make_cache()
+            if window is not None:
+                window(0)
             logits = step(torch.tensor([tokens], device=device), cache)
         else:  # a bridge without a wrapped HF model: a full forward per token
             seq = list(tokens)
+            if window is not None:
+                window(0)
             logits = bridge(torch.tensor([seq], device=device), return_type="logits")[0, -1]
         for i in range(int(n)):
             lg = logits.float().cpu()
@@ -117,6 +122,8 @@ def generate(bridge, tokens: list[int], n: int, *, device, temperature: float = 
             if (eos_token_id is not None and nxt == eos_token_id) or i + 1 == int(n):
                 break
             if stepper is not None:
+                if window is not None:
+                    window(len(tokens) + i)
                 logits = step(torch.tensor([[nxt]], device=device), cache)
             else:
                 seq.append(nxt)

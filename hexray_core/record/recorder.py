@@ -30,6 +30,7 @@ from .capture import Capture, as_numpy, resolve_act_dtype, to_host
 from .generate import generate as run_generation
 from .generate import no_generation
 from .hooks import HookPlan, plan_hooks
+from .intervene import Interventions, bind
 from .models import LoadedModel, from_objects, load_model, writer_meta
 from .spec import check_generation, check_output_path, human_bytes, normalize_prompts
 from .tokens import encode_prompt, mentioned_token_texts, token_text, vocab_strings
@@ -110,20 +111,26 @@ class Recorder:
                overflow: str = "f32", top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
                seed: int | None = None, prepend_bos: bool | None = None, bundle: bool = False,
                cache_dir: str | None = None, progress=None, lens: bool | str = "auto",
-               extra: RunExtra | None = None) -> RecordResult:
+               extra: RunExtra | None = None, interventions=None, grad=None, extra_meta: dict | None = None,
+               run_tensors: dict[int, dict[str, np.ndarray]] | None = None) -> RecordResult:
         """Record each prompt as one run of a new trace at ``output`` (replaced atomically when complete).
 
         ``extra``: per-run tensors computed from activations kept in memory (float32 numpy; they need not be
         stored), e.g. a dictionary's features (``hexray record --dict``); see ``RunExtra``.
 
         ``lens``: also store the logit lens at every layer and position (True, False, or "auto": on a
-        GPU, or on a CPU when its cost is small).
+        GPU, or on a CPU when its cost is small). ``interventions``: ``--intervene`` specs (strings, see
+        ``intervene_spec.py``) applied during generation and the recorded forward pass of every prompt.
+        ``grad``: a ``--grad`` metric (``logit-diff:" Mary"," John"``): also store the gradient of that
+        metric with respect to every recorded activation, as ``grad.<hook name>``.
+        ``extra_meta`` / ``run_tensors`` (``{run: {name: array}}``): what a caller such as ``hexray patch``
+        stores beside the recording.
         """
         t0 = time.perf_counter()
         check_generation(temperature, seed)  # a 64-bit seed, before anything runs
         opts = self.validate(prompts, output, act_dtype=act_dtype, overflow=overflow, top_k=top_k,
                              generate=generate, temperature=temperature, prepend_bos=prepend_bos,
-                             cache_dir=cache_dir)
+                             cache_dir=cache_dir, interventions=interventions, grad=grad)
         plan = self._plan(opts, hooks, lens, progress)
         plan.extra = extra
         kit = self.kit()
@@ -135,7 +142,7 @@ class Recorder:
         else:
             _emit(progress, "kit", path=kit.path, written=kit.written, sha256=kit.sha256)
         try:
-            writer = TraceWriter(opts.output, meta=self._meta(opts, plan, kit, bundle))
+            writer = TraceWriter(opts.output, meta={**self._meta(opts, plan, kit, bundle), **(extra_meta or {})})
         except OSError as e:
             raise _write_error(opts.output, e) from None
         capture = Capture(self.bridge, plan.hooks, writer, act_tag=opts.act_tag, overflow=opts.overflow,
@@ -152,7 +159,8 @@ class Recorder:
                 kit.write_into(writer)
             for i, (prompt, ids) in enumerate(zip(opts.prompts, opts.token_lists, strict=True)):
                 _emit(progress, "run_start", index=i, total=len(opts.prompts))
-                n_tokens, n_written = self._record_run(writer, capture, plan, opts, prompt, ids, seed, progress)
+                n_tokens, n_written = self._record_run(writer, capture, plan, opts, prompt, ids, seed, progress,
+                                                       (run_tensors or {}).get(i, {}))
                 total_tokens += n_tokens
                 n_tensors += n_written
                 _emit(progress, "run_done", index=i, total=len(opts.prompts), tokens=n_tokens,
@@ -173,7 +181,8 @@ class Recorder:
 
     def validate(self, prompts, output=None, *, act_dtype: str = "auto", overflow: str = "f32",
                  top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
-                 prepend_bos: bool | None = None, cache_dir: str | None = None) -> RecordOptions:
+                 prepend_bos: bool | None = None, cache_dir: str | None = None,
+                 interventions=None, grad=None) -> RecordOptions:
         """Check every option and tokenize every prompt before anything runs (one HexRayError per problem)."""
         prompts = normalize_prompts(prompts)
         if output is None:
@@ -203,10 +212,28 @@ class Recorder:
                 extra = f" + {generate} to generate = {len(ids) + int(generate)}" if generate else ""
                 which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
                 raise HexRayError(f"{which} is {len(ids)} tokens{extra}, over the model's context of {n_ctx} tokens")
+        bound = bind(self.bridge, interventions)
+        for ids in token_lists:
+            bound.check_run(len(ids), len(ids) + int(generate), int(generate))
+        metric = self._grad_metric(grad, token_lists, int(generate)) if grad is not None else None
         return RecordOptions(prompts=prompts, token_lists=token_lists, output=output, act_tag=act_tag,
                              overflow={"float32": "f32", "bfloat16": "bf16"}.get(overflow, overflow),
                              top_k=min(int(top_k), self.loaded.d_vocab), generate=int(generate),
-                             temperature=float(temperature), prepend_bos=bool(prepend_bos))
+                             temperature=float(temperature), prepend_bos=bool(prepend_bos), interventions=bound,
+                             grad=metric)
+
+    def _grad_metric(self, grad, token_lists, generate: int) -> dict:
+        """The --grad metric, its tokens resolved, its position checked against every prompt."""
+        from .metric_spec import MetricSpec, parse_metric
+        from .sweep import token_id
+
+        spec = grad if isinstance(grad, MetricSpec) else parse_metric(grad)
+        ids = [token_id(self.tokenizer, t, self.loaded.d_vocab, "grad") for t in spec.tokens]
+        for toks in token_lists:
+            n = len(toks) + generate
+            if not -n <= spec.position < n:
+                raise HexRayError(f"--grad {spec.spec!r}: position {spec.position} is outside the run's {n} tokens")
+        return {**spec.describe(), "token_ids": ids}
 
     def attention_spec(self) -> dict | None:
         """How replay recomputes this model's attention from q and k (None: patterns are stored). Once per model."""
@@ -256,20 +283,29 @@ class Recorder:
             meta["attention"] = plan.attention
         if plan.extra is not None:
             meta.update(plan.extra.meta)
+        if opts.interventions:
+            meta["interventions"] = opts.interventions.describe()
+        if opts.grad is not None:
+            meta["grad"] = opts.grad
         if bundle:
             meta["vocab"] = kit.vocab  # a bundled trace replays with no cache: it needs the token strings too
         return meta
 
     def _record_run(self, writer: TraceWriter, capture: Capture, plan: RecordPlan, opts: RecordOptions,
-                    prompt: str, ids: list[int], seed, progress) -> tuple[int, int]:
+                    prompt: str, ids: list[int], seed, progress, run_tensors: dict) -> tuple[int, int]:
         """Generate (if asked), then one forward pass over the whole run. Returns (tokens, tensors written)."""
         lm, tok = self.loaded, self.tokenizer
 
         def on_token(done, total, rate):
             _emit(progress, "generate", done=done, total=total, tokens_per_s=rate)
 
-        gen = run_generation(self.bridge, ids, opts.generate, device=lm.input_device, temperature=opts.temperature,
-                             seed=seed, eos_token_id=getattr(tok, "eos_token_id", None), progress=on_token)
+        iv = opts.interventions
+        iv.reset()
+        with iv.applied(self.bridge):
+            gen = run_generation(self.bridge, ids, opts.generate, device=lm.input_device,
+                                 temperature=opts.temperature, seed=seed,
+                                 eos_token_id=getattr(tok, "eos_token_id", None), progress=on_token,
+                                 window=lambda start: iv.window(start, len(ids)))
         all_ids = ids + gen.tokens
         bos = getattr(tok, "bos_token_id", None)
         prepended = int(opts.prepend_bos and bos is not None and ids[0] == bos)
@@ -279,7 +315,11 @@ class Recorder:
                          generated=gen.info() if opts.generate else no_generation(), prepend_bos=opts.prepend_bos)
         if opts.generate:
             _emit(progress, "status", message=f"recording {len(all_ids)} tokens")
-        logits = capture.forward(torch.tensor([all_ids], device=lm.input_device))
+        iv.reset()
+        iv.window(0, len(ids))
+        with iv.applied(self.bridge):  # added before the capture's hooks, so the trace holds what the model used
+            logits = capture.forward(torch.tensor([all_ids], device=lm.input_device))
+        iv.check_fired()
         need = _write_run_tensors(writer, self.bridge, logits, all_ids, opts.top_k)
         lens_ids = np.zeros(0, np.int64)
         if plan.lens:
@@ -298,10 +338,55 @@ class Recorder:
                 _emit(progress, "warning", message=f"layer {layer}'s attention could not be recomputed from q and k "
                                                    f"within the {opts.act_tag} rounding bound; its patterns are "
                                                    "stored in the trace")
+        n_grads = 0
+        if opts.grad is not None:
+            value, n_grads = self._write_grads(writer, plan, opts, all_ids, len(ids))
+            info["grad"] = {"metric_value": value}
+        for name, arr in run_tensors.items():
+            writer.write(name, np.ascontiguousarray(arr))
         writer.end_run(**info)
-        n_lens = len(LENS_TENSORS) + len(TEXT_TENSORS) if plan.lens else 0
-        n_written = n_extra + len(capture.written) + len(RUN_TENSORS) + n_lens
+        n_written = n_extra + n_grads + len(run_tensors) + len(capture.written) + len(RUN_TENSORS) + (
+            len(LENS_TENSORS) + len(TEXT_TENSORS) if plan.lens else 0)
         return len(all_ids), n_written
+
+    def _write_grads(self, writer: TraceWriter, plan: RecordPlan, opts: RecordOptions, all_ids: list[int],
+                     n_prompt: int) -> tuple[float, int]:
+        """One more forward, with gradients, through TransformerLens's ``cache_activation_and_gradient`` (its
+        backward hooks deliver each gradient in the hook's own shape); writes ``grad.<name>`` for every
+        recorded activation and every layer's attention pattern (AtP* needs d metric / d pattern)."""
+        from transformer_lens.tools.analysis.attribution_patching import cache_activation_and_gradient
+
+        bridge, g = self.bridge, opts.grad
+        gated = getattr(bridge, "_gated_hook_reason", lambda _n: None)
+        names = [n for n in plan.hooks.names if n in bridge.hook_dict and gated(n) is None and n != "hook_unembed"]
+        names += [f"blocks.{i}.attn.hook_pattern" for i in range(int(bridge.cfg.n_layers))
+                  if f"blocks.{i}.attn.hook_pattern" not in names]
+        ids = g["token_ids"]
+
+        def metric(logits: torch.Tensor) -> torch.Tensor:
+            lg = logits[0, g["position"]].float()
+            if g["kind"] == "logprob":
+                return torch.log_softmax(lg, -1)[ids[0]]
+            return lg[ids[0]] - lg[ids[1]] if g["kind"] == "logit-diff" else lg[ids[0]]
+
+        iv = opts.interventions
+        iv.reset()
+        iv.window(0, n_prompt)
+        tokens = torch.tensor([all_ids], device=self.loaded.input_device)
+        with torch.enable_grad(), iv.applied(bridge):
+            gc = cache_activation_and_gradient(bridge, tokens, metric, names_filter=names)
+        n = 0
+        for name in names:
+            if name not in gc.activations:
+                continue
+            grad = gc.gradients.get(name)
+            if grad is None:  # the metric does not depend on it: its gradient is exactly zero
+                grad = torch.zeros_like(gc.activations[name])
+            x, tag, attrs = to_host(grad.detach(), opts.act_tag, overflow=opts.overflow)
+            arr, dt = as_numpy(x.cpu(), tag)
+            writer.write(f"grad.{name}", arr, dtype=dt, attrs=attrs or None)
+            n += 1
+        return float(gc.metric), n
 
 
 @dataclass
@@ -317,6 +402,8 @@ class RecordOptions:
     generate: int
     temperature: float
     prepend_bos: bool
+    interventions: Interventions
+    grad: dict | None = None  # meta["grad"]: the --grad metric, its token ids resolved
 
 
 @dataclass

@@ -185,6 +185,12 @@ class _Worker:
         options = dict(msg.get("options") or {})
         for k in ("progress", "output", "prompts"):
             options.pop(k, None)
+        if options.get("interventions"):  # relative file names in specs: from the document's folder
+            from .intervene_spec import parse_interventions
+
+            base = msg.get("base_dir")
+            options["interventions"] = parse_interventions(options["interventions"],
+                                                           base if isinstance(base, str) else None)
         folder = os.path.dirname(os.path.abspath(output))
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{os.path.basename(output)}.{os.getpid()}-{job.id}.recording.hxr")
