@@ -107,8 +107,9 @@ OPEN_AND_READ = """
 import sys, hexray
 from hexray_core.errors import HexRayError
 from trace_format import Limits, TraceFormatError, TraceReader
+budget = {"read_budget_bytes": 32 << 20} if "read_budget_bytes" in Limits.__dataclass_fields__ else {}  # (older)
 try:
-    with TraceReader(sys.argv[1], limits=Limits(read_budget_bytes=32 << 20)) as r:  # the caller's budget
+    with TraceReader(sys.argv[1], limits=Limits(**budget)) as r:  # the caller's memory budget
         infos = r.tensors()
         if infos:
             r.read(infos[0].name, infos[0].run, index=(0,) if len(infos[0].shape) > 1 else ())
