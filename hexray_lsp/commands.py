@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import sys
 import uuid
 
@@ -103,19 +104,47 @@ class _Progress:
         self.token = None
 
 
-def _document(ls, uri: str) -> Document | None:
+PREFIX_BYTES = 64 << 10  # read first, to refuse a binary file before reading all of it
+
+
+def _document(ls, uri: str) -> tuple[Document | None, str | None]:
+    """The document to record: one the client opened, else a file inside a workspace folder read from
+    disk (a regular file, no larger than hexray.maxDocumentBytes, text). (document, None) or (None, why)."""
     doc = ls.docs.get(uri)
     if doc is not None:
-        return doc
-    path = fs_path(uri)  # not open: record the file as it is on disk
-    if path and os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8", newline="") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError):
-            return None
-        return Document(uri=uri, text=text, version=None, path=path)
-    return None
+        return doc, None
+    path = fs_path(uri)  # (decodes %2e%2e: the containment check below is on the resolved path)
+    if not path:
+        return None, f"{uri} is not open and is not a file"
+    real = os.path.realpath(path)
+    roots = [os.path.realpath(r) for r in ls.roots()]
+    if not any(os.path.commonpath([real, r]) == r for r in roots):
+        return None, (f"{uri} is not open and is not inside a workspace folder: HexRay records only documents "
+                      "the editor opened or files of the workspace")
+    limit = ls.settings.max_document_bytes
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        return None, f"{uri} is not open and cannot be read ({e.strerror or e})"
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, f"{uri} is not open and is not a regular file"
+        if st.st_size > limit:
+            return None, (f"{uri} is {st.st_size:,} bytes, over hexray.maxDocumentBytes ({limit:,}): HexRay shows "
+                          "nothing for it")
+        os.set_blocking(fd, True)
+        head = f.read(PREFIX_BYTES)
+        if b"\0" in head:
+            return None, f"{uri} looks binary (it contains NUL bytes): HexRay shows nothing for it"
+        data = head + f.read(limit + 1 - len(head))
+    if len(data) > limit:  # (grew since fstat)
+        return None, f"{uri} is over hexray.maxDocumentBytes ({limit:,})"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, f"{uri} is not open and is not UTF-8 text"
+    return Document(uri=uri, text=text, version=None, path=path), None
 
 
 def _outer_request_future(ls):
@@ -129,9 +158,9 @@ def _outer_request_future(ls):
 
 async def record_document(ls, uri: str, reason: str = "command", request_future=None,
                           interventions: list[str] | None = None) -> dict:
-    doc = _document(ls, uri)
+    doc, why = _document(ls, uri)
     if doc is None:
-        return _fail(ls, uri, f"{uri} is not open and is not a readable file", reason, diagnostic=False)
+        return _fail(ls, uri, why, reason, diagnostic=False)
     text = doc.text
     if not text.strip():
         return _fail(ls, uri, "the document is empty: there is nothing to record", reason)

@@ -365,6 +365,12 @@ def command(name: str):
     return register
 
 
+def _failed(what: str, e: Exception) -> None:
+    """One line per failure (bad params sent in a loop must not fill the log); the traceback at debug level."""
+    log.warning("%s failed: %s: %s", what, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+    log.debug("%s failed", what, exc_info=True)
+
+
 def guarded(what: str, default=None):
     """A feature that must never take the server down or pop up an error: an exception is logged and
     answered with ``default()`` (or ``default``); a slow answer is logged."""
@@ -377,8 +383,8 @@ def guarded(what: str, default=None):
                 t0 = time.perf_counter()
                 try:
                     return await fn(ls, params)
-                except Exception:
-                    log.exception("%s failed", what)
+                except Exception as e:
+                    _failed(what, e)
                     return fallback(params)
                 finally:
                     _slow(what, t0)
@@ -389,8 +395,8 @@ def guarded(what: str, default=None):
             t0 = time.perf_counter()
             try:
                 return fn(ls, params)
-            except Exception:
-                log.exception("%s failed", what)
+            except Exception as e:
+                _failed(what, e)
                 return fallback(params)
             finally:
                 _slow(what, t0)

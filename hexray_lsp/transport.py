@@ -28,6 +28,18 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+
+class _NoDeserializeTraceback(logging.Filter):
+    """pygls logs a multi-part traceback for every message whose params do not deserialize; the
+    transport answers InvalidParams and logs one line itself (a client sending bad params in a loop
+    must not fill the log with tracebacks)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unable to deserialize message")
+
+
+logging.getLogger("pygls.protocol.json_rpc").addFilter(_NoDeserializeTraceback())
+
 DEFAULT_MAX_BYTES = 64 * 1000 * 1000
 MAX_HEADER_LINE = 8192
 PIECE = 1 << 20

@@ -5,6 +5,11 @@ Only two kinds of URL exist, both under the token: `/<token>/` (the page) and
 trace opens as fast as a short one). Traces are addressed by their number on the command line,
 never by a path, so no request can name a file; anything else, a wrong or missing token, a path
 with `..` (raw or percent-encoded) or an unexpected Host header (DNS rebinding) is refused.
+
+Connections are bounded too: a client that goes quiet is dropped after ``idle_timeout`` seconds, at
+most ``max_connections`` are served at once (more are closed on accept), a client that closes early
+is forgotten without a traceback on the terminal, and a request that carries a body gets its answer
+with the connection closed, so the body is never read as a second request.
 """
 
 from __future__ import annotations
@@ -25,13 +30,18 @@ from . import data, page
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_URL = 4096
+IDLE_TIMEOUT = 30.0  # seconds a connection may stay silent (the page keeps its connection busy or closes it)
+MAX_CONNECTIONS = 64  # one thread each; a browser opens about six
 
 
 class ViewServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, traces: list, names: list[str], host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, traces: list, names: list[str], host: str = "127.0.0.1", port: int = 0, *,
+                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
         self.traces, self.names = traces, names
+        self.idle_timeout = idle_timeout
+        self.slots = threading.BoundedSemaphore(max_connections)
         self.token = secrets.token_urlsafe(24)
         self.lock = threading.Lock()  # a Trace's caches are not thread-safe: one computation at a time
         self.explicit_host = host not in LOOPBACK
@@ -39,6 +49,30 @@ class ViewServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__((host, port), Handler)
         self.page = page.render(" + ".join(names)).encode("utf-8")
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):  # too many open connections: this one is closed at once
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away (closed early, reset, timed out) is no error of ours: nothing is
+        printed. Anything else is one line on stderr, not socketserver's traceback."""
+        e = sys.exc_info()[1]
+        if isinstance(e, ConnectionError | TimeoutError):
+            return
+        print(f"hexray: warning: view server: {type(e).__name__}: {e}", file=sys.stderr)
 
     @property
     def port(self) -> int:
@@ -105,8 +139,15 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - quiet: the terminal shows the URL, not a request log
         pass
 
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # (StreamRequestHandler sets it on the socket)
+        super().setup()
+
     def _send(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
         self.send_response(status)
+        if self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers:
+            # No view takes a body and it is never read: close, so that it is not parsed as a request.
+            self.send_header("Connection", "close")
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")

@@ -101,7 +101,8 @@ def every_view(path: str) -> list[str]:
     return errors
 
 
-def peak_rss_mb(code: str, *args: str, timeout: float = 120) -> tuple[float, subprocess.CompletedProcess]:
+def peak_rss_mb(code: str, *args: str, timeout: float = 120, as_limit_mb: int | None = None,
+                input: str | None = None) -> tuple[float, subprocess.CompletedProcess]:
     """Run Python ``code`` in a fresh interpreter; its peak resident memory in MB.
 
     VmHWM of /proc/self/status, not ru_maxrss: Linux keeps ru_maxrss across fork + exec, so a child
@@ -114,8 +115,33 @@ def peak_rss_mb(code: str, *args: str, timeout: float = 120) -> tuple[float, sub
                "    hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0]\n"
                "    print('PEAK_RSS_KB', hwm, file=sys.stderr)\n")
     repo = REPO  # (bench/hostile_memory.py --against points this at another checkout)
+    def limit():  # an address-space cap, so a regression fails the test instead of the machine
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (as_limit_mb << 20, as_limit_mb << 20))
+
     res = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, cwd=repo,
-                         timeout=timeout, env={**os.environ, "PYTHONPATH": repo})
+                         timeout=timeout, env={**os.environ, "PYTHONPATH": repo}, input=input,
+                         preexec_fn=limit if as_limit_mb else None)
     line = [ln for ln in res.stderr.splitlines() if ln.startswith("PEAK_RSS_KB")]
     assert line, res.stderr
     return int(line[-1].split()[1]) / 1024, res
+
+
+CLI = "import sys; from hexray.cli.main import main; sys.exit(main(sys.argv[1:]))"
+
+
+def bounded(*args, timeout: float = 120, as_limit_mb: int | None = None, input: str | None = None):
+    """``hexray ARGS`` in a fresh interpreter under a timeout (and an address-space cap if given):
+    (peak RSS in MB, exit code, stdout, stderr lines without the probe's own)."""
+    mb, res = peak_rss_mb(CLI, *map(str, args), timeout=timeout, as_limit_mb=as_limit_mb, input=input)
+    err = [ln for ln in res.stderr.splitlines() if not ln.startswith("PEAK_RSS_KB")]
+    return mb, res.returncode, res.stdout, err
+
+
+def one_line(rc: int, err: list[str], *needles: str) -> str:
+    """The verdict of the hostile suites: a non-zero exit and exactly one line, no traceback."""
+    assert rc != 0 and len(err) == 1 and err[0].startswith("hexray: error: "), (rc, err)
+    for n in needles:
+        assert n in err[0], err[0]
+    return err[0]

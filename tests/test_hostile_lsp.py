@@ -23,10 +23,10 @@ INVALID_REQUEST, INVALID_PARAMS, PARSE_ERROR = -32600, -32602, -32700
 
 
 class RawClient:
-    def __init__(self, *args: str, cwd: str | None = None):
+    def __init__(self, *args: str, cwd: str | None = None, stderr=subprocess.DEVNULL):
         env = {**os.environ, "PYTHONPATH": REPO}
         self.proc = subprocess.Popen([sys.executable, "-m", "hexray_lsp", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd or REPO, env=env)
+                                     stdout=subprocess.PIPE, stderr=stderr, cwd=cwd or REPO, env=env)
         self.buf = b""
         self.next_id = 100
         self.notifications: list[dict] = []
@@ -263,3 +263,66 @@ def test_one_load_that_never_finishes_does_not_hold_up_the_others(tmp_path, monk
         store.close()
 
     asyncio.run(go())
+
+
+# -- issue 23: bad params log one line; recordTrace reads only what it may, and only a prefix first ----
+
+def test_bad_params_are_answered_with_one_log_line_each(tmp_path):
+    log = open(tmp_path / "stderr.txt", "wb")
+    c = RawClient(stderr=log)
+    c.initialize(str(tmp_path))
+    bad = [{"textDocument": {"uri": "file:///x.prompt"}, "position": {"line": 0, "character": "a"}}, None, [1],
+           {"x": 1}, {"textDocument": {"uri": 5}}, {"textDocument": {"uri": "file:///x.prompt"}, "position": {}}]
+    sent = 0
+    for params in bad:
+        for method in ("textDocument/documentHighlight", "textDocument/codeLens"):
+            reply = c.response(c.request(method, params))
+            assert "result" in reply or reply["error"]["code"] == INVALID_PARAMS, reply
+            sent += 1
+    assert c.alive()
+    c.close()
+    log.close()
+    text = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert len([ln for ln in text.splitlines() if ln.strip()]) <= sent, text
+
+
+def _record_reply(c: RawClient, uri: str) -> dict:
+    rid = c.request("workspace/executeCommand", {"command": "hexray.recordTrace", "arguments": [uri]})
+    return c.response(rid, timeout=60)["result"]
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(ln.split()[1] for ln in f if ln.startswith("VmHWM"))) / 1024
+
+
+def test_record_trace_reads_only_opened_documents_or_workspace_files(tmp_path):
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    ws.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("The capital of France is")
+    with open(ws / "sparse.prompt", "wb") as f:  # 1.2 GB of nothing: it must not be read
+        f.truncate(1_200_000_000)
+    (ws / "binary.prompt").write_bytes(b"\x00" * 100_000 + b"text")
+    os.mkfifo(ws / "fifo.prompt")
+    c = RawClient(cwd=str(ws))
+    c.initialize(str(ws))
+    try:
+        for uri in (f"file://{outside}/secret.txt", f"file://{ws}/../outside/secret.txt",
+                    f"file://{ws}/%2e%2e/outside/secret.txt", f"file://{ws}/%2E%2E/%2e%2e/{tmp_path.name}/outside/"
+                                                               "secret.txt"):
+            reply = _record_reply(c, uri)
+            assert reply["status"] == "error" and "not inside a workspace folder" in reply["message"], (uri, reply)
+        assert sorted(os.listdir(outside)) == ["secret.txt"]  # no secret.hxr written beside it
+        reply = _record_reply(c, f"file://{ws}/sparse.prompt")
+        assert "over hexray.maxDocumentBytes" in reply["message"], reply
+        reply = _record_reply(c, f"file://{ws}/binary.prompt")
+        assert "looks binary" in reply["message"], reply
+        reply = _record_reply(c, f"file://{ws}/fifo.prompt")  # never opened blocking, never waited on
+        assert "not a regular file" in reply["message"], reply
+        assert c.alive()
+        assert _vm_hwm_mb(c.proc.pid) < 400
+        assert sorted(os.listdir(ws)) == ["binary.prompt", "fifo.prompt", "sparse.prompt"]
+    finally:
+        c.close()

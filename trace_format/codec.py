@@ -59,6 +59,25 @@ def encode(data, *, level: int | None, itemsize: int, use_shuffle: bool) -> tupl
     return codec, filt, payload, crc32(payload)
 
 
+def _check_frame(payload, *, filt: int, raw_len: int, itemsize: int, where: str) -> None:
+    """The checks made before a zstd payload is decompressed."""
+    if filt not in (FILTER_NONE, FILTER_SHUFFLE):
+        raise TraceFormatError(f"{where}: unknown filter {filt}")
+    if filt == FILTER_SHUFFLE and (itemsize <= 1 or raw_len % itemsize):
+        raise TraceFormatError(f"{where}: shuffle filter with element size {itemsize} on {raw_len} bytes")
+    try:
+        # python-zstandard allocates whatever the frame header claims and ignores max_output_size
+        # when the frame declares its size: check the claim against the index first.
+        params = zstandard.get_frame_parameters(payload)
+    except zstandard.ZstdError as e:
+        raise TraceFormatError(f"{where}: not a zstd frame ({e})") from None
+    if params.content_size != raw_len:
+        claimed = "no size" if params.content_size == zstandard.CONTENTSIZE_UNKNOWN else f"{params.content_size} bytes"
+        raise TraceFormatError(f"{where}: zstd frame claims {claimed}, index says {raw_len}")
+    if not params.has_checksum or params.dict_id:
+        raise TraceFormatError(f"{where}: zstd frame without content checksum or with a dictionary")
+
+
 def decode(payload, *, codec: int, filt: int, raw_len: int, itemsize: int, where: str, out=None, span=None):
     """Decode one payload whose decoded length must be exactly raw_len (already checked against limits).
 
@@ -83,21 +102,7 @@ def decode(payload, *, codec: int, filt: int, raw_len: int, itemsize: int, where
         return payload
     if codec != CODEC_ZSTD:
         raise TraceFormatError(f"{where}: unknown codec {codec}")
-    if filt not in (FILTER_NONE, FILTER_SHUFFLE):
-        raise TraceFormatError(f"{where}: unknown filter {filt}")
-    if filt == FILTER_SHUFFLE and (itemsize <= 1 or raw_len % itemsize):
-        raise TraceFormatError(f"{where}: shuffle filter with element size {itemsize} on {raw_len} bytes")
-    try:
-        # python-zstandard allocates whatever the frame header claims and ignores max_output_size
-        # when the frame declares its size: check the claim against the index first.
-        params = zstandard.get_frame_parameters(payload)
-    except zstandard.ZstdError as e:
-        raise TraceFormatError(f"{where}: not a zstd frame ({e})") from None
-    if params.content_size != raw_len:
-        claimed = "no size" if params.content_size == zstandard.CONTENTSIZE_UNKNOWN else f"{params.content_size} bytes"
-        raise TraceFormatError(f"{where}: zstd frame claims {claimed}, index says {raw_len}")
-    if not params.has_checksum or params.dict_id:
-        raise TraceFormatError(f"{where}: zstd frame without content checksum or with a dictionary")
+    _check_frame(payload, filt=filt, raw_len=raw_len, itemsize=itemsize, where=where)
     try:
         # One frame, nothing after it: hidden trailing data is refused, not ignored.
         data = _decompressor().decompress(payload, max_output_size=raw_len, allow_extra_data=False)
@@ -116,6 +121,30 @@ def decode(payload, *, codec: int, filt: int, raw_len: int, itemsize: int, where
         out[:] = memoryview(data)
         return out
     return data
+
+
+STREAM_ABOVE = 8 << 20  # check() decodes chunks larger than this in pieces
+_FEED = 256  # compressed bytes per step: at most 256 x 32768 = 8 MiB decoded at a time
+
+
+def check(payload, *, codec: int, filt: int, raw_len: int, itemsize: int, where: str) -> None:
+    """Everything decode() checks (frame header, content checksum, exact length, no trailing data),
+    without holding the decoded payload: a large chunk is decompressed in pieces and discarded, so
+    verifying a file costs a few MiB whatever its chunks claim (`verify` decodes every chunk)."""
+    if codec != CODEC_ZSTD or raw_len <= STREAM_ABOVE:
+        decode(payload, codec=codec, filt=filt, raw_len=raw_len, itemsize=itemsize, where=where)
+        return
+    _check_frame(payload, filt=filt, raw_len=raw_len, itemsize=itemsize, where=where)
+    dobj, view, n, fed = _decompressor().decompressobj(), memoryview(payload).cast("B"), 0, 0
+    try:
+        while fed < len(view) and not dobj.eof and n <= raw_len:
+            n += len(dobj.decompress(view[fed:fed + _FEED]))
+            fed += len(view[fed:fed + _FEED])
+    except zstandard.ZstdError as e:
+        raise TraceFormatError(f"{where}: zstd decoding failed ({e})") from None
+    extra = len(view) - fed + (len(dobj.unused_data) if dobj.eof else 0)
+    if not dobj.eof or extra or n != raw_len:
+        raise TraceFormatError(f"{where}: decoded {n} bytes of one frame, expected exactly {raw_len} and nothing after")
 
 
 def _reject_ext(code, data):

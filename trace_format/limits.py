@@ -1,10 +1,12 @@
 """Caps a reader applies before trusting any number it reads from a file.
 
-Two kinds: absolute caps (no real trace comes near them), and caps relative to the file's size,
-which keep a small file from costing much: a few hundred kilobytes of zstd can claim a gigabyte
-of zeros, and a megabyte of msgpack can be a million empty maps. Real traces are dominated by
-tensor data, so their metadata and index are a small fraction of the file, and their tensors
-compress by well under 4x; the relative caps sit far above what any real trace needs.
+Three kinds: absolute caps (no real trace comes near them); caps relative to the file's size on
+its metadata and index, which real traces keep a small fraction of the file (a megabyte of msgpack
+can be a million empty maps); and, for tensor data, the caller's memory budget. Tensor data is
+NOT bounded by a compression ratio: real activations (ReLU outputs, float16 attention patterns,
+masks, constants) compress 10-1000x, and a trace the writer wrote must read back (SPEC.md 10.1).
+A read returns at most max(the budget, a few times the file's size), so a small file costs at most
+the budget; the writer refuses a tensor that a reader with the same limits would refuse.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ class Limits:
     index_per_byte: float = 1.0
     items_slack: int = 65_536  # elements of all msgpack arrays and maps of one INDEX / META
     items_per_byte: float = 1 / 32
-    decode_slack_bytes: int = 8 * MiB  # one read decodes <= slack + decode_per_stored_byte x the stored
-    decode_per_stored_byte: int = 8  # bytes of its chunks (activations compress < 2x, attention patterns < 4x)
-    result_slack_bytes: int = 16 * MiB  # one read returns (float32 included) <= slack + result_per_file_byte
-    result_per_file_byte: int = 4  # x the file size
+    # One read returns (float32 included) at most max(read_budget_bytes, result_slack_bytes +
+    # result_per_file_byte x the file size): the budget is what a caller lets any file cost; the
+    # relative term lets a large file return what it really holds (f16 upcast to f32 is 2x).
+    read_budget_bytes: int = 4 * GiB
+    result_slack_bytes: int = 16 * MiB
+    result_per_file_byte: int = 4
 
     def decoded_cap(self, file_size: int, absolute: int) -> int:
         """Most bytes an INDEX or META record of a file this size may decode to."""
@@ -44,13 +48,10 @@ class Limits:
         """Most msgpack array/map elements an INDEX or META record of a file this size may hold."""
         return self.items_slack + int(self.items_per_byte * file_size)
 
-    def decode_cap(self, stored_bytes: int) -> int:
-        """Most bytes one read may decode when the chunks it decodes are stored in ``stored_bytes``."""
-        return min(self.max_tensor_bytes, self.decode_slack_bytes + self.decode_per_stored_byte * stored_bytes)
-
     def result_cap(self, file_size: int) -> int:
         """Most bytes one read of a file this size may return."""
-        return min(self.max_tensor_bytes, self.result_slack_bytes + self.result_per_file_byte * file_size)
+        relative = self.result_slack_bytes + self.result_per_file_byte * file_size
+        return min(self.max_tensor_bytes, max(self.read_budget_bytes, relative))
 
 
 DEFAULT_LIMITS = Limits()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import layout
-from .codec import decode, unpack_obj
+from .codec import check, decode, unpack_obj
 from .dtypes import DTYPES, FLOAT_TAGS, to_float32
 from .errors import TraceFormatError
 from .fileio import open_regular, shown
@@ -338,19 +338,16 @@ class TraceReader:
         convert = dtype == "float32" and info.dtype in FLOAT_TAGS
         out_dtype = np.dtype(np.float32) if convert else stored
         first, last = (r0 // info.chunk_rows, (r1 - 1) // info.chunk_rows) if total else (0, -1)
-        # A read decodes at most a few times what its chunks are stored in, and returns at most a
-        # few times the file's size (limits.py): a small file of zstd frames full of zeros cannot
-        # make it allocate gigabytes.
+        # What one read may cost is the caller's budget (or a few times the file's size, for large
+        # files): not a compression ratio, since real activations compress far past any fixed one.
+        # The peak of a read is its result plus the chunk being decoded (at most max_chunk_bytes).
         out_bytes = (r1 - r0) * row_elems * out_dtype.itemsize
-        touched = info.chunks[first:last + 1]
-        stored_bytes, decoded = (int(touched[:, 1].sum()), int(touched[:, 2].sum())) if total else (0, 0)
-        if decoded > self.limits.decode_cap(stored_bytes):
-            raise TraceFormatError(f"{self.name}: tensor {name!r}: {stored_bytes:,} stored bytes claim to decode to "
-                                   f"{decoded:,}, over the limit of {self.limits.decode_cap(stored_bytes):,} "
-                                   "(an implausible compression ratio)")
-        if out_bytes > self.limits.result_cap(self.size):
-            raise TraceFormatError(f"{self.name}: tensor {name!r}: a read of {out_bytes:,} bytes is over the limit of "
-                                   f"{self.limits.result_cap(self.size):,} for a file of {self.size:,} bytes")
+        cost = out_bytes + (min(info.chunk_rows, rows) * row_bytes if total else 0)  # + the chunk being decoded
+        cap = self.limits.result_cap(self.size)
+        if cost > cap:
+            raise TraceFormatError(f"{self.name}: tensor {name!r}: a read costing {cost:,} bytes is over the limit of "
+                                   f"{cap:,} (the memory budget for a file of {self.size:,} bytes; "
+                                   "Limits(read_budget_bytes=...) raises it)")
         if total and first == last:  # one chunk: slice it, allocate nothing the file merely claims
             c0 = first * info.chunk_rows
             span = ((r0 - c0) * row_bytes, (r1 - c0) * row_bytes)
@@ -396,15 +393,15 @@ class TraceReader:
         """Chunk ``c`` of a tensor read, checked against its header and the index, and decoded."""
         return self._read_chunk(info, c)
 
-    def _read_chunk(self, info: TensorInfo, c: int, out: np.ndarray | None = None, span=None):
+    def check_chunk(self, info: TensorInfo, c: int) -> int:
+        """Every check ``read_chunk`` makes, decoding a large chunk in pieces; returns its decoded size."""
+        return self._read_chunk(info, c, check_only=True)
+
+    def _read_chunk(self, info: TensorInfo, c: int, out: np.ndarray | None = None, span=None, check_only=False):
         """Read, check and decode chunk ``c`` of a tensor. Returns exactly its raw_len bytes (in ``out`` if given),
         or with ``span=(lo, hi)`` bytes lo:hi of them (codec.decode)."""
         offset, plen, raw_len, crc = (int(v) for v in info.chunks[c])
         what = f"chunk {c} of {info.name!r} (run {info.run})"
-        cap = min(self.limits.decode_cap(plen), self.limits.result_cap(self.size))
-        if raw_len > cap:  # checked before anything is read or allocated (verify decodes every chunk)
-            raise TraceFormatError(f"{self.name}: {what}: {plen:,} stored bytes claim to decode to {raw_len:,}, over "
-                                   f"the limit of {cap:,}", offset=offset, what=what)
         raw = self._pread(offset, layout.HEADER_SIZE + plen)
         header = RecordHeader.unpack(raw[:layout.HEADER_SIZE], offset, self.name)
         if (header.kind != KIND_CHUNK or header.ident != info.id or header.chunk != c or header.payload_len != plen
@@ -415,6 +412,10 @@ class TraceReader:
         payload = memoryview(raw)[layout.HEADER_SIZE:]
         if layout.crc32(payload) != crc:
             raise TraceFormatError(f"{self.name}: checksum mismatch in {what}", offset=offset, what=what)
+        if check_only:
+            check(payload, codec=header.codec, filt=header.filter, raw_len=raw_len,
+                  itemsize=DTYPES[info.dtype].itemsize, where=f"{self.name}: {what} at byte {offset}")
+            return raw_len
         return decode(payload, codec=header.codec, filt=header.filter, raw_len=raw_len,
                       itemsize=DTYPES[info.dtype].itemsize, where=f"{self.name}: {what} at byte {offset}", out=out,
                       span=span)

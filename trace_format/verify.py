@@ -94,9 +94,9 @@ def _verify(r: TraceReader) -> VerifyReport:
                 raise TraceFormatError(f"{path}: CHUNK record (tensor id {header.ident}, chunk {header.chunk}) "
                                        "is not in the index", offset=pos)
             info, c = chunks.pop(pos)
-            data = r.read_chunk(info, c)  # header/index agreement, CRC, frame size, zstd content checksum
+            raw_len = r.check_chunk(info, c)  # header/index agreement, CRC, frame size, zstd content checksum
             report.chunks += 1
-            report.raw_bytes += len(data)
+            report.raw_bytes += raw_len
             report.stored_bytes += header.payload_len
             seen_chunks += 1
         elif header.kind in (KIND_META, KIND_INDEX):

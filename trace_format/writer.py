@@ -24,7 +24,7 @@ from .dtypes import DTYPES, FLOAT_TAGS, f32_to_bf16, tag_of
 from .errors import TraceFormatError
 from .fileio import check_output_path, open_regular, shown
 from .layout import KIND_CHUNK, KIND_INDEX, KIND_META, WEIGHTS_RUN, RecordHeader, Trailer, padded, rows_of
-from .limits import DEFAULT_LIMITS
+from .limits import DEFAULT_LIMITS, Limits
 from .reader import TraceReader
 
 try:
@@ -65,7 +65,8 @@ class TraceWriter:
     one row). ``threads``: compression threads. ``max_inflight``: chunks queued or compressed but not
     yet written (bounds memory). ``append=True`` adds runs to an existing trace; ``meta`` is then merged
     over the file's metadata. Exiting the ``with`` block by an exception (KeyboardInterrupt included)
-    calls ``abort()``.
+    calls ``abort()``. ``limits``: a reader with these limits reads back every tensor written
+    (a tensor it would refuse is refused here, before anything is written; SPEC.md 10.1).
     """
 
     def __init__(
@@ -80,8 +81,10 @@ class TraceWriter:
         threads: int | None = None,
         max_inflight: int | None = None,
         fsync: bool = False,
+        limits: Limits = DEFAULT_LIMITS,
     ):
         self.path = os.fspath(path)
+        self.limits = limits
         self.level, self.shuffle, self.chunk_bytes, self.fsync = level, shuffle, chunk_bytes, fsync
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be positive")
@@ -218,6 +221,7 @@ class TraceWriter:
         if row_bytes > DEFAULT_LIMITS.max_chunk_bytes:
             raise ValueError(f"tensor {name!r}: one row is {row_bytes} bytes, over the 64 MiB chunk limit")
         chunk_rows = max(1, self.chunk_bytes // max(1, row_bytes))
+        self._check_readable(name, arr, tag, rows, row_bytes, chunk_rows)
         entry = {
             "id": len(self._tensors), "run": run, "name": name, "dtype": tag, "shape": list(shape),
             "chunk_rows": chunk_rows, "chunks": [], "attrs": dict(attrs or {}),
@@ -234,6 +238,39 @@ class TraceWriter:
             fut = self._pool.submit(encode, piece, level=self.level, itemsize=itemsize, use_shuffle=use_shuffle)
             self._pending.append((fut, entry["id"], c, r0, entry["chunks"]))
             self._drain(block=True)
+
+    def _check_readable(self, name: str, arr: np.ndarray, tag: str, rows: int, row_bytes: int, chunk_rows: int):
+        """Refuse a tensor that a reader with ``self.limits`` would refuse to return in full.
+
+        A read may return max(read_budget_bytes, result_slack_bytes + result_per_file_byte x file
+        size). Under the budget nothing needs knowing; over it, the file must be large enough, and
+        the file will hold at least what is written so far plus this tensor's compressed chunks: for
+        such (multi-GiB) tensors those are sized first, in a dry pass, so nothing is written unless
+        it reads back.
+        """
+        lim, itemsize = self.limits, DTYPES[tag].itemsize
+        out_bytes = rows * (row_bytes // max(1, itemsize)) * max(itemsize, 4 if tag in FLOAT_TAGS else itemsize)
+        out_bytes += min(rows, chunk_rows) * row_bytes  # a read's cost: the result and the chunk being decoded
+        if out_bytes > lim.max_tensor_bytes:
+            raise ValueError(f"tensor {name!r}: {out_bytes:,} bytes, over the reader's max_tensor_bytes of "
+                             f"{lim.max_tensor_bytes:,}")
+        if out_bytes <= lim.read_budget_bytes:
+            return
+        need = -(-(out_bytes - lim.result_slack_bytes) // lim.result_per_file_byte)
+        if self._pos >= need:
+            return
+        flat = arr.reshape(-1).view(np.uint8)
+        use_shuffle = self.shuffle and tag in FLOAT_TAGS
+        pieces = [memoryview(flat[r0 * row_bytes:min(rows, r0 + chunk_rows) * row_bytes])
+                  for r0 in range(0, rows, chunk_rows)]
+        sizes = self._pool.map(lambda p: len(encode(p, level=self.level, itemsize=itemsize,
+                                                    use_shuffle=use_shuffle)[2]), pieces)
+        stored = sum(padded(layout.HEADER_SIZE + n) for n in sizes)
+        if self._pos + stored < need:
+            raise ValueError(f"tensor {name!r}: a read of it returns {out_bytes:,} bytes, over the memory budget of "
+                             f"{lim.read_budget_bytes:,} and it compresses to {stored:,} (a reader allows "
+                             f"{lim.result_per_file_byte}x the file's size beyond the budget); pass "
+                             "limits=Limits(read_budget_bytes=...) to the writer and the reader")
 
     def flush(self) -> None:
         """Wait until every queued chunk is compressed and handed to the OS (arrays passed to write() are then free)."""

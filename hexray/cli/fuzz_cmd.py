@@ -9,6 +9,8 @@ import tempfile
 
 from hexray_core.errors import HexRayError
 
+DEFAULT_MAX_VARIANTS = 2000  # a 200-token prompt with --alternatives 3 makes 800; 2,000 take ~minutes on a CPU
+
 DESCRIPTION = """\
 Record the prompt, then variants of it as one dataset through the same engine as
 `hexray record --prompts-file ... -o DIR/` (--ray spreads them over a cluster): each prompt token
@@ -31,6 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--alternatives", type=int, default=3, metavar="K",
                    help="replacements per token, from the model's top predictions there (default 3; 0: deletions only)")
     p.add_argument("--variants", metavar="FILE", help="more variants: a prompts file (one per line, or JSONL)")
+    p.add_argument("--max-variants", type=int, default=DEFAULT_MAX_VARIANTS, metavar="N",
+                   help=f"refuse more variants than this in all (default {DEFAULT_MAX_VARIANTS:,}; 0: no limit)")
     p.add_argument("-o", "--output", metavar="DIR", help="keep the base and variant traces in this folder")
     p.add_argument("--act-dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"],
                    help="activation storage (default float32, so logits outside the top-k are exact too)")
@@ -53,12 +57,16 @@ def run(args) -> int:
         raise HexRayError(f"--alternatives must be 0 or more, not {args.alternatives}")
     if args.top_k < 1:
         raise HexRayError(f"--top-k must be at least 1, not {args.top_k}")
+    if args.max_variants < 0:
+        raise HexRayError(f"--max-variants must be 0 (no limit) or more, not {args.max_variants}")
     prompt = args.prompt if args.prompt is not None else read_text(args.prompt_file, "--prompt-file")
     if not prompt:
         raise HexRayError("empty prompt: nothing to fuzz")
+    datasetstore.make_row(prompt, 1, "--prompt" if args.prompt is not None else "--prompt-file")  # storable text
     extra = []
     if args.variants:
         extra = [r.prompt for r in datasetstore.parse_rows(read_text(args.variants, "--variants"), args.variants)]
+        check_variant_count(len(extra), args.max_variants, "--variants gives")
     if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
         raise HexRayError(f"-o {args.output}: is a file (give a folder)")
     precheck(args.model)
@@ -67,7 +75,8 @@ def run(args) -> int:
         with DatasetProgress(args.quiet or args.json) as progress:
             report = fuzz(prompt, out, model=args.model, target=args.target, alternatives=args.alternatives,
                           extra=extra, act_dtype=args.act_dtype, device=args.device, ray=args.ray,
-                          workers=args.workers, shard_size=args.shard_size, progress=progress)
+                          workers=args.workers, shard_size=args.shard_size, progress=progress,
+                          max_variants=args.max_variants)
     finally:
         if not args.output:
             shutil.rmtree(out, ignore_errors=True)
@@ -82,9 +91,16 @@ def run(args) -> int:
     return 0
 
 
+def check_variant_count(n: int, limit: int, what: str) -> None:
+    """Each variant is one recording: refuse hours of work nobody asked for, in one line, before it starts."""
+    if limit and n > limit:
+        raise HexRayError(f"{what} {n:,} variants, over --max-variants {limit:,} (each is one recording; pass "
+                          "--max-variants 0 or a larger number to record them all)")
+
+
 def fuzz(prompt: str, out: str, *, model: str, target: str | None = None, alternatives: int = 3, extra=(),
          act_dtype: str = "float32", device: str = "auto", ray: str | None = None, workers: int | None = None,
-         shard_size: int = 16, progress=None):
+         shard_size: int = 16, progress=None, max_variants: int = DEFAULT_MAX_VARIANTS):
     """Record the prompt and its variants into the dataset ``out``; return the FuzzReport."""
     from hexray_core.dataset.reader import open_dataset
     from hexray_core.dataset.writer import record_dataset
@@ -112,6 +128,7 @@ def fuzz(prompt: str, out: str, *, model: str, target: str | None = None, altern
         variants = make_variants(trace, run, alternatives=alternatives, extra=list(extra))
     if not variants:
         raise HexRayError("the prompt has no token to perturb")
+    check_variant_count(len(variants), max_variants, "the prompt makes")
     rows = [base] + [{"id": v.id, "prompt": v.prompt, "target": f"#{tid}", "kind": v.kind, "position": v.position,
                       "replacement": v.replacement} for v in variants]
     record_dataset(rows, out, **common)

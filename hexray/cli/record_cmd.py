@@ -50,10 +50,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help="the prompt text")
-    src.add_argument("--prompt-file", metavar="FILE", help="one prompt: the whole file, exactly (- for stdin)")
+    src.add_argument("--prompt-file", metavar="FILE",
+                     help="one prompt: the whole file, exactly (- for stdin; a named pipe waits for its writer)")
     src.add_argument("--prompts-file", metavar="FILE",
                      help="many prompts, one run each: one per line, or JSONL objects with a \"prompt\" key "
-                          "(blank lines skipped; - for stdin)")
+                          "(blank lines skipped; - for stdin; a named pipe is read as cat would, waiting for its "
+                          "writer; at most 256 MiB). An id already recorded in -o DIR/ is skipped (a warning says "
+                          "so when its prompt differs)")
     p.add_argument("-o", "--output", metavar="TRACE", help="trace file to write (replaced when complete)")
 
     m = p.add_argument_group("model")

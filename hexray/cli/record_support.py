@@ -10,24 +10,40 @@ import time
 
 from hexray_core.errors import HexRayError
 
+MAX_TEXT_BYTES = 256 << 20  # a prompts file of a million 256-byte prompts
 
-def read_text(path: str, what: str) -> str:
+
+def read_text(path: str, what: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """A text argument's file ("-" for stdin): a regular file or a pipe (read as cat would: a FIFO
+    with no writer waits for one), never a device, and at most ``limit`` bytes (/dev/zero is endless)."""
+    import stat
+
+    from trace_format.fileio import kind_of, shown
+
     try:
         if path == "-":
-            data = sys.stdin.buffer.read()
+            data = sys.stdin.buffer.read(limit + 1)
         else:
-            with open(os.path.expanduser(path), "rb") as f:
-                data = f.read()
+            full = os.path.expanduser(path)
+            mode = os.stat(full).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+                raise HexRayError(f"{what} {shown(path)}: is {kind_of(mode)}, not a text file")
+            with open(full, "rb") as f:
+                data = f.read(limit + 1)
     except FileNotFoundError:
-        raise HexRayError(f"{what} {path}: no such file") from None
+        raise HexRayError(f"{what} {shown(path)}: no such file") from None
     except IsADirectoryError:
-        raise HexRayError(f"{what} {path}: is a folder") from None
+        raise HexRayError(f"{what} {shown(path)}: is a folder") from None
     except OSError as e:
-        raise HexRayError(f"{what} {path}: {e.strerror or e}") from None
+        raise HexRayError(f"{what} {shown(path)}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise HexRayError(f"{what} {shown(path)}: over {limit:,} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise HexRayError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
+        raise HexRayError(f"{what} {shown(path)}: not UTF-8 text (byte {e.start})") from None
 
 
 # -- progress ----------------------------------------------------------------------------------

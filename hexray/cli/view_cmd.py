@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
                    help="address to listen on (default 127.0.0.1); another address serves other machines "
                         "(anyone with the URL can read the traces)")
     p.add_argument("--no-browser", action="store_true", help="print the URL only")
+    p.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
+                   help="close a connection silent for S seconds (default 30)")
 
 
 def run(args) -> int:
@@ -32,9 +34,12 @@ def run(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise HexRayError(f"--port must be 0..65535, not {args.port}")
+    if not 0 < args.idle_timeout <= 86400:
+        raise HexRayError(f"--idle-timeout must be more than 0 and at most 86400 seconds, not {args.idle_timeout}")
     traces = [open_trace(p) for p in args.traces]
     try:
-        server = ViewServer(traces, [os.path.basename(p) for p in args.traces], host=args.host, port=args.port)
+        server = ViewServer(traces, [os.path.basename(p) for p in args.traces], host=args.host, port=args.port,
+                            idle_timeout=args.idle_timeout)
     except OSError as e:
         raise HexRayError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(server.url, flush=True)

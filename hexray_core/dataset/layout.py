@@ -19,10 +19,12 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from hexray_core.dataset import folder as safe
 from hexray_core.errors import HexRayError
 
 DATASET_FILE = "dataset.json"
@@ -84,8 +86,23 @@ def make_row(obj, line: int, where: str) -> Row:
     if isinstance(rid, bool) or not isinstance(rid, str | int):
         raise HexRayError(f"{where}: \"id\" must be a string or an integer")
     meta = {k: v for k, v in obj.items() if k not in RESERVED}
+    _check_storable(obj, where)
     return Row(rid, line, prompt, _token_field(obj.get("target"), "target", where),
                _token_field(obj.get("baseline"), "baseline", where), meta)
+
+
+def _check_storable(obj, where: str) -> None:
+    """A row is written to JSON files and a trace: refuse what cannot be (a lone surrogate from a JSON
+    escape, metadata nested past Python's recursion limit) in one line, before anything is recorded."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HexRayError(f"{where}: text that is not valid Unicode (a lone surrogate at character {e.start})") \
+            from None
+    except RecursionError:
+        raise HexRayError(f"{where}: nested too deeply") from None
+    except (TypeError, ValueError) as e:
+        raise HexRayError(f"{where}: cannot be stored as JSON ({e})") from None
 
 
 def parse_rows(text: str, path: str = "prompts") -> list[Row]:
@@ -105,6 +122,8 @@ def parse_rows(text: str, path: str = "prompts") -> list[Row]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise HexRayError(f"{where}: not JSON ({e.msg})") from None
+            except RecursionError:
+                raise HexRayError(f"{where}: nested too deeply") from None
         else:
             obj = line
         rows.append(make_row(obj, number, where))
@@ -146,14 +165,25 @@ def plan_shards(rows: list[Row], shard_size: int) -> list[tuple[str, list[Row]]]
 
 
 def shards_dir(out: str) -> str:
-    return os.path.join(out, SHARDS_DIR)
+    """OUT/shards, refused if it is a symbolic link (folder.py)."""
+    return safe.inside(out, SHARDS_DIR)
+
+
+def check_folder(out: str) -> None:
+    """Refuse a dataset folder whose own files are links (before the lock is taken or anything written)."""
+    for name in (SHARDS_DIR, LOCK_FILE, DATASET_FILE, MANIFEST_FILE):
+        safe.inside(out, name)
+
+
+def prompt_digest(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
 
 
 def write_json_atomic(path: str, obj, *, lines: bool = False) -> None:
     """Write JSON (or JSON lines from an iterable) under a temporary name, then rename into place."""
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:  # (exclusive: never through a link planted under that name)
             if lines:
                 for item in obj:
                     f.write(json.dumps(item, ensure_ascii=False) + "\n")
@@ -171,23 +201,26 @@ def write_json_atomic(path: str, obj, *, lines: bool = False) -> None:
 
 
 def write_sidecar(out: str, name: str, rows: list[Row]) -> None:
+    # the prompt's digest lets a later command see an id recorded with another prompt
     write_json_atomic(os.path.join(shards_dir(out), name + ".json"),
-                      {"shard": name, "rows": [r.entry() for r in rows]})
+                      {"shard": name, "rows": [{**r.entry(), "prompt_sha256": prompt_digest(r.prompt)} for r in rows]})
 
 
 def read_sidecar(out: str, name: str) -> list[dict]:
-    path = os.path.join(shards_dir(out), name + ".json")
+    rel = f"{SHARDS_DIR}/{name}.json"
+    path = os.path.join(out, rel)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        rows = data["rows"]
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and "id" in r for r in rows):
-            raise ValueError("no rows")
+        data = safe.read_json(out, rel)
     except FileNotFoundError:
         raise HexRayError(f"{path}: missing (the shard's trace has no list of its prompts)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise HexRayError(f"{path}: not a shard list ({e})") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and _is_id(r.get("id")) for r in rows):
+        raise HexRayError(f"{path}: not a shard list (rows of objects with an \"id\")")
     return rows
+
+
+def _is_id(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, str | int)
 
 
 def complete_shards(out: str) -> list[str]:
@@ -243,24 +276,38 @@ def build_manifest(out: str) -> tuple[int, set[str]]:
     return len(items), seen
 
 
-def done_ids(out: str) -> set[str]:
-    return {id_key(r["id"]) for name in complete_shards(out) for r in read_sidecar(out, name)}
+def done_ids(out: str) -> dict[str, str | None]:
+    """The ids of the complete shards, each with its prompt's digest (None from an older recording)."""
+    return {id_key(r["id"]): r.get("prompt_sha256") for name in complete_shards(out) for r in read_sidecar(out, name)}
 
 
 # -- dataset.json and the lock -------------------------------------------------------------------
 
 def read_dataset_info(out: str) -> dict | None:
-    path = os.path.join(out, DATASET_FILE)
-    if not os.path.exists(path):
-        return None
     try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-        if not isinstance(info, dict) or "hexray" not in info:
-            raise ValueError("not a HexRay dataset")
-    except (OSError, ValueError) as e:
-        raise HexRayError(f"{path}: unreadable ({e})") from None
+        info = safe.read_json(out, DATASET_FILE)
+    except FileNotFoundError:
+        return None
+    wrong = check_info(info)
+    if wrong:
+        raise HexRayError(f"{os.path.join(out, DATASET_FILE)}: unreadable ({wrong})")
     return info
+
+
+def check_info(info) -> str | None:
+    """What is wrong with a dataset.json's content, or None (only the fields HexRay reads)."""
+    if not isinstance(info, dict) or not isinstance(info.get("hexray"), dict):
+        return "not a HexRay dataset"
+    for key in ("record", "last"):
+        if key in info and not isinstance(info[key], dict):
+            return f"\"{key}\" is not an object"
+    last = info.get("last") or {}
+    for key in ("prompts", "recorded"):
+        if key in last and (isinstance(last[key], bool) or not isinstance(last[key], int)):
+            return f"\"last.{key}\" is not an integer"
+    if "model" in info and not isinstance(info["model"], str):
+        return "\"model\" is not a string"
+    return None
 
 
 def check_or_write_info(out: str, model: str, options: dict, version: str) -> dict:
@@ -298,7 +345,16 @@ class Lock:
     def __enter__(self) -> Lock:
         import fcntl
 
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        safe.inside(os.path.dirname(self.path), LOCK_FILE)
+        try:  # O_NOFOLLOW: a .lock linked elsewhere must not create or lock the file it names
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                              | getattr(os, "O_NONBLOCK", 0), 0o644)
+        except OSError as e:
+            raise HexRayError(f"{self.path}: cannot open the lock ({e.strerror or e})") from None
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            self.fd = None
+            raise HexRayError(f"{self.path}: not a regular file")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -18,11 +18,12 @@ passes a ``map`` that runs there. Labels are those of ``hexray replay --json``. 
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from hexray_core.dataset import folder as safe
 from hexray_core.dataset import layout as store
 from hexray_core.errors import HexRayError
 from hexray_core.replay.attribution import BY_CHOICES, direct_logit_attribution
@@ -73,9 +74,14 @@ class Dataset:
                               "hexray record --prompts-file FILE -o DIR/)")
         self.info = info
         self.manifest = os.path.join(self.path, store.MANIFEST_FILE)
-        if not os.path.isfile(self.manifest):
-            raise HexRayError(f"{self.manifest}: missing (rerun the hexray record command to rebuild it)")
+        self._open_manifest().close()
         self._len: int | None = None
+
+    def _open_manifest(self):
+        try:
+            return safe.open_read(self.path, store.MANIFEST_FILE)  # a regular file inside the folder, no link
+        except FileNotFoundError:
+            raise HexRayError(f"{self.manifest}: missing (rerun the hexray record command to rebuild it)") from None
 
     @property
     def model(self) -> str:
@@ -89,31 +95,35 @@ class Dataset:
 
     def __len__(self) -> int:
         if self._len is None:
-            with open(self.manifest, "rb") as f:
-                self._len = sum(1 for line in f if line.strip())
+            with self._open_manifest() as f:
+                self._len = sum(1 for _ in safe.lines(f, self.manifest))
         return self._len
 
     def shards(self) -> Iterator[tuple[str, list[dict]]]:
         """(shard trace path, its manifest entries), streaming the manifest one shard at a time."""
-        current, entries = None, []
-        with open(self.manifest, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    e = json.loads(line)
-                    shard, _ = e["shard"], int(e["run"])
-                except (ValueError, KeyError, TypeError):
-                    raise HexRayError(f"{self.manifest}:{number}: not a manifest entry") from None
-                if not isinstance(shard, str) or os.path.isabs(shard) or ".." in shard.split("/"):
-                    raise HexRayError(f"{self.manifest}:{number}: shard {shard!r} is outside the dataset")
+        current, entries, seen_runs, seen_ids = None, [], set(), set()
+        with self._open_manifest() as f:
+            for number, line in safe.lines(f, self.manifest):
+                where = f"{self.manifest}:{number}"
+                e = safe.loads(line, where)
+                wrong = _entry_problem(e)
+                if wrong:
+                    raise HexRayError(f"{where}: not a manifest entry ({wrong})")
+                shard = e["shard"]
+                # One run is one prompt: a manifest naming a run (or an id) twice is not one HexRay wrote,
+                # and 200,000 lines naming one run would otherwise be 200,000 attributions of it.
+                if (shard, e["run"]) in seen_runs or store.id_key(e["id"]) in seen_ids:
+                    raise HexRayError(f"{where}: run {e['run']} of {shard} (id {store.id_key(e['id'])}) is listed "
+                                      "twice")
+                seen_runs.add((shard, e["run"]))
+                seen_ids.add(store.id_key(e["id"]))
                 if shard != current:
                     if entries:
-                        yield os.path.join(self.path, current), entries
+                        yield safe.inside(self.path, current), entries
                     current, entries = shard, []
                 entries.append(e)
         if entries:
-            yield os.path.join(self.path, current), entries
+            yield safe.inside(self.path, current), entries
 
     def __iter__(self) -> Iterator[DatasetRun]:
         for path, entries in self.shards():
@@ -141,6 +151,31 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"<Dataset {self.path}: {self.model}, {len(self)} run(s)>"
+
+
+_SHARD_PATH = re.compile(r"shards/shard-\d{9}-[0-9a-f]{12}\.hxr")
+MAX_RUN = 100_000  # trace_format's max_runs
+
+
+def _entry_problem(e) -> str | None:
+    """What is wrong with one manifest line's object (the fields read), or None."""
+    if not isinstance(e, dict):
+        return "not an object"
+    if not isinstance(e.get("shard"), str) or not _SHARD_PATH.fullmatch(e["shard"]):
+        return "\"shard\" is not shards/shard-NNNNNNNNN-HASH.hxr"
+    run = e.get("run")
+    if isinstance(run, bool) or not isinstance(run, int) or not 0 <= run < MAX_RUN:
+        return f"\"run\" is not an integer from 0 to {MAX_RUN - 1:,}"
+    if isinstance(e.get("id"), bool) or not isinstance(e.get("id"), str | int):
+        return "\"id\" is not a string or an integer"
+    for key in ("target", "baseline"):
+        if e.get(key) is not None and not isinstance(e[key], str):
+            return f"\"{key}\" is not a string"
+    if e.get("meta") is not None and not isinstance(e["meta"], dict):
+        return "\"meta\" is not an object"
+    if e.get("line") is not None and (isinstance(e["line"], bool) or not isinstance(e["line"], int)):
+        return "\"line\" is not an integer"
+    return None
 
 
 def open_dataset(path: str | os.PathLike) -> Dataset:

@@ -81,13 +81,31 @@ def check_rows(recorder, rows: list[store.Row], options: dict) -> None:
     n_ctx = int(recorder.loaded.n_ctx)
     extra = int(options.get("generate") or 0)
     for r in rows:
-        n = len(recorder.tokenize(r.prompt, options.get("prepend_bos")))
+        n, exact = count_tokens(recorder, r.prompt, options.get("prepend_bos"), n_ctx)
         if n == 0:
             raise HexRayError(f"prompt id {r.key} (line {r.line}) has no tokens")
         if n + extra > n_ctx:
             more = f" + {extra} to generate" if extra else ""
-            raise HexRayError(f"prompt id {r.key} (line {r.line}) is {n} tokens{more}, over the model's context of "
+            cut = PREFIX_CHARS_PER_TOKEN * (n_ctx + 1)
+            size = f"{n} tokens" if exact else f"over {n - 1} tokens (its first {cut:,} of {len(r.prompt):,} " \
+                                               "characters alone)"
+            raise HexRayError(f"prompt id {r.key} (line {r.line}) is {size}{more}, over the model's context of "
                               f"{n_ctx} tokens")
+
+
+PREFIX_CHARS_PER_TOKEN = 16
+
+
+def count_tokens(recorder, prompt: str, prepend_bos, n_ctx: int) -> tuple[int, bool]:
+    """(tokens, exact): a prompt far longer than the context is judged on a prefix first, since
+    tokenizing megabytes of text costs gigabytes (a 10 MB line peaked at 1.8 GB). A cut can change
+    at most the tokens at the cut, so a prefix already over the context by two means the whole is over."""
+    cut = PREFIX_CHARS_PER_TOKEN * (n_ctx + 1)
+    if len(prompt) > cut:
+        n = len(recorder.tokenize(prompt[:cut], prepend_bos))
+        if n > n_ctx + 1:
+            return n, False
+    return len(recorder.tokenize(prompt, prepend_bos)), True
 
 
 def _spec(name: str, rows: list[store.Row]) -> str:
@@ -178,10 +196,13 @@ def record_dataset(rows, out: str | os.PathLike, *, model: str = "gpt2", ray: st
         raise HexRayError(f"cannot write the dataset into {out}: it is a file (give a folder, e.g. -o out/)")
     if workers is not None and workers < 1:
         raise HexRayError(f"--workers must be at least 1, not {workers}")
+    if os.path.isdir(out):
+        store.check_folder(out)
     try:
         os.makedirs(store.shards_dir(out), exist_ok=True)
     except OSError as e:
         raise HexRayError(f"cannot create {out}: {e.strerror or e}") from None
+    store.check_folder(out)  # no link inside it is followed (folder.py)
     from hexray_core import __version__
 
     mkey = model if recorder is not None and not isinstance(model, str) else model_key(str(model))
@@ -191,6 +212,7 @@ def record_dataset(rows, out: str | os.PathLike, *, model: str = "gpt2", ray: st
         done = store.done_ids(out)
         pending = [r for r in rows if r.key not in done]
         skipped = len(rows) - len(pending)
+        _warn_changed(progress, [r for r in rows if done.get(r.key) not in (None, store.prompt_digest(r.prompt))])
         plan = store.plan_shards(pending, shard_size) if pending else []
         engine = "ray" if ray is not None else "process"
         n_workers = 1
@@ -215,6 +237,15 @@ def record_dataset(rows, out: str | os.PathLike, *, model: str = "gpt2", ray: st
                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return DatasetResult(out, len(rows), skipped, meter.done, meter.shards, meter.tokens, meter.bytes,
                          time.perf_counter() - t0, n_workers, engine, n_manifest)
+
+
+def _warn_changed(progress, changed: list[store.Row]) -> None:
+    """An id is recorded once: a rerun whose row has another prompt under that id keeps the old recording."""
+    if changed:
+        r = changed[0]
+        _emit(progress, "warning", message=f"{len(changed)} id(s) already recorded with a different prompt are "
+                                           f"skipped, the earlier recording kept (first: id {r.key}, line {r.line}); "
+                                           "give them new ids or record into another folder")
 
 
 def _load(model, model_opts: dict, progress):

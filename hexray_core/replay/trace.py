@@ -23,7 +23,7 @@ from trace_format import TraceReader
 from . import display
 from .cache import CacheMethods, ModelMethods, get_act_name
 from .missing import MissingHook, hook_set
-from .validate import check_kit, check_recording
+from .validate import MAX_VOCAB, check_kit, check_recording
 
 # Decoded tensors kept per trace (HEXRAY_TRACE_CACHE_MB changes it). A short trace never fills it; a 16k-token
 # GPT-2-small trace needs ~1.2 GB to keep every layer's k and v, so that a hover's source attribution costs
@@ -462,10 +462,10 @@ class Trace(ModelMethods):
         literal=True: the string is only ever a token's text (a token spelt "#5" or "5" stays itself).
         """
         if isinstance(text_or_id, int):
-            return text_or_id
+            return _token_in_range(text_or_id, text_or_id)
         s = str(text_or_id)
         if not literal and re.fullmatch(r"#\d+", s):
-            return int(s[1:])
+            return _token_in_range(int(s[1:]) if len(s) < 12 else MAX_VOCAB, s)
         run_id = self.run(run).id
         for tid, text in (*self._known_strs(run_id).items(), *self._extra_strs(run_id).items()):
             if text == s:
@@ -477,7 +477,7 @@ class Trace(ModelMethods):
             except ValueError:
                 pass
         if s.isdigit() and not literal:
-            return int(s)
+            return _token_in_range(int(s) if len(s) < 12 else MAX_VOCAB, s)
         hint = "" if vocab is not None else (" (without the model kit only the run's own tokens and predictions "
                                              "are known)")
         raise HexRayError(f"unknown target token {s!r}: it is not a single token of {self.model_name}{hint}")
@@ -582,3 +582,10 @@ def _torch():
 def open_trace(path: str | os.PathLike, framework: str = "np") -> Trace:
     """Open a `.hxr` recording for analysis: numpy arrays, or torch tensors with ``framework="pt"``."""
     return Trace(path, framework=framework)
+
+
+def _token_in_range(tid: int, given) -> int:
+    """A token id no vocabulary can hold ("#99999999999999999999") is refused before it indexes anything."""
+    if not 0 <= tid < MAX_VOCAB:
+        raise HexRayError(f"target token {given!r} is out of range: token ids go from 0 to {MAX_VOCAB - 1:,} at most")
+    return tid
