@@ -147,7 +147,7 @@ class FlashState:
 
     def __init__(self, spec: dict, on_lse=None):
         self.layers = spec["layers"]
-        self.on_lse = on_lse  # on_lse(layer, lse [heads, sq]) for each attention call of the forward
+        self.on_lse = on_lse  # on_lse(layer, lse [batch, heads, sq]) for each attention call of the forward
         self.calls = 0  # attention calls that ran blockwise
         self.eager_calls = 0  # calls that ran TL's eager forward (patterns hooked, split inputs)
 
@@ -257,7 +257,7 @@ def _joint_reconstruct(state: FlashState, layer: int, original):
 def _hand_over(state: FlashState, layer: int, lse: torch.Tensor) -> None:
     state.calls += 1
     if state.on_lse is not None:
-        state.on_lse(layer, lse[0] if lse.shape[0] == 1 else lse)
+        state.on_lse(layer, lse)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ is specified in docs/ARCHITECTURE.md ("What a recording contains").
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -25,8 +26,9 @@ from hexray_core.errors import HexRayError
 from hexray_core.kit import builder as kitmod
 from trace_format import TraceWriter
 
-from .attention import AttentionCheck, attention_spec
+from .attention import AttentionCheck, FlashCheck, attention_spec
 from .capture import Capture, resolve_act_dtype
+from .flash import flash_attention, flash_support
 from .generate import generate as run_generation
 from .generate import no_generation
 from .hooks import HookPlan, plan_hooks
@@ -109,18 +111,24 @@ class Recorder:
     def record(self, prompts, output: str | os.PathLike | None = None, *, hooks="default", act_dtype: str = "auto",
                overflow: str = "f32", top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
                seed: int | None = None, prepend_bos: bool | None = None, bundle: bool = False,
-               cache_dir: str | None = None, progress=None, lens: bool | str = "auto") -> RecordResult:
+               cache_dir: str | None = None, progress=None, lens: bool | str = "auto",
+               attention: str = "auto") -> RecordResult:
         """Record each prompt as one run of a new trace at ``output`` (replaced atomically when complete).
 
         ``lens``: also store the logit lens at every layer and position (True, False, or "auto": on a
         GPU, or on a CPU when its cost is small).
+        ``attention``: ``flash`` runs attention blockwise without n × n scores (flash.py), ``eager`` runs
+        TransformerLens's own attention, ``auto`` flash where it applies (architecture covered, no patterns
+        asked for), else eager with one warning.
         """
         t0 = time.perf_counter()
         check_generation(temperature, seed)  # a 64-bit seed, before anything runs
         opts = self.validate(prompts, output, act_dtype=act_dtype, overflow=overflow, top_k=top_k,
                              generate=generate, temperature=temperature, prepend_bos=prepend_bos,
                              cache_dir=cache_dir)
-        plan = self._plan(opts, hooks, lens, progress)
+        if attention not in ATTENTION_MODES:
+            raise HexRayError(f"--attention {attention}: expected eager, flash or auto")
+        plan = self._plan(opts, hooks, lens, progress, attention)
         kit = self.kit()
         try:
             kit.ensure_cached(cache_dir)
@@ -136,8 +144,9 @@ class Recorder:
         capture = Capture(self.bridge, plan.hooks, writer, act_tag=opts.act_tag, overflow=opts.overflow,
                           dedupe=plan.hooks.label != "default",
                           keep=frozenset(plan.lens_layers) if plan.lens else frozenset(),
-                          check=AttentionCheck(plan.attention, opts.act_tag, self.loaded.dtype)
-                          if plan.check_attention else None)
+                          check=(FlashCheck if plan.forward == "flash" else AttentionCheck)(
+                              plan.attention, opts.act_tag, self.loaded.dtype) if plan.check_attention else None,
+                          flash=plan.flash)
         total_tokens = 0
         n_tensors = len(kit.arrays) if bundle else 0
         try:
@@ -208,13 +217,13 @@ class Recorder:
             self.loaded.cache["attention"] = attention_spec(self.bridge)
         return self.loaded.cache["attention"][0]
 
-    def _plan(self, opts: RecordOptions, hooks, lens, progress) -> RecordPlan:
+    def _plan(self, opts: RecordOptions, hooks, lens, progress, mode: str = "auto") -> RecordPlan:
         lm = self.loaded
         attention = self.attention_spec()
         if attention is None:
-            _emit(progress, "warning", message=f"this model's attention is stored as full patterns "
-                                               f"({self.loaded.cache['attention'][1]}): traces grow with the "
-                                               "square of the context")
+            _emit(progress, "warning", message=f"this model's attention is stored as full patterns and runs eager "
+                                               f"({self.loaded.cache['attention'][1]}): traces and recording memory "
+                                               "grow with the square of the context")
         key = ("plan", hooks if isinstance(hooks, str | None) else tuple(hooks))
         plan = lm.cache.get(key)
         if plan is None:
@@ -231,8 +240,34 @@ class Recorder:
             cost = (int(cfg.n_layers) + 1) * longest * int(cfg.d_model) * lm.d_vocab
             lens = lm.input_device.type == "cuda" or cost <= LENS_AUTO_MACS
         lens = bool(lens) and all(name in plan._set for name in lens_layers)
-        return RecordPlan(hooks=plan, attention=attention if check else None, check_attention=check, lens=lens,
-                          lens_layers=lens_layers)
+        forward, why = self._forward(plan, attention, mode)
+        if why is not None and attention is not None:  # (no spec: the warning above said so)
+            _emit(progress, "warning", message=f"attention runs eager ({why}): recording memory grows with the square "
+                                               "of the context")
+        flash = None
+        if forward == "flash":
+            flash = dict(attention, lse=LSE_NAME) if check else dict(attention)
+        return RecordPlan(hooks=plan, attention=flash if check and flash else attention if check else None,
+                          check_attention=check, lens=lens, lens_layers=lens_layers, forward=forward, flash=flash,
+                          requested=mode, fallback=why)
+
+    def _forward(self, plan: HookPlan, attention: dict | None, mode: str) -> tuple[str, str | None]:
+        """("flash" or "eager", why flash was asked for but cannot run, or None)."""
+        if mode == "eager":
+            return "eager", None
+        if attention is None:
+            return "eager", self.loaded.cache["attention"][1]
+        n_layers = int(self.bridge.cfg.n_layers)
+        patterns = [n for i in range(n_layers) for n in (f"blocks.{i}.attn.hook_pattern",
+                                                          f"blocks.{i}.attn.hook_attn_scores") if plan.wants(n)]
+        if patterns:
+            why = f"--hooks asks for {patterns[0]}, which only eager attention computes"
+            return "eager", (why if mode == "flash" else None)
+        key = "flash_support"
+        if key not in self.loaded.cache:
+            self.loaded.cache[key] = flash_support(self.bridge, attention)
+        why = self.loaded.cache[key]
+        return ("eager", why) if why is not None else ("flash", None)
 
     def _meta(self, opts: RecordOptions, plan: RecordPlan, kit: kitmod.Kit, bundle: bool) -> dict:
         lm = self.loaded
@@ -248,9 +283,16 @@ class Recorder:
         }
         if plan.attention is not None:
             meta["attention"] = plan.attention
+        meta["forward"] = {"attention": plan.forward, "requested": plan.requested, "fallback": plan.fallback}
         if bundle:
             meta["vocab"] = kit.vocab  # a bundled trace replays with no cache: it needs the token strings too
         return meta
+
+    def _generation_attention(self, plan: RecordPlan):
+        """Generation with the KV cache runs the same attention as the recording (flash: no n × n anywhere)."""
+        if plan.forward != "flash":
+            return contextlib.nullcontext()
+        return flash_attention(self.bridge, plan.flash)
 
     def _record_run(self, writer: TraceWriter, capture: Capture, plan: RecordPlan, opts: RecordOptions,
                     prompt: str, ids: list[int], seed, progress) -> tuple[int, int]:
@@ -260,8 +302,10 @@ class Recorder:
         def on_token(done, total, rate):
             _emit(progress, "generate", done=done, total=total, tokens_per_s=rate)
 
-        gen = run_generation(self.bridge, ids, opts.generate, device=lm.input_device, temperature=opts.temperature,
-                             seed=seed, eos_token_id=getattr(tok, "eos_token_id", None), progress=on_token)
+        with _out_of_memory(len(ids) + opts.generate, plan), self._generation_attention(plan):
+            gen = run_generation(self.bridge, ids, opts.generate, device=lm.input_device,
+                                 temperature=opts.temperature, seed=seed,
+                                 eos_token_id=getattr(tok, "eos_token_id", None), progress=on_token)
         all_ids = ids + gen.tokens
         bos = getattr(tok, "bos_token_id", None)
         prepended = int(opts.prepend_bos and bos is not None and ids[0] == bos)
@@ -271,7 +315,8 @@ class Recorder:
                          generated=gen.info() if opts.generate else no_generation(), prepend_bos=opts.prepend_bos)
         if opts.generate:
             _emit(progress, "status", message=f"recording {len(all_ids)} tokens")
-        logits = capture.forward(torch.tensor([all_ids], device=lm.input_device))
+        with _out_of_memory(len(all_ids), plan):
+            logits = capture.forward(torch.tensor([all_ids], device=lm.input_device))
         need = _write_run_tensors(writer, self.bridge, logits, all_ids, opts.top_k)
         lens_ids = np.zeros(0, np.int64)
         if plan.lens:
@@ -317,6 +362,10 @@ class RecordPlan:
     check_attention: bool
     lens: bool
     lens_layers: list[str]
+    forward: str = "eager"  # how attention ran: "flash" (blockwise, flash.py) or "eager" (TransformerLens's own)
+    flash: dict | None = None  # the attention spec flash.py runs with (its "lse" names the stored LSE tensors)
+    requested: str = "auto"  # --attention
+    fallback: str | None = None  # why flash was wanted but eager ran
 
 
 def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: list[int], k: int) -> np.ndarray:
@@ -343,6 +392,32 @@ def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: l
     writer.write("hexray.unembed_cols", np.ascontiguousarray(cols, dtype=np.float32))
     writer.write("hexray.unembed_bias", bias.astype(np.float32))
     return need
+
+
+ATTENTION_MODES = ("auto", "flash", "eager")
+#: Per layer, the softmax's log-sum-exp ``[heads, n]`` float32 (flash path): a pattern entry is exp(score - LSE).
+LSE_NAME = "blocks.{layer}.attn.hexray_lse"
+
+
+@contextlib.contextmanager
+def _out_of_memory(n_tokens: int, plan: RecordPlan):
+    """Running out of memory is one line naming the context and --attention (the writer removes the file)."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        text = str(e)
+        if not isinstance(e, torch.OutOfMemoryError | MemoryError) and not any(
+                s in text for s in ("can't allocate memory", "out of memory", "not enough memory")):
+            raise
+        hint = ("; --attention flash keeps attention linear in the context" if plan.forward == "eager" and
+                plan.fallback is None else "")
+        raise HexRayError(f"out of memory recording {n_tokens} tokens with --attention {plan.forward} "
+                          f"({_first_line(text)}){hint}; nothing was written") from None
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "out of memory"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 LENS_AUTO_MACS = 2_000_000_000  # CPU budget for the precomputed logit lens (~40 ms at 50 GFLOP/s)
