@@ -135,6 +135,7 @@ def summarise(r: TraceReader, *, tensors: bool = False, only_run: int | None = N
         "kit": _section(meta, "kit"),
         "storage": _section(meta, "storage"),
         "hooks": _section(meta, "hooks"),
+        "forward": _section(meta, "forward"),
         "writer": _section(meta, "writer"),
         "meta_keys": sorted(str(k) for k in meta),
         "runs": runs,
@@ -259,6 +260,12 @@ def render(s: dict) -> None:
         req = hooks.get("requested")
         say(f"  hooks    {hooks.get('set', '-')}"
                   + (f" ({len(req)} requested)" if isinstance(req, list) else ""))
+    fwd = s["forward"]
+    if fwd:
+        ran, asked, why = fwd.get("attention"), fwd.get("requested"), fwd.get("fallback")
+        say(f"  attention {ran if isinstance(ran, str) else '-'}"
+            + (f" (--attention {asked})" if isinstance(asked, str) else "")
+            + (f"; eager because {why}" if isinstance(why, str) else ""))
     if s["writer"]:
         say(f"  writer   {_kv_line(s['writer'])}")
 

@@ -227,6 +227,8 @@ class FlashCheck:
 
     def reset(self) -> None:
         self._held: dict[tuple[int, str], torch.Tensor] = {}
+        self._used: dict[int, dict] = {}
+        self._failed_inputs = None
         self.failed: list[int] = []
         self.max_excess = -math.inf
         self.max_error = 0.0
@@ -234,8 +236,10 @@ class FlashCheck:
     def watches(self, name: str) -> bool:
         return name in self.q_names or name in self.k_names or name in self.v_names or name in self.z_names
 
-    def see_lse(self, layer: int, lse: torch.Tensor) -> None:
-        self._held[(layer, "lse")] = lse.detach()[0]  # [batch of one, heads, n]
+    def see_lse(self, layer: int, lse: torch.Tensor, used: dict) -> None:
+        """The layer's LSE ``[1, heads, n]`` and the scale, soft-cap and window the model's attention used."""
+        self._held[(layer, "lse")] = lse.detach()[0]
+        self._used[layer] = used
 
     def see(self, name: str, tensor: torch.Tensor) -> bool | None:
         """Feed one hooked tensor. For ``hook_z``, returns whether the layer is reproduced (False: store it)."""
@@ -251,16 +255,18 @@ class FlashCheck:
         ok = all(x is not None for x in held.values()) and self._check(layer, t, **held)
         if not ok:
             self.failed.append(layer)
-            self._pattern_of = (layer, held["q"], held["k"])
+            self._failed_inputs = (layer, held["q"], held["k"], held["lse"])
         return ok
 
     def failed_pattern(self, layer: int) -> torch.Tensor | None:
-        """The full ``[heads, n, n]`` pattern of a failed layer, from the model's own q and k."""
-        held = getattr(self, "_pattern_of", None)
-        if held is None or held[0] != layer or held[1] is None or held[2] is None:
+        """The full ``[heads, n, n]`` pattern of a failed layer as the model computed it: exp(score - LSE) from
+        its own q and k at full precision, with the scale, soft-cap and window its attention used."""
+        held, used = self._failed_inputs, self._used.get(layer)
+        if held is None or held[0] != layer or any(x is None for x in held[1:]) or used is None:
             return None
-        q, k = held[1], held[2]
-        return recompute_rows(q, k, list(range(q.shape[0])), self.spec["layers"][layer])
+        _, q, k, lse = held
+        self._failed_inputs = None
+        return lse_rows(q, k, lse, list(range(q.shape[0])), used)
 
     def _check(self, layer: int, z: torch.Tensor, *, q, k, v, lse) -> bool:
         n = q.shape[0]

@@ -232,7 +232,7 @@ class Capture:
             self.kept[name] = tensor.detach()
         with torch.no_grad():
             x, tag, attrs = to_host(tensor.detach(), self.act_tag, overflow=self.overflow,
-                                    force_f32=name.endswith(("hook_scale", "hexray_lse")))
+                                    force_f32=name.endswith("hook_scale") or name.startswith("hexray.attn_lse."))
             if x.device.type == "cuda":
                 host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
                 host.copy_(x, non_blocking=True)
@@ -244,10 +244,10 @@ class Capture:
                 self._write(name, arr, dt, attrs)
         self.written.append(name)
 
-    def _on_lse(self, layer: int, lse: torch.Tensor) -> None:
+    def _on_lse(self, layer: int, lse: torch.Tensor, used: dict) -> None:
         """flash.py hands over each layer's log-sum-exp ``[1, heads, n]`` (float32) before its ``hook_z`` fires."""
         if self.check is not None and hasattr(self.check, "see_lse"):
-            self.check.see_lse(layer, lse)
+            self.check.see_lse(layer, lse, used)
         if self.flash.get("lse"):  # stored beside q and k: replay's pattern rows are exp(score - LSE)
             self._store(self.flash["lse"].format(layer=layer), lse, protected=True)
 

@@ -98,12 +98,12 @@ def flash_support(bridge, spec: dict | None) -> str | None:
     return None
 
 
-def _block_rows(heads: int, keys: int, budget: int = BLOCK_BYTES) -> int:
+def _block_rows(heads: int, keys: int, budget: int) -> int:
     return max(1, budget // (4 * max(heads, 1) * max(keys, 1)))
 
 
 def attend(q, k, v, *, scale: float, softcap: float | None, window: int | None, softmax_dtype,
-           budget: int = BLOCK_BYTES):
+           budget: int | None = None):
     """Exact causal attention in blocks of queries: ``(z [b, h, sq, d], lse [b, h, sq] float32)``.
 
     ``q`` ``[b, h, sq, d]``, ``k``/``v`` ``[b, kv_heads, sk, d]``, queries being the last ``sq`` of the
@@ -116,7 +116,8 @@ def attend(q, k, v, *, scale: float, softcap: float | None, window: int | None, 
     off = sk - sq
     z = torch.empty((b, h, sq, v.shape[-1]), dtype=v.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
-    rows = _block_rows(b * h, sk if not window else min(sk, window + _block_rows(b * h, sk)), budget)
+    budget = BLOCK_BYTES if budget is None else budget
+    rows = _block_rows(b * h, sk if not window else min(sk, window + _block_rows(b * h, sk, budget)), budget)
     q0 = 0
     while q0 < sq:
         q1 = min(sq, q0 + rows)
@@ -147,7 +148,8 @@ class FlashState:
 
     def __init__(self, spec: dict, on_lse=None):
         self.layers = spec["layers"]
-        self.on_lse = on_lse  # on_lse(layer, lse [batch, heads, sq]) for each attention call of the forward
+        # on_lse(layer, lse [batch, heads, sq], {scale, softcap, window} as used) for each attention call
+        self.on_lse = on_lse
         self.calls = 0  # attention calls that ran blockwise
         self.eager_calls = 0  # calls that ran TL's eager forward (patterns hooked, split inputs)
 
@@ -216,11 +218,10 @@ def _rotary_forward(state: FlashState, layer: int, original):
         bsz, _, sq, _ = q.shape
         v = got["v"].view(bsz, sq, -1, head_dim).transpose(1, 2)
         k, v = self._update_kv_cache(k, v, **kwargs)
-        params = state.layers[layer]
-        z, lse = attend(q, k, v, scale=getattr(hf, "scaling", head_dim ** -0.5),
-                        softcap=getattr(hf, "attn_logit_softcapping", None), window=params.get("window"),
-                        softmax_dtype=torch.float32)
-        _hand_over(state, layer, lse)
+        used = {"scale": float(getattr(hf, "scaling", head_dim ** -0.5)),
+                "softcap": getattr(hf, "attn_logit_softcapping", None), "window": state.layers[layer].get("window")}
+        z, lse = attend(q, k, v, **used, softmax_dtype=torch.float32)
+        _hand_over(state, layer, lse, used)
         out = z.transpose(1, 2).contiguous().reshape(bsz, sq, -1)
         return _finish(self, out, (bsz, sq), q.shape[1], head_dim, joint=False), None
 
@@ -245,19 +246,19 @@ def _joint_reconstruct(state: FlashState, layer: int, original):
         upcast = getattr(self, "_reorder_and_upcast_attn", False)
         if upcast:
             qs, ks = q.to(torch.float32), k.to(torch.float32)
-        z, lse = attend(qs, ks, v, scale=scale, softcap=None, window=state.layers[layer].get("window"),
-                        softmax_dtype=None)
-        _hand_over(state, layer, lse)
+        used = {"scale": float(scale), "softcap": None, "window": state.layers[layer].get("window")}
+        z, lse = attend(qs, ks, v, **used, softmax_dtype=None)
+        _hand_over(state, layer, lse, used)
         out = self._reshape_attn_output(z, bsz, sq, n_heads, head_dim)
         return _finish(self, out, (bsz, sq), n_heads, head_dim, joint=True), None
 
     return reconstruct
 
 
-def _hand_over(state: FlashState, layer: int, lse: torch.Tensor) -> None:
+def _hand_over(state: FlashState, layer: int, lse: torch.Tensor, used: dict) -> None:
     state.calls += 1
     if state.on_lse is not None:
-        state.on_lse(layer, lse)
+        state.on_lse(layer, lse, used)
 
 
 @contextlib.contextmanager

@@ -396,7 +396,7 @@ def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: l
 
 ATTENTION_MODES = ("auto", "flash", "eager")
 #: Per layer, the softmax's log-sum-exp ``[heads, n]`` float32 (flash path): a pattern entry is exp(score - LSE).
-LSE_NAME = "blocks.{layer}.attn.hexray_lse"
+LSE_NAME = "hexray.attn_lse.{layer}"
 
 
 @contextlib.contextmanager
