@@ -164,6 +164,22 @@ def _split_inputs(attn) -> bool:
     return bool(getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False))
 
 
+def _eager_mask(state: FlashState, layer: int, args, kwargs) -> dict:
+    """kwargs for TL's eager forward inside the context, where transformers built no mask: TL applies the
+    causal mask itself, so only a sliding window needs one (this call is eager anyway: n × n)."""
+    window = state.layers[layer].get("window")
+    if not window or kwargs.get("attention_mask") is not None:
+        return kwargs
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    sq = hidden.shape[-2]
+    cache = kwargs.get("past_key_values")
+    past = int(cache.get_seq_length(layer)) if cache is not None and hasattr(cache, "get_seq_length") else 0
+    pos_q = torch.arange(past, past + sq, device=hidden.device)[:, None]
+    pos_k = torch.arange(past + sq, device=hidden.device)[None, :]
+    visible = (pos_k <= pos_q) & (pos_k > pos_q - window)
+    return {**kwargs, "attention_mask": visible[None, None]}
+
+
 def _finish(attn, attn_output, input_shape, n_heads: int, head_dim: int, *, joint: bool):
     """TL's tail after z, the same calls in the same order (hook_z is o.hook_in)."""
     if not joint:
@@ -189,7 +205,7 @@ def _rotary_forward(state: FlashState, layer: int, original):
     def forward(self, *args, **kwargs):
         if _patterns_hooked(self) or _split_inputs(self):
             state.eager_calls += 1
-            return original(*args, **kwargs)
+            return original(*args, **_eager_mask(state, layer, args, kwargs))
         got: dict = {}
 
         def keep(key):
