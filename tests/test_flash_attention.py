@@ -6,9 +6,10 @@ Gemma-2 (soft-capped logits, alternating sliding and global layers). ``BLOCK_BYT
 60-token run spans many query blocks and windows cross block edges.
 
 Bounds. In float32 every visible score goes through the same operations as eager, in the same dtype;
-only the summation order of the matrix products can differ: 1e-5 (relative, or absolute near 0). In float16, layer 0's inputs are
-identical on both paths; its z = Σ_s p_s v_s, with p a float16 softmax that may round differently
-over a shorter row (each weight within 2u of eager's, u = 2^-11) and z itself rounded once more:
+only the summation order of the matrix products can differ: 1e-5 (relative, or absolute near 0). In
+float16, layer 0's inputs are identical on both paths; its z = Σ_s p_s v_s, with p a float16
+softmax that may round differently over a shorter row (each weight within 2u of eager's,
+u = 2^-11) and z itself rounded once more:
 |z_flash - z_eager| ≤ 2u · Σ_s p_s |v_s| + 2u · |z| (+ one float16 ulp of slack).
 """
 
@@ -168,15 +169,20 @@ def test_uncovered_architecture_falls_back_and_says_so(tiny, tiny_tokenizer, tmp
                      progress=lambda e, **kw: warnings.append(kw["message"]) if e == "warning" else None)
     assert len(warnings) == 1 and "runs eager" in warnings[0] and "ALiBi" in warnings[0]
     t = hexray.open(res.path)
-    assert t.meta["forward"] == {"attention": "eager", "requested": "flash", "fallback": "it uses ALiBi position biases"}
+    assert t.meta["forward"] == {"attention": "eager", "requested": "flash",
+                                 "fallback": "it uses ALiBi position biases"}
     assert t.has("blocks.0.attn.hook_pattern") and not t.has("hexray.attn_lse.0")
 
 
 def test_asking_for_patterns_runs_eager_and_says_so(tiny_llama_recorder, tmp_path):
     warnings = []
+
+    def progress(event, **kw):
+        if event == "warning":
+            warnings.append(kw["message"])
+
     res = tiny_llama_recorder.record(PROMPT, tmp_path / "t.hxr", hooks="default,blocks.*.attn.hook_pattern",
-                                     attention="flash",
-                                     progress=lambda e, **kw: warnings.append(kw["message"]) if e == "warning" else None)
+                                     attention="flash", progress=progress)
     assert len(warnings) == 1 and "hook_pattern" in warnings[0] and "eager" in warnings[0]
     assert hexray.open(res.path).meta["forward"]["attention"] == "eager"
     quiet = []
