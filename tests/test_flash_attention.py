@@ -5,11 +5,13 @@ tiny GPT-2 (learned positions), Llama (rotary, grouped-query 4/2), Mistral (slid
 Gemma-2 (soft-capped logits, alternating sliding and global layers). ``BLOCK_BYTES`` is shrunk so a
 60-token run spans many query blocks and windows cross block edges.
 
-Bounds. In float32 every visible score goes through the same operations as eager, in the same dtype;
-only the summation order of the matrix products can differ: 1e-5 (relative, or absolute near 0). In
-float16, layer 0's inputs are identical on both paths; its z = Σ_s p_s v_s, with p a float16
-softmax that may round differently over a shorter row (each weight within 2u of eager's,
-u = 2^-11) and z itself rounded once more:
+Bounds. In float32 the blocks put every visible score through the same operations as eager, in the
+same dtype, and the fused CPU kernel (plain causal float32 layers) differs by its online softmax:
+both only round differently, so every tensor agrees within 1e-5 of its own scale
+(max |flash - eager| ≤ 1e-5 · max(1, max |eager|); measured ≤ 2.2e-6 here). In float16, layer 0's
+inputs are identical on both paths; its z = Σ_s p_s v_s, with p a float16 softmax that may round
+differently over a shorter row (each weight within 2u of eager's, u = 2^-11) and z itself rounded
+once more:
 |z_flash - z_eager| ≤ 2u · Σ_s p_s |v_s| + 2u · |z| (+ one float16 ulp of slack).
 """
 
@@ -42,6 +44,15 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(flash, "BLOCK_BYTES", 4 * 4 * 64 * 5)  # about 5 queries per block at 64 keys
 
 
+def _close(got, want, name: str, tol: float = 1e-5) -> None:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, name
+    assert np.array_equal(np.isnan(got), np.isnan(want)), name  # hexray.next_logit: NaN after the last token
+    got, want = np.nan_to_num(got), np.nan_to_num(want)
+    err, scale = float(np.abs(got - want).max()), max(1.0, float(np.abs(want).max()))
+    assert err <= tol * scale, f"{name}: max |flash - eager| = {err:.3g} > {tol:g} x {scale:.3g}"
+
+
 def _ids(n=60, seed=1):
     import torch
 
@@ -67,17 +78,17 @@ def test_flash_forward_equals_eager_float32(tiny, tiny_tokenizer, arch, small_bl
         with flash_attention(bridge, spec, on_lse=lambda layer, lse, used: lses.__setitem__(layer, lse)) as state:
             logits_f, flash = bridge.run_with_cache(ids, names_filter=lambda n: n in no_patterns)
     assert state.calls == bridge.cfg.n_layers and state.eager_calls == 0
-    torch.testing.assert_close(logits_f, logits_e, rtol=1e-5, atol=1e-5)
+    _close(logits_f, logits_e, "logits")
     names = [n for n in flash.keys() if flash[n].is_floating_point()]
     assert len(names) > 40 and any("hook_z" in n for n in names) and any("hook_rot_k" in n or "hook_k" in n
                                                                          for n in names)
     for name in names:
-        torch.testing.assert_close(flash[name], eager[name], rtol=1e-5, atol=1e-5, msg=name)
+        _close(flash[name], eager[name], name)
     for layer in range(bridge.cfg.n_layers):  # the LSE is the eager pattern's normaliser
         scores = eager[f"blocks.{layer}.attn.hook_attn_scores"][0].float()
-        torch.testing.assert_close(lses[layer][0], torch.logsumexp(scores, -1), rtol=0, atol=1e-5)
+        _close(lses[layer][0], torch.logsumexp(scores, -1), f"LSE {layer}")
         pattern = torch.exp(scores - lses[layer][0][..., None])  # a pattern entry is exp(score - LSE)
-        torch.testing.assert_close(pattern, eager[f"blocks.{layer}.attn.hook_pattern"][0], rtol=0, atol=1e-5)
+        _close(pattern, eager[f"blocks.{layer}.attn.hook_pattern"][0], f"pattern {layer}")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -124,7 +135,7 @@ def test_flash_recording_equals_eager_recording(tiny, tiny_tokenizer, arch, tmp_
     lse_names = [f"hexray.attn_lse.{layer}" for layer in range(tf.n_layers)]
     assert set(tf.names(0)) - set(te.names(0)) == set(lse_names)
     for name in te.names(0):
-        np.testing.assert_allclose(tf.tensor(name, 0), te.tensor(name, 0), rtol=1e-5, atol=1e-5, err_msg=name)
+        _close(tf.tensor(name, 0), te.tensor(name, 0), name)
     assert tf.runs[0].info["attention"]["stored_patterns"] == []
     assert tf.runs[0].info["attention"]["checked_against"] == "hook_z and lse"
     import torch
