@@ -371,21 +371,28 @@ class RecordPlan:
 def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: list[int], k: int) -> np.ndarray:
     """hexray.* per-run tensors: top-k, next-token logit, logsumexp, unembedding of the tokens needed."""
     with torch.no_grad():
-        lg = logits[0].float()
-        n = lg.shape[0]
-        top = lg.topk(k, dim=-1)
-        lse = torch.logsumexp(lg, dim=-1)
-        ids_t = torch.tensor(ids, device=lg.device)
-        next_logit = torch.full((n,), float("nan"), device=lg.device)
-        if n > 1:
-            next_logit[:-1] = lg[torch.arange(n - 1, device=lg.device), ids_t[1:]]
-        topk_ids = top.indices.to(torch.int32).cpu().numpy()
+        n, vocab = logits.shape[1], logits.shape[2]
+        ids_t = torch.tensor(ids + [ids[-1]], device=logits.device)
+        step = max(1, RUN_TENSOR_BYTES // (4 * vocab))  # rows at once: float32 logits of a long run are GBs
+        parts = []
+        for r0 in range(0, n, step):
+            lg = logits[0, r0:r0 + step].float()
+            rows = torch.arange(lg.shape[0], device=lg.device)
+            top = lg.topk(k, dim=-1)
+            parts.append((top.indices.to(torch.int32).cpu(), top.values.cpu(), torch.logsumexp(lg, dim=-1).cpu(),
+                          lg[rows, ids_t[r0 + 1:r0 + 1 + lg.shape[0]]].cpu()))
+            del lg, top
+        topk_ids = torch.cat([p[0] for p in parts]).numpy()
+        top_values = torch.cat([p[1] for p in parts])
+        lse = torch.cat([p[2] for p in parts])
+        next_logit = torch.cat([p[3] for p in parts]).float()
+        next_logit[-1] = float("nan")  # no next token after the last one
         need = np.unique(np.concatenate([np.asarray(ids, dtype=np.int64), topk_ids.reshape(-1).astype(np.int64)]))
         need_t = torch.as_tensor(need, device=bridge.W_U.device)
         cols = bridge.W_U[:, need_t].T.float().cpu().numpy()
         bias = bridge.b_U[need_t.to(bridge.b_U.device)].float().cpu().numpy()
     writer.write("hexray.topk_ids", topk_ids)
-    writer.write("hexray.topk_logits", top.values.cpu().numpy().astype(np.float32))
+    writer.write("hexray.topk_logits", top_values.numpy().astype(np.float32))
     writer.write("hexray.next_logit", next_logit.cpu().numpy().astype(np.float32))
     writer.write("hexray.logsumexp", lse.cpu().numpy().astype(np.float32))
     writer.write("hexray.unembed_ids", need.astype(np.int32))
@@ -394,6 +401,8 @@ def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: l
     return need
 
 
+#: Bytes of float32 logits handled at once by ``_write_run_tensors``.
+RUN_TENSOR_BYTES = 256 << 20
 ATTENTION_MODES = ("auto", "flash", "eager")
 #: Per layer, the softmax's log-sum-exp ``[heads, n]`` float32 (flash path): a pattern entry is exp(score - LSE).
 LSE_NAME = "hexray.attn_lse.{layer}"
