@@ -96,6 +96,8 @@ def flash_support(bridge, spec: dict | None) -> str | None:
             return "it normalises q and k after RoPE"
         if getattr(getattr(hf, "config", None), "clip_qkv", None) is not None:
             return "it clamps q, k and v"
+        if method == "forward" and not all(hasattr(attn, n) for n in ("hook_rot_q", "hook_rot_k", "v")):
+            return "its attention has no hook_rot_q/hook_rot_k to stop at"
         if cls.__name__ == "JointQKVAttentionBridge" and getattr(attn, "_layer_idx", layer) != layer:
             return "its layer indices do not match its blocks"
     return None
