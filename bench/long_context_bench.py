@@ -10,6 +10,7 @@ as real ones):
                 layer's [heads, n, n] float32 scores at once (measured below), 33 GB at 16k tokens with
                 4 heads, more than this 23 GB machine has; with 1 head it is ~8 GB. q, k and v are
                 n × d_model either way, so bytes per token are the same
+    tiny-64k    tiny-long with 4 heads and 65,536 positions (the flash section)
     gpt2-small  GPT2LMHeadModel(GPT2Config()): 12 layers, d_model 768, 12 heads, 50,257 tokens
     hexray-demo the embedded model (4 layers, d_model 128, 512 positions)
 
@@ -20,6 +21,9 @@ Sections (each measured in this one run, old beside new):
     memory   the recorder's peak RSS (VmHWM of a fresh process, minus its RSS once the model is loaded)
     generate `--generate N`: KV-cache generation against one full forward per token (the previous
              implementation), same model, same prompt, same process
+    flash    recorder peak memory and time, ``--attention flash`` beside ``--attention eager`` (eager until it
+             runs out of memory), tiny-64k at 1k / 4k / 16k / 32k / 64k tokens; each recording in its own
+             process under an address-space cap (``--cap-gb``, default 12) so the shared machine survives
     replay   on the 16k-token tiny-long trace: cold `hexray replay t.hxr --top-k 10` (fresh process),
              one attention row (all heads of one layer, warm), one position's attribution (warm), the
              CoT breakdown of the whole trace (cold trace object, in process)
@@ -68,10 +72,11 @@ def build(model: str):
     torch.manual_seed(0)
     if model == "hexray-demo":
         return Recorder("hexray-demo", device="cpu")
-    if model.startswith("tiny-long"):
+    if model.startswith(("tiny-long", "tiny-64k")):
         tok = AutoTokenizer.from_pretrained(DEMO)
         heads = 1 if model == "tiny-long-1h" else 4
-        cfg = GPT2Config(n_layer=4, n_embd=256, n_head=heads, n_positions=16384, vocab_size=len(tok),
+        positions = 65536 if model == "tiny-64k" else 16384
+        cfg = GPT2Config(n_layer=4, n_embd=256, n_head=heads, n_positions=positions, vocab_size=len(tok),
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     else:
         import tiny_models
@@ -110,7 +115,7 @@ def worker_record(args) -> dict:
         f.write("5")
     rss0 = _status_kib("VmRSS")
     t0 = time.perf_counter()
-    res = rec.record(text, args.out, hooks=args.hooks, lens=False)
+    res = rec.record(text, args.out, hooks=args.hooks, lens=False, attention=args.attention)
     return {"tokens": res.tokens, "bytes": res.bytes, "seconds": time.perf_counter() - t0,
             "peak_kib": _status_kib("VmHWM"), "rss_loaded_kib": rss0}
 
@@ -191,11 +196,18 @@ def worker_replay(args) -> dict:
     return out
 
 
-def spawn(kind: str, **kw) -> dict:
+def spawn(kind: str, cap_gb: float | None = None, **kw) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+
+    def cap():  # address space, not RSS: an allocation past it fails at once instead of swapping the machine
+        import resource
+
+        limit = int(cap_gb * (1 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap if cap_gb else None)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -223,6 +235,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--generate", type=int, default=0)
     ap.add_argument("--hooks", default="default")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--cap-gb", type=float, default=12.0, help="flash section: address-space cap per recording")
+    ap.add_argument("--flash-lengths", default="1024,4096,16384,32768,65536")
     ap.add_argument("--out")
     ap.add_argument("--trace", help="replay section: an existing tiny-long-1h trace instead of recording one")
     ap.add_argument("--generate-models", default="hexray-demo,tiny-long")
@@ -286,6 +301,30 @@ def main() -> None:
             row(f"gpt2-small {label} 1000", r)
             if os.path.exists(out):
                 os.unlink(out)
+    if "flash" in sections:
+        print(f"flash vs eager attention while recording (tiny-64k, --hooks default, lens off, {args.cap_gb:g} GB "
+              "address-space cap per process; peak = VmHWM growth during the call)")
+        fl = results["flash"] = {}
+        eager_ok = True
+        warm = os.path.join(tmp, "warm.hxr")  # the first recording writes the model kit to the cache: not timed
+        spawn("record", model="tiny-64k", tokens=64, out=warm, threads=args.threads)
+        if os.path.exists(warm):
+            os.unlink(warm)
+        for n in [int(x) for x in args.flash_lengths.split(",")]:
+            for mode in ("flash", "eager"):
+                if mode == "eager" and not eager_ok:
+                    print(f"  {'tiny-64k ' + mode + ' ' + str(n):34} skipped (eager ran out of memory at a shorter "
+                          "context)", flush=True)
+                    continue
+                out = os.path.join(tmp, f"tiny-64k-{mode}-{n}.hxr")
+                fl[f"{n}/{mode}"] = r = spawn("record", cap_gb=args.cap_gb, model="tiny-64k", tokens=n, out=out,
+                                              threads=args.threads, attention=mode)
+                row(f"tiny-64k {mode} {n}", r)
+                if "error" in r:
+                    eager_ok = eager_ok and mode != "eager"
+                    print(f"  {'':34} left a file behind: {os.path.exists(out)}", flush=True)
+                if os.path.exists(out):
+                    os.unlink(out)
     if "generate" in sections:
         print("generation (greedy; median of rounds, interleaved)")
         gen = results["generate"] = {}

@@ -22,7 +22,10 @@ def cache_of(recorder, ids):
 
 @pytest.mark.parametrize("hooks", ["default", "full"])
 def test_recorded_tensors_equal_run_with_cache(tiny_recorder, tmp_path, hooks):
-    res = tiny_recorder.record([PROMPT, "東京 🍕"], tmp_path / "t.hxr", hooks=hooks, act_dtype="float32")
+    # run_with_cache runs TransformerLens's eager attention: record the same way to compare to 1e-6
+    # (the default, blockwise attention, is compared with eager in tests/test_flash_attention.py)
+    res = tiny_recorder.record([PROMPT, "東京 🍕"], tmp_path / "t.hxr", hooks=hooks, act_dtype="float32",
+                               attention="eager")
     with TraceReader(res.path) as r:
         assert len(r.runs) == 2
         for run in r.runs:

@@ -144,6 +144,7 @@ def summarise(r: TraceReader, *, tensors: bool = False, only_run: int | None = N
         "storage": _section(meta, "storage"),
         "hooks": _section(meta, "hooks"),
         "interventions": _interventions(meta),
+        "forward": _section(meta, "forward"),
         "writer": _section(meta, "writer"),
         "meta_keys": sorted(str(k) for k in meta),
         "runs": runs,
@@ -270,6 +271,12 @@ def render(s: dict) -> None:
                   + (f" ({len(req)} requested)" if isinstance(req, list) else ""))
     for i, spec in enumerate(s.get("interventions") or []):
         say(f"  {'intervene' if i == 0 else '':9} {spec}")
+    fwd = s["forward"]
+    if fwd:
+        ran, asked, why = fwd.get("attention"), fwd.get("requested"), fwd.get("fallback")
+        say(f"  attention {ran if isinstance(ran, str) else '-'}"
+            + (f" (--attention {asked})" if isinstance(asked, str) else "")
+            + (f"; eager because {why}" if isinstance(why, str) else ""))
     if s["writer"]:
         say(f"  writer   {_kv_line(s['writer'])}")
 

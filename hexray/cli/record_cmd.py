@@ -86,6 +86,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--lens", choices=["auto", "on", "off"], default="auto",
                    help="also store the logit lens at every layer and position, so replaying it needs no W_U "
                         "(auto: on a GPU, or on a CPU when it costs little next to the forward pass)")
+    r.add_argument("--attention", choices=["auto", "flash", "eager"], default="auto",
+                   help="flash: attention in blocks of queries, memory linear in the context (no n x n scores or "
+                        "mask; the softmax's log-sum-exp is stored); eager: TransformerLens's own attention; auto "
+                        "(default): flash where the architecture is covered and no patterns are asked for")
     r.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     r.add_argument("--dict", action="append", metavar="DIR",
                    help="also store this dictionary's features, sparsely, computed from the unrounded activations "
@@ -228,7 +232,7 @@ def run(args) -> int:
                                 temperature=args.temperature, seed=args.seed,
                                 prepend_bos=False if args.no_bos else None, bundle=args.bundle, progress=progress,
                                 lens={"auto": "auto", "on": True, "off": False}[args.lens], extra=extra,
-                                interventions=interventions, grad=grad)
+                                interventions=interventions, grad=grad, attention=args.attention)
     if args.list_hooks:
         from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
 

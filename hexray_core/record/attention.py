@@ -179,3 +179,119 @@ class AttentionCheck:
     def run_info(self) -> dict:
         return {"recomputed": "qk", "stored_patterns": sorted(self.failed), "checked_rows": CHECK_ROWS,
                 "max_error": self.max_error}
+
+
+def lse_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, queries: list[int], layer: dict) -> torch.Tensor:
+    """``[heads, len(queries), n]`` pattern rows as exp(score - LSE): no normalisation pass (what replay does)."""
+    q, k = q.float(), k.float()
+    rep = q.shape[1] // k.shape[1]
+    qi = torch.as_tensor(queries, device=q.device)
+    kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+    scores = torch.einsum("qhd,khd->hqk", q[qi], kk) * layer["scale"]
+    if layer.get("softcap"):
+        scores = torch.tanh(scores / layer["softcap"]) * layer["softcap"]
+    keys = torch.arange(k.shape[0], device=q.device)[None, :]
+    visible = keys <= qi[:, None]
+    if layer.get("window"):
+        visible &= keys > qi[:, None] - layer["window"]
+    return torch.exp(scores - lse[:, qi, None].float()).masked_fill(~visible, 0.0)
+
+
+class FlashCheck:
+    """The record-time check when attention ran blockwise (``flash.py``): there is no ``hook_pattern``.
+
+    For sampled rows of every layer, replay's rows p̂ = exp(ŝ - LSE) are rebuilt from q and k rounded to
+    the storage dtype and the LSE the model computed, and compared with what the model computed:
+
+    * the row sums to 1: |Σ p̂ - 1| ≤ Σ p̂ · (e^(2Δ) - 1) + slack
+    * p̂ · v reproduces the model's z (``hook_z``): |p̂ · v - z| ≤ (e^(2Δ) - 1) · Σ p̂ |v| + slack · (Σ p̂ |v| + ε)
+
+    Δ is ``row_bound``'s score error from rounding q and k. The model's p is exp(s - LSE) with |ŝ - s| ≤ Δ,
+    so p̂ = p · e^(±Δ) and |p̂ - p| ≤ p̂ (e^(2Δ) - 1) (p ≤ p̂ e^Δ); Σ p = 1 and z = Σ p v give both bounds.
+    ``slack`` (``MODEL_SLACK``) covers the model's own arithmetic (its dtype's scores, softmax and
+    products). A layer that fails has its pattern computed from the model's q and k and stored, as on
+    the eager path.
+    """
+
+    def __init__(self, spec: dict, store_tag: str, model_dtype: torch.dtype):
+        self.spec = spec
+        self.store = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[store_tag]
+        self.u = UNIT_ROUNDOFF[store_tag]
+        self.slack = MODEL_SLACK.get(model_dtype, 3e-2)
+        n = len(spec["layers"])
+        self.q_names = {spec["q"].format(layer=i): i for i in range(n)}
+        self.k_names = {spec["k"].format(layer=i): i for i in range(n)}
+        self.v_names = {f"blocks.{i}.attn.hook_v": i for i in range(n)}
+        self.z_names = {f"blocks.{i}.attn.hook_z": i for i in range(n)}
+        self.reset()
+
+    def reset(self) -> None:
+        self._held: dict[tuple[int, str], torch.Tensor] = {}
+        self._used: dict[int, dict] = {}
+        self._failed_inputs = None
+        self.failed: list[int] = []
+        self.max_excess = -math.inf
+        self.max_error = 0.0
+
+    def watches(self, name: str) -> bool:
+        return name in self.q_names or name in self.k_names or name in self.v_names or name in self.z_names
+
+    def see_lse(self, layer: int, lse: torch.Tensor, used: dict) -> None:
+        """The layer's LSE ``[1, heads, n]`` and the scale, soft-cap and window the model's attention used."""
+        self._held[(layer, "lse")] = lse.detach()[0]
+        self._used[layer] = used
+
+    def see(self, name: str, tensor: torch.Tensor) -> bool | None:
+        """Feed one hooked tensor. For ``hook_z``, returns whether the layer is reproduced (False: store it)."""
+        t = tensor.detach()
+        if t.dim() == 4:  # batch of one
+            t = t[0]
+        for names, key in ((self.q_names, "q"), (self.k_names, "k"), (self.v_names, "v")):
+            if name in names:
+                self._held[(names[name], key)] = t
+                return None
+        layer = self.z_names[name]
+        held = {key: self._held.pop((layer, key), None) for key in ("q", "k", "v", "lse")}
+        ok = all(x is not None for x in held.values()) and self._check(layer, t, **held)
+        if not ok:
+            self.failed.append(layer)
+            self._failed_inputs = (layer, held["q"], held["k"], held["lse"])
+        return ok
+
+    def failed_pattern(self, layer: int) -> torch.Tensor | None:
+        """The full ``[heads, n, n]`` pattern of a failed layer as the model computed it: exp(score - LSE) from
+        its own q and k at full precision, with the scale, soft-cap and window its attention used."""
+        held, used = self._failed_inputs, self._used.get(layer)
+        if held is None or held[0] != layer or any(x is None for x in held[1:]) or used is None:
+            return None
+        _, q, k, lse = held
+        self._failed_inputs = None
+        return lse_rows(q, k, lse, list(range(q.shape[0])), used)
+
+    def _check(self, layer: int, z: torch.Tensor, *, q, k, v, lse) -> bool:
+        n = q.shape[0]
+        if k.shape[0] != n or v.shape[0] != n or lse.shape != (q.shape[1], n) or z.shape[:2] != q.shape[:2]:
+            return False
+        rows = check_rows(n)
+        params = self.spec["layers"][layer]
+        with torch.no_grad():
+            q_st, k_st = q.to(self.store), k.to(self.store)  # exactly what the trace will hold
+            p = lse_rows(q_st, k_st, lse, rows, params)  # [heads, rows, n]
+            grow = torch.expm1(2 * row_bound(q_st, k_st, rows, params, self.u))  # [heads, rows]
+            rep = q.shape[1] // v.shape[1]
+            vv = v.float().repeat_interleave(rep, dim=1) if rep > 1 else v.float()  # [n, heads, d]
+            got_z = torch.einsum("hqk,khd->qhd", p, vv)
+            mass = torch.einsum("hqk,khd->qhd", p, vv.abs())  # Σ p̂ |v|
+            want_z = z.reshape(n, q.shape[1], -1)[rows].float()
+            z_err = (got_z - want_z).abs()
+            z_bound = grow.T[..., None] * mass + self.slack * (mass + 1e-6)
+            total = p.sum(-1)
+            sum_err = (total - 1).abs()
+            sum_bound = total * grow + self.slack
+            self.max_error = max(self.max_error, float(sum_err.max()), float(z_err.max()))
+            self.max_excess = max(self.max_excess, float((z_err - z_bound).max()), float((sum_err - sum_bound).max()))
+            return bool((z_err <= z_bound).all() and (sum_err <= sum_bound).all())
+
+    def run_info(self) -> dict:
+        return {"recomputed": "qk", "stored_patterns": sorted(self.failed), "checked_rows": CHECK_ROWS,
+                "max_error": self.max_error, "checked_against": "hook_z and lse"}

@@ -22,6 +22,7 @@ in-place version counter it had when the first hook saw it, is recorded as an al
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -152,8 +153,9 @@ class Capture:
     """Hooks for one model and one hook plan; ``forward(...)`` records one run's activations."""
 
     def __init__(self, bridge, plan, writer, *, act_tag: str, overflow: str = "f32", dedupe: bool = True,
-                 keep: frozenset[str] = frozenset(), check=None):
+                 keep: frozenset[str] = frozenset(), check=None, flash: dict | None = None):
         self.bridge, self.plan, self.writer = bridge, plan, writer
+        self.flash = flash  # meta["attention"] when attention runs blockwise (flash.py): its LSEs are stored
         self.act_tag, self.overflow, self.dedupe = act_tag, overflow, dedupe
         self.keep = keep  # names whose device tensors stay available in ``kept`` after the forward pass
         self.check = check  # an attention.AttentionCheck: sees q, k and patterns; a pattern is stored only if it fails
@@ -199,6 +201,11 @@ class Capture:
                 return None
         if self.check is not None and self.check.watches(name):
             reproduced = self.check.see(name, tensor)
+            if reproduced is False and hasattr(self.check, "failed_pattern"):  # blockwise: no hook_pattern fired
+                layer = int(name.split(".")[1])
+                pattern = self.check.failed_pattern(layer)
+                if pattern is not None:
+                    self._store(f"blocks.{layer}.attn.hook_pattern", pattern[None], protected=True)
             if not wanted:
                 self._done.add(name)
                 if reproduced is False:  # replay could not recompute this layer from q and k: keep its pattern
@@ -231,7 +238,7 @@ class Capture:
             self.kept[name] = tensor.detach()
         with torch.no_grad():
             x, tag, attrs = to_host(tensor.detach(), self.act_tag, overflow=self.overflow,
-                                    force_f32=name.endswith("hook_scale"))
+                                    force_f32=name.endswith("hook_scale") or name.startswith("hexray.attn_lse."))
             if x.device.type == "cuda":
                 host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
                 host.copy_(x, non_blocking=True)
@@ -242,6 +249,13 @@ class Capture:
                 arr, dt = as_numpy(x, tag)
                 self._write(name, arr, dt, attrs)
         self.written.append(name)
+
+    def _on_lse(self, layer: int, lse: torch.Tensor, used: dict) -> None:
+        """flash.py hands over each layer's log-sum-exp ``[1, heads, n]`` (float32) before its ``hook_z`` fires."""
+        if self.check is not None and hasattr(self.check, "see_lse"):
+            self.check.see_lse(layer, lse, used)
+        if self.flash.get("lse"):  # stored beside q and k: replay's pattern rows are exp(score - LSE)
+            self._store(self.flash["lse"].format(layer=layer), lse, protected=True)
 
     def _write(self, name, arr, dt, attrs):
         self.writer.write(name, arr, dtype=dt, attrs=attrs or None)
@@ -263,7 +277,7 @@ class Capture:
             # every call: a quarter of a second on GPT-2 small).
             for hp, _ in self._points:
                 handles.append((hp, hp.add_hook(self._hook)))
-            with torch.no_grad():
+            with torch.no_grad(), self._attention():
                 logits = self.bridge(tokens, return_type="logits")
             if self._drain is not None:
                 self._drain.flush()
@@ -278,3 +292,10 @@ class Capture:
                 getattr(self.bridge, f"set_{flag}")(value)
         self._seen.clear()
         return logits
+
+    def _attention(self):
+        if self.flash is None:
+            return contextlib.nullcontext()
+        from .flash import flash_attention
+
+        return flash_attention(self.bridge, self.flash, on_lse=self._on_lse)

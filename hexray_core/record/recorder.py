@@ -12,6 +12,7 @@ is specified in docs/ARCHITECTURE.md ("What a recording contains").
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -25,8 +26,9 @@ from hexray_core.errors import HexRayError
 from hexray_core.kit import builder as kitmod
 from trace_format import TraceWriter
 
-from .attention import AttentionCheck, attention_spec
+from .attention import AttentionCheck, FlashCheck, attention_spec
 from .capture import Capture, as_numpy, resolve_act_dtype, to_host
+from .flash import flash_attention, flash_support
 from .generate import generate as run_generation
 from .generate import no_generation
 from .hooks import HookPlan, plan_hooks
@@ -112,7 +114,8 @@ class Recorder:
                seed: int | None = None, prepend_bos: bool | None = None, bundle: bool = False,
                cache_dir: str | None = None, progress=None, lens: bool | str = "auto",
                extra: RunExtra | None = None, interventions=None, grad=None, extra_meta: dict | None = None,
-               run_tensors: dict[int, dict[str, np.ndarray]] | None = None) -> RecordResult:
+               run_tensors: dict[int, dict[str, np.ndarray]] | None = None,
+               attention: str = "auto") -> RecordResult:
         """Record each prompt as one run of a new trace at ``output`` (replaced atomically when complete).
 
         ``extra``: per-run tensors computed from activations kept in memory (float32 numpy; they need not be
@@ -125,13 +128,18 @@ class Recorder:
         metric with respect to every recorded activation, as ``grad.<hook name>``.
         ``extra_meta`` / ``run_tensors`` (``{run: {name: array}}``): what a caller such as ``hexray patch``
         stores beside the recording.
+        ``attention``: ``flash`` runs attention blockwise without n × n scores (flash.py), ``eager`` runs
+        TransformerLens's own attention, ``auto`` flash where it applies (architecture covered, no patterns
+        asked for), else eager with one warning.
         """
         t0 = time.perf_counter()
         check_generation(temperature, seed)  # a 64-bit seed, before anything runs
         opts = self.validate(prompts, output, act_dtype=act_dtype, overflow=overflow, top_k=top_k,
                              generate=generate, temperature=temperature, prepend_bos=prepend_bos,
                              cache_dir=cache_dir, interventions=interventions, grad=grad)
-        plan = self._plan(opts, hooks, lens, progress)
+        if attention not in ATTENTION_MODES:
+            raise HexRayError(f"--attention {attention}: expected eager, flash or auto")
+        plan = self._plan(opts, hooks, lens, progress, attention)
         plan.extra = extra
         kit = self.kit()
         try:
@@ -149,8 +157,9 @@ class Recorder:
                           dedupe=plan.hooks.label != "default",
                           keep=(frozenset(plan.lens_layers) if plan.lens else frozenset())
                           | frozenset(extra.hooks if extra is not None else ()),
-                          check=AttentionCheck(plan.attention, opts.act_tag, self.loaded.dtype)
-                          if plan.check_attention else None)
+                          check=(FlashCheck if plan.forward == "flash" else AttentionCheck)(
+                              plan.attention, opts.act_tag, self.loaded.dtype) if plan.check_attention else None,
+                          flash=plan.flash)
         total_tokens = 0
         n_tensors = len(kit.arrays) if bundle else 0
         try:
@@ -241,13 +250,13 @@ class Recorder:
             self.loaded.cache["attention"] = attention_spec(self.bridge)
         return self.loaded.cache["attention"][0]
 
-    def _plan(self, opts: RecordOptions, hooks, lens, progress) -> RecordPlan:
+    def _plan(self, opts: RecordOptions, hooks, lens, progress, mode: str = "auto") -> RecordPlan:
         lm = self.loaded
         attention = self.attention_spec()
         if attention is None:
-            _emit(progress, "warning", message=f"this model's attention is stored as full patterns "
-                                               f"({self.loaded.cache['attention'][1]}): traces grow with the "
-                                               "square of the context")
+            _emit(progress, "warning", message=f"this model's attention is stored as full patterns and runs eager "
+                                               f"({self.loaded.cache['attention'][1]}): traces and recording memory "
+                                               "grow with the square of the context")
         key = ("plan", hooks if isinstance(hooks, str | None) else tuple(hooks))
         plan = lm.cache.get(key)
         if plan is None:
@@ -264,8 +273,34 @@ class Recorder:
             cost = (int(cfg.n_layers) + 1) * longest * int(cfg.d_model) * lm.d_vocab
             lens = lm.input_device.type == "cuda" or cost <= LENS_AUTO_MACS
         lens = bool(lens) and all(name in plan._set for name in lens_layers)
-        return RecordPlan(hooks=plan, attention=attention if check else None, check_attention=check, lens=lens,
-                          lens_layers=lens_layers)
+        forward, why = self._forward(plan, attention, mode)
+        if why is not None and attention is not None:  # (no spec: the warning above said so)
+            _emit(progress, "warning", message=f"attention runs eager ({why}): recording memory grows with the square "
+                                               "of the context")
+        flash = None
+        if forward == "flash":
+            flash = dict(attention, lse=LSE_NAME) if check else dict(attention)
+        return RecordPlan(hooks=plan, attention=flash if check and flash else attention if check else None,
+                          check_attention=check, lens=lens, lens_layers=lens_layers, forward=forward, flash=flash,
+                          requested=mode, fallback=why)
+
+    def _forward(self, plan: HookPlan, attention: dict | None, mode: str) -> tuple[str, str | None]:
+        """("flash" or "eager", why flash was asked for but cannot run, or None)."""
+        if mode == "eager":
+            return "eager", None
+        if attention is None:
+            return "eager", self.loaded.cache["attention"][1]
+        n_layers = int(self.bridge.cfg.n_layers)
+        patterns = [n for i in range(n_layers) for n in (f"blocks.{i}.attn.hook_pattern",
+                                                          f"blocks.{i}.attn.hook_attn_scores") if plan.wants(n)]
+        if patterns:
+            why = f"--hooks asks for {patterns[0]}, which only eager attention computes"
+            return "eager", (why if mode == "flash" else None)
+        key = "flash_support"
+        if key not in self.loaded.cache:
+            self.loaded.cache[key] = flash_support(self.bridge, attention)
+        why = self.loaded.cache[key]
+        return ("eager", why) if why is not None else ("flash", None)
 
     def _meta(self, opts: RecordOptions, plan: RecordPlan, kit: kitmod.Kit, bundle: bool) -> dict:
         lm = self.loaded
@@ -287,9 +322,16 @@ class Recorder:
             meta["interventions"] = opts.interventions.describe()
         if opts.grad is not None:
             meta["grad"] = opts.grad
+        meta["forward"] = {"attention": plan.forward, "requested": plan.requested, "fallback": plan.fallback}
         if bundle:
             meta["vocab"] = kit.vocab  # a bundled trace replays with no cache: it needs the token strings too
         return meta
+
+    def _generation_attention(self, plan: RecordPlan):
+        """Generation with the KV cache runs the same attention as the recording (flash: no n × n anywhere)."""
+        if plan.forward != "flash":
+            return contextlib.nullcontext()
+        return flash_attention(self.bridge, plan.flash)
 
     def _record_run(self, writer: TraceWriter, capture: Capture, plan: RecordPlan, opts: RecordOptions,
                     prompt: str, ids: list[int], seed, progress, run_tensors: dict) -> tuple[int, int]:
@@ -301,7 +343,8 @@ class Recorder:
 
         iv = opts.interventions
         iv.reset()
-        with iv.applied(self.bridge):
+        with _out_of_memory(len(ids) + opts.generate, plan), self._generation_attention(plan), \
+                iv.applied(self.bridge):
             gen = run_generation(self.bridge, ids, opts.generate, device=lm.input_device,
                                  temperature=opts.temperature, seed=seed,
                                  eos_token_id=getattr(tok, "eos_token_id", None), progress=on_token,
@@ -317,7 +360,8 @@ class Recorder:
             _emit(progress, "status", message=f"recording {len(all_ids)} tokens")
         iv.reset()
         iv.window(0, len(ids))
-        with iv.applied(self.bridge):  # added before the capture's hooks, so the trace holds what the model used
+        # interventions are added before the capture's hooks, so the trace holds what the model used
+        with _out_of_memory(len(all_ids), plan), iv.applied(self.bridge):
             logits = capture.forward(torch.tensor([all_ids], device=lm.input_device))
         iv.check_fired()
         need = _write_run_tensors(writer, self.bridge, logits, all_ids, opts.top_k)
@@ -445,32 +489,71 @@ class RecordPlan:
     lens: bool
     lens_layers: list[str]
     extra: RunExtra | None = None
+    forward: str = "eager"  # how attention ran: "flash" (blockwise, flash.py) or "eager" (TransformerLens's own)
+    flash: dict | None = None  # the attention spec flash.py runs with (its "lse" names the stored LSE tensors)
+    requested: str = "auto"  # --attention
+    fallback: str | None = None  # why flash was wanted but eager ran
 
 
 def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: list[int], k: int) -> np.ndarray:
     """hexray.* per-run tensors: top-k, next-token logit, logsumexp, unembedding of the tokens needed."""
     with torch.no_grad():
-        lg = logits[0].float()
-        n = lg.shape[0]
-        top = lg.topk(k, dim=-1)
-        lse = torch.logsumexp(lg, dim=-1)
-        ids_t = torch.tensor(ids, device=lg.device)
-        next_logit = torch.full((n,), float("nan"), device=lg.device)
-        if n > 1:
-            next_logit[:-1] = lg[torch.arange(n - 1, device=lg.device), ids_t[1:]]
-        topk_ids = top.indices.to(torch.int32).cpu().numpy()
+        n, vocab = logits.shape[1], logits.shape[2]
+        ids_t = torch.tensor(ids + [ids[-1]], device=logits.device)
+        step = max(1, RUN_TENSOR_BYTES // (4 * vocab))  # rows at once: float32 logits of a long run are GBs
+        parts = []
+        for r0 in range(0, n, step):
+            lg = logits[0, r0:r0 + step].float()
+            rows = torch.arange(lg.shape[0], device=lg.device)
+            top = lg.topk(k, dim=-1)
+            parts.append((top.indices.to(torch.int32).cpu(), top.values.cpu(), torch.logsumexp(lg, dim=-1).cpu(),
+                          lg[rows, ids_t[r0 + 1:r0 + 1 + lg.shape[0]]].cpu()))
+            del lg, top
+        topk_ids = torch.cat([p[0] for p in parts]).numpy()
+        top_values = torch.cat([p[1] for p in parts])
+        lse = torch.cat([p[2] for p in parts])
+        next_logit = torch.cat([p[3] for p in parts]).float()
+        next_logit[-1] = float("nan")  # no next token after the last one
         need = np.unique(np.concatenate([np.asarray(ids, dtype=np.int64), topk_ids.reshape(-1).astype(np.int64)]))
         need_t = torch.as_tensor(need, device=bridge.W_U.device)
         cols = bridge.W_U[:, need_t].T.float().cpu().numpy()
         bias = bridge.b_U[need_t.to(bridge.b_U.device)].float().cpu().numpy()
     writer.write("hexray.topk_ids", topk_ids)
-    writer.write("hexray.topk_logits", top.values.cpu().numpy().astype(np.float32))
+    writer.write("hexray.topk_logits", top_values.numpy().astype(np.float32))
     writer.write("hexray.next_logit", next_logit.cpu().numpy().astype(np.float32))
     writer.write("hexray.logsumexp", lse.cpu().numpy().astype(np.float32))
     writer.write("hexray.unembed_ids", need.astype(np.int32))
     writer.write("hexray.unembed_cols", np.ascontiguousarray(cols, dtype=np.float32))
     writer.write("hexray.unembed_bias", bias.astype(np.float32))
     return need
+
+
+#: Bytes of float32 logits handled at once by ``_write_run_tensors``.
+RUN_TENSOR_BYTES = 256 << 20
+ATTENTION_MODES = ("auto", "flash", "eager")
+#: Per layer, the softmax's log-sum-exp ``[heads, n]`` float32 (flash path): a pattern entry is exp(score - LSE).
+LSE_NAME = "hexray.attn_lse.{layer}"
+
+
+@contextlib.contextmanager
+def _out_of_memory(n_tokens: int, plan: RecordPlan):
+    """Running out of memory is one line naming the context and --attention (the writer removes the file)."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        text = str(e)
+        if not isinstance(e, torch.OutOfMemoryError | MemoryError) and not any(
+                s in text for s in ("can't allocate memory", "out of memory", "not enough memory")):
+            raise
+        hint = ("; --attention flash keeps attention linear in the context" if plan.forward == "eager" and
+                plan.fallback is None else "")
+        raise HexRayError(f"out of memory recording {n_tokens} tokens with --attention {plan.forward} "
+                          f"({_first_line(text)}){hint}; nothing was written") from None
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "out of memory"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 LENS_AUTO_MACS = 2_000_000_000  # CPU budget for the precomputed logit lens (~40 ms at 50 GFLOP/s)

@@ -10,7 +10,9 @@ view, CoT step-to-step attention, the Python API, the language server) goes thro
     attention_blocks(trace, run, layer)           (q0, q1, [heads, q1 - q0, q1]) blocks of bounded size
 
 Recomputation is softmax(softcap(scale · q · kᵀ) + causal / sliding-window mask), per head, with the
-head's key/value group under grouped-query attention; see ``hexray_core/record/attention.py`` for the
+head's key/value group under grouped-query attention. A trace recorded with blockwise attention
+(``meta["attention"]["lse"]``) also holds each row's log-sum-exp as the model computed it, so a row is
+exp(score - LSE) with no normalisation pass; see ``hexray_core/record/attention.py`` for the
 record-time check that makes it faithful and the bound its rounding implies (``rounding_bound``).
 """
 
@@ -75,6 +77,17 @@ def _pattern_name(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_pattern"
 
 
+def _lse_name(trace, layer: int) -> str | None:
+    spec = trace.meta.get("attention")
+    template = spec.get("lse") if isinstance(spec, dict) else None
+    if not isinstance(template, str):
+        return None
+    try:
+        return template.format(layer=layer)
+    except (AttributeError, KeyError, IndexError, ValueError):
+        return None
+
+
 def _qk_names(trace, layer: int) -> tuple[str, str] | None:
     spec = trace.meta.get("attention")
     if not isinstance(spec, dict) or spec.get("store") != "qk":
@@ -131,6 +144,14 @@ class _QK:
         self.n, self.n_heads = int(q_shape[0]), int(q_shape[1])
         self.rep = self.n_heads // int(k_shape[1])
         self.params = _layer_params(trace, layer)
+        self.lse = None  # [heads, n] float32: the softmax's normaliser per row, as the model computed it
+        lse_name = _lse_name(trace, layer)
+        if lse_name is not None and trace.has(lse_name, run):
+            lse = trace.tensor(lse_name, run)
+            if lse.shape != (self.n_heads, self.n):
+                raise HexRayError(f"{trace.path}: {lse_name} is {list(lse.shape)}, expected [{self.n_heads}, {self.n}] "
+                                  "(heads, tokens)")
+            self.lse = lse.astype(np.float32, copy=False)
 
     def _queries(self, queries: np.ndarray) -> np.ndarray:
         lo, hi = int(queries.min()), int(queries.max()) + 1
@@ -147,12 +168,13 @@ class _QK:
             heads = slice(g * self.rep, (g + 1) * self.rep)
             scores = qs[:, heads, :].reshape(b * self.rep, -1) @ self.k[g, :n_keys].T  # [b * rep, n_keys]
             out[heads] = scores.reshape(b, self.rep, n_keys).transpose(1, 0, 2)
-        return softmax_rows(out, queries, self.params)
+        return softmax_rows(out, queries, self.params, None if self.lse is None else self.lse[:, queries])
 
 
-def softmax_rows(scores: np.ndarray, queries: np.ndarray, params: dict) -> np.ndarray:
+def softmax_rows(scores: np.ndarray, queries: np.ndarray, params: dict, lse: np.ndarray | None = None) -> np.ndarray:
     """Soft-cap, mask and normalise scaled q·k scores ``[heads, len(queries), n_keys]`` in place (the scale is
-    applied to q before the product: one pass less over the scores)."""
+    applied to q before the product: one pass less over the scores). With the rows' log-sum-exp ``lse``
+    ``[heads, len(queries)]`` (recorded), a weight is exp(score - LSE): no max or sum pass."""
     cap = params.get("softcap")
     if cap:
         np.tanh(scores / np.float32(cap), out=scores)
@@ -162,6 +184,9 @@ def softmax_rows(scores: np.ndarray, queries: np.ndarray, params: dict) -> np.nd
         scores[:, j, q + 1:] = -np.inf
         if window and q - window >= 0:
             scores[:, j, : q - window + 1] = -np.inf
+    if lse is not None:
+        scores -= lse[..., None]
+        return np.exp(scores, out=scores)
     scores -= scores.max(-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(-1, keepdims=True)

@@ -126,6 +126,9 @@ META_FIELDS: list[tuple[tuple[str, ...], Check]] = [
     (("attention", "n_heads"), integer(1, MAX_HEADS)),
     (("attention", "n_kv_heads"), integer(1, MAX_HEADS)),
     (("attention", "layers"), lambda v: _attention_layers(v)),
+    (("attention", "lse"), lambda v: _layer_template(v)),
+    (("forward",), mapping),  # how the recorder ran attention: flash (blockwise) or eager
+    (("forward", "attention"), text()),
 ]
 
 
