@@ -14,6 +14,11 @@ def cache_dir() -> Path:
     return Path(os.path.expanduser(os.environ.get("HEXRAY_CACHE") or os.path.join("~", ".cache", "hexray")))
 
 
+def kit_folder() -> str:
+    """The folder of cached kits as this process sees it (``$HEXRAY_CACHE`` honoured), for messages."""
+    return os.path.join(cache_dir(), "kits") + os.sep
+
+
 def kit_path(sha256: str, root: str | os.PathLike | None = None) -> str:
     """The cached kit file of a model: ``<cache>/kits/<sha256>.hxr``."""
     return os.path.join(root or cache_dir(), "kits", f"{sha256}.hxr")

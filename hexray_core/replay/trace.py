@@ -18,6 +18,7 @@ import numpy as np
 
 from hexray_core.errors import HexRayError
 from hexray_core.kit.reader import Kit, find_kit
+from hexray_core.kit.store import kit_folder
 from trace_format import TraceReader
 
 from . import display
@@ -493,7 +494,7 @@ class Trace(ModelMethods):
             raise HexRayError(
                 f"{what} needs the model kit {sha[:16]} of {self.model_name}, which is neither bundled in the trace "
                 f"nor in the kit cache; record with --bundle, or run `hexray record --model {self.model_name}` "
-                "once on this machine, or copy the kit file into ~/.cache/hexray/kits/"
+                f"once on this machine, or copy the kit file into {kit_folder()}"
             )
         return kit
 
