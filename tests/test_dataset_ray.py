@@ -16,8 +16,9 @@ import threading
 import time
 
 import pytest
+from prereq import require_module
 
-ray = pytest.importorskip("ray")
+ray = require_module("ray", "the [dev] or [ray] extra: pip install 'ray[data]'", module_level=True)
 
 from test_dataset import PROMPTS, assert_exactly_once, manifest, run_cli  # noqa: E402
 

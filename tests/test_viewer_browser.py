@@ -11,13 +11,12 @@ import json
 import os
 
 import pytest
+from prereq import missing, require_module
 from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served, hexray, record_demo, replay_json, wait_for
 
 if not os.path.exists(CHROMIUM):
-    if os.environ.get("HEXRAY_CI"):  # .ci/run installs it: a missing browser there is a failure, not a skip
-        raise RuntimeError(f"{CHROMIUM} is not installed although HEXRAY_CI is set (.ci/run installs chromium)")
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
+    missing(f"{CHROMIUM} is not installed (apt-get install chromium)", module_level=True)
+sync_api = require_module("playwright.sync_api", "the [dev] extra: pip install playwright", module_level=True)
 
 
 @pytest.fixture(scope="module")
