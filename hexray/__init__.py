@@ -10,7 +10,9 @@
 ``hexray.record`` needs the recording extras (torch, transformer-lens) and imports them only when
 called; everything else reads a trace with numpy alone. To record many times without reloading
 the model: ``rec = hexray.Recorder("hexray-demo"); rec.record(prompts, "t.hxr")``.
-``hexray.open_dataset("out/")`` opens a folder written by ``hexray record --prompts-file F -o out/``.
+``hexray.load_dictionary(path)`` reads a sparse autoencoder or transcoder set (numpy: ``encode``, ``decode``);
+``run.features(d, layer)`` gives a run's features. ``hexray.open_dataset("out/")`` opens a folder written by
+``hexray record --prompts-file F -o out/``.
 API reference: docs/api.md.
 """
 
@@ -37,6 +39,8 @@ _LAZY = {
     "cot_breakdown": "hexray_core.replay.cot",
     "attribution_diff": "hexray_core.replay.diff",
     "HexRayError": "hexray_core.errors",
+    "load_dictionary": "hexray_core.replay.dictionary",
+    "dictionary_input": "hexray_core.replay.features",
     "Recorder": "hexray_core.record.recorder",
 }
 

@@ -27,6 +27,7 @@ COMMANDS = {
     "report": "hexray.cli.report_cmd",
     "aggregate": "hexray.cli.aggregate_cmd",
     "fuzz": "hexray.cli.fuzz_cmd",
+    "features": "hexray.cli.features_cmd",
 }
 HELP = {
     "record": "run a model on prompts and record the forward pass into a .hxr trace",
@@ -39,6 +40,7 @@ HELP = {
     "report": "write a self-contained HTML viewer of traces (offline, one file)",
     "aggregate": "attribution statistics over every run of a recorded dataset",
     "fuzz": "perturb a prompt and rank its tokens by how much the prediction depends on them",
+    "features": "a trace's active features through sparse autoencoders or transcoders (--dict)",
 }
 
 

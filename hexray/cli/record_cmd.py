@@ -69,6 +69,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also store the logit lens at every layer and position, so replaying it needs no W_U "
                         "(auto: on a GPU, or on a CPU when it costs little next to the forward pass)")
     r.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    r.add_argument("--dict", action="append", metavar="DIR",
+                   help="also store this dictionary's features, sparsely, computed from the unrounded activations "
+                        "(its input hook need not be recorded; repeatable). `hexray features` reads them")
     r.add_argument("--list-hooks", action="store_true", help="print the model's hook names and exit")
 
     g = p.add_argument_group("generation")
@@ -143,6 +146,14 @@ def run(args) -> int:
 
     check_generation(args.temperature, args.seed)
     check_device(args.device, args.n_devices)
+    dsets = None
+    if getattr(args, "dict", None):
+        from hexray_core.replay.dictionary import load_dictionary
+
+        if wants_dataset(args):
+            raise HexRayError("--dict is not supported when recording a dataset yet: record the dataset, then run "
+                              "`hexray features` on its traces")
+        dsets = [load_dictionary(p) for p in args.dict]  # a bad dictionary fails before the model loads
     if not args.list_hooks and wants_dataset(args):
         from hexray.cli import record_dataset_cmd
 
@@ -173,12 +184,17 @@ def run(args) -> int:
                        device_map=device_map(args.device_map), trust_remote_code=args.trust_remote_code,
                        revision=args.revision, progress=progress)
         load_seconds = time.perf_counter() - started
+        extra = None
+        if dsets and not args.list_hooks:
+            from hexray.record_features import run_extra
+
+            extra = run_extra(rec, dsets)
         if not args.list_hooks:
             result = rec.record(prompts, args.output, hooks=args.hooks, act_dtype=args.act_dtype,
                                 overflow=args.overflow_dtype, top_k=args.top_k, generate=args.generate,
                                 temperature=args.temperature, seed=args.seed,
                                 prepend_bos=False if args.no_bos else None, bundle=args.bundle, progress=progress,
-                                lens={"auto": "auto", "on": True, "off": False}[args.lens])
+                                lens={"auto": "auto", "on": True, "off": False}[args.lens], extra=extra)
     if args.list_hooks:
         from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
 

@@ -35,6 +35,10 @@ ROW_KINDS = {
     "neuron": ["LxNy: neuron y of MLP layer x (its activation times its row of W_out)",
                "MLP  Lx bias: layer x's MLP output bias b_out, which belongs to no neuron",
                "Embed, PosEmbed, Attn Lx: whole components"],
+    "feature": ["LxFy: feature y of the dictionary at layer x (its activation times its decoder row)",
+                "MLP  Lx error / b_dec / skip: what the transcoder misses, its decoder bias, its skip term "
+                "(a residual SAE: Resid Lx ...)",
+                "Embed, PosEmbed, Attn Lx, MLP  Lx: components the dictionary does not reconstruct"],
 }
 
 Part = str | tuple[str, str]  # text, or (text, rich style)

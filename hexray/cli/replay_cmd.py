@@ -16,9 +16,13 @@ def add_view_options(p: argparse.ArgumentParser) -> None:
                                     "(the actual next token), a token's text such as ' Paris', or '#id'")
     p.add_argument("--baseline", help="explain the logit difference target − baseline (a token's text or '#id')")
     p.add_argument("--by", choices=(*BY_CHOICES, "source"), default="component",
-                   help="split attention layers into heads, or MLP layers into neurons; 'source': the earlier "
-                        "tokens the heads carried into the prediction (with --cot: per step). Needs the model kit")
+                   help="split attention layers into heads, or MLP layers into neurons; 'feature': MLPs (or the "
+                        "residual) into a dictionary's features (--dict); 'source': the earlier tokens the heads "
+                        "carried into the prediction (with --cot: per step). Needs the model kit")
     p.add_argument("--head", help="with --by source: only this head, e.g. L3H2")
+    p.add_argument("--dict", metavar="DIR", help="with --by feature: a dictionary of features (SAELens folder, "
+                                                 "circuit-tracer transcoders, Gemma/Llama Scope file, hf://...)")
+    p.add_argument("--layer", type=int, help="with --by feature and a residual SAE set: its layer (default: last)")
     p.add_argument("--lens", action="store_true", help="logit lens: top tokens after every layer")
     p.add_argument("--resid", action="store_true", help="residual-stream norms and per-layer writes")
     p.add_argument("--attention", action="store_true", help="heads that attend most at the position, and to what")
@@ -58,11 +62,16 @@ def show(trace, args, top_k: int, *, always_attribution: bool = False, shares_of
     by_source = args.by == "source"
     if getattr(args, "head", None) and not by_source:
         raise HexRayError("--head goes with --by source")
+    if args.by == "feature" and not getattr(args, "dict", None):
+        raise HexRayError("--by feature needs --dict DIR (a sparse autoencoder or transcoders)")
+    if getattr(args, "dict", None) and args.by != "feature":
+        raise HexRayError("--dict goes with --by feature (or use `hexray features`)")
+    extra = {"dictionary": args.dict, "layer": args.layer} if args.by == "feature" else {}
     if by_source and not (views == ["cot"] and not (args.target or args.baseline)):
         results["sources"] = source_table(trace, args, top_k)
     elif always_attribution or not views or args.target or args.baseline or args.by not in ("component", "source"):
         results["attribution"] = trace.attribution(args.position, args.run, target=args.target,
-                                                   baseline=args.baseline, by=args.by)
+                                                   baseline=args.baseline, by=args.by, **extra)
     if "lens" in views:
         results["lens"] = trace.logit_lens(args.position, args.run, target=args.target, top_k=top_k)
     if "resid" in views:

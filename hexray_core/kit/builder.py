@@ -8,6 +8,16 @@ A kit is an ``.hxr`` file with no runs; its tensors sit at ``WEIGHTS_RUN``:
     b_O    [n_layers, d_model]                 (value biases folded in)
     W_out  [n_layers, d_mlp, d_model]
     b_out  [n_layers, d_model]
+    W_E [d_vocab, d_model], W_pos [n_ctx, d_model] (learned positions only), W_Q/W_K/W_V [n_layers, heads,
+    d_model, d_head] (K, V: n_kv_heads), b_Q/b_K/b_V [n_layers, heads, d_head], W_in [n_layers, d_model, d_mlp],
+    b_in [n_layers, d_mlp], W_gate [n_layers, d_model, d_mlp] (gated MLPs)
+
+and, float32, what processing removed (``raw_arrays``, read before compatibility mode)::
+
+    raw/ln1.w raw/ln1.b raw/ln2.w raw/ln2.b  [n_layers, d_model]   (no .b for RMSNorm)
+    raw/ln_final.w raw/ln_final.b            [d_model]
+    raw/W_E.mean [d_vocab]  raw/W_pos.mean [n_ctx]  raw/W_O.mean [n_layers, n_heads, d_head]
+    raw/b_O.mean [n_layers]  raw/W_out.mean [n_layers, d_mlp]  raw/b_out.mean [n_layers]   (LayerNorm models)
 
 all after TransformerLens compatibility-mode processing, in the model's dtype (bfloat16 as raw
 words tagged ``bf16``). Its metadata holds ``vocab``: the decoded string of every token id (so replay
@@ -28,7 +38,13 @@ import os
 import numpy as np
 import torch
 
-from hexray_core.kit.store import BUNDLE_PREFIX, KIT_TENSORS, cache_dir, kit_path  # noqa: F401 (re-exported)
+from hexray_core.kit.store import (  # noqa: F401 (re-exported)
+    BUNDLE_PREFIX,
+    KIT_TENSORS,
+    RAW_PREFIX,
+    cache_dir,
+    kit_path,
+)
 from trace_format import WEIGHTS_RUN, TraceFormatError, TraceReader, TraceWriter
 
 
@@ -43,15 +59,75 @@ def _host(t: torch.Tensor) -> tuple[np.ndarray, str]:
 
 
 def kit_arrays(bridge) -> dict[str, tuple[np.ndarray, str]]:
-    """The kit's tensors, on the host, keyed by name."""
+    """The kit's tensors, on the host, keyed by name (with the raw/ tensors ``raw_arrays`` kept on the bridge)."""
     out = {}
     with torch.no_grad():
         for name in KIT_TENSORS:
-            value = getattr(bridge, name, None)
+            try:
+                value = getattr(bridge, name, None)
+            except (AttributeError, NotImplementedError, RuntimeError):  # W_pos of a rotary model raises
+                value = None
             if value is None:
                 continue
             out[name] = _host(value)
+    out.update(getattr(bridge, "_hexray_raw", None) or {})
     return out
+
+
+def _norm_weights(norm) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(weight, bias) of a bridge's normalisation module, before folding."""
+    comp = getattr(norm, "_original_component", norm)
+    w = getattr(norm, "w", None)
+    if w is None:
+        w = getattr(comp, "weight", None)
+    b = getattr(comp, "bias", None)
+    return w, b
+
+
+def raw_arrays(bridge) -> dict[str, tuple[np.ndarray, str]]:
+    """What compatibility mode is about to remove, from a bridge NOT yet processed (float32, ``raw/`` names).
+
+    Empty when the model's norms are neither LayerNorm nor RMSNorm (replay then refuses raw-space dictionaries).
+    """
+    cfg = bridge.cfg
+    norm_type = getattr(cfg, "normalization_type", None)
+    if norm_type not in ("LN", "RMS"):
+        return {}
+    f32 = {}
+    with torch.no_grad():
+        blocks = list(bridge.blocks)
+        for ln in ("ln1", "ln2"):
+            pairs = [_norm_weights(getattr(b, ln)) for b in blocks]
+            if any(w is None for w, _ in pairs):
+                return {}
+            f32[f"{ln}.w"] = torch.stack([w.float() for w, _ in pairs])
+            if norm_type == "LN":
+                if any(b is None for _, b in pairs):
+                    return {}
+                f32[f"{ln}.b"] = torch.stack([b.float() for _, b in pairs])
+        w, b = _norm_weights(bridge.ln_final)
+        if w is None:
+            return {}
+        f32["ln_final.w"] = w.float()
+        if norm_type == "LN":
+            if b is None:
+                return {}
+            f32["ln_final.b"] = b.float()
+            # center_writing_weights only touches LayerNorm models: keep each removed row mean.
+            f32["W_E.mean"] = bridge.W_E.float().mean(-1)
+            try:
+                f32["W_pos.mean"] = bridge.W_pos.float().mean(-1)
+            except (AttributeError, NotImplementedError, RuntimeError):
+                pass
+            w_o_mean = bridge.W_O.float().mean(-1)  # [L, H, d_head]
+            w_v, b_v = bridge.W_V.float(), bridge.b_V.float()  # [L, H_kv, d_model, d_head], [L, H_kv, d_head]
+            b_v = b_v + torch.einsum("ld,lhde->lhe", f32["ln1.b"], w_v)  # fold_ln moves ln1.b into b_V
+            b_v = b_v.repeat_interleave(w_o_mean.shape[1] // b_v.shape[1], dim=1)
+            f32["W_O.mean"] = w_o_mean
+            f32["b_O.mean"] = bridge.b_O.float().mean(-1) + (b_v * w_o_mean).sum((-1, -2))
+            f32["W_out.mean"] = bridge.W_out.float().mean(-1)
+            f32["b_out.mean"] = bridge.b_out.float().mean(-1)
+    return {RAW_PREFIX + k: (v.detach().contiguous().cpu().numpy(), "f32") for k, v in f32.items()}
 
 
 def kit_sha256(arrays: dict[str, tuple[np.ndarray, str]]) -> str:

@@ -161,7 +161,8 @@ class Capture:
         self._points = []  # (hook point, canonical name), one per hook point
         for n, hp in dict(bridge.hook_dict).items():
             c = plan.canon.get(n, n)
-            if (c in plan._set or (check is not None and check.watches(c))) and id(hp) not in self._name_of:
+            if (c in plan._set or c in keep or (check is not None and check.watches(c))) and \
+                    id(hp) not in self._name_of:
                 self._name_of[id(hp)] = c
                 self._points.append((hp, c))
         self._drain = None
@@ -191,6 +192,11 @@ class Capture:
             self.refired.append(name)
             return None
         wanted = name in self.plan._set
+        if not wanted and name in self.keep:  # kept for a computation after the forward, not stored
+            self.kept[name] = tensor.detach().clone()  # the model may later change it in place
+            if self.check is None or not self.check.watches(name):
+                self._done.add(name)
+                return None
         if self.check is not None and self.check.watches(name):
             reproduced = self.check.see(name, tensor)
             if not wanted:

@@ -31,6 +31,7 @@ import torch
 
 from hexray_core import __version__
 from hexray_core.errors import HexRayError
+from hexray_core.kit.builder import raw_arrays
 
 from .spec import ALIASES, ALTERNATIVES, precheck
 
@@ -210,6 +211,9 @@ def _say(progress, message: str) -> None:
 
 
 def _enable_compat(bridge) -> None:
+    # Read what processing removes while the weights are still unprocessed: replay rebuilds the raw
+    # (unfolded, uncentred) activation space that dictionaries were trained in from it.
+    bridge._hexray_raw = raw_arrays(bridge)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False)

@@ -26,7 +26,7 @@ from hexray_core.kit import builder as kitmod
 from trace_format import TraceWriter
 
 from .attention import AttentionCheck, attention_spec
-from .capture import Capture, resolve_act_dtype
+from .capture import Capture, as_numpy, resolve_act_dtype, to_host
 from .generate import generate as run_generation
 from .generate import no_generation
 from .hooks import HookPlan, plan_hooks
@@ -109,8 +109,12 @@ class Recorder:
     def record(self, prompts, output: str | os.PathLike | None = None, *, hooks="default", act_dtype: str = "auto",
                overflow: str = "f32", top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
                seed: int | None = None, prepend_bos: bool | None = None, bundle: bool = False,
-               cache_dir: str | None = None, progress=None, lens: bool | str = "auto") -> RecordResult:
+               cache_dir: str | None = None, progress=None, lens: bool | str = "auto",
+               extra: RunExtra | None = None) -> RecordResult:
         """Record each prompt as one run of a new trace at ``output`` (replaced atomically when complete).
+
+        ``extra``: per-run tensors computed from activations kept in memory (float32 numpy; they need not be
+        stored), e.g. a dictionary's features (``hexray record --dict``); see ``RunExtra``.
 
         ``lens``: also store the logit lens at every layer and position (True, False, or "auto": on a
         GPU, or on a CPU when its cost is small).
@@ -121,6 +125,7 @@ class Recorder:
                              generate=generate, temperature=temperature, prepend_bos=prepend_bos,
                              cache_dir=cache_dir)
         plan = self._plan(opts, hooks, lens, progress)
+        plan.extra = extra
         kit = self.kit()
         try:
             kit.ensure_cached(cache_dir)
@@ -135,7 +140,8 @@ class Recorder:
             raise _write_error(opts.output, e) from None
         capture = Capture(self.bridge, plan.hooks, writer, act_tag=opts.act_tag, overflow=opts.overflow,
                           dedupe=plan.hooks.label != "default",
-                          keep=frozenset(plan.lens_layers) if plan.lens else frozenset(),
+                          keep=(frozenset(plan.lens_layers) if plan.lens else frozenset())
+                          | frozenset(extra.hooks if extra is not None else ()),
                           check=AttentionCheck(plan.attention, opts.act_tag, self.loaded.dtype)
                           if plan.check_attention else None)
         total_tokens = 0
@@ -248,6 +254,8 @@ class Recorder:
         }
         if plan.attention is not None:
             meta["attention"] = plan.attention
+        if plan.extra is not None:
+            meta.update(plan.extra.meta)
         if bundle:
             meta["vocab"] = kit.vocab  # a bundled trace replays with no cache: it needs the token strings too
         return meta
@@ -277,7 +285,10 @@ class Recorder:
         if plan.lens:
             lens_ids = _write_lens(writer, self.bridge, [capture.kept[n] for n in plan.lens_layers], logits, all_ids,
                                    opts.top_k)
-            capture.kept.clear()
+        n_extra = 0
+        if plan.extra is not None:
+            n_extra = _write_extra(writer, plan.extra, capture.kept, all_ids, opts.act_tag)
+        capture.kept.clear()
         info = {"aliases": dict(capture.aliases), **_token_texts(writer, tok, need, lens_ids)}
         if capture.refired:
             info["refired"] = sorted(set(capture.refired))
@@ -288,8 +299,8 @@ class Recorder:
                                                    f"within the {opts.act_tag} rounding bound; its patterns are "
                                                    "stored in the trace")
         writer.end_run(**info)
-        n_written = len(capture.written) + len(RUN_TENSORS) + (len(LENS_TENSORS) + len(TEXT_TENSORS) if plan.lens
-                                                                else 0)
+        n_lens = len(LENS_TENSORS) + len(TEXT_TENSORS) if plan.lens else 0
+        n_written = n_extra + len(capture.written) + len(RUN_TENSORS) + n_lens
         return len(all_ids), n_written
 
 
@@ -309,6 +320,35 @@ class RecordOptions:
 
 
 @dataclass
+class RunExtra:
+    """Per-run tensors computed while recording from activations kept in memory.
+
+    ``hooks``: canonical hook names to keep for the run (captured even when not stored); ``compute(arrays, ids)``
+    gets them as float32 numpy arrays (batch removed) and returns {tensor name: (float32 array, "act" | "raw")}:
+    "act" tensors are stored in the trace's activation dtype, "raw" ones as they are (indices, offsets).
+    ``meta``: merged into the trace's metadata."""
+
+    hooks: tuple[str, ...]
+    compute: object
+    meta: dict
+
+
+def _write_extra(writer: TraceWriter, extra: RunExtra, kept: dict, ids: list[int], act_tag: str) -> int:
+    with torch.no_grad():
+        arrays = {n: t[0].float().cpu().numpy() if t.dim() > 1 else t.float().cpu().numpy() for n, t in kept.items()}
+    out = extra.compute(arrays, ids)
+    for name, (arr, kind) in out.items():
+        if kind == "act":
+            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]  # to_host drops a batch axis
+            host, tag, attrs = to_host(t, act_tag, overflow="f32")
+            arr, dt = as_numpy(host, tag)
+            writer.write(name, arr, dtype=dt, attrs=attrs or None)
+        else:
+            writer.write(name, np.ascontiguousarray(arr))
+    return len(out)
+
+
+@dataclass
 class RecordPlan:
     """What one recording captures: hooks, attention recomputation, logit lens."""
 
@@ -317,6 +357,7 @@ class RecordPlan:
     check_attention: bool
     lens: bool
     lens_layers: list[str]
+    extra: RunExtra | None = None
 
 
 def _write_run_tensors(writer: TraceWriter, bridge, logits: torch.Tensor, ids: list[int], k: int) -> np.ndarray:

@@ -28,13 +28,15 @@ import numpy as np
 
 from hexray_core.errors import HexRayError
 
-BY_CHOICES = ("component", "head", "neuron")
+BY_CHOICES = ("component", "head", "neuron", "feature")
 
 
 @dataclass(frozen=True)
 class Contribution:
-    label: str  # "Embed", "PosEmbed", "Attn L3", "MLP L3", "L3H7", "L3N1021", "Attn L3 bias", "Bias" (unpadded)
-    kind: str  # embed | pos_embed | attn | mlp | head | neuron | attn_bias | mlp_bias | bias
+    label: str  # "Embed", "PosEmbed", "Attn L3", "MLP L3", "L3H7", "L3N1021", "Attn L3 bias", "Bias" (unpadded),
+    # "L3F1234", "MLP L3 error", "MLP L3 skip", "MLP L3 b_dec" (by feature)
+    kind: str  # embed | pos_embed | attn | mlp | head | neuron | attn_bias | mlp_bias | bias | feature | feature_error
+    # | feature_skip | feature_bias
     layer: int | None
     index: int | None  # head or neuron number
     value: float
@@ -318,16 +320,30 @@ def target_logit(trace, run: int, p: int, tid: int, bid: int | None, u: np.ndarr
 
 
 def direct_logit_attribution(trace, *, position: int = -1, run: int = 0, target: str | int | None = None,
-                             baseline: str | int | None = None, by: str = "component") -> Attribution:
-    """Decompose the target's logit at `position` of `run` by component, head or neuron."""
+                             baseline: str | int | None = None, by: str = "component", dictionary=None,
+                             layer: int | None = None) -> Attribution:
+    """Decompose the target's logit at `position` of `run` by component, head, neuron or feature (``by="feature"``
+    with ``dictionary=``: a path or a loaded DictionarySet; ``layer=`` picks a residual SAE's layer)."""
     if by not in BY_CHOICES:
         raise HexRayError(f"by= must be one of {', '.join(BY_CHOICES)}, not {by!r}")
+    if by == "feature":
+        if dictionary is None:
+            raise HexRayError("by='feature' needs a dictionary (--dict DIR)")
+        from .dictionary import load_dictionary
+
+        dictionary = load_dictionary(dictionary)
     r = trace.run(run)
     p = r.position(position)
     tid = resolve_target(trace, r.id, p, target)
     bid = None if baseline is None else resolve_target(trace, r.id, p, baseline)
     u, bias = final_direction(trace, r.id, p, tid, bid)
-    parts = _contributions(trace, r.id, p, u, by)
+    if by == "feature":
+        from .feature_attribution import feature_rows
+
+        comps, rows = component_rows(trace, r.id, p)
+        parts = [Contribution(*row) for row in feature_rows(trace, r.id, p, u, comps, rows @ u, dictionary, layer)]
+    else:
+        parts = _contributions(trace, r.id, p, u, by)
     parts.append(Contribution("Bias", "bias", None, None, bias))
     total = float(sum(c.value for c in parts))
 

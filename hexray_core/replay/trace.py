@@ -182,6 +182,14 @@ class Run(CacheMethods, Mapping):
         """Direct logit attribution at a position (see `Trace.attribution`)."""
         return self.trace.attribution(position, self.id, **kw)
 
+    def features(self, dictionary, layer: int | None = None):
+        """This run's features at ``layer`` (default: the dictionary's last), as sparse rows (``.at(p)``,
+        ``.indices``, ``.values``, ``.dense()``): stored by ``hexray record --dict`` or computed from the trace.
+        ``dictionary``: a path, hub reference or ``hexray.load_dictionary(...)``."""
+        from .features import run_features
+
+        return run_features(self, dictionary, layer)
+
     def source_attribution(self, pos: int = -1, tokens=None, incorrect_tokens=None):
         """``[n_layers, n_heads, pos + 1]``: how much each source token supplied, through each head, to the
         logit of ``tokens`` at ``pos`` (default: the top prediction; an id or a token's text), minus

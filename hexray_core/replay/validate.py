@@ -231,11 +231,26 @@ KIT_TENSORS: list[tuple[str, Shape]] = [
     (r"W_O", Shape(("n_layers", "n_heads", "d_head", "d_model"))),
     (r"b_O|b_out", Shape(("n_layers", "d_model"))),
     (r"W_out", Shape(("n_layers", "d_mlp", "d_model"))),
+    (r"W_E", Shape(("d_vocab", "d_model"))),
+    (r"W_pos", Shape(("n_ctx", "d_model"))),
+    (r"W_Q", Shape(("n_layers", "n_heads", "d_model", "d_head"))),
+    (r"W_K|W_V", Shape(("n_layers", ("n_kv_heads", "n_heads"), "d_model", "d_head"))),
+    (r"b_Q", Shape(("n_layers", "n_heads", "d_head"))),
+    (r"b_K|b_V", Shape(("n_layers", ("n_kv_heads", "n_heads"), "d_head"))),
+    (r"W_in|W_gate", Shape(("n_layers", "d_model", "d_mlp"))),
+    (r"b_in", Shape(("n_layers", "d_mlp"))),
+    (r"raw/ln[12]\.[wb]", Shape(("n_layers", "d_model"))),
+    (r"raw/ln_final\.[wb]", Shape(("d_model",))),
+    (r"raw/W_E\.mean", Shape(("d_vocab",))),
+    (r"raw/W_pos\.mean", Shape(("n_ctx",))),
+    (r"raw/W_O\.mean", Shape(("n_layers", "n_heads", "d_head"))),
+    (r"raw/b_O\.mean|raw/b_out\.mean", Shape(("n_layers",))),
+    (r"raw/W_out\.mean", Shape(("n_layers", "d_mlp"))),
 ]
 _AT_LEAST_ONE = {"k", "k_lens"}  # views index [..., 0] of these axes
 _PER_RUN = {"n", "k", "k_lens", "m"}
 _CONFIG_SIZES = {"n_layers": "n_layers", "d_model": "d_model", "n_heads": "n_heads", "d_head": "d_head",
-                 "d_mlp": "d_mlp", "d_vocab": "d_vocab", "n_kv_heads": "n_key_value_heads"}
+                 "d_mlp": "d_mlp", "d_vocab": "d_vocab", "n_kv_heads": "n_key_value_heads", "n_ctx": "n_ctx"}
 
 
 def _compile(table):

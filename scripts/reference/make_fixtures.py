@@ -1,0 +1,460 @@
+"""Write the reference-oracle fixtures under tests/fixtures/reference/ (SAELens and circuit-tracer outputs).
+
+Run with the reference venv (scripts/reference/make_venv.sh), never with HexRay's own venv:
+
+    /work/refvenv/bin/python scripts/reference/make_fixtures.py [--out tests/fixtures/reference] [--only gpt2,llama]
+
+SAELens 6.54 and circuit-tracer 0.5 cannot be installed beside HexRay's recorder (they pin TransformerLens < 4 and
+transformers <= 4.57.3), so they run here, once, and what they compute is committed as small files that HexRay's
+tests compare against. Everything is seeded: a rerun on the same package versions rewrites the same numbers.
+The format of every file is in tests/fixtures/reference/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+BOS = "<|endoftext|>"
+# The corpus of tests/tiny_models.py, so the tokenizer splits multi-byte characters the same way.
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Alice and Bob went to the store. Bob gave a drink to Alice.",
+    "Let's think step by step. 2 + 3 = 5, so the answer is 5.",
+    "Step 1: read the question. Step 2: write the answer.",
+    "def add(a, b):\n    return a + b\n",
+    "I love pizza 🍕 and cats 🐱! Family: 👨‍👩‍👧 Thumbs up 👍🏽",
+    "東京は日本の首都です。北京是中国的首都。",
+    "私は猫が好きです。我喜欢猫。",
+    "Café, naïve, résumé, Zürich, São Paulo.",
+]
+PROMPTS = {
+    "gpt2": "Step 2: write the answer.",  # 12 tokens with BOS
+    "llama": "Let's think step by step.",  # 13 tokens with BOS
+}
+D_SAE = 64  # SAELens dictionaries
+D_TC = 48  # circuit-tracer transcoders, features per layer
+ACTIVE_FRACTION = 0.25  # per feature, over the prompt's positions (bias chosen between two observed values)
+NODE_THRESHOLD, EDGE_THRESHOLD = 0.8, 0.98
+
+
+# ---------------------------------------------------------------- tokenizer and models
+
+
+def build_tokenizer(folder: Path):
+    """A byte-level BPE trained in memory, saved as tokenizer.json (+ a PreTrainedTokenizerFast config)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS * 20, vocab_size=320, min_frequency=2, special_tokens=[BOS], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=BOS, eos_token=BOS, unk_token=BOS,
+                                  name_or_path=str(folder), model_max_length=64)
+    return tok
+
+
+def encode(tok, prompt: str) -> list[int]:
+    """HexRay's rule (hexray_core/record/tokens.py encode_prompt): BOS, then the prompt without special tokens."""
+    return [tok.bos_token_id] + list(tok(prompt, add_special_tokens=False)["input_ids"])
+
+
+def _perturb_norms_and_biases(model, seed: int) -> None:
+    """Every norm weight off 1 and every bias off 0 (as tests/tiny_models.py), so folding is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if any(k in name for k in ("ln_", "norm", "layernorm")) and leaf == "weight":
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif leaf == "bias":
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def build_model(kind: str, tok):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=64, n_ctx=64, vocab_size=len(tok), initializer_range=0.2,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        model = GPT2LMHeadModel(cfg).eval()
+    else:
+        # No attention/MLP biases: TransformerLens 3's Llama conversion drops them, and the oracle must be exact.
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          initializer_range=0.2, attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None)
+        model = LlamaForCausalLM(cfg).eval()
+    _perturb_norms_and_biases(model, seed=0)
+    return model
+
+
+def save_model(kind: str, out: Path):
+    folder = out / kind
+    if folder.exists():
+        shutil.rmtree(folder)
+    tok = build_tokenizer(folder)
+    model = build_model(kind, tok)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    for junk in ("generation_config.json",):
+        (folder / junk).unlink(missing_ok=True)
+    return folder, tok
+
+
+def allow_local_folders() -> None:
+    """TransformerLens 3.2.1's ``HookedTransformer.from_pretrained`` accepts a local folder everywhere except in one
+    call, ``get_official_model_name``, which only knows hub names. Make that call the identity for an existing
+    folder, so the rest of ``from_pretrained`` (config from config.json, weight conversion, fold_ln / centring /
+    fold_value_biases processing) runs unchanged, exactly as SAELens and circuit-tracer call it."""
+    from transformer_lens import loading_from_pretrained as loading
+
+    if getattr(loading.get_official_model_name, "_hexray_local", False):
+        return
+    original = loading.get_official_model_name
+
+    def official(name: str) -> str:
+        return name if Path(name).is_dir() else original(name)
+
+    official._hexray_local = True
+    loading.get_official_model_name = official
+
+
+def load_tl(folder: Path, **kwargs):
+    """The model as SAELens loads it: sae_lens.load_model -> HookedTransformer.from_pretrained_no_processing."""
+    from sae_lens.load_model import load_model
+
+    allow_local_folders()
+    return load_model("HookedTransformer", str(folder), device="cpu", model_from_pretrained_kwargs=kwargs)
+
+
+# ---------------------------------------------------------------- dictionaries
+
+
+def _cut_between(values: np.ndarray, fraction: float) -> np.ndarray:
+    """Per column, a value halfway between two neighbouring observed values such that about ``fraction`` of
+    the rows lie above it: no observed value sits on (or within float noise of) the cut."""
+    v = np.sort(values, axis=0)
+    i = min(max(int(round((1 - fraction) * len(v))) - 1, 0), len(v) - 2)
+    return (v[i] + v[i + 1]) / 2
+
+
+def _rand(gen, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).float()
+
+
+SAE_SPECS = {
+    # name: (architecture, hook_in, hook_out or None, extra cfg, model_from_pretrained_kwargs)
+    "gpt2": [
+        ("standard_resid_pre1", "standard", "blocks.1.hook_resid_pre", None, {}, None),
+        ("topk_resid_post2", "topk", "blocks.2.hook_resid_post", None, {"k": 8}, None),
+        ("jumprelu_resid_mid1", "jumprelu", "blocks.1.hook_resid_mid", None, {}, None),
+        ("gated_resid_post0", "gated", "blocks.0.hook_resid_post", None, {}, None),
+        ("standard_bdec_resid_pre2", "standard", "blocks.2.hook_resid_pre", None, {"apply_b_dec_to_input": True},
+         None),
+        ("standard_norm_resid_post1", "standard", "blocks.1.hook_resid_post", None,
+         {"normalize_activations": "expected_average_only_in"}, None),
+        ("standard_centred_resid_post1", "standard", "blocks.1.hook_resid_post", None, {},
+         {"fold_ln": True, "center_writing_weights": True}),
+        ("transcoder_ln2_1", "transcoder", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", {}, None),
+        ("skip_transcoder_ln2_2", "skip_transcoder", "blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out", {},
+         None),
+        ("jumprelu_transcoder_ln2_0", "jumprelu_transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out",
+         {}, None),
+    ],
+    "llama": [
+        ("standard_resid_pre1", "standard", "blocks.1.hook_resid_pre", None, {}, None),
+        ("topk_resid_post1", "topk", "blocks.1.hook_resid_post", None, {"k": 8}, None),
+        ("jumprelu_resid_mid0", "jumprelu", "blocks.0.hook_resid_mid", None, {}, None),
+        ("gated_resid_post0", "gated", "blocks.0.hook_resid_post", None, {}, None),
+        ("standard_bdec_resid_mid1", "standard", "blocks.1.hook_resid_mid", None, {"apply_b_dec_to_input": True},
+         None),
+        ("standard_norm_resid_post0", "standard", "blocks.0.hook_resid_post", None,
+         {"normalize_activations": "expected_average_only_in"}, None),
+        ("transcoder_ln2_0", "transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out", {}, None),
+        ("skip_transcoder_ln2_1", "skip_transcoder", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", {},
+         None),
+        ("jumprelu_transcoder_resid_mid1", "jumprelu_transcoder", "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out",
+         {}, None),
+    ],
+}
+DEFAULT_KWARGS = {"center_writing_weights": False}  # SAELens's default model_from_pretrained_kwargs
+
+
+def make_sae(arch: str, d_in: int, d_out: int | None, x: torch.Tensor, extra: dict, metadata: dict, seed: int):
+    """A SAELens inference SAE of ``arch`` with seeded weights scaled to the activations ``x`` [n, d_in]."""
+    import sae_lens as sl
+
+    gen = torch.Generator().manual_seed(seed)
+    classes = {
+        "standard": (sl.StandardSAE, sl.StandardSAEConfig), "topk": (sl.TopKSAE, sl.TopKSAEConfig),
+        "jumprelu": (sl.JumpReLUSAE, sl.JumpReLUSAEConfig), "gated": (sl.GatedSAE, sl.GatedSAEConfig),
+        "transcoder": (sl.Transcoder, sl.TranscoderConfig), "skip_transcoder": (sl.SkipTranscoder,
+                                                                               sl.SkipTranscoderConfig),
+        "jumprelu_transcoder": (sl.JumpReLUTranscoder, sl.JumpReLUTranscoderConfig),
+    }
+    sae_cls, cfg_cls = classes[arch]
+    kw = {"d_in": d_in, "d_sae": D_SAE, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False}
+    kw.update(extra)
+    if d_out is not None:
+        kw["d_out"] = d_out
+    cfg = cfg_cls(**kw, metadata=sl.saes.sae.SAEMetadata(**metadata))
+    sae = sae_cls(cfg)
+    rms = float(x.pow(2).mean().sqrt())
+    d_dec = d_out or d_in
+    with torch.no_grad():
+        sae.W_enc.copy_(_rand(gen, d_in, D_SAE, scale=1.0 / (rms * d_in ** 0.5)))
+        sae.W_dec.copy_(_rand(gen, D_SAE, d_dec, scale=0.3 * rms))
+        sae.b_dec.copy_(_rand(gen, d_dec, scale=0.1 * rms))
+        sae_in = x - sae.b_dec if cfg.apply_b_dec_to_input else x
+        pre = (sae_in @ sae.W_enc).double().numpy()
+        if arch == "gated":
+            sae.r_mag.copy_(_rand(gen, D_SAE, scale=0.2))
+            sae.b_gate.copy_(torch.from_numpy(-_cut_between(pre, ACTIVE_FRACTION)).float())
+            sae.b_mag.copy_(_rand(gen, D_SAE, scale=0.5).abs())  # magnitudes positive where the gate opens
+        elif arch in ("jumprelu", "jumprelu_transcoder"):
+            # pre-activation = x W + b_enc; threshold > 0 cut so ~ACTIVE_FRACTION is above it.
+            b = _rand(gen, D_SAE, scale=0.2)
+            sae.b_enc.copy_(b)
+            cut = _cut_between(pre + b.double().numpy(), ACTIVE_FRACTION)
+            shift = np.minimum(cut - 0.05, 0.0)  # keep threshold >= 0.05 by lowering b_enc where needed
+            sae.b_enc.copy_((b.double() - torch.from_numpy(shift)).float())
+            sae.threshold.copy_(torch.from_numpy(cut - shift).float())
+        elif arch == "topk":
+            sae.b_enc.copy_(_rand(gen, D_SAE, scale=0.1))
+        else:
+            sae.b_enc.copy_(torch.from_numpy(-_cut_between(pre, ACTIVE_FRACTION)).float())
+        if arch == "skip_transcoder":
+            sae.W_skip.copy_(_rand(gen, d_dec, d_in, scale=0.1 / d_in ** 0.5))
+    return sae
+
+
+def sae_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
+    from sae_lens import SAE
+
+    tokens = torch.tensor([encode(tok, PROMPTS[kind])])
+    arrays = {"tokens": tokens[0].numpy().astype(np.int64)}
+    info = {}
+    models = {}
+    sae_root = out / "sae" / kind
+    if sae_root.exists():
+        shutil.rmtree(sae_root)
+    for i, (name, arch, hook_in, hook_out, extra, kwargs) in enumerate(SAE_SPECS[kind]):
+        kwargs = dict(DEFAULT_KWARGS if kwargs is None else kwargs)
+        key = json.dumps(kwargs, sort_keys=True)
+        if key not in models:
+            model = load_tl(folder, **kwargs)
+            _, cache = model.run_with_cache(tokens)
+            models[key] = cache
+        cache = models[key]
+        x = cache[hook_in][0].float()
+        d_out = cache[hook_out].shape[-1] if hook_out else None
+        metadata = {"model_name": f"hexray-reference-{kind}", "model_class_name": "HookedTransformer",
+                    "hook_name": hook_in, "hook_head_index": None, "prepend_bos": True, "context_size": 64,
+                    "dataset_path": "none", "model_from_pretrained_kwargs": kwargs}
+        if hook_out:
+            metadata["hook_name_out"] = hook_out
+        sae = make_sae(arch, x.shape[-1], d_out, x, extra, metadata, seed=1000 + i)
+        path = sae_root / name
+        sae.save_model(path)
+        # The oracle: SAELens's own loader and encode on the activations of the model loaded as SAELens loads it.
+        loaded = SAE.load_from_disk(str(path), device="cpu")
+        with torch.no_grad():
+            acts = loaded.encode(x)
+            recon = loaded.decode(acts) if arch != "skip_transcoder" else loaded.forward(x)
+        arrays[f"{name}/input"] = x.numpy()
+        arrays[f"{name}/feature_acts"] = acts.numpy()
+        arrays[f"{name}/decoded"] = recon.numpy()
+        if hook_out:
+            arrays[f"{name}/target"] = cache[hook_out][0].float().numpy()
+        frac = float((acts > 0).float().mean())
+        info[name] = {"architecture": arch, "hook_in": hook_in, "hook_out": hook_out,
+                      "model_from_pretrained_kwargs": kwargs, "active_fraction": round(frac, 4),
+                      "cfg": {k: v for k, v in extra.items()}}
+        print(f"  sae {kind}/{name}: {arch} @ {hook_in} active {frac:.2f}", flush=True)
+    np.savez_compressed(out / f"sae_{kind}.npz", **arrays)
+    return info
+
+
+# ---------------------------------------------------------------- circuit-tracer
+
+
+def write_transcoders(kind: str, clt: bool, model, tokens, out: Path, seed: int) -> tuple[Path, dict]:
+    """Seeded per-layer (or cross-layer) transcoders in circuit-tracer's on-disk format, scaled to the model."""
+    from safetensors.torch import save_file
+
+    name = f"{kind}_{'clt' if clt else 'plt'}"
+    folder = out / "transcoders" / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    # GPT-2 per-layer: ReLU, with W_skip, reading ln2.hook_normalized. Llama per-layer: JumpReLU reading
+    # hook_resid_mid. Cross-layer: ReLU (GPT-2) / JumpReLU (Llama), reading hook_resid_mid.
+    in_hook = "ln2.hook_normalized" if (kind == "gpt2" and not clt) else "hook_resid_mid"
+    out_hook = "hook_mlp_out"
+    jump = kind == "llama"
+    skip = kind == "gpt2" and not clt
+    _, cache = model.run_with_cache(tokens)
+    L, d = model.cfg.n_layers, model.cfg.d_model
+    gen = torch.Generator().manual_seed(seed)
+    files = []
+    for layer in range(L):
+        x = cache[f"blocks.{layer}.{in_hook}"][0].float()
+        y = cache[f"blocks.{layer}.{out_hook}"][0].float()
+        rms_x, rms_y = float(x.pow(2).mean().sqrt()), float(y.pow(2).mean().sqrt())
+        W_enc = _rand(gen, D_TC, d, scale=1.0 / (rms_x * d ** 0.5))
+        pre = (x[1:] @ W_enc.T).double().numpy()  # position 0 (BOS) is zeroed by circuit-tracer anyway
+        b = _rand(gen, D_TC, scale=0.1)
+        cut = _cut_between(pre + b.double().numpy(), ACTIVE_FRACTION)
+        if jump:
+            shift = np.minimum(cut - 0.05, 0.0)
+            b_enc = (b.double() - torch.from_numpy(shift)).float()
+            threshold = torch.from_numpy(cut - shift).float()
+        else:
+            b_enc = (b.double() - torch.from_numpy(cut)).float()
+        n_out = L - layer if clt else 1
+        W_dec = _rand(gen, D_TC, n_out, d, scale=0.5 * rms_y / (D_TC * ACTIVE_FRACTION) ** 0.5)
+        b_dec = _rand(gen, d, scale=0.1 * rms_y)
+        if clt:
+            enc = {f"W_enc_{layer}": W_enc, f"b_enc_{layer}": b_enc, f"b_dec_{layer}": b_dec}
+            if jump:
+                enc[f"threshold_{layer}"] = threshold
+            save_file({k: v.contiguous() for k, v in enc.items()}, folder / f"W_enc_{layer}.safetensors")
+            save_file({f"W_dec_{layer}": W_dec.contiguous()}, folder / f"W_dec_{layer}.safetensors")
+        else:
+            t = {"W_enc": W_enc, "W_dec": W_dec[:, 0], "b_enc": b_enc, "b_dec": b_dec}
+            if jump:
+                t["activation_function.threshold"] = threshold
+            if skip:
+                t["W_skip"] = _rand(gen, d, d, scale=0.3 * rms_y / (rms_x * d ** 0.5))
+            save_file({k: v.contiguous() for k, v in t.items()}, folder / f"layer_{layer}.safetensors")
+            files.append(f"layer_{layer}.safetensors")
+    config = {"model_kind": "cross_layer_transcoder" if clt else "transcoder_set", "model_name": f"hexray-reference-{kind}",
+              "feature_input_hook": in_hook, "feature_output_hook": out_hook, "scan": f"hexray-reference/{name}"}
+    if not clt:
+        config["transcoders"] = files
+    import yaml
+
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder, config
+
+
+def load_set(folder: Path, config: dict):
+    """The transcoders as circuit-tracer loads them from disk (paths resolved against the folder)."""
+    if config["model_kind"] == "transcoder_set":
+        from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+
+        paths = {i: str(folder / p) for i, p in enumerate(config["transcoders"])}
+        return load_transcoder_set(paths, scan=config["scan"], feature_input_hook=config["feature_input_hook"],
+                                   feature_output_hook=config["feature_output_hook"], device=torch.device("cpu"),
+                                   dtype=torch.float32, lazy_encoder=False, lazy_decoder=False)
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+    return load_clt(str(folder), feature_input_hook=config["feature_input_hook"],
+                    feature_output_hook=config["feature_output_hook"], scan=config["scan"],
+                    device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False, lazy_encoder=False)
+
+
+def graph_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
+    from circuit_tracer import attribute
+    from circuit_tracer.graph import prune_graph
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+    from transformer_lens import HookedTransformer
+
+    allow_local_folders()
+    tokens = torch.tensor(encode(tok, PROMPTS[kind]))
+    info = {}
+    for clt in (False, True):
+        # circuit-tracer's own load: HookedTransformer.from_pretrained(fold_ln/centring/center_unembed all off).
+        plain = HookedTransformer.from_pretrained(str(folder), fold_ln=False, center_writing_weights=False,
+                                                  center_unembed=False, device="cpu")
+        tc_folder, config = write_transcoders(kind, clt, plain, tokens[None], out, seed=2000 + 10 * clt
+                                              + (kind == "llama"))
+        name = tc_folder.name
+        tset = load_set(tc_folder, config)
+        _, cache = plain.run_with_cache(tokens[None])
+        L = plain.cfg.n_layers
+        x = torch.stack([cache[f"blocks.{i}.{config['feature_input_hook']}"][0] for i in range(L)])
+        y = torch.stack([cache[f"blocks.{i}.{config['feature_output_hook']}"][0] for i in range(L)])
+        with torch.no_grad():
+            acts = tset.encode(x)  # [L, n_pos, d_tc]; circuit-tracer's encode does not zero BOS
+        arrays = {"tokens": tokens.numpy().astype(np.int64), "input": x.numpy(), "mlp_out": y.numpy(),
+                  "feature_acts": acts.numpy()}
+
+        model = TransformerLensReplacementModel.from_pretrained_and_transcoders(str(folder), tset, device="cpu")
+        graph = attribute(tokens, model, batch_size=256, verbose=False)
+        pruned = prune_graph(graph, NODE_THRESHOLD, EDGE_THRESHOLD)
+        A = graph.adjacency_matrix.float()
+        n_feat = len(graph.selected_features)
+        n_pos = len(tokens)
+        n_logit = len(graph.logit_targets)
+        assert A.shape[0] == n_feat + L * n_pos + n_pos + n_logit
+        af = graph.active_features[graph.selected_features]
+        # The logits of the replacement model's forward (= the model's own logits: errors make it exact).
+        with torch.no_grad():
+            logits = plain(tokens[None])[0, -1]
+        arrays.update({
+            "active_features": graph.active_features.numpy().astype(np.int64),
+            "selected_features": graph.selected_features.numpy().astype(np.int64),
+            "feature_nodes": af.numpy().astype(np.int64),
+            "activation_values": graph.activation_values.float().numpy(),
+            "logit_token_ids": np.array([t.vocab_idx for t in graph.logit_targets], dtype=np.int64),
+            "logit_probabilities": graph.logit_probabilities.float().numpy(),
+            "last_logits": logits.numpy(),
+            "adjacency": A.numpy(),
+            "node_mask": pruned.node_mask.numpy(),
+            "edge_mask": pruned.edge_mask.numpy(),
+            "cumulative_scores": pruned.cumulative_scores.float().numpy(),
+        })
+        np.savez_compressed(out / f"graph_{name}.npz", **arrays)
+        info[name] = {"model_kind": config["model_kind"], "feature_input_hook": config["feature_input_hook"],
+                      "feature_output_hook": config["feature_output_hook"], "n_features": n_feat,
+                      "n_nodes": int(A.shape[0]), "n_logits": n_logit, "n_pos": n_pos,
+                      "pruned_nodes": int(pruned.node_mask.sum()), "pruned_edges": int(pruned.edge_mask.sum()),
+                      "nonzero_edges": int((A != 0).sum())}
+        print(f"  graph {name}: {info[name]}", flush=True)
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(REPO / "tests" / "fixtures" / "reference"))
+    ap.add_argument("--only", default="gpt2,llama")
+    ap.add_argument("--skip-graphs", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
+    manifest["versions"] = {p: version(p) for p in ("torch", "transformers", "tokenizers", "transformer-lens",
+                                                     "sae-lens", "circuit-tracer", "safetensors", "numpy")}
+    manifest["python"] = sys.version.split()[0]
+    for kind in args.only.split(","):
+        print(f"{kind}:", flush=True)
+        folder, tok = save_model(kind, out)
+        entry = {"folder": kind, "prompt": PROMPTS[kind], "token_ids": encode(tok, PROMPTS[kind]),
+                 "bos_token_id": tok.bos_token_id, "d_vocab": len(tok)}
+        entry["saes"] = sae_fixtures(kind, folder, tok, out)
+        if not args.skip_graphs:
+            entry["graphs"] = graph_fixtures(kind, folder, tok, out)
+        manifest["models"][kind] = entry
+        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
