@@ -143,3 +143,14 @@ def test_what_the_readme_examples_write_is_ignored_by_git(tmp_path):
     out = subprocess.run(["git", "check-ignore", "--no-index", *sorted(written)], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert sorted(out.stdout.split()) == sorted(written), out.stdout
+
+
+def test_a_json_error_says_where_in_the_line():
+    from hexray.cli.record_cmd import parse_prompts_file
+    from hexray_core.errors import HexRayError
+
+    line = '{"prompt": "He said "hi" to her", "id": 1}'
+    with pytest.raises(HexRayError) as e:
+        parse_prompts_file('{"prompt": "ok"}\n' + line, "p.jsonl")
+    assert str(e.value) == "--prompts-file p.jsonl:2: not JSON (Expecting ',' delimiter at column 22)"
+    assert line[21] == "h"  # column 22, 1-based: what follows the string that ended early

@@ -8,7 +8,7 @@ import os
 import time
 
 from hexray.cli.record_support import Progress, device_map, read_text, recorder_class
-from hexray_core.errors import HexRayError
+from hexray_core.errors import HexRayError, json_problem
 
 DESCRIPTION = """\
 Run a model on one or more prompts and record every layer, head and neuron of the forward pass
@@ -120,7 +120,7 @@ def parse_prompts_file(text: str, path: str = "prompts") -> list[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise HexRayError(f"--prompts-file {path}:{number}: not JSON ({e.msg})") from None
+            raise HexRayError(f"--prompts-file {path}:{number}: not JSON ({json_problem(e)})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise HexRayError(f"--prompts-file {path}:{number}: expected an object with a \"prompt\" string")
         prompts.append(obj["prompt"])

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from hexray_core.errors import HexRayError
+from hexray_core.errors import HexRayError, json_problem
 
 
 def read_text(path: str, what: str) -> str:
@@ -114,7 +114,7 @@ def device_map(value: str | None):
         try:
             return json.loads(value)
         except json.JSONDecodeError as e:
-            raise HexRayError(f"--device-map: not JSON ({e.msg})") from None
+            raise HexRayError(f"--device-map: not JSON ({json_problem(e)})") from None
     return value
 
 

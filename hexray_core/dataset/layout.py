@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from hexray_core.errors import HexRayError
+from hexray_core.errors import HexRayError, json_problem
 
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.jsonl"
@@ -104,7 +104,7 @@ def parse_rows(text: str, path: str = "prompts") -> list[Row]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise HexRayError(f"{where}: not JSON ({e.msg})") from None
+                raise HexRayError(f"{where}: not JSON ({json_problem(e)})") from None
         else:
             obj = line
         rows.append(make_row(obj, number, where))

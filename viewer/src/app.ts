@@ -22,6 +22,7 @@ export class App {
   private tab: "tokens" | "cot" | "diff" = "tokens";
   private seq = 0; // drops answers to an older selection
   private tokens: HTMLSpanElement[] = [];
+  private laidOut: HTMLElement[] = []; // strip blocks held laid out while the selection is in them (scrollToToken)
   private overlay: [number, number][] | null = null; // the selected head's heavy keys, underlined on the strip
   private sourcePositions = new Set<number>();
   private painted: number[] = []; // tokens the overlay last touched
@@ -282,6 +283,13 @@ export class App {
   /** Scroll the strip (only the strip: scrollIntoView would also scroll a notebook around its frame). */
   private scrollToToken(tok: HTMLElement): void {
     const s = this.strip;
+    // Lay out the token's block and the one before it for real first: an off-screen block has its guessed
+    // height (content-visibility), and a guess off by a few wrapped lines would move the token once in view.
+    for (const b of this.laidOut) b.style.contentVisibility = "";
+    const block = tok.parentElement as HTMLElement | null;
+    this.laidOut = [block, block?.previousElementSibling as HTMLElement | null].filter(
+      (b): b is HTMLElement => !!b && b.classList.contains("strip-block"));
+    for (const b of this.laidOut) b.style.contentVisibility = "visible";
     // From the rectangles: the token's offsetParent is its block (content-visibility contains layout).
     const t = tok.getBoundingClientRect(), box = s.getBoundingClientRect();
     const top = t.top - box.top - s.clientTop + s.scrollTop;
