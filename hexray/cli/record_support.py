@@ -3,9 +3,11 @@ argument, the progress display on stderr, --device-map, and the recorder class."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 
 from hexray_core.errors import HexRayError, json_problem
@@ -123,3 +125,42 @@ def recorder_class():
     from hexray.recording import import_recorder
 
     return import_recorder().Recorder
+
+
+def shutdown_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def native_stderr_to_file(enabled: bool = True):
+    """While Ray runs: what native code writes to file descriptor 2 (Ray's C++ core worker prints lines like
+    ``[... E 5025 5025] core_worker.cc:2465: Actor with class name ...``) goes to a log file, and Python's own
+    messages (ours, Ray's Python logging) still reach the terminal through a copy of the real stderr. The log is
+    removed when the block succeeds and kept (its path said) when it fails. Yields its path (None: not enabled)."""
+    if not enabled:
+        yield None
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd, path = tempfile.mkstemp(prefix="hexray-ray-", suffix=".log")
+    old_stderr = sys.stderr
+    failed = True
+    try:
+        sys.stderr = open(saved, "w", buffering=1, encoding=old_stderr.encoding or "utf-8",  # noqa: SIM115
+                          errors="backslashreplace", closefd=False)
+        os.dup2(fd, 2)
+        yield path
+        failed = False
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        sys.stderr.close()
+        sys.stderr = old_stderr
+        os.close(saved)
+        os.close(fd)
+        if failed and os.path.getsize(path):
+            print(f"hexray: Ray's own log lines are in {path}", file=sys.stderr)
+        else:
+            os.unlink(path)
