@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from hexray.cli.record_support import Progress, device_map, native_stderr_to_file, read_text, shutdown_ray
+from hexray.cli.record_support import Progress, device_map, ray_quietly, read_text
 from hexray_core.errors import HexRayError
 
 
@@ -79,10 +79,9 @@ def run(args) -> int:
                "generate": args.generate, "temperature": args.temperature, "seed": args.seed,
                "prepend_bos": False if args.no_bos else None,
                "lens": {"auto": "auto", "on": True, "off": False}[args.lens]}
-    with native_stderr_to_file(args.ray is not None), DatasetProgress(args.quiet) as progress:
+    with ray_quietly(args.ray is not None), DatasetProgress(args.quiet) as progress:
         result = record_dataset(rows, args.output, model=args.model, ray=args.ray, workers=args.workers,
                                 worker_cpus=args.worker_cpus, shard_size=args.shard_size, progress=progress,
                                 model_opts=model_opts, **options)
-        shutdown_ray()  # before stderr is back: Ray's shutdown has native lines of its own
     print(f"hexray: {result.summary()}")
     return 0

@@ -127,37 +127,47 @@ def recorder_class():
     return import_recorder().Recorder
 
 
-def shutdown_ray() -> None:
+def _ray_running() -> bool:
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    return ray is not None and ray.is_initialized()
 
 
 @contextlib.contextmanager
-def native_stderr_to_file(enabled: bool = True):
+def ray_quietly(enabled: bool = True):
     """While Ray runs: what native code writes to file descriptor 2 (Ray's C++ core worker prints lines like
-    ``[... E 5025 5025] core_worker.cc:2465: Actor with class name ...``) goes to a log file, and Python's own
-    messages (ours, Ray's Python logging) still reach the terminal through a copy of the real stderr. The log is
-    removed when the block succeeds and kept (its path said) when it fails. Yields its path (None: not enabled)."""
+    ``[... E 5025 5025] core_worker.cc:2465: Actor with class name ...``) goes to a log file, while Python's own
+    messages (ours, Ray's Python logging) still reach the terminal through a copy of the real stderr. A Ray
+    session this block started is shut down inside it (its shutdown prints native lines too); one that was
+    already running (a notebook, a test) is left as it was. The log is removed when the block succeeds and kept,
+    its path said, when it fails."""
     if not enabled:
-        yield None
+        yield
         return
+    owned = not _ray_running()
     sys.stderr.flush()
     saved = os.dup(2)
     fd, path = tempfile.mkstemp(prefix="hexray-ray-", suffix=".log")
     old_stderr = sys.stderr
+    try:
+        is_fd2 = old_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a captured stream (pytest): Python writes go there anyway
+        is_fd2 = False
     failed = True
     try:
-        sys.stderr = open(saved, "w", buffering=1, encoding=old_stderr.encoding or "utf-8",  # noqa: SIM115
-                          errors="backslashreplace", closefd=False)
+        if is_fd2:
+            sys.stderr = open(saved, "w", buffering=1, encoding=old_stderr.encoding or "utf-8",  # noqa: SIM115
+                              errors="backslashreplace", closefd=False)
         os.dup2(fd, 2)
-        yield path
+        yield
+        if owned and _ray_running():
+            sys.modules["ray"].shutdown()
         failed = False
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
-        sys.stderr.close()
-        sys.stderr = old_stderr
+        if is_fd2:
+            sys.stderr.close()
+            sys.stderr = old_stderr
         os.close(saved)
         os.close(fd)
         if failed and os.path.getsize(path):
