@@ -30,3 +30,10 @@ def one_line(text: str) -> str:
     """A message as one terminal line: newlines, tabs and other control characters escaped (a file
     name can hold a newline; a message must still be one line)."""
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def json_problem(e) -> str:
+    """A json.JSONDecodeError in full, as one line: what was expected and where (its message alone, "Expecting ','
+    delimiter", does not say where in a long line)."""
+    where = f"line {e.lineno} column {e.colno}" if "\n" in (e.doc or "") else f"column {e.colno}"
+    return one_line(f"{e.msg} at {where}")

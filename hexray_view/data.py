@@ -24,6 +24,7 @@ from hexray_core.replay import attention, attribution, lens
 from hexray_core.replay import cot as cot_mod
 from hexray_core.replay import diff as diff_mod
 from hexray_core.replay.jsonable import plain
+from hexray_core.replay.tokentext import running_texts
 
 TOP_PREDICTIONS = 10
 TOP_NEURONS = 10
@@ -76,6 +77,7 @@ def _run_overview(trace, run: int) -> dict:
         "id": r.id,
         "prompt": r.prompt,
         "labels": r.labels,
+        "texts": running_texts(r.prompt, r.char_spans, r.token_strs),  # the strip: the prompt as text
         "n_prompt_tokens": r.n_prompt_tokens,
         "prob": prob,
         "top": top,

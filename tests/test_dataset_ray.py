@@ -16,8 +16,9 @@ import threading
 import time
 
 import pytest
+from prereq import require_module
 
-ray = pytest.importorskip("ray")
+ray = require_module("ray", "the [dev] or [ray] extra: pip install 'ray[data]'", module_level=True)
 
 from test_dataset import PROMPTS, assert_exactly_once, manifest, run_cli  # noqa: E402
 
@@ -111,7 +112,8 @@ def test_fuzz_on_ray_equals_fuzz_in_process(cluster, tmp_path):
     assert len(manifest(str(tmp_path / "ray"))) == len(on_ray.variants) + 1
 
 
-def test_resume_after_an_interrupted_ray_run(cluster, tmp_path, capsys):
+def test_resume_after_an_interrupted_ray_run(cluster, tmp_path, capfd):
+    capsys = capfd  # file descriptor 2 too: Ray's native lines would land there
     out = str(tmp_path / "out")
 
     def stop(event, **info):
@@ -132,6 +134,7 @@ def test_resume_after_an_interrupted_ray_run(cluster, tmp_path, capsys):
     m = re.search(r"recorded (\d+) prompts in \d+ shards, (\d+) already recorded", text)
     assert m and int(m.group(1)) + int(m.group(2)) == 22 and int(m.group(2)) >= partial
     assert "prompts/s" in err and "Ray worker" in err  # progress on stderr
+    assert "core_worker" not in err and not re.search(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [EWI] \d+ \d+\]", err, re.M)
     assert_exactly_once(out, ITEMS)
 
     # the aggregate reduced as Ray tasks equals the one of local processes

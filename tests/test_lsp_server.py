@@ -11,7 +11,6 @@ import asyncio
 import math
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -34,7 +33,7 @@ from lsp_support import (
 from lsprotocol import types as t
 
 from hexray_core.replay import open_trace
-from hexray_lsp.render import pct, quote
+from hexray_lsp.render import code, pct, quote
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -147,7 +146,7 @@ async def test_hover_ascii_emoji_cjk(client):
             assert f"{len(group)} tokens" in md
             joint = float(np.prod([x[3] for x in group]))
             assert f"joint p **{pct(joint)}**" in md
-        assert text[start:end] in md or quote(text[start:end])[1:-1] in md
+        assert md.startswith(f"**{code(quote(text[start:end]))}**"), (ch, md)  # the whole text under the cursor
 
     # inside a character: the second UTF-16 unit / a continuation byte of 🐱 still hovers 🐱
     off = text.index("🐱")
@@ -286,6 +285,8 @@ async def test_stale_after_edit_and_back(client):
     uri = path.as_uri()
     open_doc(client, path)
     assert codes(await wait_diagnostics(client, uri, lambda d: True)) == []
+    fresh = (await hover_at(client, uri, 0, 1)).contents.value
+    assert "Predicted after" in fresh and "**HexRay:**" not in fresh  # a real hover, not a stale notice
     edited = text.replace("lazy", "sleepy")
     client.text_document_did_change(t.DidChangeTextDocumentParams(
         text_document=t.VersionedTextDocumentIdentifier(uri=uri, version=20),
@@ -304,7 +305,7 @@ async def test_stale_after_edit_and_back(client):
         content_changes=[t.TextDocumentContentChangeWholeDocument(text=text)]))
     await wait_diagnostics(client, uri, lambda d: codes(d) == [])
     h = await hover_at(client, uri, 0, 1)
-    assert "Predicted" in h.contents.value or "first token" in h.contents.value
+    assert h.contents.value == fresh  # back to the recorded text: the very hover it had before the edit
 
 
 async def test_trace_in_workspace_cache_folder(client):
@@ -359,13 +360,11 @@ async def test_binary_and_huge_documents(client):
     assert d.code == "unusable" and "binary" in d.message
     assert await hover_at(client, uri, 0, 3) is None
     big = ("All work and no play makes Jack a dull boy. 🙂\n" * 50_000)
-    t0 = time.perf_counter()
     uri = open_doc(client, client.root / "huge.prompt", text=big)
     [d] = await wait_diagnostics(client, uri, lambda d: bool(d))
     assert d.code == "unusable" and "maxDocumentBytes" in d.message
     assert await hover_at(client, uri, 3, 3) is None
     assert len(await inlay_hints(client, uri)) == 0
-    assert time.perf_counter() - t0 < 10
 
 
 async def test_rapid_edits(client):

@@ -185,21 +185,23 @@ def test_the_run_is_a_lazy_mapping_of_the_recorded_tensors(recorder, tl, tmp_pat
     names = [n for n in t.names(0) if not n.startswith("hexray.")]
     # Default recordings store q and k, not patterns: the patterns are keys too, recomputed when read.
     patterns = [f"blocks.{i}.attn.hook_pattern" for i in range(t.n_layers)]
-    assert not set(patterns) & set(names)
-    assert list(run.keys()) == names + patterns and len(run) == len(names) + len(patterns)
+    # and resid_mid is resid_pre + attn_out, a key too (resid_post is stored)
+    mids = [f"blocks.{i}.hook_resid_mid" for i in range(t.n_layers)]
+    assert not set(patterns + mids) & set(names)
+    assert list(run.keys()) == names + patterns + mids and len(run) == len(names) + len(patterns) + len(mids)
     assert not t._cache  # nothing read yet: keys come from the index
     assert run["resid_post", 1] is run["blocks.1.hook_resid_post"]
     assert len(t._cache) == 1  # one tensor decoded
     _, _, cache, _ = tl
-    for key in [("resid_post", 1), ("resid_pre", -1), ("pattern", 0), ("z", 1, "attn"), ("scale", 0, "ln1"),
-                ("post", 1), "scale", "embed", "hook_embed", ("attn_out", 0), ("mlp_out", -2)]:
+    for key in [("resid_post", 1), ("resid_pre", -1), ("pattern", 0), ("resid_mid", 0), ("z", 1, "attn"),
+                ("scale", 0, "ln1"), ("post", 1), "scale", "embed", "hook_embed", ("attn_out", 0), ("mlp_out", -2)]:
         np.testing.assert_allclose(run[key], cache[key].numpy(), rtol=1e-5, atol=1e-5, err_msg=str(key))
         assert key in run
     for args in [("k6",), ("scale4ln1",), ("pre5",), ("normalized", 27, "ln2"), ("k", 6, "a"), ("attn", 2),
                  ("value", 1), ("embed",), ("resid_mid", 0, "b"), ("blocks.0.hook_resid_pre",), ("rot_q", 3)]:
         assert get_act_name(*args) == tl_act_name(*args), args
-    assert ("resid_mid", 0) not in run and "blocks.9.hook_resid_post" not in run and 3 not in run
-    assert dict(run.items()).keys() == set(names + patterns)
+    assert ("normalized", 0, "ln2") not in run and "blocks.9.hook_resid_post" not in run and 3 not in run
+    assert dict(run.items()).keys() == set(names + patterns + mids)
     assert run.str_tokens == run.token_strs and run.prompt == PROMPT
     assert run != t[1] and run == run and hash(run) == hash(run)
 
@@ -207,11 +209,15 @@ def test_the_run_is_a_lazy_mapping_of_the_recorded_tensors(recorder, tl, tmp_pat
 def test_missing_hooks_name_the_hook_and_how_to_record_it(recorder, tmp_path, monkeypatch):
     path = recorder.record(PROMPT, tmp_path / "t.hxr", act_dtype="float32", hooks="default").path
     run = hexray.open(path)[0]
-    with pytest.raises(KeyError, match=r"blocks\.0\.hook_resid_mid.*--hooks default,blocks\.\*\.hook_resid_mid"):
-        run["resid_mid", 0]
+    with pytest.raises(KeyError, match=r"blocks\.0\.ln2\.hook_normalized.*--hooks default,blocks\.\*\.ln2\."
+                                       r"hook_normalized"):
+        run["normalized", 0, "ln2"]
+    assert run.get(("normalized", 0, "ln2")) is None  # a Mapping: missing keys are KeyErrors
+    # resid_mid is derived from resid_pre + attn_out; without attn_out it is missing, and named
+    bare = recorder.record(PROMPT, tmp_path / "bare.hxr", act_dtype="float32",
+                           hooks="blocks.*.hook_resid_pre,blocks.*.hook_resid_post", lens=False).path
     with pytest.raises(HexRayError, match=r"accumulated_resid\(incl_mid=True\) needs blocks\.0\.hook_resid_mid"):
-        run.accumulated_resid(incl_mid=True)
-    assert run.get(("resid_mid", 0)) is None  # a Mapping: missing keys are KeyErrors
+        hexray.open(bare)[0].accumulated_resid(incl_mid=True)
     # Without the model kit (not bundled, and this cache is empty): the weights are named, with the way to get them.
     monkeypatch.setenv("HEXRAY_CACHE", str(tmp_path / "empty-cache"))
     fresh = hexray.open(path)[0]

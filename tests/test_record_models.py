@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from prereq import require_module
 
 from hexray_core.errors import HexRayError
 from hexray_core.record import spec
@@ -38,7 +39,7 @@ def test_local_folder(request, tmp_path, which):
 
 
 def test_gguf_file(tiny, tiny_tokenizer, tmp_path):
-    pytest.importorskip("gguf")
+    require_module("gguf", "the [record] extra: pip install gguf")
     from hexray_core.record import Recorder
 
     hf = tiny.build_tiny_llama(tiny_tokenizer, biases=False, seed=5)

@@ -39,7 +39,7 @@ def test_replay_prints_the_seed_table_without_importing_torch(traces):
     assert out.returncode == 0, out.stderr
     assert "IMPORTED []" in out.stdout
     lines = out.stdout.splitlines()
-    assert lines[0] == 'Token: "." (index -1)'
+    assert lines[0] == f'Token: "." (index {open_trace(traces[0]).run(0).n_tokens - 1})'
     n_parts = 2 + 2 * 2  # Embed, PosEmbed and two layers' attention and MLP
     assert lines[2] == f"Top Contributors to Final Logit (% of the total |attribution| of all {n_parts} parts):"
     rows = [ln for ln in lines if ln.startswith("- ")]

@@ -11,13 +11,12 @@ import json
 import os
 
 import pytest
+from prereq import missing, require_module
 from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served, hexray, record_demo, replay_json, wait_for
 
 if not os.path.exists(CHROMIUM):
-    if os.environ.get("HEXRAY_CI"):  # .ci/run installs it: a missing browser there is a failure, not a skip
-        raise RuntimeError(f"{CHROMIUM} is not installed although HEXRAY_CI is set (.ci/run installs chromium)")
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
+    missing(f"{CHROMIUM} is not installed (apt-get install chromium)", module_level=True)
+sync_api = require_module("playwright.sync_api", "the [dev] extra: pip install playwright", module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +251,49 @@ def test_a_long_strip_in_blocks_reads_as_one_text_and_scrolls_to_the_selection(b
     finally:
         p.page.close()
         s.close()
+
+
+STRIP_GEOMETRY = """(() => {
+    const s = document.getElementById('strip'), box = s.getBoundingClientRect();
+    const toks = [...s.querySelectorAll('.tok')].map(t => t.getBoundingClientRect());
+    return {scroll: s.scrollWidth, client: s.clientWidth, right: Math.max(...toks.map(t => t.right)),
+            boxRight: box.right, lines: new Set(toks.map(t => Math.round(t.top + s.scrollTop))).size}; })()"""
+
+
+def token_in_view(page, i: int) -> bool:
+    """Token i lies wholly inside the strip's box, both ways."""
+    return page.evaluate(f"""(() => {{ const s = document.getElementById('strip').getBoundingClientRect();
+        const t = document.querySelector("#strip .tok[data-i='{i}']").getBoundingClientRect();
+        return t.top >= s.top && t.bottom <= s.bottom && t.left >= s.left && t.right <= s.right; }})()""")
+
+
+def test_a_one_line_strip_wraps_shows_text_and_keeps_the_selection_in_view(browser, tmp_path):
+    """A prompt with no line break, far wider than the panel, wraps inside the strip at every window size (no
+    token clipped, nothing to scroll sideways), reads as its text (Café and emoji, not byte escapes), and the
+    selection scrolls into view (issue 25: a 488-token line was 16,380 px wide in a 1,358 px panel)."""
+    prompt = " ".join(["Café au lait 🍕 and tea 🫖 at the inn, said Emma."] * 12)
+    path, out = tmp_path / "line.hxr", tmp_path / "line.html"
+    hexray("record", "--model", "hexray-demo", "--device", "cpu", "--prompt", prompt, "-o", path, "-q")
+    hexray("report", path, "-o", out)
+    n = replay_json("info", path)["runs"][0]["n_tokens"]
+    for width, height in ((700, 300), (1024, 600), (1600, 900)):
+        p = Page(browser)
+        p.page.set_viewport_size({"width": width, "height": height})
+        try:
+            page = p.open(out.as_uri())
+            geometry = page.evaluate(STRIP_GEOMETRY)
+            assert geometry["scroll"] <= geometry["client"], (width, geometry)  # nothing hidden to the right
+            assert geometry["right"] <= geometry["boxRight"], (width, geometry)  # no token clipped
+            assert geometry["lines"] >= 3, (width, geometry)  # it wrapped
+            text = page.evaluate("document.getElementById('strip').textContent")
+            assert text.endswith(prompt), text[-200:]  # the prompt's own text, after the BOS token
+            assert "\\x" not in text and "Café" in text and "🍕" in text and "🫖" in text
+            assert p.selected() == n - 1 and token_in_view(page, n - 1)
+            page.evaluate("document.getElementById('strip').scrollTop = 0")
+            page.focus("#strip")
+            p.select(lambda page=page: page.keyboard.press("ArrowLeft"))
+            assert p.selected() == n - 2 and token_in_view(page, n - 2)
+            page.screenshot(path=str(tmp_path / f"line-{width}x{height}.png"))
+            assert not p.errors, p.errors
+        finally:
+            p.page.close()

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 
-import pytest
+from prereq import missing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIEWER = os.path.join(REPO, "viewer")
@@ -27,7 +27,7 @@ def test_assets_are_shipped_and_inline_safe():
 def test_committed_build_matches_the_sources(tmp_path):
     npm = shutil.which("npm")
     if npm is None:
-        pytest.skip("npm is not installed")
+        missing("npm is not installed (apt-get install nodejs npm)")
     if not os.path.isdir(os.path.join(VIEWER, "node_modules")):
         subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=VIEWER, check=True, capture_output=True, timeout=600)
     esbuild = os.path.join(VIEWER, "node_modules", ".bin", "esbuild")

@@ -56,7 +56,11 @@ def run(args) -> int:
             from hexray_core.dataset.aggregate import local_map
 
             return local_map(fn, tasks, jobs)
-    agg = ds.aggregate(by=args.by, position=args.position, target=args.target, baseline=args.baseline, map=mapper)
+    from hexray.cli.record_support import ray_quietly
+
+    with ray_quietly(args.ray is not None):  # Ray's native log lines go to a file, not the terminal
+        agg = ds.aggregate(by=args.by, position=args.position, target=args.target, baseline=args.baseline,
+                           map=mapper)
     if not ds.complete:
         print(f"hexray: warning: {ds.path} is incomplete (its last recording was interrupted); "
               f"aggregating the {agg.n} runs recorded", file=sys.stderr)

@@ -227,6 +227,8 @@ def render(s: dict) -> None:
     from rich.console import Console
     from rich.text import Text
 
+    from hexray.cli.render import print_unpadded
+
     # Metadata strings are the file's, not rich markup: a model name holding "[/" prints as it is.
     con = Console(highlight=False, markup=False, emoji=False)
     if not con.is_terminal:  # piped: whole lines, never wrapped at 80 columns (as the replay views)
@@ -234,6 +236,9 @@ def render(s: dict) -> None:
 
     def say(line: str) -> None:  # one line: on a terminal, cut with an ellipsis rather than wrapped unindented
         con.print(line, no_wrap=True, overflow="ellipsis")  # (the console has markup off: the text is literal)
+
+    def show(table) -> None:
+        con.print(table) if con.is_terminal else print_unpadded(con, table)
 
     fmt = s["format"]
     con.print(Text(s["path"], style="bold"), no_wrap=True, overflow="ellipsis")
@@ -293,13 +298,14 @@ def render(s: dict) -> None:
     if w and w["tensors"]:
         rows.append(["w", "weights", "-", str(w["tensors"]), human(w["raw_bytes"]), human(w["stored_bytes"]),
                      _ratio(w["ratio"]), "(file-level tensors)"])
-    con.print(_table("runs", ["run", "status", "tokens", "tensors", "raw", "stored", "ratio", "prompt"], rows,
+    show(_table("runs", ["run", "status", "tokens", "tensors", "raw", "stored", "ratio", "prompt"], rows,
                      width=con.width, right={0, 2, 3, 4, 5, 6}))
     if more_runs > 0:
-        say(f"  ... and {more_runs:,} more runs (hexray info --run ID, or --json, shows them)")
+        say(f"  ... and {more_runs:,} more run{'' if more_runs == 1 else 's'} "
+            "(hexray info --run ID, or --json, shows them)")
     t = s["totals"]
-    say(f"  total    {t['runs']} runs, {t['tensors']} tensors in {t['chunks']} chunks, "
-              f"{human(t['raw_bytes'])} raw -> {human(t['stored_bytes'])} stored ({_ratio(t['ratio'])})")
+    say(f"  total    {t['runs']} run{'' if t['runs'] == 1 else 's'}, {t['tensors']} tensors in {t['chunks']} "
+        f"chunks, {human(t['raw_bytes'])} raw -> {human(t['stored_bytes'])} stored ({_ratio(t['ratio'])})")
 
     for run in s["runs"] + ([dict(w, id="weights")] if w and "tensor_list" in w else []):
         if "tensor_list" not in run or not run["tensor_list"]:
@@ -312,6 +318,6 @@ def render(s: dict) -> None:
             ratio = row["raw_bytes"] / row["stored_bytes"] if row["stored_bytes"] else None
             rows.append([row["name"], row["dtype"], "[" + ", ".join(map(str, row["shape"])) + "]", str(row["chunks"]),
                          human(row["raw_bytes"]), human(row["stored_bytes"]), _ratio(ratio)])
-        con.print(_table(f"tensors of run {run['id']}", ["name", "dtype", "shape", "chunks", "raw", "stored",
+        show(_table(f"tensors of run {run['id']}", ["name", "dtype", "shape", "chunks", "raw", "stored",
                                                            "ratio"], rows, width=con.width, right={3, 4, 5, 6},
                          flexible=0))

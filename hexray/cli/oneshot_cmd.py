@@ -46,9 +46,10 @@ def main(argv: list[str]) -> int:
     if not args.prompt:
         raise HexRayError("empty prompt: nothing to record")
     from hexray.cli.record_support import Progress, recorder_class
+    from hexray_core.record.context import check_context
     from hexray_core.record.spec import check_output_path, precheck
 
-    precheck(args.model)
+    check_context(*precheck(args.model), [args.prompt], args.generate)
     tmp = None
     if args.save:
         output = check_output_path(args.save)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 from hexray.cli.record_support import Progress, device_map, read_text, recorder_class
-from hexray_core.errors import HexRayError
+from hexray_core.errors import HexRayError, json_problem
 
 DESCRIPTION = """\
 Run a model on one or more prompts and record every layer, head and neuron of the forward pass
@@ -152,7 +153,7 @@ def parse_prompts_file(text: str, path: str = "prompts") -> list[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise HexRayError(f"--prompts-file {path}:{number}: not JSON ({e.msg})") from None
+            raise HexRayError(f"--prompts-file {path}:{number}: not JSON ({json_problem(e)})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise HexRayError(f"--prompts-file {path}:{number}: expected an object with a \"prompt\" string")
         prompts.append(obj["prompt"])
@@ -212,15 +213,21 @@ def run(args) -> int:
         check_output_path(args.output)
     from hexray_core.record.spec import precheck
 
-    precheck(args.model)  # bad --model values fail here, before torch is imported
+    source, where = precheck(args.model)  # bad --model values fail here, before torch is imported
+    if not args.list_hooks:
+        from hexray_core.record.context import check_context
+
+        check_context(source, where, prompts, args.generate)  # a prompt over the context, before the model loads
     if args.cache_dir:
         os.environ["HEXRAY_CACHE"] = os.path.expanduser(args.cache_dir)
     with Progress(args.quiet) as progress:
+        started = time.perf_counter()  # load time = importing torch + reading and processing the weights
         progress("status", message="importing torch and TransformerLens")
         Recorder = recorder_class()
         rec = Recorder(args.model, device=args.device, dtype=args.dtype, n_devices=args.n_devices,
                        device_map=device_map(args.device_map), trust_remote_code=args.trust_remote_code,
                        revision=args.revision, progress=progress)
+        load_seconds = time.perf_counter() - started
         extra = None
         if dsets and not args.list_hooks:
             from hexray.record_features import run_extra
@@ -236,7 +243,8 @@ def run(args) -> int:
     if args.list_hooks:
         from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
 
-        default = set(plan_hooks(rec.bridge, "default").names)
+        # what `--hooks default` stores for this model: q and k where replay recomputes attention, else patterns
+        default = set(plan_hooks(rec.bridge, "default", rec.attention_spec()).names)
         if args.json:
             print(json.dumps({"model": args.model, "hooks": [
                 {"name": name, "default": name in default, "aliases": list(others)}
@@ -248,9 +256,10 @@ def run(args) -> int:
             print(f"{mark} {name}" + (f"    (also: {', '.join(others)})" if others else ""))
         return 0
     if args.json:
-        print(json.dumps(result_json(result), ensure_ascii=False, indent=2))
-    else:
-        print(f"hexray: {result.summary()}")
+        print(json.dumps(dict(result_json(result), load_seconds=round(load_seconds, 3)), ensure_ascii=False,
+                         indent=2))
+    else:  # the load (import, weights, processing) apart from the recording: the second is what a prompt costs
+        print(f"hexray: loaded {args.model} in {load_seconds:.1f} s; {result.summary()}")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from hexray.cli.record_support import Progress, device_map, read_text
+from hexray.cli.record_support import Progress, device_map, ray_quietly, read_text
 from hexray_core.errors import HexRayError
 
 
@@ -79,7 +79,7 @@ def run(args) -> int:
                "generate": args.generate, "temperature": args.temperature, "seed": args.seed,
                "prepend_bos": False if args.no_bos else None,
                "lens": {"auto": "auto", "on": True, "off": False}[args.lens]}
-    with DatasetProgress(args.quiet) as progress:
+    with ray_quietly(args.ray is not None), DatasetProgress(args.quiet) as progress:
         result = record_dataset(rows, args.output, model=args.model, ray=args.ray, workers=args.workers,
                                 worker_cpus=args.worker_cpus, shard_size=args.shard_size, progress=progress,
                                 model_opts=model_opts, **options)

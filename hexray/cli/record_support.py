@@ -3,12 +3,14 @@ argument, the progress display on stderr, --device-map, and the recorder class."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 
-from hexray_core.errors import HexRayError
+from hexray_core.errors import HexRayError, json_problem
 
 MAX_TEXT_BYTES = 256 << 20  # a prompts file of a million 256-byte prompts
 
@@ -130,7 +132,7 @@ def device_map(value: str | None):
         try:
             return json.loads(value)
         except json.JSONDecodeError as e:
-            raise HexRayError(f"--device-map: not JSON ({e.msg})") from None
+            raise HexRayError(f"--device-map: not JSON ({json_problem(e)})") from None
     return value
 
 
@@ -139,3 +141,52 @@ def recorder_class():
     from hexray.recording import import_recorder
 
     return import_recorder().Recorder
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+@contextlib.contextmanager
+def ray_quietly(enabled: bool = True):
+    """While Ray runs: what native code writes to file descriptor 2 (Ray's C++ core worker prints lines like
+    ``[... E 5025 5025] core_worker.cc:2465: Actor with class name ...``) goes to a log file, while Python's own
+    messages (ours, Ray's Python logging) still reach the terminal through a copy of the real stderr. A Ray
+    session this block started is shut down inside it (its shutdown prints native lines too); one that was
+    already running (a notebook, a test) is left as it was. The log is removed when the block succeeds and kept,
+    its path said, when it fails."""
+    if not enabled:
+        yield
+        return
+    owned = not _ray_running()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd, path = tempfile.mkstemp(prefix="hexray-ray-", suffix=".log")
+    old_stderr = sys.stderr
+    try:
+        is_fd2 = old_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a captured stream (pytest): Python writes go there anyway
+        is_fd2 = False
+    failed = True
+    try:
+        if is_fd2:
+            sys.stderr = open(saved, "w", buffering=1, encoding=old_stderr.encoding or "utf-8",  # noqa: SIM115
+                              errors="backslashreplace", closefd=False)
+        os.dup2(fd, 2)
+        yield
+        if owned and _ray_running():
+            sys.modules["ray"].shutdown()
+        failed = False
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        if is_fd2:
+            sys.stderr.close()
+            sys.stderr = old_stderr
+        os.close(saved)
+        os.close(fd)
+        if failed and os.path.getsize(path):
+            print(f"hexray: Ray's own log lines are in {path}", file=sys.stderr)
+        else:
+            os.unlink(path)

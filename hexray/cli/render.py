@@ -80,7 +80,18 @@ class Out:
     def print(self, renderable) -> None:
         """A rich renderable (a table)."""
         sys.stdout.flush()
-        self.console.print(renderable)
+        if self.tty:
+            self.console.print(renderable)
+        else:
+            print_unpadded(self.console, renderable)
+
+
+def print_unpadded(console, renderable) -> None:
+    """Print through rich without the spaces it pads every line with up to the table's width (a pipe gets
+    the text, not 128 columns of blanks)."""
+    with console.capture() as cap:
+        console.print(renderable)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
 
 
 def console() -> Out:
@@ -128,12 +139,10 @@ def bar(value: float, scale: float, width: int = BAR_WIDTH) -> tuple[str, str]:
     return "█" * n + " " * (width - n), "green" if value >= 0 else "red"
 
 
-def attribution(con: Out, a: Attribution, top_k: int, *, position_label: int | None = None,
-                shares_of_shown: bool = False) -> None:
+def attribution(con: Out, a: Attribution, top_k: int, *, shares_of_shown: bool = False) -> None:
     """The attribution list. Shares are of the total |attribution| of every part (so a row's figure does not
     change with --top-k); the one-shot seed format (`shares_of_shown`) takes them over the rows shown."""
-    index = a.position if position_label is None else position_label
-    con.line(f"Token: {q(a.token)} (index {index})")
+    con.line(f"Token: {q(a.token)} (index {a.position})")  # the absolute position, as every other view says
     what = f"{q(a.target)} − {q(a.baseline)}" if a.baseline is not None else q(a.target)
     prob = f", p = {a.probability:.1%}" if a.probability is not None else ""
     con.line(f"Target: {what} (id {a.target_id}{prob}, logit {a.logit:+.3f})")
@@ -220,7 +229,8 @@ def sources(con: Out, st: dict) -> None:
     """`--by source`: source tokens by what they supplied to the prediction through the heads."""
     con.line(f"Token: {q(st['token'])} (index {st['position']})")
     what = f"{q(st['target'])} − {q(st['baseline'])}" if st["baseline"] is not None else q(st["target"])
-    con.line(f"Target: {what} (id {st['target_id']})")
+    prob = f", p = {st['probability']:.1%}" if st["probability"] is not None else ""
+    con.line(f"Target: {what} (id {st['target_id']}{prob}, logit {st['logit']:+.3f})")
     through = f"head {st['head']}" if st["head"] else "all heads"
     con.line(f"Source tokens, by what they carried into the logit through {through}:")
     if not st["head"]:
@@ -263,7 +273,7 @@ def aggregate(con: Out, agg, top_k: int) -> None:
     for r in agg.rows[:top_k]:
         lo, hi = r["ci95"]
         ci = "—" if lo != lo else f"[{lo:+.2f}, {hi:+.2f}]"
-        table.add_row(r["label"], f"{r['mean']:+.3f}", _f(r["std"]), ci, f"{r['frac_positive']:.0%}",
+        table.add_row(aligned(r["label"]), f"{r['mean']:+.3f}", _f(r["std"]), ci, f"{r['frac_positive']:.0%}",
                       Text(*bar(r["mean"], scale)))
     con.print(table)
 

@@ -94,7 +94,7 @@ def show(trace, args, top_k: int, *, always_attribution: bool = False, shares_of
         if i:
             con.line()
         if key == "attribution":
-            render.attribution(con, value, top_k, position_label=args.position, shares_of_shown=shares_of_shown)
+            render.attribution(con, value, top_k, shares_of_shown=shares_of_shown)
         elif key == "lens":
             render.lens(con, value, top_k)
         elif key == "resid":
@@ -114,7 +114,7 @@ def source_table(trace, args, top_k: int) -> dict:
 
     import numpy as np
 
-    from hexray_core.replay.attribution import head_results
+    from hexray_core.replay.attribution import head_results, target_logit
 
     sa = trace.sources(args.position, args.run, target=args.target, baseline=args.baseline)
     run = trace.run(args.run)
@@ -136,12 +136,14 @@ def source_table(trace, args, top_k: int) -> dict:
         rows.append({"position": int(s), "token": run.labels[s], "value": float(per_source[s]),
                      "heads": [{"head": f"L{i // n_heads}H{i % n_heads}", "value": float(flat[i])} for i in best]})
     # Σ over sources against each head's own attribution (z @ W_O · u): the decomposition is exact
-    u, _ = _direction(trace, sa)
+    u, bias = _direction(trace, sa)
+    logit, logit_source, prob = target_logit(trace, run.id, sa.position, sa.target_id, sa.baseline_id, u, bias)
     heads = np.stack([head_results(trace, run.id, layer, sa.position) @ u for layer in range(n_layers)])
     want = float(heads[head] if head else heads.sum())
     got = float(per_source.sum())
     return {"position": sa.position, "token": run.labels[sa.position], "target": sa.target, "target_id": sa.target_id,
             "baseline": None if sa.baseline_id is None else trace.token_str(sa.baseline_id, run.id),
+            "logit": logit, "logit_source": logit_source, "probability": prob,
             "head": args.head and f"L{head[0]}H{head[1]}", "rows": rows, "total": got, "heads_total": want,
             "error": abs(got - want), "n_sources": int(values.shape[-1])}
 

@@ -46,10 +46,13 @@ def run(args) -> int:
     if server.explicit_host:
         print(f"hexray: serving {args.host}: anyone who can reach it and has the URL can read these traces",
               file=sys.stderr)
-    if not args.no_browser:
-        import webbrowser
+    if not args.no_browser and not _open_browser(server.url):
+        from urllib.parse import urlsplit
 
-        webbrowser.open(server.url)
+        port = urlsplit(server.url).port
+        print(f"hexray: no browser could be opened here (no display); open the URL above in a browser on this "
+              f"machine, or forward the port (ssh -L {port}:127.0.0.1:{port} this-machine) and open it on yours",
+              file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -59,3 +62,17 @@ def run(args) -> int:
         for t in traces:
             t.close()
     return 0
+
+
+def _open_browser(url: str) -> bool:
+    """Whether a browser was started: without a display (SSH, a container) webbrowser finds none, or only a
+    text browser that would take over this terminal, and says nothing."""
+    import webbrowser
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) \
+            and not os.environ.get("BROWSER"):
+        return False
+    try:
+        return bool(webbrowser.open(url))
+    except webbrowser.Error:
+        return False

@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from hexray_core.dataset import folder as safe
-from hexray_core.errors import HexRayError
+from hexray_core.errors import HexRayError, json_problem
 
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.jsonl"
@@ -121,7 +121,7 @@ def parse_rows(text: str, path: str = "prompts") -> list[Row]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise HexRayError(f"{where}: not JSON ({e.msg})") from None
+                raise HexRayError(f"{where}: not JSON ({json_problem(e)})") from None
             except RecursionError:
                 raise HexRayError(f"{where}: nested too deeply") from None
         else:

@@ -42,6 +42,7 @@ from hexray_core.kit.store import (  # noqa: F401 (re-exported)
     BUNDLE_PREFIX,
     KIT_TENSORS,
     RAW_PREFIX,
+    TOKENIZER,
     cache_dir,
     kit_path,
 )
@@ -71,7 +72,18 @@ def kit_arrays(bridge) -> dict[str, tuple[np.ndarray, str]]:
                 continue
             out[name] = _host(value)
     out.update(getattr(bridge, "_hexray_raw", None) or {})
+    tokenizer = tokenizer_bytes(getattr(bridge, "tokenizer", None))
+    if tokenizer is not None:
+        out[TOKENIZER] = (tokenizer, "u8")
     return out
+
+
+def tokenizer_bytes(tokenizer) -> np.ndarray | None:
+    """A fast tokenizer's tokenizer.json as bytes (None for a slow tokenizer, which has no such file)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return np.frombuffer(backend.to_str().encode("utf-8"), np.uint8).copy()
 
 
 def _norm_weights(norm) -> tuple[torch.Tensor | None, torch.Tensor | None]:

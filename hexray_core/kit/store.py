@@ -16,12 +16,20 @@ KIT_TENSORS = ("W_U", "b_U", "W_O", "b_O", "W_out", "b_out", "W_E", "W_pos", "W_
 RAW_PREFIX = "raw/"
 RAW_NORMS = ("ln1.w", "ln1.b", "ln2.w", "ln2.b", "ln_final.w", "ln_final.b")
 RAW_MEANS = ("W_E.mean", "W_pos.mean", "W_O.mean", "b_O.mean", "W_out.mean", "b_out.mean")
+# The model's tokenizer, its tokenizer.json as UTF-8 bytes (u8), so that replay tokenizes with the `tokenizers`
+# package alone (Trace.to_tokens): no transformers, no model folder.
+TOKENIZER = "tokenizer.json"
 BUNDLE_PREFIX = "kit/"  # a bundled kit's tensors in a trace: kit/W_U, ... at WEIGHTS_RUN
 
 
 def cache_dir() -> Path:
     """``$HEXRAY_CACHE``, or ``~/.cache/hexray``."""
     return Path(os.path.expanduser(os.environ.get("HEXRAY_CACHE") or os.path.join("~", ".cache", "hexray")))
+
+
+def kit_folder() -> str:
+    """The folder of cached kits as this process sees it (``$HEXRAY_CACHE`` honoured), for messages."""
+    return os.path.join(cache_dir(), "kits") + os.sep
 
 
 def kit_path(sha256: str, root: str | os.PathLike | None = None) -> str:

@@ -24,8 +24,8 @@ from hexray_core.errors import HexRayError
 
 ALIASES = {"gpt2-small": "gpt2"}
 DEMO_NAME = "hexray-demo"
-ALTERNATIVES = ("use a local model folder (--model ./my-model, written by save_pretrained), "
-                "a local .gguf file (--model model.gguf), or the embedded demo model (--model hexray-demo)")
+ALTERNATIVES = ("try the embedded demo model (--model hexray-demo), which needs no network, or use a local model "
+                "folder (--model ./my-model, written by save_pretrained) or a local .gguf file (--model model.gguf)")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

@@ -303,6 +303,22 @@ def resolve_target(trace, run: int, position: int, target: str | int | None) -> 
     return trace.token_id(target, r.id)
 
 
+def target_logit(trace, run: int, p: int, tid: int, bid: int | None, u: np.ndarray, bias: float):
+    """(logit, where it came from, probability or None) of the target (minus the baseline) at position p: the
+    recorded logit when the trace holds it, else the final residual through u (the direction of final_direction)."""
+    logit, source = recorded_logit(trace, run, p, tid), "recorded"
+    if logit is not None and bid is not None:
+        base = recorded_logit(trace, run, p, bid)
+        logit = None if base is None else logit - base
+    if logit is None:
+        last = f"blocks.{trace.n_layers - 1}.hook_resid_post"
+        logit, source = float(trace.tensor_rows(last, run, p, p + 1)[0] @ u) + bias, "final residual"
+    prob = None
+    if bid is None and source == "recorded" and trace.has("hexray.logsumexp", run):
+        prob = float(np.exp(logit - trace.tensor("hexray.logsumexp", run)[p]))
+    return logit, source, prob
+
+
 def direct_logit_attribution(trace, *, position: int = -1, run: int = 0, target: str | int | None = None,
                              baseline: str | int | None = None, by: str = "component", dictionary=None,
                              layer: int | None = None) -> Attribution:
@@ -331,16 +347,7 @@ def direct_logit_attribution(trace, *, position: int = -1, run: int = 0, target:
     parts.append(Contribution("Bias", "bias", None, None, bias))
     total = float(sum(c.value for c in parts))
 
-    logit, source = recorded_logit(trace, r.id, p, tid), "recorded"
-    if logit is not None and bid is not None:
-        base = recorded_logit(trace, r.id, p, bid)
-        logit = None if base is None else logit - base
-    if logit is None:
-        last = f"blocks.{trace.n_layers - 1}.hook_resid_post"
-        logit, source = float(trace.tensor(last, r.id)[p] @ u) + bias, "final residual"
-    prob = None
-    if bid is None and source == "recorded" and trace.has("hexray.logsumexp", r.id):
-        prob = float(np.exp(logit - trace.tensor("hexray.logsumexp", r.id)[p]))
+    logit, source, prob = target_logit(trace, r.id, p, tid, bid, u, bias)
     return Attribution(r.id, p, r.labels[p], tid, trace.token_str(tid, r.id), bid,
                        None if bid is None else trace.token_str(bid, r.id), by, logit, source, total, prob, parts)
 

@@ -141,12 +141,34 @@ class ModelMethods:
         return SimpleNamespace(**c)
 
     def _weight(self, name: str):
-        return self.output(self.require_kit(f"model.{name}")[name])
+        kit = self.require_kit(f"model.{name}")
+        if not kit.has(name):
+            why = {"W_pos": "this model has no learned positions (its positional embedding is "
+                            f"{self.cfg.__dict__.get('positional_embedding_type', 'not learned')})",
+                   "W_gate": "this model's MLP is not gated"}.get(name)
+            if why is None or (name == "W_gate" and self.cfg.__dict__.get("gated_mlp")) or \
+                    (name == "W_pos" and self.cfg.__dict__.get("positional_embedding_type") == "standard"):
+                why = f"its model kit ({kit.source}) lacks it: a kit from an older HexRay; record again to rebuild it"
+            raise HexRayError(f"model.{name} is not available: {why}")
+        return self.output(kit[name])
 
+    # As the compatibility-mode model has them (TransformerLens's names and shapes; the final norm and ln1/ln2
+    # folded into W_U, W_Q/W_K/W_V and W_in, writing weights centred); GQA keys and values per kv head.
     W_U = property(lambda self: self._weight("W_U"), doc="[d_model, d_vocab] unembedding (final norm folded in)")
     b_U = property(lambda self: self._weight("b_U"), doc="[d_vocab]")
+    W_E = property(lambda self: self._weight("W_E"), doc="[d_vocab, d_model] token embedding")
+    W_pos = property(lambda self: self._weight("W_pos"), doc="[n_ctx, d_model] learned positions (absent: rotary)")
+    W_Q = property(lambda self: self._weight("W_Q"), doc="[n_layers, n_heads, d_model, d_head]")
+    b_Q = property(lambda self: self._weight("b_Q"), doc="[n_layers, n_heads, d_head]")
+    W_K = property(lambda self: self._weight("W_K"), doc="[n_layers, n_kv_heads, d_model, d_head]")
+    b_K = property(lambda self: self._weight("b_K"), doc="[n_layers, n_kv_heads, d_head]")
+    W_V = property(lambda self: self._weight("W_V"), doc="[n_layers, n_kv_heads, d_model, d_head]")
+    b_V = property(lambda self: self._weight("b_V"), doc="[n_layers, n_kv_heads, d_head]")
     W_O = property(lambda self: self._weight("W_O"), doc="[n_layers, n_heads, d_head, d_model]")
     b_O = property(lambda self: self._weight("b_O"), doc="[n_layers, d_model]")
+    W_in = property(lambda self: self._weight("W_in"), doc="[n_layers, d_model, d_mlp]")
+    b_in = property(lambda self: self._weight("b_in"), doc="[n_layers, d_mlp]")
+    W_gate = property(lambda self: self._weight("W_gate"), doc="[n_layers, d_model, d_mlp] (gated MLPs only)")
     W_out = property(lambda self: self._weight("W_out"), doc="[n_layers, d_mlp, d_model]")
     b_out = property(lambda self: self._weight("b_out"), doc="[n_layers, d_model]")
 

@@ -39,3 +39,21 @@ def quote(token: str, *, literal_byte_escapes: bool = False) -> str:
 def bytes_text(raw: bytes) -> str:
     """Decode bytes that may start or end inside a character; stray bytes become surrogate escapes."""
     return raw.decode("utf-8", "surrogateescape")
+
+
+def running_texts(prompt: str, char_spans, token_strs: list[str]) -> list[str]:
+    """Each token's share of the prompt's text, so that the tokens read end to end as the prompt itself: the
+    text of its char span not already shown by an earlier token. Tokens that split one character (an emoji in
+    byte tokens) share its span: the first shows the whole character, the rest show "". A token with no span
+    (BOS, a special token) or without spans at all shows its token string."""
+    if not char_spans or len(char_spans) != len(token_strs):
+        return list(token_strs)
+    out, shown = [], 0
+    for text, span in zip(token_strs, char_spans, strict=True):
+        start, end = (int(v) for v in span)
+        if not 0 <= start <= end <= len(prompt):
+            out.append(text)
+            continue
+        out.append(prompt[max(start, shown):end])
+        shown = max(shown, end)
+    return out

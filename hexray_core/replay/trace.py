@@ -18,11 +18,13 @@ import numpy as np
 
 from hexray_core.errors import HexRayError
 from hexray_core.kit.reader import Kit, find_kit
+from hexray_core.kit.store import kit_folder
 from trace_format import TraceReader
 
 from . import display
 from .cache import CacheMethods, ModelMethods, get_act_name
 from .missing import MissingHook, hook_set
+from .tokenizer import TokenizerMethods
 from .validate import MAX_VOCAB, check_kit, check_recording
 
 # Decoded tensors kept per trace (HEXRAY_TRACE_CACHE_MB changes it). A short trace never fills it; a 16k-token
@@ -210,8 +212,32 @@ _NOT_ACTIVATIONS = ("hexray.", "kit/")  # per-run bookkeeping the recorder adds;
 
 
 def _derivable(trace: Trace, run: int) -> list[str]:
-    """Hook names a run computes from what it recorded: attention patterns from stored q and k."""
-    return [f"blocks.{layer}.attn.hook_pattern" for layer in range(trace.n_layers) if _from_qk(trace, run, layer)]
+    """Hook names a run computes from what it recorded: attention patterns from stored q and k; resid_mid as
+    resid_pre + attn_out and resid_post as resid_mid + mlp_out (the sums the block itself computes)."""
+    out = [f"blocks.{layer}.attn.hook_pattern" for layer in range(trace.n_layers) if _from_qk(trace, run, layer)]
+    for layer in range(trace.n_layers):
+        for name in (f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_resid_post"):
+            if not trace.has(name, run) and _sum_parts(trace, run, name) is not None:
+                out.append(name)
+    return out
+
+
+_RESID_SUM = re.compile(r"blocks\.(\d+)\.hook_resid_(mid|post)")
+
+
+def _sum_parts(trace: Trace, run: int, name: str) -> tuple[str, str] | None:
+    """The two recorded (or derivable) tensors whose sum is ``name``, when there are."""
+    m = _RESID_SUM.fullmatch(name)
+    if m is None or int(m.group(1)) >= trace.n_layers:
+        return None
+    layer = int(m.group(1))
+    if m.group(2) == "mid":
+        parts = (f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_attn_out")
+        return parts if all(trace.has(p, run) for p in parts) else None
+    mid, mlp = f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out"
+    if trace.has(mlp, run) and (trace.has(mid, run) or _sum_parts(trace, run, mid) is not None):
+        return mid, mlp
+    return None
 
 
 def _from_qk(trace: Trace, run: int, layer: int) -> bool:
@@ -224,6 +250,18 @@ def _from_qk(trace: Trace, run: int, layer: int) -> bool:
 
 
 def _derive(trace: Trace, run: int, name: str) -> np.ndarray | None:
+    parts = _sum_parts(trace, run, name)
+    if parts is not None:
+        # resid_mid = resid_pre + attn_out, resid_post = resid_mid + mlp_out: the block's own float32 additions,
+        # so exact for a float32 trace; from float16 parts within 2^-11 (|a| + |b|) per element (ARCHITECTURE.md)
+        r = trace.runs[run]
+
+        def add():
+            total = np.add(r.array(parts[0]), r.array(parts[1]), dtype=np.float32)
+            total.setflags(write=False)
+            return total
+
+        return r.memo(("derived", name), add)
     m = re.fullmatch(r"blocks\.(\d+)\.attn\.hook_pattern", name)
     if m is None or not _from_qk(trace, run, int(m.group(1))):
         return None
@@ -235,7 +273,7 @@ def _derive(trace: Trace, run: int, name: str) -> np.ndarray | None:
     return arr
 
 
-class Trace(ModelMethods):
+class Trace(ModelMethods, TokenizerMethods):
     """An opened `.hxr` recording: a sequence of `Run`s, and a stand-in for the model they came from.
 
     >>> t = hexray.open("trace.hxr")                  # framework="pt": tensors as torch tensors
@@ -501,7 +539,7 @@ class Trace(ModelMethods):
             raise HexRayError(
                 f"{what} needs the model kit {sha[:16]} of {self.model_name}, which is neither bundled in the trace "
                 f"nor in the kit cache; record with --bundle, or run `hexray record --model {self.model_name}` "
-                "once on this machine, or copy the kit file into ~/.cache/hexray/kits/"
+                f"once on this machine, or copy the kit file into {kit_folder()}"
             )
         return kit
 

@@ -249,6 +249,7 @@ KIT_TENSORS: list[tuple[str, Shape]] = [
     (r"raw/W_O\.mean", Shape(("n_layers", "n_heads", "d_head"))),
     (r"raw/b_O\.mean|raw/b_out\.mean", Shape(("n_layers",))),
     (r"raw/W_out\.mean", Shape(("n_layers", "d_mlp"))),
+    (r"tokenizer\.json", Shape(("tokenizer_bytes",), frozenset({"u8"}))),
 ]
 _AT_LEAST_ONE = {"k", "k_lens"}  # views index [..., 0] of these axes
 _PER_RUN = {"n", "k", "k_lens", "m"}

@@ -22,6 +22,7 @@ export class App {
   private tab: "tokens" | "cot" | "diff" = "tokens";
   private seq = 0; // drops answers to an older selection
   private tokens: HTMLSpanElement[] = [];
+  private laidOut: HTMLElement[] = []; // strip blocks held laid out while the selection is in them (scrollToToken)
   private overlay: [number, number][] | null = null; // the selected head's heavy keys, underlined on the strip
   private sourcePositions = new Set<number>();
   private painted: number[] = []; // tokens the overlay last touched
@@ -113,11 +114,16 @@ export class App {
       block.style.containIntrinsicSize = `auto ${(1.9 * (lines + Math.ceil(chars / 100))).toFixed(1)}em`;
       frag.append(block);
     };
-    this.tokens = r.labels.map((label, i) => {
+    // The text itself (Café, an emoji), not the byte escapes of tokens that split a character: the first of them
+    // shows the character, the rest are thin marks of their own (still selectable with the arrow keys).
+    const texts = r.texts ?? r.labels;
+    this.tokens = texts.map((label, i) => {
       const span = document.createElement("span");
       span.className = i >= r.n_prompt_tokens ? "tok gen" : "tok";
       span.dataset.i = String(i);
-      if (!label.includes("\n")) {
+      if (!label && r.labels[i]) {
+        span.classList.add("cont");
+      } else if (!label.includes("\n")) {
         span.textContent = label ? visible(label) : "\u2205";
       } else {
         label.split("\n").forEach((p, j) => {
@@ -277,10 +283,23 @@ export class App {
   /** Scroll the strip (only the strip: scrollIntoView would also scroll a notebook around its frame). */
   private scrollToToken(tok: HTMLElement): void {
     const s = this.strip;
+    // Lay out the token's block and the one before it for real first: an off-screen block has its guessed
+    // height (content-visibility), and a guess off by a few wrapped lines would move the token once in view.
+    for (const b of this.laidOut) b.style.contentVisibility = "";
+    const block = tok.parentElement as HTMLElement | null;
+    this.laidOut = [block, block?.previousElementSibling as HTMLElement | null].filter(
+      (b): b is HTMLElement => !!b && b.classList.contains("strip-block"));
+    for (const b of this.laidOut) b.style.contentVisibility = "visible";
     // From the rectangles: the token's offsetParent is its block (content-visibility contains layout).
-    const top = tok.getBoundingClientRect().top - s.getBoundingClientRect().top - s.clientTop + s.scrollTop;
-    if (top < s.scrollTop || top + tok.offsetHeight > s.scrollTop + s.clientHeight) {
+    const t = tok.getBoundingClientRect(), box = s.getBoundingClientRect();
+    const top = t.top - box.top - s.clientTop + s.scrollTop;
+    if (top < s.scrollTop || top + t.height > s.scrollTop + s.clientHeight) {
       s.scrollTop = Math.max(0, top - s.clientHeight / 2);
+    }
+    // The strip wraps, so this is for a token wider than the strip only (one very long unbroken token).
+    const left = t.left - box.left - s.clientLeft + s.scrollLeft;
+    if (left < s.scrollLeft || left + t.width > s.scrollLeft + s.clientWidth) {
+      s.scrollLeft = Math.max(0, left - s.clientWidth / 2);
     }
   }
 

@@ -23,7 +23,8 @@ export function q(token: string): string {
   return JSON.stringify(token).replace(/\\\\x/g, "\\x");
 }
 
-/** A token's text for the strip: whitespace made visible, newlines kept as line breaks. */
+/** A token's text for the strip: tabs made visible, newlines kept as line breaks. Spaces stay spaces (the strip
+ * is `white-space: pre-wrap`, which keeps them): a no-break space would leave a one-line prompt no place to wrap. */
 export function visible(token: string): string {
-  return token.replace(/\t/g, "→").replace(/ /g, "\u00a0");
+  return token.replace(/\t/g, "→");
 }

@@ -3,7 +3,8 @@
 export interface RunOverview {
   id: number;
   prompt: string;
-  labels: string[];
+  labels: string[]; // each token quoted as the CLI shows it (a partial character by its bytes: "\xc3")
+  texts?: string[]; // each token's share of the prompt's text, end to end the prompt itself (a split character: "é", "")
   n_prompt_tokens: number;
   prob: (number | null)[]; // probability the model gave token i (null for the first)
   top: string[]; // the model's top prediction at each position
