@@ -182,11 +182,9 @@ def _add_run(st: LayerStats, feats, view: _RunView, k: int, m: int, select: np.n
 def _merge(a: LayerStats, b: LayerStats, k: int, m: int) -> LayerStats:
     a.n_tokens += b.n_tokens
     a.n_runs += b.n_runs
-    a.active += b.active
-    a.total += b.total
-    a.peak = np.maximum(a.peak, b.peak)
-    a.hist += b.hist
-    a.negative += b.negative
+    # New arrays, not +=: what Ray hands back is read-only.
+    a.active, a.total, a.peak = a.active + b.active, a.total + b.total, np.maximum(a.peak, b.peak)
+    a.hist, a.negative = a.hist + b.hist, a.negative + b.negative
     for c, lst in b.top.items():
         a.top[c] = _prune(a.top.get(c, []) + lst, k)
     for key, lst in b.samples.items():
