@@ -99,7 +99,7 @@ def run(args) -> int:
     f = doc["features"]
     con = render.console()
     con.line(f"Token: {render.q(f['token'])} (position {f['position']}, run {f['run']})")
-    con.line(f"Dictionary: {dset.name} ({dset.kind}; trained on {dset.space})")
+    con.line(f"Dictionary: {dset.name} ({dset.kind}; read as trained, {dset.space})")
     for layer in f["layers"]:
         con.line()
         error = "" if layer["error_norm"] is None else f", reconstruction error norm {layer['error_norm']:.3g}"

@@ -11,6 +11,7 @@ Formats (``load_dictionary(path)``; a folder or a file):
     Gemma Scope 2         params.safetensors (w_enc, w_dec, b_enc, b_dec, threshold, affine_skip_connection)
     Llama Scope           hyperparams.json + checkpoints/final.safetensors (encoder.weight, decoder.weight, ...)
     hub references        sae-lens:RELEASE/SAE_ID, hf://owner/repo/path (downloaded where the hub is reachable)
+    embedded              hexray-demo-sae, hexray-demo-transcoders (for the embedded model hexray-demo)
 
 Every array is float32 in SAELens orientation: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]`` (cross-layer:
 ``[d_sae, n_out_layers, d_out]``, output layers ``layer, layer + 1, ...``), ``W_skip [d_in, d_out]`` (skip = x @
@@ -33,6 +34,8 @@ import numpy as np
 
 from hexray_core.errors import HexRayError
 
+EMBEDDED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+EMBEDDED_NAMES = ("hexray-demo-sae", "hexray-demo-transcoders")  # shipped with HexRay, for hexray-demo
 MAX_CONFIG_BYTES = 1 << 20
 MAX_ELEMENTS = 1 << 33  # per dictionary set: 32 GiB of float32, far beyond any published set's layer
 _LAYER_RE = re.compile(r"blocks\.(\d+)\.")
@@ -47,7 +50,7 @@ class Space:
     source: str  # where the flags came from
 
     def __str__(self) -> str:
-        return (f"fold_ln={self.fold_ln}, center_writing_weights={self.center_writing_weights} ({self.source})")
+        return f"fold_ln={self.fold_ln}, center_writing_weights={self.center_writing_weights}: {self.source}"
 
 
 @dataclass
@@ -749,6 +752,8 @@ def load_dictionary(path_or_ref) -> DictionarySet:
     ref = os.fspath(path_or_ref)
     if ref.startswith(("hf://", "sae-lens:")):
         path = resolve_reference(ref)
+    elif ref in EMBEDDED_NAMES and not os.path.exists(ref):
+        path = os.path.join(EMBEDDED, ref)
     else:
         path = ref
     if not os.path.exists(path):
