@@ -30,8 +30,8 @@ MAX_URL = 4096
 class ViewServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, traces: list, names: list[str], host: str = "127.0.0.1", port: int = 0):
-        self.traces, self.names = traces, names
+    def __init__(self, traces: list, names: list[str], host: str = "127.0.0.1", port: int = 0, dictionary=None):
+        self.traces, self.names, self.dictionary = traces, names, dictionary  # dictionary: a DictionarySet or None
         self.token = secrets.token_urlsafe(24)
         self.lock = threading.Lock()  # a Trace's caches are not thread-safe: one computation at a time
         self.explicit_host = host not in LOOPBACK
@@ -77,7 +77,12 @@ class ViewServer(ThreadingHTTPServer):
             return self.traces[i]
 
         if view == "overview":
-            return [data.overview(t, n) for t, n in zip(self.traces, self.names, strict=True)]
+            return [{**data.overview(t, n), "features": self.dictionary.describe() if self.dictionary else None}
+                    for t, n in zip(self.traces, self.names, strict=True)]
+        if view == "features":
+            if self.dictionary is None:
+                raise HexRayError("this viewer was started without a dictionary (hexray view --dict DIR)")
+            return data.run_features(trace(), num("run", 0), self.dictionary)
         if view == "detail":
             return data.token_detail(trace(), num("run", 0), num("pos"))
         if view == "lens":

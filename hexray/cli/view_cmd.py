@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
                    help="address to listen on (default 127.0.0.1); another address serves other machines "
                         "(anyone with the URL can read the traces)")
     p.add_argument("--no-browser", action="store_true", help="print the URL only")
+    p.add_argument("--dict", metavar="DIR", help="a dictionary (SAE or transcoders) whose features the viewer shows "
+                                                 "per token, and by which it can colour the strip")
 
 
 def run(args) -> int:
@@ -32,9 +34,15 @@ def run(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise HexRayError(f"--port must be 0..65535, not {args.port}")
+    dictionary = None
+    if args.dict:
+        from hexray_core.replay.dictionary import load_dictionary
+
+        dictionary = load_dictionary(args.dict)
     traces = [open_trace(p) for p in args.traces]
     try:
-        server = ViewServer(traces, [os.path.basename(p) for p in args.traces], host=args.host, port=args.port)
+        server = ViewServer(traces, [os.path.basename(p) for p in args.traces], host=args.host, port=args.port,
+                            dictionary=dictionary)
     except OSError as e:
         raise HexRayError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(server.url, flush=True)
