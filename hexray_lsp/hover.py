@@ -21,6 +21,7 @@ from lsprotocol import types as t
 from hexray_core.errors import HexRayError
 from trace_format import TraceFormatError
 
+from .features import hover_lines as feature_lines
 from .render import bits, code, pct, quote, signed, table, to_plaintext
 from .sources import hover_lines as source_lines
 from .trace_view import RunView, TraceView, token_label
@@ -126,7 +127,8 @@ def _next(view: TraceView, rv: RunView, last: int, n: int) -> list[str]:
 
 
 def hover_markdown(view: TraceView, rv: RunView, group: list[int], text: str, *, predictions: int = 5,
-                   contributors: int = 5, sources: int = 5) -> str:
+                   contributors: int = 5, sources: int = 5, dictionary: str = "", features: int = 5,
+                   roots: list[str] | None = None) -> str:
     """The hover for a group of tokens sharing the text under the cursor (usually one token)."""
     k = _top_k(view, rv)
     first, last = group[0], group[-1]
@@ -139,6 +141,7 @@ def hover_markdown(view: TraceView, rv: RunView, group: list[int], text: str, *,
         lines += _contributors(view, rv, first, contributors)
         lines += source_lines(view, rv, first, sources, text)
     lines += _next(view, rv, last, predictions)
+    lines += feature_lines(view.trace, rv.index, first, dictionary, features, roots or [])
     footer = f"*{view.model_name} · {os.path.basename(view.path)}"
     if len(view.runs) > 1:
         footer += f" · run {rv.index}"
@@ -178,7 +181,9 @@ async def hover(ls, params: t.HoverParams) -> t.Hover | None:
         if not group:
             return None
         value = hover_markdown(status.view, rv, group, doc.text, predictions=ls.settings.hover_predictions,
-                               contributors=ls.settings.hover_contributors, sources=ls.settings.hover_sources)
+                               contributors=ls.settings.hover_contributors, sources=ls.settings.hover_sources,
+                               dictionary=ls.settings.features_dictionary, features=ls.settings.hover_features,
+                               roots=ls.roots())
         start = min(int(rv.starts[i]) for i in group)
         end = max(int(rv.ends[i]) for i in group)
         (sl, sc), (el, ec) = index.position(start), index.position(end)

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-INLAY_MODES = ("probability", "surprisal", "contributor", "off")
+INLAY_MODES = ("probability", "surprisal", "contributor", "feature", "off")
 RECORD_TO = ("beside", "cache")
 SECTION = "hexray"
 
@@ -116,7 +116,9 @@ class Settings:
     file_patterns: tuple[str, ...] = setting(
         ("*.prompt",), _patterns, 'documents served: a glob without "/" matches the file name, one with "/" the '
         "path; documents with language id hexray-prompt are always served")
-    inlay_hints: str = setting("probability", _choice(INLAY_MODES), "probability | surprisal | contributor | off")
+    inlay_hints: str = setting("probability", _choice(INLAY_MODES), "probability | surprisal | contributor | feature "
+                                                                     "(the top feature; needs features.dictionary) | "
+                                                                     "off")
     surprise_threshold: float = setting(0.0, _prob, "mark tokens given a probability below this (0..1; 0 = off)")
     max_surprise_diagnostics: int = setting(200, _int_in(0, 100_000), "at most this many surprising-token "
                                                                        "diagnostics")
@@ -142,6 +144,11 @@ class Settings:
     hover_contributors: int = setting(5, _int_in(0, 50), "top components (and heads) listed in a hover",
                                       key="hover.contributors")
     hover_sources: int = setting(5, _int_in(0, 50), "source tokens listed in a hover (0 = none)", key="hover.sources")
+    features_dictionary: str = setting(
+        "", _str, "a dictionary (SAE or transcoders: folder, file, hexray-demo-sae, sae-lens:RELEASE/ID; relative to "
+        "the workspace folder) whose top features the hover lists; empty: none", key="features.dictionary")
+    hover_features: int = setting(5, _int_in(0, 50), "top features listed in a hover (with features.dictionary)",
+                                  key="hover.features")
     highlight_threshold: float = setting(
         0.1, _share, "highlight the source tokens of a prediction whose |total| is at least this share of the "
         "largest (0..1)", key="highlights.threshold")

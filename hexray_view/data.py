@@ -243,3 +243,43 @@ def diff(trace_a, trace_b, run_a: int, run_b: int, pos_a: int, pos_b: int, top: 
     for side in ("a", "b"):
         out[side] = _attribution(getattr(d, side))
     return plain(out)
+
+
+# -- features (a dictionary given with --dict) ------------------------------------------------------
+
+TOP_FEATURES = 5  # features per position whose top logits travel with the run
+MAX_FEATURE_INFO = 200  # ... at most this many per run (the most frequent), the rest show without
+
+
+def run_features(trace, run: int, dset) -> dict:
+    """The run's features through ``dset``, sparse (per layer: row p is ``indices[indptr[p]:indptr[p+1]]``, strongest
+    first), for the features panel and the strip's colouring by one feature; ``info`` holds the top and bottom logits
+    and label of the features most often among a position's strongest. A dictionary the trace cannot be read
+    through gives ``error`` (its one-line refusal) instead."""
+    from collections import Counter
+
+    from hexray_core.replay.features import feature_logits
+    from hexray_core.replay.features import run_features as features_of
+
+    r = trace.run(run)
+    out: dict = {"run": r.id, "dict": dset.name, "kind": dset.kind, "layers": [], "info": {}, "error": None}
+    try:
+        counts: Counter = Counter()
+        for layer in sorted(dset.layers):
+            f = features_of(r, dset, layer)
+            out["layers"].append({"layer": layer, "hook": dset[layer].hook_in, "d_sae": f.d_sae,
+                                  "indptr": f.indptr.tolist(), "indices": f.indices.tolist(),
+                                  "values": [round(float(v), 5) for v in f.values]})
+            for p in range(f.n):
+                counts.update((layer, int(j)) for j in f.at(p)[0][:TOP_FEATURES])
+        chosen = [k for k, _ in counts.most_common(MAX_FEATURE_INFO)]
+        for layer in sorted({lay for lay, _ in chosen}):
+            ids = [j for lay, j in chosen if lay == layer]
+            labels = dset[layer].labels
+            for j, (top, bottom) in zip(ids, feature_logits(trace, dset[layer], ids, k=5), strict=True):
+                out["info"][f"L{layer}F{j}"] = {"top": [t for _, t, _ in top], "bottom": [t for _, t, _ in bottom],
+                                                "explanation": labels.get(j)}
+    except HexRayError as e:
+        return {"run": r.id, "dict": dset.name, "kind": dset.kind, "layers": [], "info": {},
+                "error": str(e).splitlines()[0]}
+    return out

@@ -48,16 +48,16 @@ def detail_positions(run_overview: dict, n: int, always: tuple[int, ...] = ()) -
 
 
 def build(traces: list, names: list[str], *, detail: int = DEFAULT_DETAIL, positions: tuple[int, ...] = (),
-          runs: set[int] | None = None) -> dict:
+          runs: set[int] | None = None, dictionary=None) -> dict:
     """The `Embedded` payload (viewer/src/source.ts) for the given open traces.
 
     runs: the run numbers whose views are embedded (None: all, and the diffs); the others get only their strip
     (a notebook cell of a trace with a thousand prompts embeds the one it shows)."""
     if detail < 1:
         raise HexRayError(f"--detail must be at least 1, not {detail}")
-    out: dict = {"traces": [], "details": {}, "lens": {}, "colours": {}, "cot": {}, "diffs": []}
+    out: dict = {"traces": [], "details": {}, "lens": {}, "colours": {}, "cot": {}, "diffs": [], "features": {}}
     for t, (trace, name) in enumerate(zip(traces, names, strict=True)):
-        ov = data.overview(trace, name)
+        ov = {**data.overview(trace, name), "features": dictionary.describe() if dictionary else None}
         out["traces"].append(ov)
         for r, run in enumerate(ov["runs"]):
             if runs is not None and r not in runs:
@@ -77,6 +77,8 @@ def build(traces: list, names: list[str], *, detail: int = DEFAULT_DETAIL, posit
             if colours is not None and n > 1:
                 out["colours"][key] = _last_columns(colours, LENS_POSITIONS)
             out["cot"][key] = _optional(lambda trace=trace, run=run: data.cot(trace, run["id"]))
+            if dictionary is not None:
+                out["features"][key] = data.run_features(trace, run["id"], dictionary)
     sides = [] if runs is not None else [(t, r) for t, ov in enumerate(out["traces"]) for r in range(len(ov["runs"]))]
     for t, r in sides[1:]:
         a = {"trace": 0, "run": 0, "position": len(out["traces"][0]["runs"][0]["labels"]) - 1}
@@ -105,13 +107,15 @@ def _optional(fn):
         return None
 
 
-def write(paths: list[str], output: str, *, detail: int = DEFAULT_DETAIL, positions: tuple[int, ...] = ()) -> int:
+def write(paths: list[str], output: str, *, detail: int = DEFAULT_DETAIL, positions: tuple[int, ...] = (),
+          dictionary=None) -> int:
     """Write the report atomically (a temporary file renamed over `output`); returns its size in bytes."""
     from hexray_core.replay import open_trace
 
     traces = [open_trace(p) for p in paths]
     try:
-        payload = build(traces, [os.path.basename(p) for p in paths], detail=detail, positions=positions)
+        payload = build(traces, [os.path.basename(p) for p in paths], detail=detail, positions=positions,
+                        dictionary=dictionary)
     finally:
         for t in traces:
             t.close()

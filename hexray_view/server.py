@@ -38,8 +38,8 @@ class ViewServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, traces: list, names: list[str], host: str = "127.0.0.1", port: int = 0, *,
-                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
-        self.traces, self.names = traces, names
+                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS, dictionary=None):
+        self.traces, self.names, self.dictionary = traces, names, dictionary  # dictionary: a DictionarySet or None
         self.idle_timeout = idle_timeout
         self.slots = threading.BoundedSemaphore(max_connections)
         self.token = secrets.token_urlsafe(24)
@@ -111,7 +111,12 @@ class ViewServer(ThreadingHTTPServer):
             return self.traces[i]
 
         if view == "overview":
-            return [data.overview(t, n) for t, n in zip(self.traces, self.names, strict=True)]
+            return [{**data.overview(t, n), "features": self.dictionary.describe() if self.dictionary else None}
+                    for t, n in zip(self.traces, self.names, strict=True)]
+        if view == "features":
+            if self.dictionary is None:
+                raise HexRayError("this viewer was started without a dictionary (hexray view --dict DIR)")
+            return data.run_features(trace(), num("run", 0), self.dictionary)
         if view == "detail":
             return data.token_detail(trace(), num("run", 0), num("pos"))
         if view == "lens":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from hexray_core.errors import HexRayError
 
 
@@ -11,7 +13,8 @@ def add_parser(sub) -> None:
                                    "the tokens its decoder direction promotes and suppresses (through the "
                                    "unembedding, from the model kit) and its label where the dictionary ships "
                                    "explanations. The trace is read in the dictionary's own activation space.")
-    p.add_argument("trace", help="a .hxr trace written by `hexray record`")
+    p.add_argument("trace", help="a .hxr trace written by `hexray record`, or a dataset folder (what each feature "
+                                 "means over it: top contexts, density, histogram)")
     p.add_argument("--dict", required=True, metavar="DIR",
                    help="SAELens folder, circuit-tracer transcoders (config.yaml), Gemma Scope params.npz / "
                         "params.safetensors, Llama Scope folder, hf://REPO/PATH or sae-lens:RELEASE/ID")
@@ -22,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", default="10", help="features to show per layer, or 'all' (default 10)")
     p.add_argument("--logits", type=int, default=5, help="top and bottom logits per feature (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    from hexray.cli import features_dataset
+
+    features_dataset.add_arguments(p)
 
 
 def _top_k(text: str) -> int | None:
@@ -76,6 +82,13 @@ def run(args) -> int:
     top_k = _top_k(args.top_k)
     if args.logits < 0:
         raise HexRayError(f"--logits must be 0 or more, not {args.logits}")
+    if os.path.isdir(args.trace):
+        from hexray.cli import features_dataset
+
+        return features_dataset.run(args, top_k)
+    if args.feature or args.ray is not None:
+        raise HexRayError("--feature and --ray read a dataset folder (hexray record --prompts-file FILE -o DIR/), "
+                          f"not a trace: {args.trace}")
     dset = load_dictionary(args.dict)
     with open_trace(args.trace) as trace:
         doc = report(trace, dset, run=args.run, position=args.position, layers=args.layer, top_k=top_k,

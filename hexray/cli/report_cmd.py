@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--detail", type=int, default=100, help="positions per run with every panel embedded (default 100)")
     p.add_argument("--position", type=int, action="append", default=[],
                    help="also embed this position's detail (repeatable; negative counts from the end)")
+    p.add_argument("--dict", metavar="DIR", help="a dictionary (SAE or transcoders) whose features the report shows "
+                                                 "per token, and by which it can colour the strip")
 
 
 def run(args) -> int:
@@ -27,6 +29,12 @@ def run(args) -> int:
     output = args.output or os.path.splitext(os.path.basename(args.traces[0]))[0] + ".html"
     if os.path.isdir(output):
         raise HexRayError(f"{output} is a folder; give a file name with -o")
-    size = report.write(args.traces, output, detail=args.detail, positions=tuple(args.position))
+    dictionary = None
+    if args.dict:
+        from hexray_core.replay.dictionary import load_dictionary
+
+        dictionary = load_dictionary(args.dict)
+    size = report.write(args.traces, output, detail=args.detail, positions=tuple(args.position),
+                        dictionary=dictionary)
     print(f"hexray: wrote {output} ({size / 1e6:.2f} MB)")
     return 0

@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-browser", action="store_true", help="print the URL only")
     p.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
                    help="close a connection silent for S seconds (default 30)")
+    p.add_argument("--dict", metavar="DIR", help="a dictionary (SAE or transcoders) whose features the viewer shows "
+                                                 "per token, and by which it can colour the strip")
 
 
 def run(args) -> int:
@@ -36,10 +38,15 @@ def run(args) -> int:
         raise HexRayError(f"--port must be 0..65535, not {args.port}")
     if not 0 < args.idle_timeout <= 86400:
         raise HexRayError(f"--idle-timeout must be more than 0 and at most 86400 seconds, not {args.idle_timeout}")
+    dictionary = None
+    if args.dict:
+        from hexray_core.replay.dictionary import load_dictionary
+
+        dictionary = load_dictionary(args.dict)
     traces = [open_trace(p) for p in args.traces]
     try:
         server = ViewServer(traces, [os.path.basename(p) for p in args.traces], host=args.host, port=args.port,
-                            idle_timeout=args.idle_timeout)
+                            idle_timeout=args.idle_timeout, dictionary=dictionary)
     except OSError as e:
         raise HexRayError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(server.url, flush=True)

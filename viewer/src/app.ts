@@ -3,7 +3,8 @@
 import { barRow, clear, div, h, heatmap, seq } from "./dom";
 import { pct, q, sci, signed, visible } from "./fmt";
 import type { Source } from "./source";
-import type { AttnRows, Colours, Detail, LensGrid, Side, TraceOverview } from "./types";
+import { type FeatureRef, featureColour, featureLabel, featuresPanel, featureValues } from "./features";
+import type { AttnRows, Colours, Detail, LensGrid, RunFeatures, Side, TraceOverview } from "./types";
 
 const LENS_BEFORE = 12;
 const LENS_AFTER = 12;
@@ -27,6 +28,9 @@ export class App {
   private sourcePositions = new Set<number>();
   private painted: number[] = []; // tokens the overlay last touched
   private stripValues: (number | null)[] | null = null; // the component colouring shown, if any
+  private runFeatures: RunFeatures | null = null; // with --dict: the run's features (features.ts)
+  private feature: FeatureRef | null = null; // the feature the strip is coloured by, if any
+  private featureVals: number[] | null = null;
 
   private root: HTMLElement;
   private strip = h("div", { id: "strip", class: "strip", tabindex: 0 });
@@ -82,6 +86,7 @@ export class App {
     this.colours = null;
     this.colourBy = "probability";
     this.head = null;
+    this.runFeatures = this.feature = this.featureVals = null;
     this.render();
   }
 
@@ -159,6 +164,7 @@ export class App {
 
   private async setColour(by: string): Promise<void> {
     this.colourBy = by;
+    this.feature = this.featureVals = null; // a component colouring replaces a feature's
     if (by !== "probability" && !this.colours) {
       this.colours = await this.source.colours(this.t, this.run);
     }
@@ -173,9 +179,13 @@ export class App {
     const scale = values ? values.reduce<number>((m, v) => Math.max(m, Math.abs(v ?? 0)), 1e-9) : 1;
     this.stripValues = values;
     const tokens = this.tokens;
+    const fv = this.featureVals;
+    const fmax = fv ? Math.max(1e-9, ...fv) : 1;
     for (let i = 0; i < tokens.length; i++) {
       let bg = "";
-      if (values) {
+      if (fv) {
+        bg = featureColour(fv[i] ?? 0, fmax);
+      } else if (values) {
         const v = i >= 1 ? values[i - 1] : null;
         if (v != null) bg = div(v, scale);
       } else {
@@ -184,7 +194,9 @@ export class App {
       }
       tokens[i].style.background = bg;
     }
-    if (legend) {
+    if (legend && fv && this.feature) {
+      legend.textContent = `orange: activation of feature ${featureLabel(this.feature)} (max ${fmax.toFixed(3)}); click it again to clear`;
+    } else if (legend) {
       legend.textContent = values ? `green: ${this.colourBy} raised the logit of the token, red: lowered it (max |${signed(scale)}|)`
         : this.colourBy !== "probability" ? "this report holds no component attributions" : "red: the model found the token unlikely, green: likely (hover for p)";
     }
@@ -214,6 +226,7 @@ export class App {
   private tokenTitle(i: number): string {
     const r = this.currentRun();
     let title = `#${i} ${q(r.labels[i])}`;
+    if (this.featureVals && this.feature) title += `\n${featureLabel(this.feature)}: ${(this.featureVals[i] ?? 0).toFixed(3)}`;
     const v = this.stripValues && i >= 1 ? this.stripValues[i - 1] : null;
     if (this.stripValues) {
       if (v != null) title += `\n${this.colourBy} → this token: ${signed(v)}`;
@@ -262,6 +275,7 @@ export class App {
       this.status.textContent = `#${pos} ${q(r.labels[pos])}: this report embeds the details of some positions only ` +
         "(the bold ones); `hexray view` shows every position";
       clear(this.panels);
+      await this.showFeatures(my);
       this.overlay = null;
       this.paintOverlay();
       document.body.dataset.pos = String(pos);
@@ -276,8 +290,29 @@ export class App {
       this.sourcePanel(detail),
       h("section", { id: "p-lens", class: "panel wide" }, h("h3", { text: "Logit lens" })),
       h("section", { id: "p-attn", class: "panel wide" }, h("h3", { text: "Attention" })));
-    await Promise.all([this.renderLens(my, lens), this.renderAttention(my, detail, head && rows ? { head, rows } : null)]);
+    await Promise.all([this.renderLens(my, lens), this.renderAttention(my, detail, head && rows ? { head, rows } : null),
+      this.showFeatures(my)]);
     if (my === this.seq) document.body.dataset.pos = String(pos);
+  }
+
+  /** With --dict: the features panel of the selected token (before the wide panels); its rows pick the feature the
+   * strip is coloured by. */
+  private async showFeatures(my: number): Promise<void> {
+    if (!this.currentTrace().features) return;
+    const t = this.t, run = this.run;
+    try {
+      this.runFeatures ??= await this.source.features(t, run);
+    } catch (err) {
+      this.runFeatures = { run, dict: "", kind: "", layers: [], info: {}, error: String(err) };
+    }
+    if (my !== this.seq || t !== this.t || run !== this.run) return;
+    const panel = featuresPanel(this.runFeatures, this.pos, this.feature, (f) => {
+      this.feature = f;
+      this.featureVals = f && this.runFeatures ? featureValues(this.runFeatures, f) : null;
+      this.recolour();
+      void this.select(this.pos);
+    });
+    this.panels.insertBefore(panel, this.panels.querySelector(".panel.wide"));
   }
 
   /** Scroll the strip (only the strip: scrollIntoView would also scroll a notebook around its frame). */

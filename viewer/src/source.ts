@@ -1,7 +1,7 @@
 // Where the data comes from: the `hexray view` server (fetched lazily, one panel at a time), or the
 // JSON a report / notebook cell embeds (null where the report did not embed a position).
 
-import type { AttnRows, Colours, Cot, Detail, Diff, LensGrid, Side, TraceOverview } from "./types";
+import type { AttnRows, Colours, Cot, Detail, Diff, LensGrid, RunFeatures, Side, TraceOverview } from "./types";
 
 export interface Source {
   readonly kind: "server" | "embedded";
@@ -13,6 +13,7 @@ export interface Source {
   colours(t: number, run: number): Promise<Colours | null>;
   cot(t: number, run: number): Promise<Cot | null>;
   diff(a: Side, b: Side): Promise<Diff | null>;
+  features(t: number, run: number): Promise<RunFeatures | null>; // null: no --dict
   diffSides?(): [Side, Side][];
   embedded?(t: number, run: number): Set<number>; // positions a report holds the details of
 }
@@ -44,6 +45,7 @@ export class ServerSource implements Source {
     return this.get<AttnRows>("attention", { t, run, pos, layer, head });
   }
   colours(t: number, run: number) { return this.get<Colours>("colours", { t, run }); }
+  features(t: number, run: number) { return this.get<RunFeatures>("features", { t, run }); }
   cot(t: number, run: number) { return this.get<Cot>("cot", { t, run }); }
   diff(a: Side, b: Side) {
     return this.get<Diff>("diff", { ta: a.trace, ra: a.run, pa: a.position, tb: b.trace, rb: b.run, pb: b.position });
@@ -57,6 +59,7 @@ export interface Embedded {
   colours: Record<string, Colours>;
   cot: Record<string, Cot>;
   diffs: { a: Side; b: Side; diff: Diff }[];
+  features?: Record<string, RunFeatures>; // "t.run", with --dict
   start?: Side; // where a notebook cell opens
 }
 
@@ -84,6 +87,7 @@ export class EmbeddedSource implements Source {
   }
 
   async colours(t: number, run: number) { return this.data.colours[`${t}.${run}`] ?? null; }
+  async features(t: number, run: number) { return this.data.features?.[`${t}.${run}`] ?? null; }
   async cot(t: number, run: number) { return this.data.cot[`${t}.${run}`] ?? null; }
 
   async diff(a: Side, b: Side) {

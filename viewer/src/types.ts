@@ -21,6 +21,7 @@ export interface TraceOverview {
   n_heads: number;
   has_kit: boolean;
   runs: RunOverview[];
+  features?: { name: string; kind: string; layers: number[]; space: string } | null; // the --dict dictionary
 }
 
 export interface Contribution {
@@ -137,4 +138,23 @@ export interface Side {
   trace: number;
   run: number;
   position: number;
+}
+
+/** A run's features through the --dict dictionary (data.run_features): per layer, sparse rows strongest first. */
+export interface FeatureLayer {
+  layer: number;
+  hook: string;
+  d_sae: number;
+  indptr: number[];
+  indices: number[];
+  values: number[];
+}
+
+export interface RunFeatures {
+  run: number;
+  dict: string;
+  kind: string;
+  layers: FeatureLayer[];
+  info: Record<string, { top: string[]; bottom: string[]; explanation: string | null }>;
+  error: string | null;
 }

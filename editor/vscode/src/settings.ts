@@ -25,6 +25,8 @@ export const SERVER_SETTINGS = [
   'hover.predictions',
   'hover.contributors',
   'hover.sources',
+  'hover.features',
+  'features.dictionary',
   'highlights.threshold',
   'highlights.max',
   'filePatterns',
@@ -35,7 +37,7 @@ export const SERVER_SETTINGS = [
 export const RESTART_SETTINGS = ['hexray.interpreter', 'hexray.serverArgs', 'hexray.filePatterns'];
 
 /** Settings that hold paths: `${workspaceFolder}`, `${userHome}`, `${env:X}` and `~` are expanded. */
-const PATH_SETTINGS = new Set(['python', 'extraPaths', 'traceFolder']);
+const PATH_SETTINGS = new Set(['python', 'extraPaths', 'traceFolder', 'features.dictionary']);
 
 export type Getter = (key: string) => unknown;
 
