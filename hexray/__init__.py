@@ -79,7 +79,8 @@ def record(prompts, model="gpt2", output=None, **opts):
     "float16", "bfloat16"), ``top_k`` (20), ``generate`` (N tokens), ``temperature``, ``seed``,
     ``prepend_bos``, ``bundle`` (embed the model kit), ``device``, ``dtype``, ``n_devices``,
     ``device_map``, ``trust_remote_code``, ``revision``, ``cache_dir``, ``interventions`` (a list of
-    ``--intervene`` specs, e.g. ``["L1H2=0", "blocks.2.hook_resid_pre@5<-clean.hxr"]``), ``progress`` (a callable
+    ``--intervene`` specs, e.g. ``["L1H2=0", "blocks.2.hook_resid_pre@5<-clean.hxr"]``), ``grad`` (a
+    ``--grad`` metric such as ``'logit-diff:" Mary"," John"'``: also store its gradients), ``progress`` (a callable
     ``progress(event, **info)``), ``framework`` of the returned trace ("np" or "pt").
     """
     framework = opts.pop("framework", "np")

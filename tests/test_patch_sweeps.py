@@ -77,3 +77,21 @@ def test_cli_json_and_trace(tiny_llama_dir, tmp_path, capsys):
     assert rc == 0 and "resid_pre: logit-diff" in text and text.splitlines()[2].startswith("L0 ")
     rc = main(["patch", "--model", tiny_llama_dir, "--clean", "The cat sat", "--corrupt", "The dog sat", "-q"])
     assert rc == 1 and "clean is 10 tokens, corrupt 9" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_on_ray_equals_one_process(tiny_gpt2_dir, capsys):
+    """--ray: the index table cut into chunks, each a Ray task in its own worker, gives the same values."""
+    import ray
+
+    args = ["patch", "--model", tiny_gpt2_dir, "--clean", CLEAN, "--corrupt", CORRUPT, "--sweep", "attn_out",
+            "--target", "#5", "--baseline", "#7", "-q", "--json"]
+    assert main(args) == 0
+    one = json.loads(capsys.readouterr().out)["patch"]["values"]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main([*args, "--ray", "--workers", "3"]) == 0
+        spread = json.loads(capsys.readouterr().out)["patch"]["values"]
+    finally:
+        ray.shutdown()
+    assert spread == one

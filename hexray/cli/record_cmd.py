@@ -34,7 +34,7 @@ examples:
 INTERVENE_HELP = """\
 SPEC = TARGET[~DIR.npy][@POSITIONS]ACTION
   TARGET    L1H2 (head 2 of layer 1: its hook_z), L2N17 (neuron 17: mlp.hook_post),
-            L1.attn / L1.mlp / L1.resid_pre|resid_mid|resid_post (layer outputs, the stream),
+            L1.attn / L1.mlp / L1.resid_pre / L1.resid_post (layer outputs, the stream),
             or any hook name (blocks.2.hook_resid_pre)
   ~DIR.npy  act on the component along this direction only (a vector, normalised)
   @POS      3 | 3,5 | 2:6 (positions 2-5); default every position

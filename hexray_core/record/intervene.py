@@ -37,8 +37,13 @@ from .intervene_spec import Intervention, parse_interventions
 _QUERY_AXIS_HOOKS = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]: positions are queries
 
 
+MAX_VECTOR_FILE = 64 << 20  # a vector of any model's width is far smaller; refuse before reading a huge file
+
+
 def _load_vector(path: str, what: str, spec: str) -> np.ndarray:
     try:
+        if os.path.getsize(path) > MAX_VECTOR_FILE:
+            raise HexRayError(f"--intervene {spec!r}: {what} file {path} is over {MAX_VECTOR_FILE >> 20} MB")
         arr = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise HexRayError(f"--intervene {spec!r}: {what} file {path} not found") from None
@@ -179,11 +184,13 @@ class Interventions:
 def bind(bridge, specs, base_dir: str | None = None) -> Interventions:
     """Parse (if needed) and check every spec against the bridge's model."""
     ivs = parse_interventions(specs, base_dir)
+    state = {"start": 0, "n_prompt": 0}
+    if not ivs:
+        return Interventions([], state)
     cfg = bridge.cfg
     n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
     d_mlp = int(getattr(cfg, "d_mlp", 0) or 0)
     canon = canonical_names(dict(bridge.hook_dict))
-    state = {"start": 0, "n_prompt": 0}
     acts = []
     for iv in ivs:
         where = f"--intervene {iv.spec!r}"
