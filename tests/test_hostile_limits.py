@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from trace_format import Limits, TraceReader, TraceWriter, verify
+from trace_format import Limits, TraceFormatError, TraceLimitError, TraceReader, TraceWriter, verify
 from trace_format.dtypes import FLOAT_TAGS
 
 TAGS = ["f32", "f16", "bf16", "f64", "i64", "i32", "i16", "i8", "u8", "bool"]
@@ -78,7 +78,8 @@ def test_what_the_writer_accepts_the_reader_returns(tmp_path, tag, kind, rows, c
         w.begin_run()
         try:
             w.write("t", arr, dtype=tag)
-        except ValueError as e:  # refused up front: a reader with these limits would refuse it
+        except TraceLimitError as e:  # refused up front (one line on the command line, a ValueError here)
+            assert isinstance(e, ValueError) and isinstance(e, TraceFormatError)
             assert "over the memory budget of 262,144" in str(e)
             assert arr.size * max(arr.itemsize, 4 if tag in FLOAT_TAGS else 1) > lim.read_budget_bytes
             refused = True

@@ -21,7 +21,7 @@ the package).
     FORMAT_VERSION  (major, minor) written by this package
 """
 
-from .errors import TraceFormatError
+from .errors import TraceFormatError, TraceLimitError
 from .fileio import check_output_path, open_regular
 from .layout import WEIGHTS_RUN
 from .limits import DEFAULT_LIMITS, Limits
@@ -47,6 +47,6 @@ def __dir__() -> list[str]:
 FORMAT_VERSION = (1, 0)  # (major, minor) this package writes; it reads every minor of major 1
 
 __all__ = [
-    "DEFAULT_LIMITS", "FORMAT_VERSION", "Limits", "TensorInfo", "TraceFormatError", "TraceReader", "TraceWriter",
-    "VerifyReport", "WEIGHTS_RUN", "check_output_path", "open_regular", "verify",
+    "DEFAULT_LIMITS", "FORMAT_VERSION", "Limits", "TensorInfo", "TraceFormatError", "TraceLimitError", "TraceReader",
+    "TraceWriter", "VerifyReport", "WEIGHTS_RUN", "check_output_path", "open_regular", "verify",
 ]

@@ -16,3 +16,9 @@ class TraceFormatError(Exception):
         if offset is not None:
             message = f"{message} (at byte {offset})"
         super().__init__(message)
+
+
+class TraceLimitError(TraceFormatError, ValueError):
+    """The writer refuses a tensor that a reader with the same limits would refuse to return (SPEC.md
+    10.1). A ValueError like the writer's other refusals, and a TraceFormatError so that the command
+    line reports it in one line."""

@@ -21,7 +21,7 @@ import numpy as np
 from . import layout
 from .codec import encode, pack_obj
 from .dtypes import DTYPES, FLOAT_TAGS, f32_to_bf16, tag_of
-from .errors import TraceFormatError
+from .errors import TraceFormatError, TraceLimitError
 from .fileio import check_output_path, open_regular, shown
 from .layout import KIND_CHUNK, KIND_INDEX, KIND_META, WEIGHTS_RUN, RecordHeader, Trailer, padded, rows_of
 from .limits import DEFAULT_LIMITS, Limits
@@ -252,8 +252,8 @@ class TraceWriter:
         out_bytes = rows * (row_bytes // max(1, itemsize)) * max(itemsize, 4 if tag in FLOAT_TAGS else itemsize)
         out_bytes += min(rows, chunk_rows) * row_bytes  # a read's cost: the result and the chunk being decoded
         if out_bytes > lim.max_tensor_bytes:
-            raise ValueError(f"tensor {name!r}: {out_bytes:,} bytes, over the reader's max_tensor_bytes of "
-                             f"{lim.max_tensor_bytes:,}")
+            raise TraceLimitError(f"tensor {name!r}: {out_bytes:,} bytes, over the reader's max_tensor_bytes of "
+                                  f"{lim.max_tensor_bytes:,}")
         if out_bytes <= lim.read_budget_bytes:
             return
         need = -(-(out_bytes - lim.result_slack_bytes) // lim.result_per_file_byte)
@@ -267,10 +267,10 @@ class TraceWriter:
                                                     use_shuffle=use_shuffle)[2]), pieces)
         stored = sum(padded(layout.HEADER_SIZE + n) for n in sizes)
         if self._pos + stored < need:
-            raise ValueError(f"tensor {name!r}: a read of it returns {out_bytes:,} bytes, over the memory budget of "
-                             f"{lim.read_budget_bytes:,} and it compresses to {stored:,} (a reader allows "
-                             f"{lim.result_per_file_byte}x the file's size beyond the budget); pass "
-                             "limits=Limits(read_budget_bytes=...) to the writer and the reader")
+            raise TraceLimitError(f"tensor {name!r}: a read of it returns {out_bytes:,} bytes, over the memory "
+                                  f"budget of {lim.read_budget_bytes:,} and it compresses to {stored:,} (a reader "
+                                  f"allows {lim.result_per_file_byte}x the file's size beyond the budget); pass "
+                                  "limits=Limits(read_budget_bytes=...) to the writer and the reader")
 
     def flush(self) -> None:
         """Wait until every queued chunk is compressed and handed to the OS (arrays passed to write() are then free)."""
