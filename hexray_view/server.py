@@ -30,8 +30,10 @@ MAX_URL = 4096
 class ViewServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, traces: list, names: list[str], host: str = "127.0.0.1", port: int = 0, dictionary=None):
+    def __init__(self, traces: list, names: list[str], host: str = "127.0.0.1", port: int = 0, dictionary=None,
+                 dataset=None):
         self.traces, self.names, self.dictionary = traces, names, dictionary  # dictionary: a DictionarySet or None
+        self.dataset, self.meanings = dataset, {}  # a clicked feature's statistics over the dataset, kept
         self.token = secrets.token_urlsafe(24)
         self.lock = threading.Lock()  # a Trace's caches are not thread-safe: one computation at a time
         self.explicit_host = host not in LOOPBACK
@@ -77,8 +79,16 @@ class ViewServer(ThreadingHTTPServer):
             return self.traces[i]
 
         if view == "overview":
-            return [{**data.overview(t, n), "features": self.dictionary.describe() if self.dictionary else None}
+            return [{**data.overview(t, n), "features": self.dictionary.describe() if self.dictionary else None,
+                     "feature_dataset": self.dataset.path if self.dataset is not None else None}
                     for t, n in zip(self.traces, self.names, strict=True)]
+        if view == "meaning":
+            if self.dataset is None or self.dictionary is None:
+                raise HexRayError("this viewer was started without a dataset (hexray view --dict D --dataset DIR)")
+            key = (num("layer"), num("f"))
+            if key not in self.meanings:
+                self.meanings[key] = data.feature_meaning(self.dataset, self.dictionary, *key)
+            return self.meanings[key]
         if view == "features":
             if self.dictionary is None:
                 raise HexRayError("this viewer was started without a dictionary (hexray view --dict DIR)")

@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-browser", action="store_true", help="print the URL only")
     p.add_argument("--dict", metavar="DIR", help="a dictionary (SAE or transcoders) whose features the viewer shows "
                                                  "per token, and by which it can colour the strip")
+    p.add_argument("--dataset", metavar="DIR", help="with --dict: a recorded dataset (hexray record --prompts-file "
+                                                    "F -o DIR/) over which a clicked feature's top contexts, density "
+                                                    "and histogram are shown")
 
 
 def run(args) -> int:
@@ -39,10 +42,17 @@ def run(args) -> int:
         from hexray_core.replay.dictionary import load_dictionary
 
         dictionary = load_dictionary(args.dict)
+    dataset = None
+    if args.dataset:
+        if dictionary is None:
+            raise HexRayError("--dataset needs --dict (the dictionary whose features it describes)")
+        from hexray_core.dataset.reader import open_dataset
+
+        dataset = open_dataset(args.dataset)
     traces = [open_trace(p) for p in args.traces]
     try:
         server = ViewServer(traces, [os.path.basename(p) for p in args.traces], host=args.host, port=args.port,
-                            dictionary=dictionary)
+                            dictionary=dictionary, dataset=dataset)
     except OSError as e:
         raise HexRayError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(server.url, flush=True)
