@@ -91,6 +91,9 @@ def activations(model, seqs: torch.Tensor, batch: int = 32) -> dict:
 
 # -- training ----------------------------------------------------------------------------------------------------------
 
+BATCH = 512
+
+
 def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, steps: int, seed: int) -> dict:
     torch.manual_seed(seed)
     d = x.shape[1]
@@ -101,7 +104,7 @@ def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, steps: int, seed: int) -
     opt = torch.optim.Adam(params.values(), lr=2e-3)
     var = (x - x.mean(0)).pow(2).sum(1).mean()
     for step in range(steps):
-        xb = x[torch.randint(0, len(x), (2048,))]
+        xb = x[torch.randint(0, len(x), (BATCH,))]
         pre = (xb - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
         top = pre.topk(k, dim=-1)
         f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
@@ -114,7 +117,7 @@ def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, steps: int, seed: int) -
         opt.step()
         with torch.no_grad():  # unit decoder rows: activations carry the scale
             params["W_dec"] /= params["W_dec"].norm(dim=1, keepdim=True)
-        if step % 500 == 0:
+        if step % 100 == 0:
             print(f"  sae step {step}: normalised MSE {loss.item():.4f}", flush=True)
     return {k: v.detach() for k, v in params.items()}
 
@@ -131,7 +134,7 @@ def train_transcoder(x: torch.Tensor, y: torch.Tensor, d_tc: int, target_l0: flo
     var = (y - y.mean(0)).pow(2).sum(1).mean()
     lam, l0_avg = 1e-3, None
     for step in range(steps):
-        ix = torch.randint(0, len(x), (2048,))
+        ix = torch.randint(0, len(x), (BATCH,))
         xb, yb = x[ix], y[ix]
         f = torch.relu(xb @ params["W_enc"] + params["b_enc"])
         recon = f @ params["W_dec"] + params["b_dec"]
@@ -147,7 +150,7 @@ def train_transcoder(x: torch.Tensor, y: torch.Tensor, d_tc: int, target_l0: flo
         l0_avg = l0 if l0_avg is None else 0.95 * l0_avg + 0.05 * l0
         if step > 200 and step % 20 == 0:  # steer the L1 coefficient towards the target L0
             lam *= math.exp(0.1 * math.tanh(math.log(l0_avg / target_l0)))
-        if step % 500 == 0:
+        if step % 100 == 0:
             print(f"  transcoder step {step}: normalised MSE {mse.item():.4f}, L0 {l0_avg:.1f}, l1 {lam:.2e}",
                   flush=True)
     return {k: v.detach() for k, v in params.items()}
@@ -231,45 +234,44 @@ def _apply(d, x: torch.Tensor, *, keep_bos: bool) -> torch.Tensor:
     return out
 
 
-def evaluate(model, seqs, acts, sae, tcs) -> dict:
+def _stats(d, x, y) -> dict:
+    f = d.encode(x.numpy())
+    recon = d.forward(x.numpy())
+    yy = y.numpy()
+    fvu = float(((recon - yy) ** 2).sum() / ((yy - yy.mean(0)) ** 2).sum())
+    return {"l0": float((f > 0).sum(1).mean()), "variance_explained": 1 - fvu,
+            "dead_fraction": float(((f > 0).sum(0) == 0).mean())}
+
+
+def evaluate(model, seqs, acts, sae=None, tcs=None) -> dict:
     clean = ce_loss(model, seqs)
     report = {"clean_ce": clean, "eval_tokens": int(seqs[:, 1:].numel())}
+    if sae is not None:
+        x = acts[("resid", SAE_LAYER)]
+        s = _stats(sae, x, x)
 
-    def stats(d, x, y):
-        f = d.encode(x.numpy())
-        recon = d.forward(x.numpy())
-        yy = y.numpy()
-        fvu = float(((recon - yy) ** 2).sum() / ((yy - yy.mean(0)) ** 2).sum())
-        return {"l0": float((f > 0).sum(1).mean()), "variance_explained": 1 - fvu,
-                "dead_fraction": float(((f > 0).sum(0) == 0).mean())}
+        def sae_patch(kind, layer, t, *rest):
+            return _apply(sae, t, keep_bos=True) if kind == "resid" and layer == SAE_LAYER else t
 
-    x = acts[("resid", SAE_LAYER)]
-    s = stats(sae, x, x)
+        def zero_resid(kind, layer, t, *rest):
+            if kind == "resid" and layer == SAE_LAYER:
+                z = torch.zeros_like(t)
+                z[:, 0] = t[:, 0]
+                return z
+            return t
 
-    def sae_patch(kind, layer, t, *rest):
-        if kind == "resid" and layer == SAE_LAYER:
-            return _apply(sae, t, keep_bos=True)
-        return t
-
-    def zero_resid(kind, layer, t, *rest):
-        if kind == "resid" and layer == SAE_LAYER:
-            z = torch.zeros_like(t)
-            z[:, 0] = t[:, 0]
-            return z
-        return t
-
-    with_sae, ablated = ce_loss(model, seqs, sae_patch), ce_loss(model, seqs, zero_resid)
-    s.update({"ce_with_dictionary": with_sae, "ce_zero_ablation": ablated,
-              "ce_loss_recovered": (ablated - with_sae) / (ablated - clean)})
-    report["sae"] = s
+        with_sae, ablated = ce_loss(model, seqs, sae_patch), ce_loss(model, seqs, zero_resid)
+        s.update({"ce_with_dictionary": with_sae, "ce_zero_ablation": ablated,
+                  "ce_loss_recovered": (ablated - with_sae) / (ablated - clean)})
+        report["sae"] = s
+    if tcs is None:
+        return report
     report["transcoders"] = []
     for i, d in enumerate(tcs):
-        s = stats(d, acts[("in", i)], acts[("out", i)])
+        s = _stats(d, acts[("in", i)], acts[("out", i)])
 
         def tc_patch(kind, layer, t, inp=None, i=i, d=d):
-            if kind == "mlp" and layer == i:
-                return _apply(d, inp, keep_bos=False)
-            return t
+            return _apply(d, inp, keep_bos=False) if kind == "mlp" and layer == i else t
 
         def zero_mlp(kind, layer, t, inp=None, i=i):
             return torch.zeros_like(t) if kind == "mlp" and layer == i else t
@@ -291,7 +293,7 @@ def evaluate(model, seqs, acts, sae, tcs) -> dict:
     return report
 
 
-def model_card(report: dict, args, seconds: float) -> tuple[str, str]:
+def sae_card(report: dict, args, seconds: float) -> str:
     s = report["sae"]
     ces = f"{report['clean_ce']:.3f} / {s['ce_with_dictionary']:.3f} / {s['ce_zero_ablation']:.3f}"
     sae = f"""# hexray-demo-sae
@@ -303,7 +305,8 @@ A residual-stream sparse autoencoder for the embedded model `hexray-demo`, train
   writing weights not centred; HexRay rebuilds it from a trace and the model kit)
 - SAELens folder, architecture `topk` (k = {args.k}), {args.sae_features} features, float16 weights
 - trained on {args.train_seqs} × 128-token windows of the demo model's corpus (Jane Austen's six novels),
-  {args.steps} Adam steps; evaluated on {report['eval_tokens']:,} held-out tokens (the end of *Persuasion*)
+  {args.steps} Adam steps of {args.batch}; evaluated on {report['eval_tokens']:,} held-out tokens (the end of
+  *Persuasion*)
 
 | metric | value |
 |---|---|
@@ -314,8 +317,12 @@ A residual-stream sparse autoencoder for the embedded model `hexray-demo`, train
 | features never active on the held-out text | {s['dead_fraction']:.1%} |
 
 Measured after reloading the saved float16 weights with `hexray.load_dictionary` (numpy). Training took
-{seconds:.0f} s for both dictionaries (2-vCPU shared VM, no GPU).
+{seconds:.0f} s (a shared 2-vCPU VM, heavily loaded, no GPU).
 """
+    return sae
+
+
+def tc_card(report: dict, args, seconds: float) -> str:
     rows = "\n".join(f"| {t['layer']} | {t['l0']:.1f} | {t['variance_explained']:.3f} | {t['ce_loss_recovered']:.3f} | "
                      f"{t['ce_with_dictionary']:.3f} / {t['ce_zero_ablation']:.3f} | {t['dead_fraction']:.1%} |"
                      for t in report["transcoders"])
@@ -330,7 +337,8 @@ Per-layer transcoders for the embedded model `hexray-demo`, trained by `scripts/
 - circuit-tracer transcoder set (`config.yaml` + `layer_i.safetensors`), ReLU, {args.tc_features} features per
   layer, float16 weights; trained with an L1 penalty weighted by decoder norms, its coefficient steered towards
   L0 ≈ {args.target_l0:g}
-- {args.train_seqs} × 128-token training windows of Jane Austen's novels, {args.steps} Adam steps; evaluated on
+- {args.train_seqs} × 128-token training windows of Jane Austen's novels, {args.steps} Adam steps of {args.batch};
+  evaluated on
   {report['eval_tokens']:,} held-out tokens (the end of *Persuasion*); clean CE {report['clean_ce']:.3f}
 
 | layer | L0 | variance explained | CE loss recovered | CE with transcoder / MLP zero-ablated | never active |
@@ -339,57 +347,71 @@ Per-layer transcoders for the embedded model `hexray-demo`, trained by `scripts/
 
 All four spliced in at once: CE {a['ce_with_dictionary']:.3f} (MLPs zero-ablated: {a['ce_zero_ablation']:.3f}),
 loss recovered {a['ce_loss_recovered']:.3f}. Measured after reloading the saved float16 weights with
-`hexray.load_dictionary` (numpy).
+`hexray.load_dictionary` (numpy). Training took {seconds:.0f} s (a shared 2-vCPU VM, heavily loaded, no GPU).
 """
-    return sae, tcs
+    return tcs
+
+
+def _write_card(folder: str, card: str, report: dict) -> None:
+    print(json.dumps(report, indent=1), flush=True)
+    with open(os.path.join(folder, "MODEL_CARD.md"), "w") as f:
+        f.write(card)
+    with open(os.path.join(folder, "evaluation.json"), "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--austen-dir", required=True, help="where r-cran-janeaustenr's .deb was extracted")
     ap.add_argument("--out", default=MODELS)
-    ap.add_argument("--train-seqs", type=int, default=1200)
+    ap.add_argument("--train-seqs", type=int, default=800)
     ap.add_argument("--eval-seqs", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--sae-features", type=int, default=1024)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--tc-features", type=int, default=512)
     ap.add_argument("--target-l0", type=float, default=24)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--only", choices=["sae", "transcoders"], help="train one of the two (default both)")
+    ap.add_argument("--tokens-cache", help="keep the tokenized corpus here (.npy) to skip reading it again")
     args = ap.parse_args()
+    globals()["BATCH"] = args.batch
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tok = load_model()
-    data, eot = token_stream(args.austen_dir, tok)
+    if args.tokens_cache and os.path.exists(args.tokens_cache):
+        data, eot = torch.from_numpy(np.load(args.tokens_cache)), tok.convert_tokens_to_ids("<|endoftext|>")
+    else:
+        data, eot = token_stream(args.austen_dir, tok)
+        if args.tokens_cache:
+            np.save(args.tokens_cache, data.numpy())
     n_val = max(len(data) // 50, 128 * 40)  # as train_demo_model.py: the last 2% is held out
     train, val = data[:-n_val], data[-n_val:]
     acts = activations(model, batches(train, eot, 128, args.train_seqs, seed=1))
     print(f"{len(data):,} tokens; {len(acts[('resid', SAE_LAYER)]):,} training activations "
           f"({time.time() - t0:.0f} s)", flush=True)
-    sae_p = train_topk_sae(acts[("resid", SAE_LAYER)], args.sae_features, args.k, args.steps, seed=0)
-    tc_ps = []
-    for i in range(model.config.n_layer):
-        tc_ps.append(train_transcoder(acts[("in", i)], acts[("out", i)], args.tc_features, args.target_l0,
-                                      args.steps, seed=10 + i))
     sae_dir, tc_dir = os.path.join(args.out, "hexray-demo-sae"), os.path.join(args.out, "hexray-demo-transcoders")
-    save_sae(sae_p, args.k, sae_dir)
-    save_transcoders(tc_ps, tc_dir)
-    seconds = time.time() - t0
-
     from hexray_core.replay.dictionary import load_dictionary
 
-    sae = load_dictionary(sae_dir)[SAE_LAYER]
-    tcs = load_dictionary(tc_dir)
     eval_seqs = batches(val, eot, 128, args.eval_seqs, seed=2)
-    report = evaluate(model, eval_seqs, activations(model, eval_seqs), sae, [tcs[i] for i in sorted(tcs.layers)])
-    report["training_seconds"] = seconds
-    print(json.dumps(report, indent=1))
-    card_sae, card_tc = model_card(report, args, seconds)
-    for folder, card in ((sae_dir, card_sae), (tc_dir, card_tc)):
-        with open(os.path.join(folder, "MODEL_CARD.md"), "w") as f:
-            f.write(card)
-        with open(os.path.join(folder, "evaluation.json"), "w") as f:
-            json.dump(report, f, indent=1)
+    eval_acts = activations(model, eval_seqs)
+    if args.only in (None, "sae"):
+        t1 = time.time()
+        save_sae(train_topk_sae(acts[("resid", SAE_LAYER)], args.sae_features, args.k, args.steps, seed=0), args.k,
+                 sae_dir)
+        seconds = time.time() - t1
+        report = evaluate(model, eval_seqs, eval_acts, sae=load_dictionary(sae_dir)[SAE_LAYER])
+        _write_card(sae_dir, sae_card(report, args, seconds), report)
+    if args.only in (None, "transcoders"):
+        t1 = time.time()
+        tc_ps = [train_transcoder(acts[("in", i)], acts[("out", i)], args.tc_features, args.target_l0, args.steps,
+                                  seed=10 + i) for i in range(model.config.n_layer)]
+        save_transcoders(tc_ps, tc_dir)
+        seconds = time.time() - t1
+        tcs = load_dictionary(tc_dir)
+        report = evaluate(model, eval_seqs, eval_acts, tcs=[tcs[i] for i in sorted(tcs.layers)])
+        _write_card(tc_dir, tc_card(report, args, seconds), report)
     return 0
 
 

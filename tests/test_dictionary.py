@@ -301,3 +301,29 @@ def test_bad_dictionary_files_are_one_line(tmp_path):
         load_dictionary(tmp_path / "empty")
     with pytest.raises(HexRayError, match="no such file"):
         load_dictionary(tmp_path / "absent")
+
+
+def test_hostile_dictionary_files(tmp_path):
+    saelens_folder(tmp_path / "fifo")
+    os.remove(tmp_path / "fifo" / "cfg.json")
+    os.mkfifo(tmp_path / "fifo" / "cfg.json")  # never opened for reading: that would block
+    with pytest.raises(HexRayError, match="not a dictionary file") as e:
+        load_dictionary(tmp_path / "fifo")
+    assert "\n" not in str(e.value)
+    saelens_folder(tmp_path / "deep")
+    (tmp_path / "deep" / "cfg.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(HexRayError, match="not valid JSON"):
+        load_dictionary(tmp_path / "deep")
+    saelens_folder(tmp_path / "hdr")
+    path = tmp_path / "hdr" / "sae_weights.safetensors"
+    for header in (b"[1, 2]", b'{"W_enc": {"dtype": "F32", "shape": ["x"], "data_offsets": [0, 4]}}',
+                   b'{"W_enc": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}', b"[" * 50000):
+        path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+        with pytest.raises(HexRayError) as e:
+            load_dictionary(tmp_path / "hdr")
+        assert "\n" not in str(e.value)
+    (tmp_path / "big").mkdir()
+    saelens_folder(tmp_path / "big")
+    (tmp_path / "big" / "cfg.json").write_bytes(b" " * (2 << 20))
+    with pytest.raises(HexRayError, match="more than a dictionary config"):
+        load_dictionary(tmp_path / "big")

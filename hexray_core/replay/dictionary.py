@@ -214,13 +214,24 @@ def _fail(path, msg: str) -> HexRayError:
     return HexRayError(f"--dict {path}: {msg}")
 
 
+def _open(path: str):
+    """A binary file object on a regular file only (never a blocking open of a FIFO or a device)."""
+    from trace_format import TraceFormatError, open_regular
+
+    try:
+        return os.fdopen(open_regular(path, what="a dictionary file"), "rb")
+    except TraceFormatError as e:
+        raise HexRayError(f"--dict {e}") from None
+
+
 def _read_text(path: str, what: str) -> str:
     try:
-        size = os.path.getsize(path)
-        if size > MAX_CONFIG_BYTES:
-            raise _fail(path, f"{what} is {size} bytes, more than a dictionary config can be ({MAX_CONFIG_BYTES})")
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        with _open(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CONFIG_BYTES:
+                raise _fail(path, f"{what} is {size} bytes, more than a dictionary config can be "
+                                  f"({MAX_CONFIG_BYTES})")
+            return f.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise _fail(path, f"cannot read {what} ({type(e).__name__}: {e})") from None
 
@@ -228,8 +239,8 @@ def _read_text(path: str, what: str) -> str:
 def _read_json(path: str) -> dict:
     try:
         cfg = json.loads(_read_text(path, os.path.basename(path)))
-    except json.JSONDecodeError as e:
-        raise _fail(path, f"is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise _fail(path, f"is not valid JSON ({str(e)[:120]})") from None
     if not isinstance(cfg, dict):
         raise _fail(path, "expected a JSON object")
     return cfg
@@ -240,8 +251,8 @@ def _read_yaml(path: str) -> dict:
 
     try:
         cfg = yaml.safe_load(_read_text(path, os.path.basename(path)))
-    except yaml.YAMLError as e:
-        raise _fail(path, f"is not valid YAML ({str(e).splitlines()[0]})") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise _fail(path, f"is not valid YAML ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
     if not isinstance(cfg, dict):
         raise _fail(path, "expected a YAML mapping")
     return cfg
@@ -255,8 +266,8 @@ def _read_safetensors(path: str, budget: list[int]) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with _open(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise _fail(path, "is not a safetensors file (shorter than its header)")
@@ -283,7 +294,7 @@ def _read_safetensors(path: str, budget: list[int]) -> dict[str, np.ndarray]:
         return out
     except HexRayError:
         raise
-    except (OSError, ValueError, SafetensorError, json.JSONDecodeError, AttributeError) as e:
+    except (OSError, ValueError, TypeError, SafetensorError, json.JSONDecodeError, AttributeError, RecursionError) as e:
         raise _fail(path, f"cannot read it as safetensors ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
             from None
 
@@ -314,7 +325,7 @@ def _read_bf16(path: str, header: dict, n: int) -> dict[str, np.ndarray]:
 def _read_npz(path: str, budget: list[int]) -> dict[str, np.ndarray]:
     """A .npz of float arrays, each member's claimed shape checked against its stored size before reading."""
     try:
-        with zipfile.ZipFile(path) as z:
+        with _open(path) as raw, zipfile.ZipFile(raw) as z:
             out = {}
             for info in z.infolist():
                 if not info.filename.endswith(".npy"):
@@ -398,8 +409,8 @@ def _labels(folder: str) -> dict[int, str]:
         return {}
     try:
         raw = json.loads(_read_text(p, "explanations.json"))
-    except json.JSONDecodeError as e:
-        raise _fail(p, f"is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise _fail(p, f"is not valid JSON ({str(e)[:120]})") from None
     out = {}
     items = raw.items() if isinstance(raw, dict) else (((r.get("index"), r.get("description")) for r in raw
                                                         if isinstance(r, dict)) if isinstance(raw, list) else ())
@@ -610,7 +621,7 @@ def _hook_from_path(path: str) -> tuple[str, str, bool]:
         raise _fail(path, "cannot tell which layer this Gemma Scope dictionary reads: its path names no layer_N "
                           "folder (keep the hub's layout: <repo>/layer_N/width_.../params.*)")
     if "transcoder" in text:
-        return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out", True
+        return f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.hook_mlp_out", True  # what the MLP reads
     if re.search(r"(^|[-_/])res([-_/]|$)", text) or "resid" in text:
         return f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_resid_post", False
     if re.search(r"(^|[-_/])mlp([-_/]|$)", text):
@@ -779,8 +790,8 @@ def load_dictionary(path_or_ref) -> DictionarySet:
 
 
 def _from_folder(path: str, ref: str, budget) -> DictionarySet:
-    def has(f):
-        return os.path.isfile(os.path.join(path, f))
+    def has(f):  # anything by that name: reading it refuses what is not a regular file
+        return os.path.exists(os.path.join(path, f))
 
     name = os.path.basename(os.path.normpath(path))
     if has("cfg.json") and has("sae_weights.safetensors"):

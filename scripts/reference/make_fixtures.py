@@ -45,7 +45,7 @@ PROMPTS = {
     "gpt2": "Step 2: write the answer.",  # 12 tokens with BOS
     "llama": "Let's think step by step.",  # 13 tokens with BOS
 }
-D_SAE = 64  # SAELens dictionaries
+D_SAE = 48  # SAELens dictionaries
 D_TC = 48  # circuit-tracer transcoders, features per layer
 ACTIVE_FRACTION = 0.25  # per feature, over the prompt's positions (bias chosen between two observed values)
 NODE_THRESHOLD, EDGE_THRESHOLD = 0.8, 0.98
@@ -88,8 +88,9 @@ def build_model(kind: str, tok):
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=64, n_ctx=64, vocab_size=len(tok), initializer_range=0.2,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        # n_ctx: TransformerLens 3 reads it; d_mlp stays 4 * d_model, which its GPT-2 conversion assumes.
+        cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=64, n_ctx=64, vocab_size=len(tok),
+                         initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         model = GPT2LMHeadModel(cfg).eval()
     else:
         # No attention/MLP biases: TransformerLens 3's Llama conversion drops them, and the oracle must be exact.
@@ -133,12 +134,51 @@ def allow_local_folders() -> None:
     loading.get_official_model_name = official
 
 
+_TL_COPIES: dict[str, str] = {}
+
+
+def tl_path(folder: Path) -> str:
+    """The folder to hand TransformerLens 3.2.1: ``folder`` itself, or an adapted copy when it trips one of
+    TransformerLens 3 / transformers 4.57's limits, none of which changes a weight:
+    - ``convert_hf_model_config`` takes any path containing "llama" for a hub Llama and then reads an unset
+      ``hf_config`` (UnboundLocalError): the copy lives under a path without that word;
+    - its GPT-2 conversion reads ``n_ctx``, which transformers 5 no longer writes: set to ``n_positions``;
+    - transformers 4.57 cannot read a ``tokenizer_config.json`` written by transformers 5 (``TokenizersBackend``):
+      the copy's says ``PreTrainedTokenizerFast`` over the same ``tokenizer.json``."""
+    import tempfile
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    tok_path = folder / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_path.read_text()) if tok_path.exists() else {}
+    gpt2_no_ctx = cfg.get("model_type") == "gpt2" and "n_ctx" not in cfg
+    new_tokenizer = tok_cfg.get("tokenizer_class") == "TokenizersBackend"
+    if "llama" not in str(folder.resolve()).lower() and not gpt2_no_ctx and not new_tokenizer:
+        return str(folder)
+    if str(folder) not in _TL_COPIES:
+        copy = Path(tempfile.mkdtemp(prefix="hexray_ref_")) / "model"
+        shutil.copytree(folder, copy)
+        if gpt2_no_ctx:
+            cfg["n_ctx"] = cfg["n_positions"]
+            (copy / "config.json").write_text(json.dumps(cfg, indent=1))
+        if new_tokenizer:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            special = {k: tok.id_to_token(cfg[f"{k}_id"]) for k in ("bos_token", "eos_token")
+                       if cfg.get(f"{k}_id") is not None}
+            (copy / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **special}))
+        _TL_COPIES[str(folder)] = str(copy)
+    return _TL_COPIES[str(folder)]
+
+
 def load_tl(folder: Path, **kwargs):
     """The model as SAELens loads it: sae_lens.load_model -> HookedTransformer.from_pretrained_no_processing."""
     from sae_lens.load_model import load_model
 
     allow_local_folders()
-    return load_model("HookedTransformer", str(folder), device="cpu", model_from_pretrained_kwargs=kwargs)
+    return load_model("HookedTransformer", tl_path(folder), device="cpu", model_from_pretrained_kwargs=kwargs)
 
 
 # ---------------------------------------------------------------- dictionaries
@@ -157,7 +197,7 @@ def _rand(gen, *shape, scale=1.0):
 
 
 SAE_SPECS = {
-    # name: (architecture, hook_in, hook_out or None, extra cfg, model_from_pretrained_kwargs)
+    # (name, architecture, hook_in, hook_out or None, extra cfg, model_from_pretrained_kwargs or None = default)
     "gpt2": [
         ("standard_resid_pre1", "standard", "blocks.1.hook_resid_pre", None, {}, None),
         ("topk_resid_post2", "topk", "blocks.2.hook_resid_post", None, {"k": 8}, None),
@@ -293,21 +333,30 @@ def sae_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
 
 
 def write_transcoders(kind: str, clt: bool, model, tokens, out: Path, seed: int) -> tuple[Path, dict]:
-    """Seeded per-layer (or cross-layer) transcoders in circuit-tracer's on-disk format, scaled to the model."""
+    """The fixture sets. GPT-2 per-layer: ReLU, with W_skip, reading ln2.hook_normalized. Llama per-layer: JumpReLU
+    reading hook_resid_mid. Cross-layer: ReLU (GPT-2) / JumpReLU (Llama), reading hook_resid_mid."""
+    name = f"{kind}_{'clt' if clt else 'plt'}"
+    in_hook = "ln2.hook_normalized" if (kind == "gpt2" and not clt) else "hook_resid_mid"
+    return write_transcoder_set(out / "transcoders" / name, model, tokens, clt=clt, in_hook=in_hook,
+                                jump=kind == "llama", skip=kind == "gpt2" and not clt, d_tc=D_TC,
+                                active_fraction=ACTIVE_FRACTION, seed=seed, model_name=f"hexray-reference-{kind}",
+                                scan=f"hexray-reference/{name}")
+
+
+def write_transcoder_set(folder: Path, model, tokens, *, clt: bool, in_hook: str, jump: bool, skip: bool, d_tc: int,
+                         active_fraction: float, seed: int, model_name: str, scan: str) -> tuple[Path, dict]:
+    """Seeded per-layer (or cross-layer) transcoders in circuit-tracer's on-disk format, scaled to the activations
+    of ``model`` (a HookedTransformer) on ``tokens`` [1, n]: each feature is active on about ``active_fraction``
+    of the positions after the first, with its cut halfway between two observed pre-activations."""
     from safetensors.torch import save_file
 
-    name = f"{kind}_{'clt' if clt else 'plt'}"
-    folder = out / "transcoders" / name
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    # GPT-2 per-layer: ReLU, with W_skip, reading ln2.hook_normalized. Llama per-layer: JumpReLU reading
-    # hook_resid_mid. Cross-layer: ReLU (GPT-2) / JumpReLU (Llama), reading hook_resid_mid.
-    in_hook = "ln2.hook_normalized" if (kind == "gpt2" and not clt) else "hook_resid_mid"
     out_hook = "hook_mlp_out"
-    jump = kind == "llama"
-    skip = kind == "gpt2" and not clt
-    _, cache = model.run_with_cache(tokens)
+    names = {f"blocks.{i}.{h}" for i in range(model.cfg.n_layers) for h in (in_hook, out_hook)}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
     L, d = model.cfg.n_layers, model.cfg.d_model
     gen = torch.Generator().manual_seed(seed)
     files = []
@@ -315,10 +364,10 @@ def write_transcoders(kind: str, clt: bool, model, tokens, out: Path, seed: int)
         x = cache[f"blocks.{layer}.{in_hook}"][0].float()
         y = cache[f"blocks.{layer}.{out_hook}"][0].float()
         rms_x, rms_y = float(x.pow(2).mean().sqrt()), float(y.pow(2).mean().sqrt())
-        W_enc = _rand(gen, D_TC, d, scale=1.0 / (rms_x * d ** 0.5))
+        W_enc = _rand(gen, d_tc, d, scale=1.0 / (rms_x * d ** 0.5))
         pre = (x[1:] @ W_enc.T).double().numpy()  # position 0 (BOS) is zeroed by circuit-tracer anyway
-        b = _rand(gen, D_TC, scale=0.1)
-        cut = _cut_between(pre + b.double().numpy(), ACTIVE_FRACTION)
+        b = _rand(gen, d_tc, scale=0.1)
+        cut = _cut_between(pre + b.double().numpy(), active_fraction)
         if jump:
             shift = np.minimum(cut - 0.05, 0.0)
             b_enc = (b.double() - torch.from_numpy(shift)).float()
@@ -326,7 +375,7 @@ def write_transcoders(kind: str, clt: bool, model, tokens, out: Path, seed: int)
         else:
             b_enc = (b.double() - torch.from_numpy(cut)).float()
         n_out = L - layer if clt else 1
-        W_dec = _rand(gen, D_TC, n_out, d, scale=0.5 * rms_y / (D_TC * ACTIVE_FRACTION) ** 0.5)
+        W_dec = _rand(gen, d_tc, n_out, d, scale=0.5 * rms_y / (d_tc * active_fraction) ** 0.5)
         b_dec = _rand(gen, d, scale=0.1 * rms_y)
         if clt:
             enc = {f"W_enc_{layer}": W_enc, f"b_enc_{layer}": b_enc, f"b_dec_{layer}": b_dec}
@@ -342,8 +391,8 @@ def write_transcoders(kind: str, clt: bool, model, tokens, out: Path, seed: int)
                 t["W_skip"] = _rand(gen, d, d, scale=0.3 * rms_y / (rms_x * d ** 0.5))
             save_file({k: v.contiguous() for k, v in t.items()}, folder / f"layer_{layer}.safetensors")
             files.append(f"layer_{layer}.safetensors")
-    config = {"model_kind": "cross_layer_transcoder" if clt else "transcoder_set", "model_name": f"hexray-reference-{kind}",
-              "feature_input_hook": in_hook, "feature_output_hook": out_hook, "scan": f"hexray-reference/{name}"}
+    config = {"model_kind": "cross_layer_transcoder" if clt else "transcoder_set", "model_name": model_name,
+              "feature_input_hook": in_hook, "feature_output_hook": out_hook, "scan": scan}
     if not clt:
         config["transcoders"] = files
     import yaml
@@ -368,64 +417,70 @@ def load_set(folder: Path, config: dict):
                     device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False, lazy_encoder=False)
 
 
-def graph_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
+def circuit_tracer_graph(folder: Path, tc_folder: Path, config: dict, tokens: torch.Tensor, *, batch_size: int = 256,
+                         max_feature_nodes: int | None = None, prune: bool = True) -> tuple[dict, dict]:
+    """circuit-tracer's encode, attribution graph and pruning for ``tokens`` [n] on the model in ``folder``, loaded
+    as circuit-tracer loads it; returns the arrays of a graph npz (README) and a summary."""
     from circuit_tracer import attribute
     from circuit_tracer.graph import prune_graph
     from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
     from transformer_lens import HookedTransformer
 
     allow_local_folders()
+    # circuit-tracer's own load: HookedTransformer.from_pretrained(fold_ln/centring/center_unembed all off).
+    plain = HookedTransformer.from_pretrained(tl_path(folder), fold_ln=False, center_writing_weights=False,
+                                              center_unembed=False, device="cpu")
+    tset = load_set(tc_folder, config)
+    L = plain.cfg.n_layers
+    with torch.no_grad():
+        logits, cache = plain.run_with_cache(tokens[None])
+    x = torch.stack([cache[f"blocks.{i}.{config['feature_input_hook']}"][0] for i in range(L)])
+    y = torch.stack([cache[f"blocks.{i}.{config['feature_output_hook']}"][0] for i in range(L)])
+    with torch.no_grad():
+        acts = tset.encode(x)  # [L, n_pos, d_tc]; circuit-tracer's encode does not zero BOS
+    arrays = {"tokens": tokens.numpy().astype(np.int64), "input": x.numpy(), "mlp_out": y.numpy(),
+              "feature_acts": acts.numpy(), "last_logits": logits[0, -1].float().numpy()}
+    del cache, plain
+
+    model = TransformerLensReplacementModel.from_pretrained_and_transcoders(tl_path(folder), tset, device="cpu")
+    graph = attribute(tokens, model, batch_size=batch_size, max_feature_nodes=max_feature_nodes, verbose=False)
+    A = graph.adjacency_matrix.float()
+    n_feat, n_pos, n_logit = len(graph.selected_features), len(tokens), len(graph.logit_targets)
+    assert A.shape[0] == n_feat + L * n_pos + n_pos + n_logit
+    arrays.update({
+        "active_features": graph.active_features.numpy().astype(np.int64),
+        "selected_features": graph.selected_features.numpy().astype(np.int64),
+        "feature_nodes": graph.active_features[graph.selected_features].numpy().astype(np.int64),
+        "activation_values": graph.activation_values.float().numpy(),
+        "logit_token_ids": np.array([t.vocab_idx for t in graph.logit_targets], dtype=np.int64),
+        "logit_probabilities": graph.logit_probabilities.float().numpy(),
+        "adjacency": A.numpy(),
+    })
+    info = {"model_kind": config["model_kind"], "feature_input_hook": config["feature_input_hook"],
+            "feature_output_hook": config["feature_output_hook"], "n_features": n_feat, "n_nodes": int(A.shape[0]),
+            "n_logits": n_logit, "n_pos": n_pos, "nonzero_edges": int((A != 0).sum())}
+    if prune:
+        pruned = prune_graph(graph, NODE_THRESHOLD, EDGE_THRESHOLD)
+        arrays.update({"node_mask": pruned.node_mask.numpy(), "edge_mask": pruned.edge_mask.numpy(),
+                       "cumulative_scores": pruned.cumulative_scores.float().numpy()})
+        info.update(pruned_nodes=int(pruned.node_mask.sum()), pruned_edges=int(pruned.edge_mask.sum()))
+    return arrays, info
+
+
+def graph_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
+    from transformer_lens import HookedTransformer
+
+    allow_local_folders()
     tokens = torch.tensor(encode(tok, PROMPTS[kind]))
     info = {}
     for clt in (False, True):
-        # circuit-tracer's own load: HookedTransformer.from_pretrained(fold_ln/centring/center_unembed all off).
-        plain = HookedTransformer.from_pretrained(str(folder), fold_ln=False, center_writing_weights=False,
+        plain = HookedTransformer.from_pretrained(tl_path(folder), fold_ln=False, center_writing_weights=False,
                                                   center_unembed=False, device="cpu")
         tc_folder, config = write_transcoders(kind, clt, plain, tokens[None], out, seed=2000 + 10 * clt
                                               + (kind == "llama"))
-        name = tc_folder.name
-        tset = load_set(tc_folder, config)
-        _, cache = plain.run_with_cache(tokens[None])
-        L = plain.cfg.n_layers
-        x = torch.stack([cache[f"blocks.{i}.{config['feature_input_hook']}"][0] for i in range(L)])
-        y = torch.stack([cache[f"blocks.{i}.{config['feature_output_hook']}"][0] for i in range(L)])
-        with torch.no_grad():
-            acts = tset.encode(x)  # [L, n_pos, d_tc]; circuit-tracer's encode does not zero BOS
-        arrays = {"tokens": tokens.numpy().astype(np.int64), "input": x.numpy(), "mlp_out": y.numpy(),
-                  "feature_acts": acts.numpy()}
-
-        model = TransformerLensReplacementModel.from_pretrained_and_transcoders(str(folder), tset, device="cpu")
-        graph = attribute(tokens, model, batch_size=256, verbose=False)
-        pruned = prune_graph(graph, NODE_THRESHOLD, EDGE_THRESHOLD)
-        A = graph.adjacency_matrix.float()
-        n_feat = len(graph.selected_features)
-        n_pos = len(tokens)
-        n_logit = len(graph.logit_targets)
-        assert A.shape[0] == n_feat + L * n_pos + n_pos + n_logit
-        af = graph.active_features[graph.selected_features]
-        # The logits of the replacement model's forward (= the model's own logits: errors make it exact).
-        with torch.no_grad():
-            logits = plain(tokens[None])[0, -1]
-        arrays.update({
-            "active_features": graph.active_features.numpy().astype(np.int64),
-            "selected_features": graph.selected_features.numpy().astype(np.int64),
-            "feature_nodes": af.numpy().astype(np.int64),
-            "activation_values": graph.activation_values.float().numpy(),
-            "logit_token_ids": np.array([t.vocab_idx for t in graph.logit_targets], dtype=np.int64),
-            "logit_probabilities": graph.logit_probabilities.float().numpy(),
-            "last_logits": logits.numpy(),
-            "adjacency": A.numpy(),
-            "node_mask": pruned.node_mask.numpy(),
-            "edge_mask": pruned.edge_mask.numpy(),
-            "cumulative_scores": pruned.cumulative_scores.float().numpy(),
-        })
-        np.savez_compressed(out / f"graph_{name}.npz", **arrays)
-        info[name] = {"model_kind": config["model_kind"], "feature_input_hook": config["feature_input_hook"],
-                      "feature_output_hook": config["feature_output_hook"], "n_features": n_feat,
-                      "n_nodes": int(A.shape[0]), "n_logits": n_logit, "n_pos": n_pos,
-                      "pruned_nodes": int(pruned.node_mask.sum()), "pruned_edges": int(pruned.edge_mask.sum()),
-                      "nonzero_edges": int((A != 0).sum())}
-        print(f"  graph {name}: {info[name]}", flush=True)
+        arrays, info[tc_folder.name] = circuit_tracer_graph(folder, tc_folder, config, tokens)
+        np.savez_compressed(out / f"graph_{tc_folder.name}.npz", **arrays)
+        print(f"  graph {tc_folder.name}: {info[tc_folder.name]}", flush=True)
     return info
 
 
