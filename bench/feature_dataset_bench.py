@@ -33,10 +33,14 @@ from dataset_bench import prompts  # noqa: E402 - the same 500 prompts as the re
 
 
 def ensure_dataset(folder: str, n: int, shard_size: int) -> str:
-    from hexray_core.dataset.layout import is_dataset
+    from hexray_core.dataset.layout import read_dataset_info
     from hexray_core.dataset.writer import record_dataset
 
-    if not is_dataset(folder):
+    last = (read_dataset_info(folder) or {}).get("last") or {}
+    if last.get("recorded") != n:  # not yet, or interrupted: record_dataset resumes
+        import torch
+
+        torch.set_num_threads(1)  # one thread: 2 threads are 5.7x slower on the shared VM (Datasets on Ray)
         t0 = time.perf_counter()
         record_dataset(prompts(n), folder, model="hexray-demo", shard_size=shard_size, act_dtype="float32",
                        model_opts={"device": "cpu"})
