@@ -282,12 +282,3 @@ def run_features(trace, run: int, dset) -> dict:
                 "error": str(e).splitlines()[0]}
     return out
 
-
-def feature_meaning(dataset, dset, layer: int, feature: int) -> dict:
-    """One feature over a recorded dataset (``hexray features DATASET/ --feature``): density, histogram, top contexts,
-    quantile examples, top logits."""
-    from hexray_core.dataset.features import feature_stats
-
-    stats = feature_stats(dataset, dset, features=[(layer, feature)], k=10, m=2)
-    return {**stats.feature(layer, feature), "dataset": dataset.path, "n_tokens": stats.layers[layer].n_tokens,
-            "n_runs": stats.layers[layer].n_runs}

@@ -31,9 +31,10 @@ class ViewServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, traces: list, names: list[str], host: str = "127.0.0.1", port: int = 0, dictionary=None,
-                 dataset=None):
+                 meaning=None, dataset_name: str | None = None):
         self.traces, self.names, self.dictionary = traces, names, dictionary  # dictionary: a DictionarySet or None
-        self.dataset, self.meanings = dataset, {}  # a clicked feature's statistics over the dataset, kept
+        # meaning(layer, feature) -> dict: a clicked feature over a dataset (the CLI plugs in hexray_core.dataset)
+        self.meaning, self.dataset_name, self.meanings = meaning, dataset_name, {}
         self.token = secrets.token_urlsafe(24)
         self.lock = threading.Lock()  # a Trace's caches are not thread-safe: one computation at a time
         self.explicit_host = host not in LOOPBACK
@@ -80,14 +81,14 @@ class ViewServer(ThreadingHTTPServer):
 
         if view == "overview":
             return [{**data.overview(t, n), "features": self.dictionary.describe() if self.dictionary else None,
-                     "feature_dataset": self.dataset.path if self.dataset is not None else None}
+                     "feature_dataset": self.dataset_name if self.meaning is not None else None}
                     for t, n in zip(self.traces, self.names, strict=True)]
         if view == "meaning":
-            if self.dataset is None or self.dictionary is None:
+            if self.meaning is None:
                 raise HexRayError("this viewer was started without a dataset (hexray view --dict D --dataset DIR)")
             key = (num("layer"), num("f"))
             if key not in self.meanings:
-                self.meanings[key] = data.feature_meaning(self.dataset, self.dictionary, *key)
+                self.meanings[key] = self.meaning(*key)
             return self.meanings[key]
         if view == "features":
             if self.dictionary is None:

@@ -42,17 +42,22 @@ def run(args) -> int:
         from hexray_core.replay.dictionary import load_dictionary
 
         dictionary = load_dictionary(args.dict)
-    dataset = None
+    meaning = dataset = None
     if args.dataset:
         if dictionary is None:
             raise HexRayError("--dataset needs --dict (the dictionary whose features it describes)")
+        from hexray_core.dataset.features import feature_meaning
         from hexray_core.dataset.reader import open_dataset
 
         dataset = open_dataset(args.dataset)
+
+        def meaning(layer: int, feature: int) -> dict:
+            return feature_meaning(dataset, dictionary, layer, feature)
     traces = [open_trace(p) for p in args.traces]
     try:
         server = ViewServer(traces, [os.path.basename(p) for p in args.traces], host=args.host, port=args.port,
-                            dictionary=dictionary, dataset=dataset)
+                            dictionary=dictionary, meaning=meaning,
+                            dataset_name=dataset.path if dataset is not None else None)
     except OSError as e:
         raise HexRayError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(server.url, flush=True)

@@ -363,3 +363,10 @@ def feature_stats(ds, dictionary, *, layers=None, features=None, k: int = 10, m:
                 for f, pair in zip(ids, feature_logits(trace, dset[layer], ids, k=logits), strict=True):
                     result.logits[(layer, f)] = pair
     return result
+
+
+def feature_meaning(dataset, dset: DictionarySet, layer: int, feature: int, k: int = 10, m: int = 2) -> dict:
+    """One feature over a dataset, as the viewer shows it when a feature is clicked (``hexray view --dataset``)."""
+    stats = feature_stats(dataset, dset, features=[(layer, feature)], k=k, m=m)
+    return {**stats.feature(layer, feature), "dataset": dataset.path, "n_tokens": stats.layers[layer].n_tokens,
+            "n_runs": stats.layers[layer].n_runs}
