@@ -132,7 +132,7 @@ def train_transcoder(x: torch.Tensor, y: torch.Tensor, d_tc: int, target_l0: flo
               "b_dec": torch.nn.Parameter(y.mean(0).clone())}
     opt = torch.optim.Adam(params.values(), lr=2e-3)
     var = (y - y.mean(0)).pow(2).sum(1).mean()
-    lam, l0_avg = 1e-3, None
+    lam, l0_avg = 3e-3, None
     for step in range(steps):
         ix = torch.randint(0, len(x), (BATCH,))
         xb, yb = x[ix], y[ix]
@@ -148,8 +148,8 @@ def train_transcoder(x: torch.Tensor, y: torch.Tensor, d_tc: int, target_l0: flo
         opt.step()
         l0 = (f > 0).float().sum(1).mean().item()
         l0_avg = l0 if l0_avg is None else 0.95 * l0_avg + 0.05 * l0
-        if step > 200 and step % 20 == 0:  # steer the L1 coefficient towards the target L0
-            lam *= math.exp(0.1 * math.tanh(math.log(l0_avg / target_l0)))
+        if step > 50 and step % 10 == 0:  # steer the L1 coefficient towards the target L0
+            lam *= math.exp(0.15 * math.tanh(math.log(l0_avg / target_l0)))
         if step % 100 == 0:
             print(f"  transcoder step {step}: normalised MSE {mse.item():.4f}, L0 {l0_avg:.1f}, l1 {lam:.2e}",
                   flush=True)
@@ -322,7 +322,9 @@ Measured after reloading the saved float16 weights with `hexray.load_dictionary`
     return sae
 
 
-def tc_card(report: dict, args, seconds: float) -> str:
+def tc_card(report: dict, args, seconds: float | None) -> str:
+    took = (f"Training took {seconds:.0f} s" if seconds is not None else
+            "Each layer was trained in its own process (--tc-layer), then assembled")
     rows = "\n".join(f"| {t['layer']} | {t['l0']:.1f} | {t['variance_explained']:.3f} | {t['ce_loss_recovered']:.3f} | "
                      f"{t['ce_with_dictionary']:.3f} / {t['ce_zero_ablation']:.3f} | {t['dead_fraction']:.1%} |"
                      for t in report["transcoders"])
@@ -347,7 +349,7 @@ Per-layer transcoders for the embedded model `hexray-demo`, trained by `scripts/
 
 All four spliced in at once: CE {a['ce_with_dictionary']:.3f} (MLPs zero-ablated: {a['ce_zero_ablation']:.3f}),
 loss recovered {a['ce_loss_recovered']:.3f}. Measured after reloading the saved float16 weights with
-`hexray.load_dictionary` (numpy). Training took {seconds:.0f} s (a shared 2-vCPU VM, heavily loaded, no GPU).
+`hexray.load_dictionary` (numpy). {took} (a shared 2-vCPU VM, heavily loaded, no GPU).
 """
     return tcs
 
@@ -374,6 +376,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--only", choices=["sae", "transcoders"], help="train one of the two (default both)")
+    ap.add_argument("--tc-layer", type=int, help="train only this layer's transcoder into --params-dir")
+    ap.add_argument("--params-dir", help="trained transcoder layers are kept (and reused) here")
     ap.add_argument("--tokens-cache", help="keep the tokenized corpus here (.npy) to skip reading it again")
     args = ap.parse_args()
     globals()["BATCH"] = args.batch
@@ -405,10 +409,23 @@ def main() -> int:
         _write_card(sae_dir, sae_card(report, args, seconds), report)
     if args.only in (None, "transcoders"):
         t1 = time.time()
-        tc_ps = [train_transcoder(acts[("in", i)], acts[("out", i)], args.tc_features, args.target_l0, args.steps,
-                                  seed=10 + i) for i in range(model.config.n_layer)]
+        layers = range(model.config.n_layer) if args.tc_layer is None else [args.tc_layer]
+        tc_ps = {}
+        for i in layers:
+            saved = os.path.join(args.params_dir or "", f"tc_layer_{i}.pt")
+            if args.params_dir and os.path.exists(saved):
+                tc_ps[i] = torch.load(saved)
+                continue
+            tc_ps[i] = train_transcoder(acts[("in", i)], acts[("out", i)], args.tc_features, args.target_l0,
+                                        args.steps, seed=10 + i)
+            if args.params_dir:
+                os.makedirs(args.params_dir, exist_ok=True)
+                torch.save(tc_ps[i], saved)
+        if args.tc_layer is not None:  # one layer of a set trained by parallel processes; a last run assembles it
+            return 0
+        tc_ps = [tc_ps[i] for i in range(model.config.n_layer)]
         save_transcoders(tc_ps, tc_dir)
-        seconds = time.time() - t1
+        seconds = None if args.params_dir else time.time() - t1
         tcs = load_dictionary(tc_dir)
         report = evaluate(model, eval_seqs, eval_acts, tcs=[tcs[i] for i in sorted(tcs.layers)])
         _write_card(tc_dir, tc_card(report, args, seconds), report)
