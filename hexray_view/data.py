@@ -283,3 +283,4 @@ def run_features(trace, run: int, dset) -> dict:
         return {"run": r.id, "dict": dset.name, "kind": dset.kind, "layers": [], "info": {},
                 "error": str(e).splitlines()[0]}
     return out
+

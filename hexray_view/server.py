@@ -38,8 +38,11 @@ class ViewServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, traces: list, names: list[str], host: str = "127.0.0.1", port: int = 0, *,
-                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS, dictionary=None):
+                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS, dictionary=None,
+                 meaning=None, dataset_name: str | None = None):
         self.traces, self.names, self.dictionary = traces, names, dictionary  # dictionary: a DictionarySet or None
+        # meaning(layer, feature) -> dict: a clicked feature over a dataset (the CLI plugs in hexray_core.dataset)
+        self.meaning, self.dataset_name, self.meanings = meaning, dataset_name, {}
         self.idle_timeout = idle_timeout
         self.slots = threading.BoundedSemaphore(max_connections)
         self.token = secrets.token_urlsafe(24)
@@ -111,8 +114,16 @@ class ViewServer(ThreadingHTTPServer):
             return self.traces[i]
 
         if view == "overview":
-            return [{**data.overview(t, n), "features": self.dictionary.describe() if self.dictionary else None}
+            return [{**data.overview(t, n), "features": self.dictionary.describe() if self.dictionary else None,
+                     "feature_dataset": self.dataset_name if self.meaning is not None else None}
                     for t, n in zip(self.traces, self.names, strict=True)]
+        if view == "meaning":
+            if self.meaning is None:
+                raise HexRayError("this viewer was started without a dataset (hexray view --dict D --dataset DIR)")
+            key = (num("layer"), num("f"))
+            if key not in self.meanings:
+                self.meanings[key] = self.meaning(*key)
+            return self.meanings[key]
         if view == "features":
             if self.dictionary is None:
                 raise HexRayError("this viewer was started without a dictionary (hexray view --dict DIR)")

@@ -132,7 +132,7 @@ def train_transcoder(x: torch.Tensor, y: torch.Tensor, d_tc: int, target_l0: flo
               "b_dec": torch.nn.Parameter(y.mean(0).clone())}
     opt = torch.optim.Adam(params.values(), lr=2e-3)
     var = (y - y.mean(0)).pow(2).sum(1).mean()
-    lam, l0_avg = 1e-3, None
+    lam, l0_avg = 3e-3, None
     for step in range(steps):
         ix = torch.randint(0, len(x), (BATCH,))
         xb, yb = x[ix], y[ix]
@@ -148,8 +148,8 @@ def train_transcoder(x: torch.Tensor, y: torch.Tensor, d_tc: int, target_l0: flo
         opt.step()
         l0 = (f > 0).float().sum(1).mean().item()
         l0_avg = l0 if l0_avg is None else 0.95 * l0_avg + 0.05 * l0
-        if step > 200 and step % 20 == 0:  # steer the L1 coefficient towards the target L0
-            lam *= math.exp(0.1 * math.tanh(math.log(l0_avg / target_l0)))
+        if step > 50 and step % 10 == 0:  # steer the L1 coefficient towards the target L0
+            lam *= math.exp(0.15 * math.tanh(math.log(l0_avg / target_l0)))
         if step % 100 == 0:
             print(f"  transcoder step {step}: normalised MSE {mse.item():.4f}, L0 {l0_avg:.1f}, l1 {lam:.2e}",
                   flush=True)
@@ -234,45 +234,44 @@ def _apply(d, x: torch.Tensor, *, keep_bos: bool) -> torch.Tensor:
     return out
 
 
-def evaluate(model, seqs, acts, sae, tcs) -> dict:
+def _stats(d, x, y) -> dict:
+    f = d.encode(x.numpy())
+    recon = d.forward(x.numpy())
+    yy = y.numpy()
+    fvu = float(((recon - yy) ** 2).sum() / ((yy - yy.mean(0)) ** 2).sum())
+    return {"l0": float((f > 0).sum(1).mean()), "variance_explained": 1 - fvu,
+            "dead_fraction": float(((f > 0).sum(0) == 0).mean())}
+
+
+def evaluate(model, seqs, acts, sae=None, tcs=None) -> dict:
     clean = ce_loss(model, seqs)
     report = {"clean_ce": clean, "eval_tokens": int(seqs[:, 1:].numel())}
+    if sae is not None:
+        x = acts[("resid", SAE_LAYER)]
+        s = _stats(sae, x, x)
 
-    def stats(d, x, y):
-        f = d.encode(x.numpy())
-        recon = d.forward(x.numpy())
-        yy = y.numpy()
-        fvu = float(((recon - yy) ** 2).sum() / ((yy - yy.mean(0)) ** 2).sum())
-        return {"l0": float((f > 0).sum(1).mean()), "variance_explained": 1 - fvu,
-                "dead_fraction": float(((f > 0).sum(0) == 0).mean())}
+        def sae_patch(kind, layer, t, *rest):
+            return _apply(sae, t, keep_bos=True) if kind == "resid" and layer == SAE_LAYER else t
 
-    x = acts[("resid", SAE_LAYER)]
-    s = stats(sae, x, x)
+        def zero_resid(kind, layer, t, *rest):
+            if kind == "resid" and layer == SAE_LAYER:
+                z = torch.zeros_like(t)
+                z[:, 0] = t[:, 0]
+                return z
+            return t
 
-    def sae_patch(kind, layer, t, *rest):
-        if kind == "resid" and layer == SAE_LAYER:
-            return _apply(sae, t, keep_bos=True)
-        return t
-
-    def zero_resid(kind, layer, t, *rest):
-        if kind == "resid" and layer == SAE_LAYER:
-            z = torch.zeros_like(t)
-            z[:, 0] = t[:, 0]
-            return z
-        return t
-
-    with_sae, ablated = ce_loss(model, seqs, sae_patch), ce_loss(model, seqs, zero_resid)
-    s.update({"ce_with_dictionary": with_sae, "ce_zero_ablation": ablated,
-              "ce_loss_recovered": (ablated - with_sae) / (ablated - clean)})
-    report["sae"] = s
+        with_sae, ablated = ce_loss(model, seqs, sae_patch), ce_loss(model, seqs, zero_resid)
+        s.update({"ce_with_dictionary": with_sae, "ce_zero_ablation": ablated,
+                  "ce_loss_recovered": (ablated - with_sae) / (ablated - clean)})
+        report["sae"] = s
+    if tcs is None:
+        return report
     report["transcoders"] = []
     for i, d in enumerate(tcs):
-        s = stats(d, acts[("in", i)], acts[("out", i)])
+        s = _stats(d, acts[("in", i)], acts[("out", i)])
 
         def tc_patch(kind, layer, t, inp=None, i=i, d=d):
-            if kind == "mlp" and layer == i:
-                return _apply(d, inp, keep_bos=False)
-            return t
+            return _apply(d, inp, keep_bos=False) if kind == "mlp" and layer == i else t
 
         def zero_mlp(kind, layer, t, inp=None, i=i):
             return torch.zeros_like(t) if kind == "mlp" and layer == i else t
@@ -294,7 +293,7 @@ def evaluate(model, seqs, acts, sae, tcs) -> dict:
     return report
 
 
-def model_card(report: dict, args, seconds: float) -> tuple[str, str]:
+def sae_card(report: dict, args, seconds: float) -> str:
     s = report["sae"]
     ces = f"{report['clean_ce']:.3f} / {s['ce_with_dictionary']:.3f} / {s['ce_zero_ablation']:.3f}"
     sae = f"""# hexray-demo-sae
@@ -318,8 +317,14 @@ A residual-stream sparse autoencoder for the embedded model `hexray-demo`, train
 | features never active on the held-out text | {s['dead_fraction']:.1%} |
 
 Measured after reloading the saved float16 weights with `hexray.load_dictionary` (numpy). Training took
-{seconds:.0f} s for both dictionaries (2-vCPU shared VM, no GPU).
+{seconds:.0f} s (a shared 2-vCPU VM, heavily loaded, no GPU).
 """
+    return sae
+
+
+def tc_card(report: dict, args, seconds: float | None) -> str:
+    took = (f"Training took {seconds:.0f} s" if seconds is not None else
+            "Each layer was trained in its own process (--tc-layer), then assembled")
     rows = "\n".join(f"| {t['layer']} | {t['l0']:.1f} | {t['variance_explained']:.3f} | {t['ce_loss_recovered']:.3f} | "
                      f"{t['ce_with_dictionary']:.3f} / {t['ce_zero_ablation']:.3f} | {t['dead_fraction']:.1%} |"
                      for t in report["transcoders"])
@@ -344,9 +349,17 @@ Per-layer transcoders for the embedded model `hexray-demo`, trained by `scripts/
 
 All four spliced in at once: CE {a['ce_with_dictionary']:.3f} (MLPs zero-ablated: {a['ce_zero_ablation']:.3f}),
 loss recovered {a['ce_loss_recovered']:.3f}. Measured after reloading the saved float16 weights with
-`hexray.load_dictionary` (numpy).
+`hexray.load_dictionary` (numpy). {took} (a shared 2-vCPU VM, heavily loaded, no GPU).
 """
-    return sae, tcs
+    return tcs
+
+
+def _write_card(folder: str, card: str, report: dict) -> None:
+    print(json.dumps(report, indent=1), flush=True)
+    with open(os.path.join(folder, "MODEL_CARD.md"), "w") as f:
+        f.write(card)
+    with open(os.path.join(folder, "evaluation.json"), "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def main() -> int:
@@ -362,6 +375,9 @@ def main() -> int:
     ap.add_argument("--target-l0", type=float, default=24)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--only", choices=["sae", "transcoders"], help="train one of the two (default both)")
+    ap.add_argument("--tc-layer", type=int, help="train only this layer's transcoder into --params-dir")
+    ap.add_argument("--params-dir", help="trained transcoder layers are kept (and reused) here")
     ap.add_argument("--tokens-cache", help="keep the tokenized corpus here (.npy) to skip reading it again")
     args = ap.parse_args()
     globals()["BATCH"] = args.batch
@@ -379,30 +395,40 @@ def main() -> int:
     acts = activations(model, batches(train, eot, 128, args.train_seqs, seed=1))
     print(f"{len(data):,} tokens; {len(acts[('resid', SAE_LAYER)]):,} training activations "
           f"({time.time() - t0:.0f} s)", flush=True)
-    sae_p = train_topk_sae(acts[("resid", SAE_LAYER)], args.sae_features, args.k, args.steps, seed=0)
-    tc_ps = []
-    for i in range(model.config.n_layer):
-        tc_ps.append(train_transcoder(acts[("in", i)], acts[("out", i)], args.tc_features, args.target_l0,
-                                      args.steps, seed=10 + i))
     sae_dir, tc_dir = os.path.join(args.out, "hexray-demo-sae"), os.path.join(args.out, "hexray-demo-transcoders")
-    save_sae(sae_p, args.k, sae_dir)
-    save_transcoders(tc_ps, tc_dir)
-    seconds = time.time() - t0
-
     from hexray_core.replay.dictionary import load_dictionary
 
-    sae = load_dictionary(sae_dir)[SAE_LAYER]
-    tcs = load_dictionary(tc_dir)
     eval_seqs = batches(val, eot, 128, args.eval_seqs, seed=2)
-    report = evaluate(model, eval_seqs, activations(model, eval_seqs), sae, [tcs[i] for i in sorted(tcs.layers)])
-    report["training_seconds"] = seconds
-    print(json.dumps(report, indent=1))
-    card_sae, card_tc = model_card(report, args, seconds)
-    for folder, card in ((sae_dir, card_sae), (tc_dir, card_tc)):
-        with open(os.path.join(folder, "MODEL_CARD.md"), "w") as f:
-            f.write(card)
-        with open(os.path.join(folder, "evaluation.json"), "w") as f:
-            json.dump(report, f, indent=1)
+    eval_acts = activations(model, eval_seqs)
+    if args.only in (None, "sae"):
+        t1 = time.time()
+        save_sae(train_topk_sae(acts[("resid", SAE_LAYER)], args.sae_features, args.k, args.steps, seed=0), args.k,
+                 sae_dir)
+        seconds = time.time() - t1
+        report = evaluate(model, eval_seqs, eval_acts, sae=load_dictionary(sae_dir)[SAE_LAYER])
+        _write_card(sae_dir, sae_card(report, args, seconds), report)
+    if args.only in (None, "transcoders"):
+        t1 = time.time()
+        layers = range(model.config.n_layer) if args.tc_layer is None else [args.tc_layer]
+        tc_ps = {}
+        for i in layers:
+            saved = os.path.join(args.params_dir or "", f"tc_layer_{i}.pt")
+            if args.params_dir and os.path.exists(saved):
+                tc_ps[i] = torch.load(saved)
+                continue
+            tc_ps[i] = train_transcoder(acts[("in", i)], acts[("out", i)], args.tc_features, args.target_l0,
+                                        args.steps, seed=10 + i)
+            if args.params_dir:
+                os.makedirs(args.params_dir, exist_ok=True)
+                torch.save(tc_ps[i], saved)
+        if args.tc_layer is not None:  # one layer of a set trained by parallel processes; a last run assembles it
+            return 0
+        tc_ps = [tc_ps[i] for i in range(model.config.n_layer)]
+        save_transcoders(tc_ps, tc_dir)
+        seconds = None if args.params_dir else time.time() - t1
+        tcs = load_dictionary(tc_dir)
+        report = evaluate(model, eval_seqs, eval_acts, tcs=[tcs[i] for i in sorted(tcs.layers)])
+        _write_card(tc_dir, tc_card(report, args, seconds), report)
     return 0
 
 

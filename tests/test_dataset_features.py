@@ -181,3 +181,11 @@ def test_ray_tasks_give_the_same_statistics(data, capsys):
             os.environ["PYTHONPATH"] = old
     assert rc == 0, err
     check_against_brute_force(json.loads(text)["feature_stats"], brute_force(out, sae), 4, 3, [3, 50])
+
+
+def test_the_notebook_method_names_features_as_the_cli_does(data):
+    out, sae = data
+    got = open_dataset(out).feature_stats(sae, features=[f"L{LAYER}F50"], k=2).feature(LAYER, 50)
+    want = expected_feature(brute_force(out, sae), 50, 2, 3)
+    assert got["n_active"] == want["n_active"] > 0
+    assert [(c["id"], c["position"]) for c in got["top_contexts"]] == [(r, p) for r, p, *_ in want["top"]]

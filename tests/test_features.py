@@ -96,7 +96,7 @@ def test_features_json_shape_and_values(setup, capsys):
     acts = [a["activation"] for a in layer["active"]]
     assert acts == sorted(acts, reverse=True)
     for a in layer["active"]:
-        assert a["activation"] == pytest.approx(float(f[a["feature"]]), rel=1e-6)
+        assert a["activation"] == pytest.approx(float(f[a["feature"]]), rel=1e-5, abs=1e-5)  # one row vs the run
         assert a["label"] == f"L1F{a['feature']}" and len(a["top_logits"]) == 5
         tid, text, value = a["top_logits"][0]
         w = d.W_dec[a["feature"]]

@@ -120,3 +120,27 @@ def test_a_dictionary_for_another_model_is_refused_in_the_panel(browser, setup):
         assert "d_model 128" in page.text_content("#features-error")
     finally:
         server.close()
+
+
+def test_a_clicked_feature_shows_its_meaning_over_a_dataset(browser, setup):
+    trace, sae, _ = setup
+    folder = os.path.dirname(trace)
+    dataset = os.path.join(folder, "ds") + "/"
+    hexray("record", "--model", "hexray-demo", "--device", "cpu", "--prompts-file",
+           os.path.join(folder, "prompts.jsonl"), "-o", dataset, "--act-dtype", "float32", "-q")
+    server = Served(trace, extra=["--dict", sae, "--dataset", dataset])
+    try:
+        page, errors = _open(browser, server.url + "#trace=0&run=0&pos=4")
+        label = page.get_attribute("#p-features .feat-row", "data-label")
+        page.click(f"#p-features .feat-row[data-label='{label}']")
+        page.wait_for_selector("#p-meaning .feat-ctx", timeout=60_000)
+        doc = replay_json("features", dataset, "--dict", sae, "--feature", label, "--contexts", "10", "--examples", "2")
+        want = doc["feature_stats"]["layers"][0]["features"][0]
+        assert page.text_content("#p-meaning h3").startswith(f"{label} over ")
+        assert f"({want['n_active']} of " in page.text_content("#meaning-summary")
+        shown = page.eval_on_selector_all("#p-meaning .feat-ctx",
+                                          "cs => cs.map(c => [c.dataset.id, c.dataset.position])")
+        assert shown == [[str(c["id"]), str(c["position"])] for c in want["top_contexts"]] and shown
+        assert not errors
+    finally:
+        server.close()

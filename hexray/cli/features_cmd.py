@@ -45,7 +45,7 @@ def _top_k(text: str) -> int | None:
 def report(trace, dset, *, run: int = 0, position: int = -1, layers=None, top_k: int | None = 10,
            logits: int = 5) -> dict:
     """The `--json` document: {"features": {"position", "dict", "layers": [...]}}."""
-    from hexray_core.replay.features import feature_logits, reconstruction_error, run_features
+    from hexray_core.replay.features import feature_logits, features_at, reconstruction_error
     from hexray_core.replay.missing import MissingHook
 
     r = trace.run(run)
@@ -54,7 +54,7 @@ def report(trace, dset, *, run: int = 0, position: int = -1, layers=None, top_k:
     out_layers = []
     for layer in chosen:
         d = dset[layer]
-        idx, val = run_features(r, dset, layer).at(p)
+        idx, val = features_at(r, dset, layer, p)
         shown = idx if top_k is None else idx[:top_k]
         explained = feature_logits(trace, d, shown, k=logits) if logits > 0 else [([], [])] * len(shown)
         active = []

@@ -16,8 +16,9 @@ def add_arguments(p) -> None:
                         "--top-k densest shown)")
     g.add_argument("--contexts", type=int, default=10, metavar="K", help="top-activating contexts per feature "
                                                                          "(default 10)")
-    g.add_argument("--examples", type=int, default=3, metavar="M",
-                   help="examples per activation interval (quantile examples; default 3)")
+    g.add_argument("--examples", type=int, metavar="M",
+                   help="examples per activation interval (quantile examples; default 3 with --feature, 0 for the "
+                        "whole dictionary: each kept example holds a window of tokens, per feature and interval)")
     g.add_argument("--jobs", type=int, metavar="N", help="processes (default: one per CPU, at most one per shard)")
     g.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                    help="reduce the shards as Ray tasks (auto: $RAY_ADDRESS, else a local cluster)")
@@ -46,7 +47,8 @@ def run(args, top_k: int | None) -> int:
             from hexray_core.dataset.aggregate import local_map
 
             return local_map(fn, tasks, jobs)
-    stats = feature_stats(ds, dset, layers=args.layer, features=features, k=args.contexts, m=args.examples,
+    examples = args.examples if args.examples is not None else (3 if features else 0)
+    stats = feature_stats(ds, dset, layers=args.layer, features=features, k=args.contexts, m=examples,
                           logits=args.logits, top=top_k, map=mapper)
     if not ds.complete:
         print(f"hexray: warning: {ds.path} is incomplete (its last recording was interrupted); reading the runs "

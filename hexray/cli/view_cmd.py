@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
                    help="close a connection silent for S seconds (default 30)")
     p.add_argument("--dict", metavar="DIR", help="a dictionary (SAE or transcoders) whose features the viewer shows "
                                                  "per token, and by which it can colour the strip")
+    p.add_argument("--dataset", metavar="DIR", help="with --dict: a recorded dataset (hexray record --prompts-file "
+                                                    "F -o DIR/) over which a clicked feature's top contexts, density "
+                                                    "and histogram are shown")
 
 
 def run(args) -> int:
@@ -43,10 +46,22 @@ def run(args) -> int:
         from hexray_core.replay.dictionary import load_dictionary
 
         dictionary = load_dictionary(args.dict)
+    meaning = dataset = None
+    if args.dataset:
+        if dictionary is None:
+            raise HexRayError("--dataset needs --dict (the dictionary whose features it describes)")
+        from hexray_core.dataset.features import feature_meaning
+        from hexray_core.dataset.reader import open_dataset
+
+        dataset = open_dataset(args.dataset)
+
+        def meaning(layer: int, feature: int) -> dict:
+            return feature_meaning(dataset, dictionary, layer, feature)
     traces = [open_trace(p) for p in args.traces]
     try:
         server = ViewServer(traces, [os.path.basename(p) for p in args.traces], host=args.host, port=args.port,
-                            idle_timeout=args.idle_timeout, dictionary=dictionary)
+                            idle_timeout=args.idle_timeout, dictionary=dictionary, meaning=meaning,
+                            dataset_name=dataset.path if dataset is not None else None)
     except OSError as e:
         raise HexRayError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(server.url, flush=True)

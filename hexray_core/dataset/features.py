@@ -75,6 +75,9 @@ class LayerStats:
     negative: np.ndarray = None  # int64 [f]
     top: dict = field(default_factory=dict)  # column -> list of contexts (dicts), unsorted, <= 2k
     samples: dict = field(default_factory=dict)  # (column, bin) -> list of (hash, example dict), <= m
+    # Filters that let most of a run skip the Python loops; each may lag (let more through), never cut too much.
+    floor: np.ndarray = None  # float64 [f]: a lower bound on the k-th best context's activation (-inf: not full)
+    ceiling: np.ndarray = None  # uint64 [f, bins]: the m-th smallest hash kept (max: not full)
 
     def __post_init__(self):
         f = len(self.ids)
@@ -82,6 +85,9 @@ class LayerStats:
             self.active, self.total = np.zeros(f, np.int64), np.zeros(f, np.float64)
             self.peak = np.full(f, -np.inf)
             self.hist, self.negative = np.zeros((f, len(EDGES) + 1), np.int64), np.zeros(f, np.int64)
+        if self.floor is None:
+            self.floor = np.full(f, -np.inf)
+            self.ceiling = np.full((f, len(EDGES) + 1), np.iinfo(np.uint64).max, np.uint64)
 
 
 def _order(c: dict) -> tuple:
@@ -143,40 +149,49 @@ def _add_run(st: LayerStats, feats, view: _RunView, k: int, m: int, select: np.n
     np.add.at(st.negative, col[neg], 1)
     b = _bins(val[~neg])
     np.add.at(st.hist, (col[~neg], b), 1)
-    # Dense columns of this run for the features that touch the lists (windows show their activations).
-    dense: dict[int, np.ndarray] = {}
-
-    def column(c: int) -> np.ndarray:
-        if c not in dense:
-            arr = np.zeros(n)
-            sel = col == c
-            arr[pos[sel]] = val[sel]
-            dense[c] = arr
-        return dense[c]
-
-    # Top contexts: this run's peak per feature (first position on ties).
+    # Candidates, filtered in numpy: this run's peak per feature (first position on ties) where it may enter the
+    # top contexts, and positive activations whose hash may enter their (feature, bin) sample.
     order = np.lexsort((pos, -val, col))
     first = order[np.r_[True, col[order][1:] != col[order][:-1]]]
+    first = first[val[first] >= st.floor[col[first]]]
+    cp, pp, vp, fp = col[~neg], pos[~neg], val[~neg], fid[~neg]
+    if m > 0:
+        h = _hash(view.key, pp, fp)
+        cand = np.flatnonzero(h < st.ceiling[cp, b])
+        cand = cand[np.lexsort((h[cand], b[cand], cp[cand]))]
+    else:
+        cand = np.zeros(0, np.int64)
+    # Dense columns of this run for the features that touch the lists (windows show their activations).
+    needed = np.unique(np.concatenate([col[first], cp[cand]]))
+    if not len(needed):
+        return
+    slot = np.full(int(max(needed.max(), col.max())) + 1, -1)
+    slot[needed] = np.arange(len(needed))
+    dense = np.zeros((n, len(needed)))
+    hit = slot[col] >= 0
+    dense[pos[hit], slot[col[hit]]] = val[hit]
+
     for i in first:
         c, v = int(col[i]), float(val[i])
+        if v < st.floor[c]:
+            continue  # an earlier candidate of this run raised the floor
         lst = st.top.setdefault(c, [])
-        if len(lst) >= k and _order(max(lst, key=_order)) < (-v, view.key, int(pos[i])):
-            continue  # k contexts already rank above this run's peak: it can never enter
-        lst.append(view.context(int(pos[i]), column(c), v))
+        lst.append(view.context(int(pos[i]), dense[:, slot[c]], v))
         if len(lst) >= 2 * k:
-            lst[:] = _prune(lst, k)
-    # Quantile examples: bottom-m hashes per (feature, bin) among positive activations.
-    if m > 0:
-        cp, pp, vp = col[~neg], pos[~neg], val[~neg]
-        h = _hash(view.key, pp, fid[~neg])
-        for i in np.lexsort((h, b, cp)):
-            c, bb = int(cp[i]), int(b[i])
-            lst = st.samples.setdefault((c, bb), [])
-            if len(lst) >= m and h[i] >= lst[-1][0]:
-                continue
-            lst.append((int(h[i]), view.context(int(pp[i]), column(c), float(vp[i]))))
-            lst.sort(key=lambda t: t[0])
-            del lst[m:]
+            lst[:] = _prune(lst, k)  # sorted: the k-th best is the floor from now on
+            st.floor[c] = lst[-1]["activation"]
+        elif len(lst) == k:
+            st.floor[c] = min(x["activation"] for x in lst)  # k contexts: the k-th best is at least their min
+    for i in cand:
+        c, bb = int(cp[i]), int(b[i])
+        if h[i] >= st.ceiling[c, bb]:
+            continue  # an earlier candidate of this run filled the sample below it
+        lst = st.samples.setdefault((c, bb), [])
+        lst.append((int(h[i]), view.context(int(pp[i]), dense[:, slot[c]], float(vp[i]))))
+        lst.sort(key=lambda t: t[0])
+        del lst[m:]
+        if len(lst) == m:
+            st.ceiling[c, bb] = lst[-1][0]
 
 
 def _merge(a: LayerStats, b: LayerStats, k: int, m: int) -> LayerStats:
@@ -348,3 +363,10 @@ def feature_stats(ds, dictionary, *, layers=None, features=None, k: int = 10, m:
                 for f, pair in zip(ids, feature_logits(trace, dset[layer], ids, k=logits), strict=True):
                     result.logits[(layer, f)] = pair
     return result
+
+
+def feature_meaning(dataset, dset: DictionarySet, layer: int, feature: int, k: int = 10, m: int = 2) -> dict:
+    """One feature over a dataset, as the viewer shows it when a feature is clicked (``hexray view --dataset``)."""
+    stats = feature_stats(dataset, dset, features=[(layer, feature)], k=k, m=m)
+    return {**stats.feature(layer, feature), "dataset": dataset.path, "n_tokens": stats.layers[layer].n_tokens,
+            "n_runs": stats.layers[layer].n_runs}

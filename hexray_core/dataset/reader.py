@@ -149,6 +149,19 @@ class Dataset:
             parts, logit = parts.merge(s.parts), logit.merge(s.logit)
         return Aggregate.from_stats(ShardStats(parts, logit, parts.n), by, position)
 
+    def feature_stats(self, dictionary, *, features=None, layers=None, k: int = 10, m: int = 3, jobs: int = 1,
+                      map: Callable | None = None):  # noqa: A002
+        """What features mean over this dataset (``dataset.features.feature_stats``): density, histogram, top
+        contexts and quantile examples of ``features`` ([(layer, id)] or ["L3F12"]; None: the whole dictionary)."""
+        from .features import feature_stats, parse_feature
+
+        if features is not None:
+            features = [parse_feature(f) if isinstance(f, str) else f for f in features]
+        if map is None and jobs > 1:
+            def map(fn, tasks):  # noqa: A001
+                return local_map(fn, tasks, jobs)
+        return feature_stats(self, dictionary, layers=layers, features=features, k=k, m=m, map=map)
+
     def __repr__(self) -> str:
         return f"<Dataset {self.path}: {self.model}, {len(self)} run(s)>"
 

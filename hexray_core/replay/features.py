@@ -262,6 +262,17 @@ def run_features(run, dictionary, layer: int | None = None) -> Features:
     return run.memo(("features", dset.fingerprint, layer), build)
 
 
+def features_at(run, dictionary: DictionarySet, layer: int, position: int) -> tuple[np.ndarray, np.ndarray]:
+    """(feature ids, activations) at one position, strongest first: stored, already computed, or encoded for that
+    row only (a cold `hexray features` encodes one row, not the run)."""
+    key = ("features", dictionary.fingerprint, layer)
+    if key in run._memo or stored_slot(run.trace, dictionary) is not None:
+        return run_features(run, dictionary, layer).at(position)
+    d = dictionary[layer]
+    row = d.encode(dictionary_input(run, d)[position:position + 1])
+    return Features.from_dense(row, layer).at(0)
+
+
 def _read_stored(run, base: str, d: Dictionary, layer: int) -> Features:
     t = run.trace
     indptr = np.asarray(t.tensor(base + ".indptr", run.id)).astype(np.int64)

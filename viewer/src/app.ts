@@ -3,7 +3,7 @@
 import { barRow, clear, div, h, heatmap, seq } from "./dom";
 import { pct, q, sci, signed, visible } from "./fmt";
 import type { Source } from "./source";
-import { type FeatureRef, featureColour, featureLabel, featuresPanel, featureValues } from "./features";
+import { type FeatureRef, featureColour, featureLabel, featuresPanel, featureValues, meaningPanel } from "./features";
 import type { AttnRows, Colours, Detail, LensGrid, RunFeatures, Side, TraceOverview } from "./types";
 
 const LENS_BEFORE = 12;
@@ -313,6 +313,17 @@ export class App {
       void this.select(this.pos);
     });
     this.panels.insertBefore(panel, this.panels.querySelector(".panel.wide"));
+    const f = this.feature;
+    if (f && this.currentTrace().feature_dataset && this.source.meaning) {
+      const slot = h("section", { id: "p-meaning", class: "panel wide" }, h("h3", { text: `${featureLabel(f)}: reading the dataset…` }));
+      this.panels.insertBefore(slot, panel.nextSibling);
+      try {
+        const m = await this.source.meaning(f.layer, f.feature);
+        if (m && my === this.seq) slot.replaceWith(meaningPanel(m));
+      } catch (err) {
+        slot.append(h("div", { class: "dim", text: String(err) }));
+      }
+    }
   }
 
   /** Scroll the strip (only the strip: scrollIntoView would also scroll a notebook around its frame). */

@@ -4,7 +4,7 @@
 
 import { h } from "./dom";
 import { q } from "./fmt";
-import type { RunFeatures } from "./types";
+import type { FeatureMeaning, RunFeatures } from "./types";
 
 export const FEATURES_SHOWN = 10;
 
@@ -58,6 +58,31 @@ export function featuresPanel(rf: RunFeatures | null, pos: number, selected: Fea
       info ? h("span", { class: "dim", text: ` → ${info.top.slice(0, 3).map(q).join(" ")}` }) : null,
       info?.explanation ? h("span", { class: "feat-expl", text: ` ${info.explanation}` }) : null);
     sec.append(row);
+  }
+  return sec;
+}
+
+/** A clicked feature over the dataset given to `hexray view --dataset`: density, histogram, top contexts. */
+export function meaningPanel(m: FeatureMeaning): HTMLElement {
+  const sec = h("section", { id: "p-meaning", class: "panel wide" },
+    h("h3", { text: `${m.label} over ${m.dataset}` + (m.explanation ? `: ${m.explanation}` : "") }),
+    h("div", { class: "sub", id: "meaning-summary",
+      text: `density ${(100 * m.density).toFixed(3)}% (${m.n_active} of ${m.n_tokens} tokens in ${m.n_runs} runs) · max ${m.max.toFixed(3)} · mean when active ${m.mean_active.toFixed(3)}` +
+        (m.top_logits?.length ? ` · promotes ${m.top_logits.slice(0, 5).map(([, t]) => q(t)).join(" ")}` : "") }));
+  const peak = Math.max(1, ...m.histogram.counts);
+  const hist = h("div", { class: "feat-hist" });
+  m.histogram.counts.forEach((c, i) => {
+    if (c) hist.append(h("span", { class: "feat-hbar", title: `[${m.histogram.edges[i].toPrecision(3)}, ${m.histogram.edges[i + 1].toPrecision(3)}): ${c}`,
+      style: `height:${(2 + 38 * c / peak).toFixed(1)}px` }));
+  });
+  sec.append(hist);
+  for (const c of m.top_contexts) {
+    const at = c.position - c.start;
+    const line = h("div", { class: "feat-ctx", "data-id": String(c.id), "data-position": c.position },
+      h("span", { class: "val", text: c.activation.toFixed(3) + " " }));
+    c.tokens.forEach((t, i) => line.append(h("span", { class: i === at ? "feat-peak" : "",
+      style: `background:${featureColour(c.activations[i], m.max)}`, text: t.replace(/\n/g, "↵") })));
+    sec.append(line);
   }
   return sec;
 }

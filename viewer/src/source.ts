@@ -1,7 +1,7 @@
 // Where the data comes from: the `hexray view` server (fetched lazily, one panel at a time), or the
 // JSON a report / notebook cell embeds (null where the report did not embed a position).
 
-import type { AttnRows, Colours, Cot, Detail, Diff, LensGrid, RunFeatures, Side, TraceOverview } from "./types";
+import type { AttnRows, Colours, Cot, Detail, Diff, FeatureMeaning, LensGrid, RunFeatures, Side, TraceOverview } from "./types";
 
 export interface Source {
   readonly kind: "server" | "embedded";
@@ -14,6 +14,7 @@ export interface Source {
   cot(t: number, run: number): Promise<Cot | null>;
   diff(a: Side, b: Side): Promise<Diff | null>;
   features(t: number, run: number): Promise<RunFeatures | null>; // null: no --dict
+  meaning?(layer: number, feature: number): Promise<FeatureMeaning | null>; // hexray view --dataset
   diffSides?(): [Side, Side][];
   embedded?(t: number, run: number): Set<number>; // positions a report holds the details of
 }
@@ -46,6 +47,7 @@ export class ServerSource implements Source {
   }
   colours(t: number, run: number) { return this.get<Colours>("colours", { t, run }); }
   features(t: number, run: number) { return this.get<RunFeatures>("features", { t, run }); }
+  meaning(layer: number, f: number) { return this.get<FeatureMeaning>("meaning", { layer, f }); }
   cot(t: number, run: number) { return this.get<Cot>("cot", { t, run }); }
   diff(a: Side, b: Side) {
     return this.get<Diff>("diff", { ta: a.trace, ra: a.run, pa: a.position, tb: b.trace, rb: b.run, pb: b.position });

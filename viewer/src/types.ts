@@ -22,6 +22,7 @@ export interface TraceOverview {
   has_kit: boolean;
   runs: RunOverview[];
   features?: { name: string; kind: string; layers: number[]; space: string } | null; // the --dict dictionary
+  feature_dataset?: string | null; // hexray view --dataset: a clicked feature's meaning over it
 }
 
 export interface Contribution {
@@ -157,4 +158,29 @@ export interface RunFeatures {
   layers: FeatureLayer[];
   info: Record<string, { top: string[]; bottom: string[]; explanation: string | null }>;
   error: string | null;
+}
+
+export interface FeatureContext {
+  id: string | number;
+  position: number;
+  activation: number;
+  start: number;
+  tokens: string[];
+  activations: number[];
+}
+
+/** One feature over a dataset (data.feature_meaning, `hexray features DATASET/ --feature`). */
+export interface FeatureMeaning {
+  label: string;
+  dataset: string;
+  n_tokens: number;
+  n_runs: number;
+  n_active: number;
+  density: number;
+  max: number;
+  mean_active: number;
+  histogram: { edges: number[]; counts: number[]; under: number; over: number; negative: number };
+  top_contexts: FeatureContext[];
+  top_logits?: [number, string, number][];
+  explanation?: string;
 }
