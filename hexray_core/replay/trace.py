@@ -625,5 +625,6 @@ def open_trace(path: str | os.PathLike, framework: str = "np") -> Trace:
 def _token_in_range(tid: int, given) -> int:
     """A token id no vocabulary can hold ("#99999999999999999999") is refused before it indexes anything."""
     if not 0 <= tid < MAX_VOCAB:
-        raise HexRayError(f"target token {given!r} is outside the vocabulary: token ids go from 0 to {MAX_VOCAB - 1:,} at most")
+        raise HexRayError(f"target token {given!r} is outside the vocabulary: token ids go from 0 to "
+                          f"{MAX_VOCAB - 1:,} at most")
     return tid
