@@ -65,3 +65,26 @@ def test_records_a_trace_that_replays(demo_recorder, tmp_path):
     pos = trace.runs[0].tokens.index(said) - 1
     a = trace.attribution(pos, target="next")
     assert a.target == " said" and a.probability > 0.3
+
+
+def test_embedded_dictionaries_read_a_demo_trace(demo_recorder, tmp_path):
+    """The demo SAE and transcoders ship with the package, small, with their model cards, and read a demo trace:
+    attribution by feature stays complete, and the card's L0 is what a held-out-like prompt shows."""
+    import hexray
+
+    models = os.path.dirname(DEMO)
+    for name in ("hexray-demo-sae", "hexray-demo-transcoders"):
+        files = os.listdir(os.path.join(models, name))
+        assert "MODEL_CARD.md" in files
+        assert sum(os.path.getsize(os.path.join(models, name, f)) for f in files) <= 5_000_000
+    sae, tcs = hexray.load_dictionary("hexray-demo-sae"), hexray.load_dictionary("hexray-demo-transcoders")
+    assert sae.kind == "sae" and list(sae.layers) == [2] and sae[2].k == 16
+    assert tcs.kind == "transcoder" and sorted(tcs.layers) == [0, 1, 2, 3]
+    path = demo_recorder.record("It is a truth universally acknowledged, that a single man in possession",
+                                tmp_path / "t.hxr", act_dtype="float32").path
+    trace = open_trace(path)
+    for d in (sae, tcs):
+        a = trace.attribution(-1, by="feature", dictionary=d)
+        assert a.error < 1e-4 and any(c.kind == "feature" for c in a.contributions)
+    l0 = trace[0].features(sae, 2).l0()[1:]
+    assert (l0 <= 16).all() and l0.mean() > 8  # TopK: at most k, fewer only where fewer pre-activations are positive
