@@ -212,7 +212,7 @@ def main() -> None:
                 print(f"{case}: prepare failed: {prep['error']}")
                 continue
             r = spawn("--worker", "graph", "--folder", folder, "--", "--max-feature-nodes",
-                      str(args.max_feature_nodes))
+                      str(args.max_feature_nodes), *extra)  # e.g. --qk 0
             if "error" in r:
                 print(f"{case}: graph failed: {r['error']}")
                 continue
