@@ -139,6 +139,7 @@ def test_capped_graph_keeps_completeness_and_its_largest_edges(recorded):
         assert g.row_abs[i] == pytest.approx(full.row_abs[i_full], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_edges_are_interventions_in_the_frozen_model(recorded):
     """Removing one source's write moves each target by that source's edge weight (features, errors, tokens;
     into features and into logits); edges from later positions or layers are absent."""
@@ -240,6 +241,7 @@ def _cli(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_graph_and_bad_input(tiny_gpt2_recorder, tmp_path):
     from safetensors.numpy import save_file
 

@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-edges", type=int, metavar="N", help="at most N edges after pruning")
     p.add_argument("--batch-size", type=int, default=64, help="targets per backward pass (default 64)")
     p.add_argument("--qk", type=int, default=3, metavar="N",
-                   help="QK-trace the N head/key pairs writing most into the top logit (default 3; 0: none)")
+                   help="QK-trace the N head/key pairs writing most into the top logit (default 3; 0: none; each "
+                        "costs 2 x d_head backward passes, like as many feature rows)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the graph JSON")
     p.add_argument("--json", action="store_true", help="print a JSON summary (nodes, edges, top paths)")
 

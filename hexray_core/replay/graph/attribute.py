@@ -24,7 +24,9 @@ from .prune import normalise
 from .transcoders import as_transcoder_set
 
 #: Floats of one batch's gradient (batch x positions x d_model): bounds the backward pass's memory.
-GRAD_ELEMENTS = 1 << 24
+GRAD_ELEMENTS = 1 << 22
+#: ... but never fewer targets than this in a batch (each batch recomputes the attention rows it needs)
+MIN_BATCH = 8
 #: Edges kept per row (the largest by magnitude). A row has an edge from every earlier source, so a long
 #: context would otherwise hold rows x sources floats; what is dropped is kept as a sum per row (completeness
 #: stays exact) and the row's full |weight| sum still normalises it (influence as with every edge).
@@ -138,7 +140,7 @@ def build_graph(trace, transcoders, *, run: int = 0, position: int = -1, targets
     ids, probs, us, consts = _logit_targets(model, pos, targets, max_n_logits, desired_logit_prob)
     n_src = model.n_sources
     # a batch's gradient is [batch, positions, d_model]: cap it for long contexts
-    bs = max(1, min(batch_size, GRAD_ELEMENTS // max((pos + 1) * model.d, 1)))
+    bs = max(1, min(batch_size, max(MIN_BATCH, GRAD_ELEMENTS // max((pos + 1) * model.d, 1))))
     rows = _Rows(max_edges_per_row)
     logit_value = []
     for a in range(0, len(ids), bs):

@@ -371,6 +371,13 @@ class ReplacementModel:
         const += np.einsum("bpd,pd->b", G, self.pos_embed[:P])
         return edges, const
 
+    def backward_batched(self, targets: list[Target], grad_elements: int = 1 << 22, min_batch: int = 8):
+        """``backward`` in batches whose gradient stays under ``grad_elements`` floats."""
+        P = max(t.pos for t in targets) + 1
+        bs = max(min_batch, grad_elements // max(P * self.d, 1))
+        parts = [self.backward(targets[a:a + bs]) for a in range(0, len(targets), bs)]
+        return np.concatenate([e for e, _ in parts]), np.concatenate([c for _, c in parts])
+
     def _write_grad(self, G: np.ndarray) -> np.ndarray:
         """The gradient a raw write sees: as is in the raw residual; centred in compatibility mode, where the model
         carries centre(write)."""

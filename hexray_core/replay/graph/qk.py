@@ -57,8 +57,8 @@ def qk_trace(model: ReplacementModel, layer: int, head: int, query: int, key: in
     dh = model.dh
     tq = [Target("pre", layer, query, model._centre(W_Q[:, e]) / model.sc1[layer][query]) for e in range(dh)]
     tk = [Target("pre", layer, key, model._centre(W_K[:, e]) / model.sc1[layer][key]) for e in range(dh)]
-    eq, cq = model.backward(tq)  # [dh, n_src], [dh]
-    ek, ck = model.backward(tk)
+    eq, cq = model.backward_batched(tq)  # [dh, n_src], [dh]
+    ek, ck = model.backward_batched(tk)
     q_bias, k_bias = cq + b_Q, ck + b_K
     q = eq.sum(1, dtype=np.float64) + q_bias
     k = ek.sum(1, dtype=np.float64) + k_bias
