@@ -12,6 +12,8 @@ import os
 
 import pytest
 from prereq import missing, require_module
+
+pytestmark = pytest.mark.slow  # a real browser, and the demo model recorded in a subprocess per test
 from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served, hexray, record_demo, replay_json, wait_for
 
 if not os.path.exists(CHROMIUM):
