@@ -60,7 +60,7 @@ def test_weights_are_the_bridges(recorder, recorded):
             continue
         got = getattr(t, name)
         assert got.shape == tuple(want.shape), name
-        np.testing.assert_array_equal(got, want.detach().float().numpy(), err_msg=name)  # float32 model: the very values
+        np.testing.assert_array_equal(got, want.detach().float().numpy(), err_msg=name)  # float32: the very values
 
 
 def test_tokenizer_methods_are_the_recorders(recorder, recorded):
