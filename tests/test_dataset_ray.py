@@ -18,6 +18,8 @@ import time
 import pytest
 from prereq import require_module
 
+pytestmark = pytest.mark.slow  # a local Ray cluster whose workers each load the demo model
+
 ray = require_module("ray", "the [dev] or [ray] extra: pip install 'ray[data]'", module_level=True)
 
 from test_dataset import PROMPTS, assert_exactly_once, manifest, run_cli  # noqa: E402

@@ -154,3 +154,17 @@ def test_a_json_error_says_where_in_the_line():
         parse_prompts_file('{"prompt": "ok"}\n' + line, "p.jsonl")
     assert str(e.value) == "--prompts-file p.jsonl:2: not JSON (Expecting ',' delimiter at column 22)"
     assert line[21] == "h"  # column 22, 1-based: what follows the string that ended early
+
+
+def test_the_strips_texts_read_as_the_prompt_where_labels_show_bytes(tiny_gpt2_recorder, tmp_path):
+    from hexray_view.data import _run_overview
+
+    prompt = "Café 🍕 and 東京, naïve."
+    t = open_trace(tiny_gpt2_recorder.record(prompt, tmp_path / "t.hxr").path)
+    ov = _run_overview(t, 0)
+    first = 1 if t[0].info.get("prepend_bos") else 0
+    assert "".join(ov["texts"][first:]) == prompt
+    assert any("\\x" in label for label in ov["labels"])  # this tokenizer splits characters into byte tokens
+    assert not any("\\x" in text for text in ov["texts"])
+    split = [i for i, label in enumerate(ov["labels"]) if "\\x" in label]
+    assert all(ov["texts"][i] == "" or ov["texts"][i] in prompt for i in split)

@@ -208,7 +208,7 @@ def test_cli_records_prompts_file(tiny_gpt2_dir, tmp_path):
                                   "--bundle", "--top-k", "5", "--act-dtype", "float32", "-o", str(out)),
                        capture_output=True, text=True, env=cli_env(tmp_path), timeout=300)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("hexray: recorded 2 runs,") and str(out) in p.stdout
+    assert re.match(r"hexray: loaded \S+ in \d+\.\d s; recorded 2 runs,", p.stdout) and str(out) in p.stdout
     assert "[2/2]" in p.stderr
     with TraceReader(out) as r:
         assert [run["generated"]["n"] for run in r.runs] == [2, 2]

@@ -131,6 +131,17 @@ def test_bridge_object_is_reused(tiny, tiny_tokenizer, tmp_path):
         assert r.meta["model"]["processing"]["fold_ln"] is True
 
 
+# What a kit holds (hexray_core/kit/store.py): the processed weights, the raw/ tensors that rebuild the
+# unprocessed space, and the tokenizer. GPT-2: LayerNorm with biases, learned positions; Llama: RMSNorm (no
+# .b, no centring means), rotary (no W_pos), gated MLP, no biases on the tiny model's projections.
+KIT_COMMON = {"W_E", "W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O", "W_in", "b_in", "W_out", "b_out", "W_U",
+              "b_U", "tokenizer.json"}
+KIT_GPT2 = KIT_COMMON | {"W_pos"} | {f"raw/{n}" for n in ("ln1.w", "ln1.b", "ln2.w", "ln2.b", "ln_final.w",
+                                                          "ln_final.b", "W_E.mean", "W_pos.mean", "W_O.mean",
+                                                          "b_O.mean", "W_out.mean", "b_out.mean")}
+KIT_LLAMA = KIT_COMMON | {"W_gate"} | {f"raw/{n}" for n in ("ln1.w", "ln2.w", "ln_final.w")}
+
+
 def test_kit_written_once_and_reused(tiny, tiny_tokenizer, tmp_path, fresh_cache):
     from hexray_core.record import Recorder
 
@@ -147,7 +158,8 @@ def test_kit_written_once_and_reused(tiny, tiny_tokenizer, tmp_path, fresh_cache
         assert r.meta["kit"] == {"sha256": a.kit_sha256, "bundled": False}
         assert not r.names(WEIGHTS_RUN)
     with TraceReader(a.kit_path) as k:
-        assert sorted(k.names(WEIGHTS_RUN)) == ["W_O", "W_U", "W_out", "b_O", "b_U", "b_out"]
+        names = set(k.names(WEIGHTS_RUN))
+        assert names == KIT_GPT2, sorted(names ^ KIT_GPT2)
         assert k.meta["kit"]["sha256"] == a.kit_sha256 and len(k.meta["vocab"]) == k.info("W_U", -1).shape[1]
         assert not k.runs
 
@@ -162,7 +174,7 @@ def test_bundle_replays_with_no_cache(tiny_llama_recorder, tmp_path, monkeypatch
         assert r.meta["kit"] == {"sha256": res.kit_sha256, "bundled": True}
         arrays = {n[len("kit/"):]: (r.read(n, WEIGHTS_RUN, dtype="stored"), r.info(n, WEIGHTS_RUN).dtype)
                   for n in r.names(WEIGHTS_RUN)}
-        assert sorted(arrays) == ["W_O", "W_U", "W_out", "b_O", "b_U", "b_out"]
+        assert set(arrays) == KIT_LLAMA, sorted(set(arrays) ^ KIT_LLAMA)
         assert kit_sha256(arrays) == res.kit_sha256  # the bundled tensors are the kit, byte for byte
         cfg = r.meta["model"]["config"]
         assert arrays["W_U"][0].shape == (cfg["d_model"], cfg["d_vocab"])

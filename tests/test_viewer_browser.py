@@ -14,6 +14,8 @@ import pytest
 from prereq import missing, require_module
 from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served, hexray, record_demo, replay_json, wait_for
 
+pytestmark = pytest.mark.slow  # a real browser, and the demo model recorded in a subprocess per test
+
 if not os.path.exists(CHROMIUM):
     missing(f"{CHROMIUM} is not installed (apt-get install chromium)", module_level=True)
 sync_api = require_module("playwright.sync_api", "the [dev] extra: pip install playwright", module_level=True)
