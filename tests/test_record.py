@@ -80,6 +80,18 @@ def test_explicit_and_glob_hooks(tiny_gpt2_recorder, tmp_path):
         plan_hooks(tiny_gpt2_recorder.bridge, "blocks.9*")
 
 
+def test_the_lens_reads_residuals_stored_under_another_name(tiny_recorder, tmp_path):
+    """resid_post of layer L is the very tensor resid_pre of layer L+1 carries: stored once, as an alias, it must
+    still reach the logit lens (a KeyError before)."""
+    res = tiny_recorder.record("hello there", tmp_path / "t.hxr", act_dtype="float32", lens=True,
+                               hooks="blocks.*.hook_resid_pre,blocks.*.hook_resid_post")
+    with TraceReader(res.path) as r:
+        assert r.meta["storage"]["lens"]
+        assert r.runs[0]["aliases"].get("blocks.1.hook_resid_pre") == "blocks.0.hook_resid_post"
+        lens_top1 = r.read("hexray.lens_topk_ids", run=0)[-1, :, 0]  # after the last block: the model's own top-1
+        np.testing.assert_array_equal(lens_top1, r.read("hexray.topk_ids", run=0)[:, 0])
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_logits_equal_hf(tiny, tiny_tokenizer, tmp_path, arch):
     """Stored top-k and next-token logits equal the HF model's, computed before the bridge touched it."""

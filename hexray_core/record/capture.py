@@ -228,6 +228,8 @@ class Capture:
                 if alive is not None and tensor._version == version and alive.data_ptr() == key[1]:
                     self.aliases[name] = first
                     self._done.add(name)
+                    if name in self.keep:  # stored once under its first name, but a computation after the forward
+                        self.kept[name] = tensor.detach()  # (the logit lens, features) asks for it by this one
                     return
         try:
             self._seen[key] = (weakref.ref(tensor), tensor._version, name)
