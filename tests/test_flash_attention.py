@@ -257,3 +257,22 @@ def test_cli_attention_flag_and_info(tiny_llama_dir, tmp_path):
     js = json.loads(subprocess.run([sys.executable, "-m", "hexray", "info", str(out), "--json"], capture_output=True,
                                    text=True, env=cli_env(tmp_path), timeout=120).stdout)
     assert js["forward"] == {"attention": "flash", "requested": "flash", "fallback": None}
+
+
+def test_run_tensors_and_lens_in_row_chunks_equal_whole(tiny_llama_recorder, tmp_path, monkeypatch):
+    """The per-run logits tensors and the logit lens are computed a few rows at a time (a long run's float32
+    logits are gigabytes): chunks of 3 rows give the same tensors as one chunk."""
+    from hexray_core.record import recorder
+
+    whole = tiny_llama_recorder.record(PROMPT, tmp_path / "whole.hxr", lens=True, act_dtype="float32").path
+    monkeypatch.setattr(recorder, "RUN_TENSOR_BYTES", 3 * 4 * tiny_llama_recorder.loaded.d_vocab)
+    chunked = tiny_llama_recorder.record(PROMPT, tmp_path / "chunked.hxr", lens=True, act_dtype="float32").path
+    with TraceReader(whole) as a, TraceReader(chunked) as b:
+        names = [n for n in a.names(0) if n.startswith("hexray.") and not n.startswith("hexray.attn_lse")]
+        assert "hexray.lens_next_rank" in names and "hexray.topk_logits" in names
+        for name in names:  # floats: a matrix product over fewer rows may round its last bit differently
+            x, y = a.read(name, 0), b.read(name, 0)
+            if x.dtype.kind == "f":
+                np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6, err_msg=name)
+            else:
+                np.testing.assert_array_equal(y, x, err_msg=name)

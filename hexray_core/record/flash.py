@@ -48,6 +48,9 @@ import torch
 
 #: Bytes of float32 scores per block of queries (a few copies live at once: scores, mask, softmax).
 BLOCK_BYTES = 64 << 20
+#: On a GPU, larger blocks: each block is ~10 kernel launches, and 64 MB would be 8 query rows of
+#: Llama-3.1-8B at 64k tokens (untested here: no GPU was available when this was written).
+BLOCK_BYTES_GPU = 1 << 30
 
 #: Names transformers' mask dispatch does not know: no mask is built (``masking_utils._preprocess_mask_arguments``).
 NO_MASK_IMPLEMENTATION = "hexray_blockwise"
@@ -123,7 +126,8 @@ def attend(q, k, v, *, scale: float, softcap: float | None, window: int | None, 
         return _fused(q, k, v, rep, scale)
     z = torch.empty((b, h, sq, v.shape[-1]), dtype=v.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
-    budget = BLOCK_BYTES if budget is None else budget
+    if budget is None:
+        budget = BLOCK_BYTES if q.device.type == "cpu" else BLOCK_BYTES_GPU
     rows = _block_rows(b * h, sk if not window else min(sk, window + _block_rows(b * h, sk, budget)), budget)
     q0 = 0
     while q0 < sq:

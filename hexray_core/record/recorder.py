@@ -584,21 +584,30 @@ def _write_lens(writer: TraceWriter, bridge, resids: list[torch.Tensor], logits:
         nxt = torch.tensor(ids[1:] + [ids[-1]], device=W_U.device)
         rows = torch.arange(n, device=W_U.device)
         out = {name: [] for name in LENS_TENSORS}
-        for resid in resids:  # one layer at a time: [n, d_vocab] floats, not [layers, n, d_vocab]
-            x = resid[0].float().to(W_U.device)
-            if layernorm:
-                x = x - x.mean(-1, keepdim=True)
-            lg = (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)) @ W_U + b_U
-            top = lg.topk(k, dim=-1)
-            top_logit, next_logit = lg[rows, final_top], lg[rows, nxt]
-            out["hexray.lens_topk_ids"].append(top.indices.to(torch.int32))
-            out["hexray.lens_topk_logits"].append(top.values)
-            out["hexray.lens_logsumexp"].append(torch.logsumexp(lg, -1))
-            out["hexray.lens_top_logit"].append(top_logit)
-            out["hexray.lens_top_rank"].append(((lg > top_logit[:, None]).sum(-1) + 1).to(torch.int32))
-            next_logit[-1] = float("nan")  # no next token after the last one
-            out["hexray.lens_next_logit"].append(next_logit)
-            out["hexray.lens_next_rank"].append(((lg > next_logit[:, None]).sum(-1) + 1).to(torch.int32))
+        step = max(1, RUN_TENSOR_BYTES // (4 * W_U.shape[1]))  # rows at once: [rows, d_vocab] floats
+        for resid in resids:  # one layer at a time, in row chunks: never [layers or n, d_vocab] floats
+            layer = {name: [] for name in LENS_TENSORS}
+            for r0 in range(0, n, step):
+                x = resid[0, r0:r0 + step].float().to(W_U.device)
+                r = rows[r0:r0 + step]
+                if layernorm:
+                    x = x - x.mean(-1, keepdim=True)
+                lg = (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)) @ W_U + b_U
+                r = r - r0
+                top = lg.topk(k, dim=-1)
+                top_logit, next_logit = lg[r, final_top[r0:r0 + step]], lg[r, nxt[r0:r0 + step]]
+                layer["hexray.lens_topk_ids"].append(top.indices.to(torch.int32))
+                layer["hexray.lens_topk_logits"].append(top.values)
+                layer["hexray.lens_logsumexp"].append(torch.logsumexp(lg, -1))
+                layer["hexray.lens_top_logit"].append(top_logit)
+                layer["hexray.lens_top_rank"].append(((lg > top_logit[:, None]).sum(-1) + 1).to(torch.int32))
+                if r0 + step >= n:
+                    next_logit[-1] = float("nan")  # no next token after the last one
+                layer["hexray.lens_next_logit"].append(next_logit)
+                layer["hexray.lens_next_rank"].append(((lg > next_logit[:, None]).sum(-1) + 1).to(torch.int32))
+                del lg, top
+            for name, parts in layer.items():
+                out[name].append(torch.cat(parts))
     for name, parts in out.items():
         arr = torch.stack(parts).cpu().numpy()
         writer.write(name, arr if arr.dtype == np.int32 else arr.astype(np.float32))
