@@ -147,6 +147,7 @@ def test_sae_fixture_is_consistent(kind, name):
     assert (acts >= 0).all()
     assert 0.1 < (acts > 0).mean() < 0.5  # a reasonable fraction of features is active
     assert _close(_encode(arch, cfg, w, x), acts, 1e-5)
+    assert info["min_margin"] >= 1e-4  # no decision within float noise of flipping (README, Margins)
     if info["hook_out"]:
         assert z[f"{name}/target"].shape == (n, d_out)
     if info["hook_in"].endswith("ln2.hook_normalized"):
@@ -205,6 +206,9 @@ def test_transcoder_encode_fixture_is_consistent(name):
     pre = np.einsum("lnd,lfd->lnf", z["input"].astype(np.float64), W_enc) + b_enc[:, None]
     acts = np.maximum(pre, 0) if thr is None else pre * (pre > thr.reshape(L, 1, -1))
     assert _close(acts, z["feature_acts"], 1e-5)
+    # No pre-activation (positions >= 1, the graph's) within 1e-3 of its cut, relative to the largest.
+    cut = 0.0 if thr is None else thr.reshape(L, 1, -1)
+    assert np.abs(pre - cut)[:, 1:].min() >= 1e-3 * np.abs(pre[:, 1:]).max()
     assert 0.1 < (z["feature_acts"] > 0).mean() < 0.5
 
 

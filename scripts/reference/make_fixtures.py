@@ -201,10 +201,22 @@ def load_tl(folder: Path, **kwargs):
 
 def _cut_between(values: np.ndarray, fraction: float) -> np.ndarray:
     """Per column, a value halfway between two neighbouring observed values such that about ``fraction`` of
-    the rows lie above it: no observed value sits on (or within float noise of) the cut."""
+    the rows lie above it. Of the neighbouring pairs near that rank, the widest gap is taken, so no observed value
+    lies near the cut: a reimplementation that differs by float rounding still finds the same active set."""
     v = np.sort(values, axis=0)
-    i = min(max(int(round((1 - fraction) * len(v))) - 1, 0), len(v) - 2)
-    return (v[i] + v[i + 1]) / 2
+    n = len(v)
+    i = min(max(int(round((1 - fraction) * n)) - 1, 0), n - 2)
+    spread = max(1, n // 20)
+    js = np.arange(max(i - spread, 0), min(i + spread, n - 2) + 1)
+    gaps = v[js + 1] - v[js]  # [candidates, columns]
+    j = js[np.argmax(gaps, axis=0)]
+    cols = np.arange(v.shape[1])
+    return (v[j, cols] + v[j + 1, cols]) / 2
+
+
+def margin(pre: np.ndarray, cut: np.ndarray | float) -> float:
+    """The smallest distance of a pre-activation from its cut, relative to the largest pre-activation."""
+    return float(np.abs(pre - cut).min() / max(np.abs(pre).max(), 1e-12))
 
 
 def _rand(gen, *shape, scale=1.0):
@@ -321,6 +333,23 @@ def make_sae(arch: str, d_in: int, d_out: int | None, x: torch.Tensor, extra: di
     return sae
 
 
+def sae_margin(arch: str, sae, x: torch.Tensor) -> float:
+    """How far the SAE's decisions are from flipping on ``x``: pre-activations from their cut (0, the JumpReLU
+    threshold, the gate at 0), for TopK the gap between the k-th and (k+1)-th largest; relative to the largest."""
+    w = {k: v.double().numpy() for k, v in sae.state_dict().items()}
+    x = x.double().numpy() - (w["b_dec"] if sae.cfg.apply_b_dec_to_input else 0)
+    if arch == "gated":
+        return margin(x @ w["W_enc"] + w["b_gate"], 0.0)
+    pre = x @ w["W_enc"] + w["b_enc"]
+    if "threshold" in w:
+        return margin(pre, w["threshold"])
+    if arch == "topk":
+        top = -np.sort(-pre, axis=-1)
+        k = sae.cfg.k
+        return float(min((top[:, k - 1] - top[:, k]).min(), np.abs(top[:, :k]).min()) / np.abs(pre).max())
+    return margin(pre, 0.0)
+
+
 def sae_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
     from sae_lens import SAE
 
@@ -368,7 +397,8 @@ def sae_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
         frac = float((acts > 0).float().mean())
         info[name] = {"architecture": arch, "hook_in": hook_in, "hook_out": hook_out,
                       "model_from_pretrained_kwargs": kwargs, "active_fraction": round(frac, 4),
-                      "cfg": {k: v for k, v in extra.items()}, "legacy_cfg": legacy is not None}
+                      "cfg": {k: v for k, v in extra.items()}, "legacy_cfg": legacy is not None,
+                      "min_margin": float(f"{sae_margin(arch, loaded, x):.3g}")}
         print(f"  sae {kind}/{name}: {arch} @ {hook_in} active {frac:.2f}", flush=True)
     savez(out / f"sae_{kind}.npz", arrays)
     return info
@@ -462,6 +492,17 @@ def load_set(folder: Path, config: dict):
                     device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False, lazy_encoder=False)
 
 
+def _thresholds(tset, config: dict, L: int) -> np.ndarray | None:
+    """The JumpReLU thresholds [L, d_tc] of a loaded set, or None for ReLU."""
+    if config["model_kind"] == "cross_layer_transcoder":
+        act = tset.activation_function
+        return act.threshold.detach().reshape(L, -1).double().numpy() if hasattr(act, "threshold") else None
+    acts = [t.activation_function for t in tset]
+    if not hasattr(acts[0], "threshold"):
+        return None
+    return torch.stack([a.threshold.detach().reshape(-1) for a in acts]).double().numpy()
+
+
 def circuit_tracer_graph(folder: Path, tc_folder: Path, config: dict, tokens: torch.Tensor, *, batch_size: int = 256,
                          max_feature_nodes: int | None = None, prune: bool = True) -> tuple[dict, dict]:
     """circuit-tracer's encode, attribution graph and pruning for ``tokens`` [n] on the model in ``folder``, loaded
@@ -483,6 +524,11 @@ def circuit_tracer_graph(folder: Path, tc_folder: Path, config: dict, tokens: to
     y = torch.stack([cache[f"blocks.{i}.{config['feature_output_hook']}"][0] for i in range(L)])
     with torch.no_grad():
         acts = tset.encode(x)  # [L, n_pos, d_tc]; circuit-tracer's encode does not zero BOS
+        pre = torch.stack([tset.encode_layer(x[i], i, apply_activation_function=False) if config["model_kind"] ==
+                           "cross_layer_transcoder" else tset[i].encode(x[i], apply_activation_function=False)
+                           for i in range(L)])[:, 1:].double().numpy()
+    thr = _thresholds(tset, config, L)
+    cut_margin = margin(pre, 0.0 if thr is None else thr[:, None, :])
     arrays = {"tokens": tokens.numpy().astype(np.int64), "input": x.numpy(), "mlp_out": y.numpy(),
               "feature_acts": acts.numpy(), "last_logits": logits[0, -1].float().numpy()}
     del cache, plain
@@ -503,7 +549,8 @@ def circuit_tracer_graph(folder: Path, tc_folder: Path, config: dict, tokens: to
     })
     info = {"model_kind": config["model_kind"], "feature_input_hook": config["feature_input_hook"],
             "feature_output_hook": config["feature_output_hook"], "n_features": n_feat, "n_nodes": int(A.shape[0]),
-            "n_logits": n_logit, "n_pos": n_pos, "nonzero_edges": int((A != 0).sum())}
+            "n_logits": n_logit, "n_pos": n_pos, "nonzero_edges": int((A != 0).sum()),
+            "min_margin": float(f"{cut_margin:.3g}")}
     if prune:
         pruned = prune_graph(graph, NODE_THRESHOLD, EDGE_THRESHOLD)
         arrays.update({"node_mask": pruned.node_mask.numpy(), "edge_mask": pruned.edge_mask.numpy(),
