@@ -126,8 +126,8 @@ def save_model(kind: str, out: Path):
     model = build_model(kind, tok)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
-    for junk in ("generation_config.json",):
-        (folder / junk).unlink(missing_ok=True)
+    # Not needed to load the model, and it records the writer's transformers version: one file fewer to go stale.
+    (folder / "generation_config.json").unlink(missing_ok=True)
     return folder, tok
 
 
