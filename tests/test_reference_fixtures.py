@@ -35,6 +35,19 @@ def _sae_weights(kind, name):
     return cfg, load_file(os.path.join(folder, "sae_weights.safetensors"))
 
 
+def _from_pre_6_0(cfg):
+    """SAELens 6.54's reading of a pre-6.0 cfg.json (``handle_pre_6_0_config``), reduced to what encode needs:
+    hook_point -> hook_name, architecture "standard" unless activation_fn_str is topk with a k, and
+    apply_b_dec_to_input True when the key is missing."""
+    assert "hook_point" in cfg and "architecture" not in cfg and "metadata" not in cfg
+    k = (cfg.get("activation_fn_kwargs") or {}).get("k")
+    topk = cfg.get("activation_fn_str") == "topk" and k is not None
+    return {"architecture": "topk" if topk else "standard", "k": k, "d_in": cfg["d_in"], "d_sae": cfg["d_sae"],
+            "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input", True),
+            "metadata": {"hook_name": cfg["hook_point"],
+                         "model_from_pretrained_kwargs": cfg["model_from_pretrained_kwargs"]}}
+
+
 def _close(a, b, rtol=1e-5):
     scale = max(float(np.abs(b).max()), 1e-6)
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()) <= rtol * scale
@@ -98,7 +111,7 @@ def _encode(arch, cfg, w, x):
         mag = np.maximum(x @ (w["W_enc"] * np.exp(w["r_mag"])) + w["b_mag"], 0)
         return gate * mag
     pre = x @ w["W_enc"] + w["b_enc"]
-    if arch in ("jumprelu", "jumprelu_transcoder"):
+    if arch in ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder"):
         return np.maximum(pre, 0) * (pre > w["threshold"])
     if arch == "topk":
         keep = np.argsort(-pre, axis=-1)[:, : cfg["k"]]
@@ -112,6 +125,8 @@ def _encode(arch, cfg, w, x):
 def test_sae_fixture_is_consistent(kind, name):
     info = MANIFEST["models"][kind]["saes"][name]
     cfg, w = _sae_weights(kind, name)
+    if info["legacy_cfg"]:
+        cfg = _from_pre_6_0(cfg)
     z = _sae_npz(kind)
     arch = cfg["architecture"]
     assert arch == info["architecture"]
@@ -122,7 +137,7 @@ def test_sae_fixture_is_consistent(kind, name):
     d_out = cfg.get("d_out", d_in)
     assert w["W_enc"].shape == (d_in, d_sae) and w["W_dec"].shape == (d_sae, d_out)
     assert w["b_dec"].shape == (d_out,)
-    if arch == "skip_transcoder":
+    if arch.endswith("skip_transcoder"):
         assert w["W_skip"].shape == (d_out, d_in)  # SAELens: skip = x @ W_skip.T
     n = len(z["tokens"])
     x, acts = z[f"{name}/input"], z[f"{name}/feature_acts"]
@@ -132,6 +147,7 @@ def test_sae_fixture_is_consistent(kind, name):
     assert (acts >= 0).all()
     assert 0.1 < (acts > 0).mean() < 0.5  # a reasonable fraction of features is active
     assert _close(_encode(arch, cfg, w, x), acts, 1e-5)
+    assert info["min_margin"] >= 1e-4  # no decision within float noise of flipping (README, Margins)
     if info["hook_out"]:
         assert z[f"{name}/target"].shape == (n, d_out)
     if info["hook_in"].endswith("ln2.hook_normalized"):
@@ -190,6 +206,9 @@ def test_transcoder_encode_fixture_is_consistent(name):
     pre = np.einsum("lnd,lfd->lnf", z["input"].astype(np.float64), W_enc) + b_enc[:, None]
     acts = np.maximum(pre, 0) if thr is None else pre * (pre > thr.reshape(L, 1, -1))
     assert _close(acts, z["feature_acts"], 1e-5)
+    # No pre-activation (positions >= 1, the graph's) within 1e-3 of its cut, relative to the largest.
+    cut = 0.0 if thr is None else thr.reshape(L, 1, -1)
+    assert np.abs(pre - cut)[:, 1:].min() >= 1e-3 * np.abs(pre[:, 1:]).max()
     assert 0.1 < (z["feature_acts"] > 0).mean() < 0.5
 
 

@@ -51,6 +51,21 @@ ACTIVE_FRACTION = 0.25  # per feature, over the prompt's positions (bias chosen 
 NODE_THRESHOLD, EDGE_THRESHOLD = 0.8, 0.98
 
 
+def savez(path, arrays: dict) -> None:
+    """``np.savez_compressed`` with fixed zip timestamps, so a rerun rewrites byte-identical files (np.load reads
+    it as any npz)."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key, value in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, buf.getvalue())
+
+
 # ---------------------------------------------------------------- tokenizer and models
 
 
@@ -111,8 +126,8 @@ def save_model(kind: str, out: Path):
     model = build_model(kind, tok)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
-    for junk in ("generation_config.json",):
-        (folder / junk).unlink(missing_ok=True)
+    # Not needed to load the model, and it records the writer's transformers version: one file fewer to go stale.
+    (folder / "generation_config.json").unlink(missing_ok=True)
     return folder, tok
 
 
@@ -186,10 +201,22 @@ def load_tl(folder: Path, **kwargs):
 
 def _cut_between(values: np.ndarray, fraction: float) -> np.ndarray:
     """Per column, a value halfway between two neighbouring observed values such that about ``fraction`` of
-    the rows lie above it: no observed value sits on (or within float noise of) the cut."""
+    the rows lie above it. Of the neighbouring pairs near that rank, the widest gap is taken, so no observed value
+    lies near the cut: a reimplementation that differs by float rounding still finds the same active set."""
     v = np.sort(values, axis=0)
-    i = min(max(int(round((1 - fraction) * len(v))) - 1, 0), len(v) - 2)
-    return (v[i] + v[i + 1]) / 2
+    n = len(v)
+    i = min(max(int(round((1 - fraction) * n)) - 1, 0), n - 2)
+    spread = max(1, n // 20)
+    js = np.arange(max(i - spread, 0), min(i + spread, n - 2) + 1)
+    gaps = v[js + 1] - v[js]  # [candidates, columns]
+    j = js[np.argmax(gaps, axis=0)]
+    cols = np.arange(v.shape[1])
+    return (v[j, cols] + v[j + 1, cols]) / 2
+
+
+def margin(pre: np.ndarray, cut: np.ndarray | float) -> float:
+    """The smallest distance of a pre-activation from its cut, relative to the largest pre-activation."""
+    return float(np.abs(pre - cut).min() / max(np.abs(pre).max(), 1e-12))
 
 
 def _rand(gen, *shape, scale=1.0):
@@ -214,6 +241,13 @@ SAE_SPECS = {
          None),
         ("jumprelu_transcoder_ln2_0", "jumprelu_transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out",
          {}, None),
+        # Appended (seeds follow the index): a JumpReLU skip transcoder, and two dictionaries whose cfg.json is in
+        # the pre-6.0 form SAELens still reads (flat keys, hook_point, activation_fn_str; see LEGACY_CFG).
+        ("jumprelu_skip_transcoder_ln2_1", "jumprelu_skip_transcoder", "blocks.1.ln2.hook_normalized",
+         "blocks.1.hook_mlp_out", {}, None),
+        ("legacy_standard_resid_pre1", "standard", "blocks.1.hook_resid_pre", None, {"apply_b_dec_to_input": True},
+         None),
+        ("legacy_topk_resid_post2", "topk", "blocks.2.hook_resid_post", None, {"k": 8}, None),
     ],
     "llama": [
         ("standard_resid_pre1", "standard", "blocks.1.hook_resid_pre", None, {}, None),
@@ -234,6 +268,22 @@ SAE_SPECS = {
 DEFAULT_KWARGS = {"center_writing_weights": False}  # SAELens's default model_from_pretrained_kwargs
 
 
+def legacy_cfg(name: str, hook_in: str, kind: str) -> dict | None:
+    """A pre-6.0 SAELens cfg.json (what 3.x-5.x wrote), replacing the one save_model wrote for the legacy_* SAEs.
+    The standard one omits apply_b_dec_to_input (SAELens then defaults it to True) and has no version (read as
+    pre-6.0); the TopK one names its activation ``activation_fn_str: topk`` with ``activation_fn_kwargs.k``."""
+    common = {"d_in": 64, "d_sae": D_SAE, "dtype": "float32", "device": "cpu", "model_name": f"hexray-reference-{kind}",
+              "hook_point": hook_in, "hook_point_layer": int(hook_in.split(".")[1]), "hook_point_head_index": None,
+              "context_size": 64, "prepend_bos": True, "dataset_path": "none",
+              "model_from_pretrained_kwargs": DEFAULT_KWARGS, "normalize_activations": False}
+    if name == "legacy_standard_resid_pre1":
+        return {**common, "activation_fn_str": "relu", "sae_lens_training_version": "3.13.0"}
+    if name == "legacy_topk_resid_post2":
+        return {**common, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 8},
+                "apply_b_dec_to_input": False, "sae_lens_version": "5.5.0", "sae_lens_training_version": "5.5.0"}
+    return None
+
+
 def make_sae(arch: str, d_in: int, d_out: int | None, x: torch.Tensor, extra: dict, metadata: dict, seed: int):
     """A SAELens inference SAE of ``arch`` with seeded weights scaled to the activations ``x`` [n, d_in]."""
     import sae_lens as sl
@@ -245,6 +295,7 @@ def make_sae(arch: str, d_in: int, d_out: int | None, x: torch.Tensor, extra: di
         "transcoder": (sl.Transcoder, sl.TranscoderConfig), "skip_transcoder": (sl.SkipTranscoder,
                                                                                sl.SkipTranscoderConfig),
         "jumprelu_transcoder": (sl.JumpReLUTranscoder, sl.JumpReLUTranscoderConfig),
+        "jumprelu_skip_transcoder": (sl.JumpReLUSkipTranscoder, sl.JumpReLUSkipTranscoderConfig),
     }
     sae_cls, cfg_cls = classes[arch]
     kw = {"d_in": d_in, "d_sae": D_SAE, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False}
@@ -265,7 +316,7 @@ def make_sae(arch: str, d_in: int, d_out: int | None, x: torch.Tensor, extra: di
             sae.r_mag.copy_(_rand(gen, D_SAE, scale=0.2))
             sae.b_gate.copy_(torch.from_numpy(-_cut_between(pre, ACTIVE_FRACTION)).float())
             sae.b_mag.copy_(_rand(gen, D_SAE, scale=0.5).abs())  # magnitudes positive where the gate opens
-        elif arch in ("jumprelu", "jumprelu_transcoder"):
+        elif arch in ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder"):
             # pre-activation = x W + b_enc; threshold > 0 cut so ~ACTIVE_FRACTION is above it.
             b = _rand(gen, D_SAE, scale=0.2)
             sae.b_enc.copy_(b)
@@ -277,9 +328,26 @@ def make_sae(arch: str, d_in: int, d_out: int | None, x: torch.Tensor, extra: di
             sae.b_enc.copy_(_rand(gen, D_SAE, scale=0.1))
         else:
             sae.b_enc.copy_(torch.from_numpy(-_cut_between(pre, ACTIVE_FRACTION)).float())
-        if arch == "skip_transcoder":
+        if arch in ("skip_transcoder", "jumprelu_skip_transcoder"):
             sae.W_skip.copy_(_rand(gen, d_dec, d_in, scale=0.1 / d_in ** 0.5))
     return sae
+
+
+def sae_margin(arch: str, sae, x: torch.Tensor) -> float:
+    """How far the SAE's decisions are from flipping on ``x``: pre-activations from their cut (0, the JumpReLU
+    threshold, the gate at 0), for TopK the gap between the k-th and (k+1)-th largest; relative to the largest."""
+    w = {k: v.double().numpy() for k, v in sae.state_dict().items()}
+    x = x.double().numpy() - (w["b_dec"] if sae.cfg.apply_b_dec_to_input else 0)
+    if arch == "gated":
+        return margin(x @ w["W_enc"] + w["b_gate"], 0.0)
+    pre = x @ w["W_enc"] + w["b_enc"]
+    if "threshold" in w:
+        return margin(pre, w["threshold"])
+    if arch == "topk":
+        top = -np.sort(-pre, axis=-1)
+        k = sae.cfg.k
+        return float(min((top[:, k - 1] - top[:, k]).min(), np.abs(top[:, :k]).min()) / np.abs(pre).max())
+    return margin(pre, 0.0)
 
 
 def sae_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
@@ -310,11 +378,17 @@ def sae_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
         sae = make_sae(arch, x.shape[-1], d_out, x, extra, metadata, seed=1000 + i)
         path = sae_root / name
         sae.save_model(path)
+        legacy = legacy_cfg(name, hook_in, kind)
+        if legacy is not None:
+            (path / "cfg.json").write_text(json.dumps(legacy))
         # The oracle: SAELens's own loader and encode on the activations of the model loaded as SAELens loads it.
         loaded = SAE.load_from_disk(str(path), device="cpu")
+        assert loaded.cfg.architecture() == arch and loaded.cfg.apply_b_dec_to_input == sae.cfg.apply_b_dec_to_input
+        assert loaded.cfg.metadata.hook_name == hook_in
         with torch.no_grad():
             acts = loaded.encode(x)
-            recon = loaded.decode(acts) if arch != "skip_transcoder" else loaded.forward(x)
+            skip = arch in ("skip_transcoder", "jumprelu_skip_transcoder")
+            recon = loaded.forward(x) if skip else loaded.decode(acts)
         arrays[f"{name}/input"] = x.numpy()
         arrays[f"{name}/feature_acts"] = acts.numpy()
         arrays[f"{name}/decoded"] = recon.numpy()
@@ -323,9 +397,10 @@ def sae_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
         frac = float((acts > 0).float().mean())
         info[name] = {"architecture": arch, "hook_in": hook_in, "hook_out": hook_out,
                       "model_from_pretrained_kwargs": kwargs, "active_fraction": round(frac, 4),
-                      "cfg": {k: v for k, v in extra.items()}}
+                      "cfg": {k: v for k, v in extra.items()}, "legacy_cfg": legacy is not None,
+                      "min_margin": float(f"{sae_margin(arch, loaded, x):.3g}")}
         print(f"  sae {kind}/{name}: {arch} @ {hook_in} active {frac:.2f}", flush=True)
-    np.savez_compressed(out / f"sae_{kind}.npz", **arrays)
+    savez(out / f"sae_{kind}.npz", arrays)
     return info
 
 
@@ -417,6 +492,17 @@ def load_set(folder: Path, config: dict):
                     device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False, lazy_encoder=False)
 
 
+def _thresholds(tset, config: dict, L: int) -> np.ndarray | None:
+    """The JumpReLU thresholds [L, d_tc] of a loaded set, or None for ReLU."""
+    if config["model_kind"] == "cross_layer_transcoder":
+        act = tset.activation_function
+        return act.threshold.detach().reshape(L, -1).double().numpy() if hasattr(act, "threshold") else None
+    acts = [t.activation_function for t in tset]
+    if not hasattr(acts[0], "threshold"):
+        return None
+    return torch.stack([a.threshold.detach().reshape(-1) for a in acts]).double().numpy()
+
+
 def circuit_tracer_graph(folder: Path, tc_folder: Path, config: dict, tokens: torch.Tensor, *, batch_size: int = 256,
                          max_feature_nodes: int | None = None, prune: bool = True) -> tuple[dict, dict]:
     """circuit-tracer's encode, attribution graph and pruning for ``tokens`` [n] on the model in ``folder``, loaded
@@ -438,6 +524,11 @@ def circuit_tracer_graph(folder: Path, tc_folder: Path, config: dict, tokens: to
     y = torch.stack([cache[f"blocks.{i}.{config['feature_output_hook']}"][0] for i in range(L)])
     with torch.no_grad():
         acts = tset.encode(x)  # [L, n_pos, d_tc]; circuit-tracer's encode does not zero BOS
+        pre = torch.stack([tset.encode_layer(x[i], i, apply_activation_function=False) if config["model_kind"] ==
+                           "cross_layer_transcoder" else tset[i].encode(x[i], apply_activation_function=False)
+                           for i in range(L)])[:, 1:].double().numpy()
+    thr = _thresholds(tset, config, L)
+    cut_margin = margin(pre, 0.0 if thr is None else thr[:, None, :])
     arrays = {"tokens": tokens.numpy().astype(np.int64), "input": x.numpy(), "mlp_out": y.numpy(),
               "feature_acts": acts.numpy(), "last_logits": logits[0, -1].float().numpy()}
     del cache, plain
@@ -458,7 +549,8 @@ def circuit_tracer_graph(folder: Path, tc_folder: Path, config: dict, tokens: to
     })
     info = {"model_kind": config["model_kind"], "feature_input_hook": config["feature_input_hook"],
             "feature_output_hook": config["feature_output_hook"], "n_features": n_feat, "n_nodes": int(A.shape[0]),
-            "n_logits": n_logit, "n_pos": n_pos, "nonzero_edges": int((A != 0).sum())}
+            "n_logits": n_logit, "n_pos": n_pos, "nonzero_edges": int((A != 0).sum()),
+            "min_margin": float(f"{cut_margin:.3g}")}
     if prune:
         pruned = prune_graph(graph, NODE_THRESHOLD, EDGE_THRESHOLD)
         arrays.update({"node_mask": pruned.node_mask.numpy(), "edge_mask": pruned.edge_mask.numpy(),
@@ -479,7 +571,7 @@ def graph_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
         tc_folder, config = write_transcoders(kind, clt, plain, tokens[None], out, seed=2000 + 10 * clt
                                               + (kind == "llama"))
         arrays, info[tc_folder.name] = circuit_tracer_graph(folder, tc_folder, config, tokens)
-        np.savez_compressed(out / f"graph_{tc_folder.name}.npz", **arrays)
+        savez(out / f"graph_{tc_folder.name}.npz", arrays)
         print(f"  graph {tc_folder.name}: {info[tc_folder.name]}", flush=True)
     return info
 

@@ -77,7 +77,7 @@ def cmd_graph(args) -> dict:
                                            max_feature_nodes=args.max_feature_nodes, prune=not args.no_prune)
     info["seconds"] = round(time.perf_counter() - start, 3)
     if args.output:
-        np.savez_compressed(args.output, **arrays)
+        mf.savez(args.output, arrays)
         info["output"] = args.output
     return info
 
@@ -96,7 +96,7 @@ def cmd_sae(args) -> dict:
         acts = sae.encode(x)
     arrays = {"tokens": tokens.numpy().astype(np.int64), "input": x.numpy(), "feature_acts": acts.numpy()}
     if args.output:
-        np.savez_compressed(args.output, **arrays)
+        mf.savez(args.output, arrays)
     return {"hook_name": hook, "architecture": sae.cfg.architecture(), "model_from_pretrained_kwargs": kwargs,
             "n": len(tokens), "l0": float((acts > 0).sum(-1).float().mean()), "output": args.output}
 
