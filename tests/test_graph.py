@@ -264,6 +264,14 @@ def test_cli_graph_and_bad_input(tiny_gpt2_recorder, tmp_path):
     validate(doc)
     assert summary["nodes"] == len(doc["nodes"]) and summary["edges"] == len(doc["links"])
     assert summary["top_paths"] and summary["qk_tracing"]
+    ids = {n["node_id"]: n for n in doc["nodes"]}
+    for path in summary["top_paths"]:  # every path ends at a logit; labels name the same nodes as the ids
+        assert ids[path["path"][-1]]["feature_type"] == "logit" and path["labels"][-1].startswith("logit ")
+        for node_id, label in zip(path["path"], path["labels"], strict=True):
+            n = ids[node_id]
+            want = {"embedding": f"@{n['ctx_idx']}", "mlp reconstruction error": f"MLP L{n['layer']} error@",
+                    "logit": "logit "}.get(n["feature_type"], f"L{n['layer']}F")
+            assert want in label, (node_id, label)
     p = _cli(trace, "--transcoders", tc, "--weights", wfile, "-o", out, "--target", " the", "--target", "#5")
     assert p.returncode == 0, p.stderr
     assert sorted(n["feature"] for n in json.loads(out.read_text())["nodes"] if n["feature_type"] == "logit") \

@@ -115,7 +115,7 @@ def run(args) -> int:
         print(f"{s['output']}: {s['nodes']} nodes, {s['edges']} edges (of {s['unpruned_nodes']} nodes, "
               f"{s['unpruned_edges']} edges; {s['active_features']} active features)", file=sys.stdout)
         for p in s["top_paths"]:
-            print(f"  {p['score']:.3f}  " + " -> ".join(p["path"]))
+            print(f"  {p['score']:.3f}  " + " -> ".join(p["labels"]))
     return 0
 
 
@@ -129,7 +129,8 @@ def _summary(full, g, output: str) -> dict:
         "selected_features": full.meta["n_selected_features"], "position": g.position,
         "logits": [{"token": int(g.feature[i]), "text": g.meta["logit_strs"].get(int(g.feature[i])),
                     "probability": float(p)} for i, p in zip(g.logit_nodes, g.logit_probs, strict=True)],
-        "top_paths": [{"score": s, "path": [label(i) for i in path]} for s, path in g.paths(k=5)],
+        "top_paths": [{"score": s, "path": [label(i) for i in path], "labels": [g.label(i) for i in path]}
+                      for s, path in g.paths(k=5)],
         "qk_tracing": [{k: r[k] for k in ("layer", "head", "query", "key", "score", "recorded_score", "bias")}
                        for r in g.qk],
         "drift": full.meta["drift"],

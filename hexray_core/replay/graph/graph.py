@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hexray_core.replay.tokentext import quote
+
 from .prune import cumulative_scores, influence, normalise, prune
 
 FEATURE, ERROR, TOKEN, LOGIT = 0, 1, 2, 3
@@ -137,6 +139,19 @@ class Graph:
         if k == TOKEN:
             return f"E_{f}_{p}"
         return f"{self.n_layers + 1}_{f}_{p}"
+
+    def label(self, i: int) -> str:
+        """A node as HexRay's other views name things: ``L3F120@5``, ``MLP L3 error@5``, ``" the"@5`` (a token's
+        embedding), ``logit " Paris"``."""
+        k, lay, p, f = int(self.kind[i]), int(self.layer[i]), int(self.pos[i]), int(self.feature[i])
+        if k == FEATURE:
+            return f"L{lay}F{f}@{p}"
+        if k == ERROR:
+            return f"MLP L{lay} error@{p}"
+        if k == TOKEN:
+            return f"{quote(self.token_strs[p]) if 0 <= p < len(self.token_strs) else f'#{f}'}@{p}"
+        text = (self.meta.get("logit_strs") or {}).get(f)
+        return f"logit {quote(text) if text is not None else f'#{f}'}"
 
     def find(self, node) -> int:
         """A node by index or node id."""
