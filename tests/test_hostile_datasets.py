@@ -143,14 +143,14 @@ def test_an_out_of_range_target_is_one_line(ds):
     out, _ = ds
     _tamper_manifest(out, target="#99999999999999999999")
     _, rc, _, err = _aggregate(out)
-    one_line(rc, err, "out of range")
+    one_line(rc, err, "outside the vocabulary")
 
 
 def test_an_out_of_range_target_in_replay(ds):
     out, _ = ds
     _, rc, _, err = bounded("replay", out / "shards" / _shards(out)[0], "--target", "#99999999999999999999",
                             as_limit_mb=AS_MB)
-    one_line(rc, err, "out of range")
+    one_line(rc, err, "outside the vocabulary")
 
 
 def test_an_entry_without_id_through_the_api(ds):

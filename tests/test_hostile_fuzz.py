@@ -58,4 +58,4 @@ def test_100k_variants_are_refused_unless_asked(tmp_path):
 
 def test_an_out_of_range_target_is_one_line(tmp_path):
     _, rc, _, err = _fuzz(tmp_path, "--prompt", PROMPT, "--target", "#99999999999999999999")
-    one_line(rc, err, "out of range")
+    one_line(rc, err, "outside the vocabulary")
