@@ -38,7 +38,7 @@ def tl(recorder):
 @pytest.fixture(scope="module", params=["float32", "float16"])
 def recorded(request, recorder, tmp_path_factory):
     path = tmp_path_factory.mktemp("parity") / f"{request.param}.hxr"
-    recorder.record(PROMPT, path, act_dtype=request.param, lens=False)  # --hooks default: no resid_mid
+    recorder.record(PROMPT, path, act_dtype=request.param, lens=False, attention="eager")  # eager: compared bit for bit with run_with_cache
     return request.param, str(path)
 
 
@@ -130,7 +130,7 @@ def test_resid_post_is_derived_where_it_was_not_recorded(recorder, tmp_path, tl)
             "blocks.*.ln1.hook_scale,blocks.*.ln2.hook_scale,ln_final.hook_scale"
     names = [n for n in hooks.split(",") if n != "hook_pos_embed" or recorder.bridge.cfg.positional_embedding_type
              == "standard"]
-    recorder.record(PROMPT, path, act_dtype="float32", hooks=",".join(names), lens=False)
+    recorder.record(PROMPT, path, act_dtype="float32", hooks=",".join(names), lens=False, attention="eager")
     run = open_trace(path)[0]
     _, cache = tl
     last = open_trace(path).n_layers - 1
