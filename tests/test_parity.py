@@ -38,7 +38,8 @@ def tl(recorder):
 @pytest.fixture(scope="module", params=["float32", "float16"])
 def recorded(request, recorder, tmp_path_factory):
     path = tmp_path_factory.mktemp("parity") / f"{request.param}.hxr"
-    recorder.record(PROMPT, path, act_dtype=request.param, lens=False, attention="eager")  # eager: compared bit for bit with run_with_cache
+    # no resid_mid recorded (--hooks default); eager attention: compared bit for bit with run_with_cache
+    recorder.record(PROMPT, path, act_dtype=request.param, lens=False, attention="eager")
     return request.param, str(path)
 
 
