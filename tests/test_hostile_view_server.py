@@ -40,6 +40,7 @@ def _get(s: Served, path: str) -> bytes:
     return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\n\r\n").encode()
 
 
+@pytest.mark.slow  # 150 connections, ~25 s: the slow tier
 def test_clients_that_close_early_leave_no_traceback(served):
     for i in range(150):  # half with the token (the page: large), half without
         sock = _connect(served)
