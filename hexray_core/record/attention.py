@@ -86,8 +86,9 @@ def check_rows(n: int, count: int = CHECK_ROWS) -> list[int]:
     return sorted({round(i * (n - 1) / (count - 1)) for i in range(count)})
 
 
-def recompute_rows(q: torch.Tensor, k: torch.Tensor, queries: list[int], layer: dict) -> torch.Tensor:
-    """``[heads, len(queries), n]`` pattern rows from ``q`` ``[n, heads, d]`` and ``k`` ``[n, kv_heads, d]``."""
+def _scores(q: torch.Tensor, k: torch.Tensor, queries: list[int], layer: dict):
+    """(scores ``[heads, len(queries), n]`` after scale and soft-cap, the keys each query sees, the query index)
+    from ``q`` ``[n, heads, d]`` and ``k`` ``[n, kv_heads, d]``, in float32."""
     q, k = q.float(), k.float()
     rep = q.shape[1] // k.shape[1]
     qi = torch.as_tensor(queries, device=q.device)
@@ -99,6 +100,12 @@ def recompute_rows(q: torch.Tensor, k: torch.Tensor, queries: list[int], layer: 
     visible = keys <= qi[:, None]
     if layer.get("window"):
         visible &= keys > qi[:, None] - layer["window"]
+    return scores, visible, qi
+
+
+def recompute_rows(q: torch.Tensor, k: torch.Tensor, queries: list[int], layer: dict) -> torch.Tensor:
+    """``[heads, len(queries), n]`` pattern rows from ``q`` ``[n, heads, d]`` and ``k`` ``[n, kv_heads, d]``."""
+    scores, visible, _ = _scores(q, k, queries, layer)
     return scores.masked_fill(~visible, float("-inf")).softmax(-1)
 
 
@@ -183,17 +190,7 @@ class AttentionCheck:
 
 def lse_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, queries: list[int], layer: dict) -> torch.Tensor:
     """``[heads, len(queries), n]`` pattern rows as exp(score - LSE): no normalisation pass (what replay does)."""
-    q, k = q.float(), k.float()
-    rep = q.shape[1] // k.shape[1]
-    qi = torch.as_tensor(queries, device=q.device)
-    kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k
-    scores = torch.einsum("qhd,khd->hqk", q[qi], kk) * layer["scale"]
-    if layer.get("softcap"):
-        scores = torch.tanh(scores / layer["softcap"]) * layer["softcap"]
-    keys = torch.arange(k.shape[0], device=q.device)[None, :]
-    visible = keys <= qi[:, None]
-    if layer.get("window"):
-        visible &= keys > qi[:, None] - layer["window"]
+    scores, visible, qi = _scores(q, k, queries, layer)
     return torch.exp(scores - lse[:, qi, None].float()).masked_fill(~visible, 0.0)
 
 
