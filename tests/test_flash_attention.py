@@ -240,6 +240,7 @@ def test_out_of_memory_is_one_line():
     assert "--attention flash" in msg
 
 
+@pytest.mark.slow  # the CLI in a subprocess that records (imports torch): the slow tier
 def test_cli_attention_flag_and_info(tiny_llama_dir, tmp_path):
     from test_record_cli import cli_env, hexray_cmd
 

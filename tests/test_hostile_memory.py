@@ -159,6 +159,7 @@ def test_the_refusals_name_the_limit_and_a_caller_may_raise_it(files):
     assert verify(files["one-row-of-64m"]).raw_bytes == 64 << 20
 
 
+@pytest.mark.slow  # the CLI in a subprocess that records (imports torch): the slow tier
 def test_real_recordings_pass_the_relative_limits(tmp_path):
     """A long prompt's attention patterns compress ~3x; the caps leave them room."""
     words = ("the of and to in is was for on that with as by at from it his an were are which this be or has had "

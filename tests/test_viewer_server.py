@@ -218,6 +218,7 @@ def test_another_address_needs_host_and_still_the_token(demo_trace):
     assert "anyone who can reach it" in s.proc.stderr.read()
 
 
+@pytest.mark.slow  # the CLI in a subprocess that records (imports torch): the slow tier
 def test_a_trace_without_lens_attention_or_heads_still_reports_and_serves(tmp_path):
     trace = tmp_path / "sparse.hxr"
     hexray("record", "--model", "hexray-demo", "--device", "cpu", "--prompt", "The cat sat on the mat.",
