@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hexray_core.errors import HexRayError
+from hexray_core.errors import HexRayError, json_problem
 
 EMBEDDED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 EMBEDDED_NAMES = ("hexray-demo-sae", "hexray-demo-transcoders")  # shipped with HexRay, for hexray-demo
@@ -239,8 +239,10 @@ def _read_text(path: str, what: str) -> str:
 def _read_json(path: str) -> dict:
     try:
         cfg = json.loads(_read_text(path, os.path.basename(path)))
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise _fail(path, f"is not valid JSON ({str(e)[:120]})") from None
+    except json.JSONDecodeError as e:  # in full, with where (not a message cut at a fixed length)
+        raise _fail(path, f"is not valid JSON ({json_problem(e)})") from None
+    except RecursionError:
+        raise _fail(path, "is not valid JSON (nested too deeply)") from None
     if not isinstance(cfg, dict):
         raise _fail(path, "expected a JSON object")
     return cfg
