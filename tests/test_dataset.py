@@ -360,3 +360,30 @@ def test_aggregate_needs_neither_torch_nor_ray(dataset):
     assert out.returncode == 0, out.stderr
     assert f"IMPORTED [] {len(PROMPTS)}" in out.stdout
     assert json.loads(out.stdout[:out.stdout.rindex("IMPORTED")])["aggregate"]["n"] == len(PROMPTS)
+
+
+def test_attention_reaches_every_shard_and_a_resume_must_agree(tmp_path, capsys):
+    """`--attention` is a recording option of datasets too: each shard's metadata says which path ran, a
+    resume with another path is refused, and a dataset.json written before the option existed resumes."""
+    from trace_format import TraceReader
+
+    src = write_jsonl(tmp_path / "data.jsonl", rows()[:3])
+    out = str(tmp_path / "out") + "/"
+    args = ["record", "--model", "hexray-demo", "--prompts-file", src, "-o", out, "--shard-size", "2", "-q"]
+    assert run_cli(capsys, *args, "--attention", "eager")[0] == 0
+    shards = sorted(n for n in os.listdir(os.path.join(out, "shards")) if n.endswith(".hxr"))
+    assert len(shards) == 2
+    for name in shards:
+        with TraceReader(os.path.join(out, "shards", name)) as r:
+            assert r.meta["forward"]["attention"] == "eager" and r.meta["forward"]["requested"] == "eager"
+    info_path = os.path.join(out, "dataset.json")
+    assert json.load(open(info_path))["record"]["attention"] == "eager"
+    rc, _, err = run_cli(capsys, *args, "--attention", "flash")
+    assert rc == 1 and "other options" in err and "attention: 'eager' then, 'flash' now" in err
+
+    info = json.load(open(info_path))  # as an older HexRay wrote it: no attention option
+    del info["record"]["attention"]
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    rc, printed, _ = run_cli(capsys, *args)
+    assert rc == 0 and "recorded 0 prompts" in printed

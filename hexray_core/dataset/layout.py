@@ -310,8 +310,11 @@ def check_info(info) -> str | None:
     return None
 
 
-def check_or_write_info(out: str, model: str, options: dict, version: str) -> dict:
-    """A new folder gets dataset.json; an existing one must have been recorded the same way."""
+def check_or_write_info(out: str, model: str, options: dict, version: str, later: dict | None = None) -> dict:
+    """A new folder gets dataset.json; an existing one must have been recorded the same way.
+
+    ``later``: options newer than some folders, with the value a folder that does not name them was recorded
+    with."""
     info = read_dataset_info(out)
     if info is None:
         info = {"hexray": {"version": version, "dataset": FORMAT_VERSION}, "model": model, "record": options,
@@ -322,6 +325,7 @@ def check_or_write_info(out: str, model: str, options: dict, version: str) -> di
         raise HexRayError(f"{out} was recorded with --model {info.get('model')}, not {model}: "
                           "use another output folder")
     old = info.get("record", {})
+    old = {**(later or {}), **old} if isinstance(old, dict) else {}
     changed = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
     if changed:
         diff = ", ".join(f"{k}: {old.get(k)!r} then, {options.get(k)!r} now" for k in changed)

@@ -31,7 +31,11 @@ DEFAULT_SHARD_SIZE = 16
 MODEL_OPTIONS = ("device", "dtype", "n_devices", "device_map", "trust_remote_code", "revision")
 # Recorder.record's defaults, so that dataset.json compares what was recorded, however it was asked for.
 RECORD_DEFAULTS = {"hooks": "default", "act_dtype": "auto", "overflow": "f32", "top_k": 20, "generate": 0,
-                   "temperature": 0.0, "seed": None, "prepend_bos": None, "bundle": False, "lens": "auto"}
+                   "temperature": 0.0, "seed": None, "prepend_bos": None, "bundle": False, "lens": "auto",
+                   "attention": "auto"}
+# Options added after datasets were first written: a folder whose dataset.json lacks one was recorded the
+# way its default records now (it can be resumed without naming it).
+LATER_OPTIONS = {"attention": "auto"}
 
 
 @dataclass
@@ -207,7 +211,7 @@ def record_dataset(rows, out: str | os.PathLike, *, model: str = "gpt2", ray: st
 
     mkey = model if recorder is not None and not isinstance(model, str) else model_key(str(model))
     with store.Lock(out):
-        store.check_or_write_info(out, mkey, {**RECORD_DEFAULTS, **options}, __version__)
+        store.check_or_write_info(out, mkey, {**RECORD_DEFAULTS, **options}, __version__, LATER_OPTIONS)
         store.clean_stale(out)
         done = store.done_ids(out)
         pending = [r for r in rows if r.key not in done]
