@@ -189,3 +189,45 @@ def test_the_notebook_method_names_features_as_the_cli_does(data):
     want = expected_feature(brute_force(out, sae), 50, 2, 3)
     assert got["n_active"] == want["n_active"] > 0
     assert [(c["id"], c["position"]) for c in got["top_contexts"]] == [(r, p) for r, p, *_ in want["top"]]
+
+
+@pytest.mark.parametrize("engine", ["process", "ray"])
+def test_a_dataset_recorded_with_dict_stores_features_the_statistics_read(data, tmp_path, capsys, engine):
+    """`record --prompts-file ... -o DIR/ --dict D` (here without the dictionary's input hook): every shard
+    stores the features, on Ray too (each worker builds them from the dictionary's path), and the statistics
+    read from them equal a brute-force pass over the dataset recorded with that hook."""
+    from trace_format import TraceReader
+
+    out, sae = data
+    src = os.path.join(os.path.dirname(out.rstrip("/")), "p.jsonl")
+    slim = str(tmp_path / "slim") + "/"
+    argv = ["record", "--model", "hexray-demo", "--prompts-file", src, "-o", slim, "--shard-size", "4",
+            "--act-dtype", "float32", "--hooks", "blocks.0.hook_resid_post", "--dict", sae, "-q"]
+    if engine == "ray":
+        ray = pytest.importorskip("ray")
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = REPO + (os.pathsep + old if old else "")  # Ray's workers import this checkout
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            rc, _, err = run_cli(capsys, *argv, "--ray", "auto", "--workers", "2")
+        finally:
+            ray.shutdown()
+            if old is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = old
+    else:
+        rc, _, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    info = json.load(open(os.path.join(slim, "dataset.json")))
+    assert info["record"]["dicts"] == [os.path.abspath(sae)]
+    for name in os.listdir(os.path.join(slim, "shards")):
+        if name.endswith(".hxr"):
+            with TraceReader(os.path.join(slim, "shards", name)) as r:
+                assert not any(".hook_resid_pre" in t.name for t in r.tensors())  # the input was not stored
+    doc = dfeat.feature_stats(open_dataset(slim), sae, k=3, m=2, top=None).to_dict()
+    rows = brute_force(out, sae)
+    fired = sorted(f for f in range(D_SAE) if any(np.any(a[:, f] != 0) for *_, a in rows))
+    check_against_brute_force(doc, rows, 3, 2, fired)
+    rc, _, err = run_cli(capsys, *argv[:-3], "-q")  # a resume without the dictionary is refused
+    assert rc == 1 and "other options" in err and "dicts" in err

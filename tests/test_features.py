@@ -188,7 +188,7 @@ def test_refusals_are_one_line(setup, capsys, tiny, tiny_tokenizer, tmp_path):
 
 def test_record_dict_stores_features_that_replay_reads_like_computed_ones(setup, tiny_gpt2_recorder, tmp_path,
                                                                            capsys):
-    from hexray.record_features import run_extra
+    from hexray_core.dataset.record_features import run_extra
 
     rec = tiny_gpt2_recorder
     extra = run_extra(rec, [setup["tcs"], setup["sae"], setup["clt"]])

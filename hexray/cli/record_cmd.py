@@ -183,9 +183,6 @@ def run(args) -> int:
     if getattr(args, "dict", None):
         from hexray_core.replay.dictionary import load_dictionary
 
-        if wants_dataset(args):
-            raise HexRayError("--dict is not supported when recording a dataset yet: record the dataset, then run "
-                              "`hexray features` on its traces")
         dsets = [load_dictionary(p) for p in args.dict]  # a bad dictionary fails before the model loads
     from hexray_core.record.intervene_spec import parse_interventions
 
@@ -230,7 +227,7 @@ def run(args) -> int:
         load_seconds = time.perf_counter() - started
         extra = None
         if dsets and not args.list_hooks:
-            from hexray.record_features import run_extra
+            from hexray_core.dataset.record_features import run_extra
 
             extra = run_extra(rec, dsets)
         if not args.list_hooks:

@@ -78,7 +78,8 @@ def run(args) -> int:
     options = {"hooks": args.hooks, "act_dtype": args.act_dtype, "overflow": args.overflow_dtype, "top_k": args.top_k,
                "generate": args.generate, "temperature": args.temperature, "seed": args.seed,
                "prepend_bos": False if args.no_bos else None,
-               "lens": {"auto": "auto", "on": True, "off": False}[args.lens], "attention": args.attention}
+               "lens": {"auto": "auto", "on": True, "off": False}[args.lens], "attention": args.attention,
+               "dicts": [os.path.abspath(os.path.expanduser(p)) for p in args.dict or []]}
     with ray_quietly(args.ray is not None), DatasetProgress(args.quiet) as progress:
         result = record_dataset(rows, args.output, model=args.model, ray=args.ray, workers=args.workers,
                                 worker_cpus=args.worker_cpus, shard_size=args.shard_size, progress=progress,

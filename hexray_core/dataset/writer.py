@@ -32,10 +32,10 @@ MODEL_OPTIONS = ("device", "dtype", "n_devices", "device_map", "trust_remote_cod
 # Recorder.record's defaults, so that dataset.json compares what was recorded, however it was asked for.
 RECORD_DEFAULTS = {"hooks": "default", "act_dtype": "auto", "overflow": "f32", "top_k": 20, "generate": 0,
                    "temperature": 0.0, "seed": None, "prepend_bos": None, "bundle": False, "lens": "auto",
-                   "attention": "auto"}
+                   "attention": "auto", "dicts": []}
 # Options added after datasets were first written: a folder whose dataset.json lacks one was recorded the
 # way its default records now (it can be resumed without naming it).
-LATER_OPTIONS = {"attention": "auto"}
+LATER_OPTIONS = {"attention": "auto", "dicts": []}
 
 
 @dataclass
@@ -69,13 +69,16 @@ def model_key(model: str) -> str:
 
 
 def record_shard(recorder, out: str, name: str, rows: list[store.Row], options: dict,
-                 cache_dir: str | None = None, progress=None) -> dict:
-    """Record one shard: its sidecar first, then its trace (renamed into place when complete)."""
+                 cache_dir: str | None = None, progress=None, extra=None) -> dict:
+    """Record one shard: its sidecar first, then its trace (renamed into place when complete).
+
+    ``extra``: the ``RunExtra`` of the options' dictionaries (``shard_extra``), built once per recorder."""
     t0 = time.perf_counter()
     check_rows(recorder, rows, options)
     store.write_sidecar(out, name, rows)
+    opts = {k: v for k, v in options.items() if k != "dicts"}
     result = recorder.record([r.prompt for r in rows], os.path.join(store.shards_dir(out), name + ".hxr"),
-                             cache_dir=cache_dir, progress=progress, **options)
+                             cache_dir=cache_dir, progress=progress, extra=extra, **opts)
     return {"shard": name, "prompts": len(rows), "tokens": result.tokens, "bytes": result.bytes,
             "seconds": time.perf_counter() - t0, "pid": os.getpid(), "host": socket.gethostname()}
 
@@ -116,6 +119,15 @@ def _spec(name: str, rows: list[store.Row]) -> str:
     return json.dumps({"name": name, "rows": [{**r.entry(), "prompt": r.prompt} for r in rows]}, ensure_ascii=False)
 
 
+def shard_extra(recorder, options: dict):
+    """What ``--dict`` adds to each run of every shard (None without dictionaries)."""
+    if not options.get("dicts"):
+        return None
+    from hexray_core.dataset.record_features import run_extra
+
+    return run_extra(recorder, options["dicts"])
+
+
 def _unspec(spec: str) -> tuple[str, list[store.Row]]:
     d = json.loads(spec)
     return d["name"], [store.Row(r["id"], r["line"], r["prompt"], r["target"], r["baseline"], r["meta"])
@@ -135,6 +147,7 @@ class ShardWorker:
 
         self.recorder = Recorder(model, **model_opts)
         self.options, self.out, self.cache_dir = options, out, cache_dir
+        self.extra = shard_extra(self.recorder, options)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -143,7 +156,7 @@ class ShardWorker:
         for spec in batch["spec"]:
             name, rows = _unspec(str(spec))
             try:
-                r = record_shard(self.recorder, self.out, name, rows, self.options, self.cache_dir)
+                r = record_shard(self.recorder, self.out, name, rows, self.options, self.cache_dir, extra=self.extra)
             except HexRayError as e:  # bad input: the driver reports it in one line (Ray would retry nothing)
                 r = {"error": str(e)}
             results.append(json.dumps(r))
@@ -225,12 +238,13 @@ def record_dataset(rows, out: str | os.PathLike, *, model: str = "gpt2", ray: st
             if plan and ray is None:
                 rec = recorder or _load(model, model_opts, progress)
                 check_rows(rec, pending, options)  # every row before the first shard
+                extra = shard_extra(rec, options)
                 _emit(progress, "dataset_start", total=len(rows), pending=len(pending), skipped=skipped,
                       shards=len(plan), workers=1, engine=engine)
                 meter.t0 = time.perf_counter()
                 quiet = _only_warnings(progress)
                 for name, shard_rows in plan:
-                    meter.shard_done(record_shard(rec, out, name, shard_rows, options, progress=quiet))
+                    meter.shard_done(record_shard(rec, out, name, shard_rows, options, progress=quiet, extra=extra))
             elif plan:
                 n_workers = _record_on_ray(ray, plan, out, mkey, model_opts, options, workers, worker_cpus,
                                            meter, progress, len(rows), skipped)

@@ -1,7 +1,8 @@
 """`hexray record --dict`: features computed from the live activations while recording, stored sparsely.
 
 Joins the recorder (which keeps the hooks a dictionary reads in memory for each run) and the replay's feature
-code (which rebuilds the dictionary's space from them): neither layer imports the other.
+code (which rebuilds the dictionary's space from them): neither layer imports the other, and the dataset layer,
+above both, records a dataset's shards with it (each Ray worker builds its own from the dictionaries' paths).
 """
 
 from __future__ import annotations
