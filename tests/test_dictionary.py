@@ -71,7 +71,8 @@ def test_standard_sae_encode_decode_equal_the_formula(tmp_path):
     assert ds.kind == "sae" and list(ds.layers) == [1]
     d = ds[1]
     assert d.hook_in == d.hook_out == "blocks.1.hook_resid_pre"
-    assert not ds.space.center_writing_weights and ds.space.fold_ln
+    # SAELens runs it on from_pretrained_no_processing: flags the kwargs leave out are off
+    assert not ds.space.center_writing_weights and not ds.space.fold_ln and not ds.space.fold_value_biases
     x = _x()
     f = relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
     np.testing.assert_allclose(d.encode(x), f, rtol=1e-5, atol=1e-6)
@@ -193,6 +194,13 @@ def test_gemma_scope_npz_and_safetensors_and_llama_scope(tmp_path):
     x = _x()
     pre = x @ w["W_enc"] + w["b_enc"]
     np.testing.assert_allclose(d.encode(x), relu(pre) * (pre > w["threshold"]), rtol=1e-5, atol=1e-6)
+
+    att = tmp_path / "gemma-scope-2b-pt-att" / "layer_7" / "width_16k" / "average_l0_50"
+    att.mkdir(parents=True)
+    np.savez(att / "params.npz", **w)  # reads the heads' outputs concatenated (n_heads * d_head wide)
+    da = load_dictionary(att / "params.npz")[7]
+    assert (da.hook_in, da.hook_out, da.architecture) == ("blocks.7.attn.hook_z", "blocks.7.attn.hook_z", "jumprelu")
+    assert not da.space.fold_value_biases  # Gemma Scope read an unprocessed model
 
     g2 = tmp_path / "gemma-scope-2-270m-pt-transcoders" / "layer_5" / "width_16k_l0_small"
     g2.mkdir(parents=True)

@@ -77,3 +77,33 @@ def test_circuit_tracer_features_equal_circuit_tracer(recorded):
             close(x, ref["input"][layer], f"{name} layer {layer}: the activations it reads")
             close(d.encode(x), ref["feature_acts"][layer], f"{name} layer {layer}: feature activations")
             close(dictionary_target(run, d), ref["mlp_out"][layer], f"{name} layer {layer}: MLP output")
+
+
+def test_attention_output_features_read_hook_z_and_promote_through_w_o(recorded):
+    """hook_z dictionaries (heads concatenated): the top logits of a feature are its decoder row through the
+    model's own output projection and unembedding, computed here from the Hugging Face weights (the final norm's
+    weight; a LayerNorm also centres whatever is written)."""
+    from safetensors.numpy import load_file
+
+    from hexray_core.replay.features import feature_logits
+
+    kind, info, run = recorded
+    hf = {k: v.astype(np.float64) for k, v in load_file(str(REF / info["folder"] / "model.safetensors")).items()}
+    if kind == "gpt2":  # Conv1D weights are [in, out]; the unembedding is tied to wte
+        w_o, norm = "transformer.h.{}.attn.c_proj.weight", hf["transformer.ln_f.weight"]
+        w_u = hf["transformer.wte.weight"].T
+    else:  # Linear weights are [out, in]
+        w_o, norm, w_u = "model.layers.{}.self_attn.o_proj.weight", hf["model.norm.weight"], hf["lm_head.weight"].T
+    names = [n for n, s in info["saes"].items() if s["hook_in"].endswith("attn.hook_z")]
+    assert len(names) == {"gpt2": 2, "llama": 1}[kind]
+    for name in names:
+        d = next(iter(load_dictionary(REF / "sae" / kind / name).layers.values()))
+        proj = hf[w_o.format(d.layer)]
+        w = d.W_dec[:6].astype(np.float64) @ (proj if kind == "gpt2" else proj.T)
+        if kind == "gpt2":
+            w = w - w.mean(-1, keepdims=True)
+        want = (w * norm) @ w_u
+        for f, (top, bottom) in enumerate(feature_logits(run.trace, d, range(6), k=5)):
+            assert [t[0] for t in top] == np.argsort(-want[f], kind="stable")[:5].tolist()
+            assert [t[0] for t in bottom] == np.argsort(want[f], kind="stable")[:5].tolist()
+            np.testing.assert_allclose([t[2] for t in top], np.sort(want[f])[::-1][:5], rtol=1e-4)

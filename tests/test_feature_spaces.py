@@ -72,7 +72,7 @@ def test_raw_spaces_equal_the_unprocessed_model(tiny, tiny_tokenizer, tmp_path, 
         _close(activations(run, f"blocks.{layer}.ln2.hook_out", RAW), ref[("ln2", layer)])
         if layer + 1 < n_layers:
             _close(activations(run, f"blocks.{layer}.hook_resid_post", RAW), ref["hidden"][layer + 1])
-        # fold_ln=True (SAELens's default): the norm without weight and bias, the same residual
+        # fold_ln=True (a dictionary whose kwargs turn it on): the norm without weight and bias, the same residual
         mid = ref[("mid", layer)].numpy().astype(np.float64)
         if arch == "gpt2":
             mid = mid - mid.mean(-1, keepdims=True)

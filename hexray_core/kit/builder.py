@@ -18,6 +18,9 @@ and, float32, what processing removed (``raw_arrays``, read before compatibility
     raw/ln_final.w raw/ln_final.b            [d_model]
     raw/W_E.mean [d_vocab]  raw/W_pos.mean [n_ctx]  raw/W_O.mean [n_layers, n_heads, d_head]
     raw/b_O.mean [n_layers]  raw/W_out.mean [n_layers, d_mlp]  raw/b_out.mean [n_layers]   (LayerNorm models)
+    raw/b_V raw/ln1.b.W_V [n_layers, n_heads, d_head]   per query head, the value bias and (LayerNorm models)
+                                             ln1's bias through W_V: what fold_value_biases (after fold_ln) moved
+                                             out of hook_z into b_O
 
 all after TransformerLens compatibility-mode processing, in the model's dtype (bfloat16 as raw
 words tagged ``bf16``). Its metadata holds ``vocab``: the decoded string of every token id (so replay
@@ -96,6 +99,29 @@ def _norm_weights(norm) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return w, b
 
 
+def _value_biases(bridge, ln1_b) -> dict:
+    """What hook_z loses to processing, per query head [n_layers, n_heads, d_head] (empty if unreadable).
+
+    ``b_V``: the value bias (zeros without one); ``ln1.b.W_V``: ln1's bias through W_V, which fold_ln moves into
+    b_V (LayerNorm models). fold_value_biases then moves b_V into b_O: a pattern row sums to one, so each head's
+    z is its unprocessed z minus what was folded. Per key/value head, repeated for the query heads sharing it."""
+    try:
+        w_v = bridge.W_V.float()  # [L, H_kv, d_model, d_head]
+        n_heads = int(bridge.cfg.n_heads)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return {}
+    if w_v.ndim != 4 or n_heads % w_v.shape[1]:
+        return {}
+    try:
+        b_v = bridge.b_V.float()  # [L, H_kv, d_head]
+    except AttributeError:  # a bias-free value projection: TransformerLens exposes no b_V
+        b_v = torch.zeros(w_v.shape[0], w_v.shape[1], w_v.shape[-1])
+    out = {"b_V": b_v}
+    if ln1_b is not None:
+        out["ln1.b.W_V"] = torch.einsum("ld,lhde->lhe", ln1_b, w_v)
+    return {k: v.repeat_interleave(n_heads // w_v.shape[1], dim=1) for k, v in out.items()}
+
+
 def raw_arrays(bridge) -> dict[str, tuple[np.ndarray, str]]:
     """What compatibility mode is about to remove, from a bridge NOT yet processed (float32, ``raw/`` names).
 
@@ -121,6 +147,7 @@ def raw_arrays(bridge) -> dict[str, tuple[np.ndarray, str]]:
         if w is None:
             return {}
         f32["ln_final.w"] = w.float()
+        f32.update(_value_biases(bridge, f32.get("ln1.b")))
         if norm_type == "LN":
             if b is None:
                 return {}
@@ -132,9 +159,7 @@ def raw_arrays(bridge) -> dict[str, tuple[np.ndarray, str]]:
             except (AttributeError, NotImplementedError, RuntimeError):
                 pass
             w_o_mean = bridge.W_O.float().mean(-1)  # [L, H, d_head]
-            w_v, b_v = bridge.W_V.float(), bridge.b_V.float()  # [L, H_kv, d_model, d_head], [L, H_kv, d_head]
-            b_v = b_v + torch.einsum("ld,lhde->lhe", f32["ln1.b"], w_v)  # fold_ln moves ln1.b into b_V
-            b_v = b_v.repeat_interleave(w_o_mean.shape[1] // b_v.shape[1], dim=1)
+            b_v = f32["b_V"] + f32["ln1.b.W_V"]  # all that fold_ln and fold_value_biases move into b_O
             f32["W_O.mean"] = w_o_mean
             f32["b_O.mean"] = bridge.b_O.float().mean(-1) + (b_v * w_o_mean).sum((-1, -2))
             f32["W_out.mean"] = bridge.W_out.float().mean(-1)

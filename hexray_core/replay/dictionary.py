@@ -48,9 +48,13 @@ class Space:
     fold_ln: bool
     center_writing_weights: bool
     source: str  # where the flags came from
+    # Only attention-output (hook_z) dictionaries see it: fold_value_biases moves each head's value bias out of
+    # hook_z (into b_O), as TransformerLens's from_pretrained does by default; an unprocessed model keeps it.
+    fold_value_biases: bool = False
 
     def __str__(self) -> str:
-        return f"fold_ln={self.fold_ln}, center_writing_weights={self.center_writing_weights}: {self.source}"
+        vb = ", fold_value_biases=True" if self.fold_value_biases else ""
+        return f"fold_ln={self.fold_ln}, center_writing_weights={self.center_writing_weights}{vb}: {self.source}"
 
 
 @dataclass
@@ -437,12 +441,15 @@ def _saelens_space(cfg: dict) -> Space:
     cls = meta.get("model_class_name", cfg.get("model_class_name")) or "HookedTransformer"
     if cls != "HookedTransformer":
         return Space(False, False, f"SAELens, {cls}: unprocessed")
-    if kwargs is None:  # SAELens's own default for HookedTransformer
-        return Space(True, False, "SAELens default model_from_pretrained_kwargs")
+    if kwargs is None:
+        kwargs = {}
     if not isinstance(kwargs, dict):
         raise HexRayError(f"model_from_pretrained_kwargs is {kwargs!r}, expected a map")
-    return Space(bool(kwargs.get("fold_ln", True)), bool(kwargs.get("center_writing_weights", True)),
-                 f"SAELens model_from_pretrained_kwargs {json.dumps(kwargs, sort_keys=True)}")
+    # SAELens runs a dictionary on sae_lens.load_model's model: HookedTransformer.from_pretrained_no_processing,
+    # every processing flag off unless the kwargs turn it on.
+    return Space(bool(kwargs.get("fold_ln", False)), bool(kwargs.get("center_writing_weights", False)),
+                 f"SAELens model_from_pretrained_kwargs {json.dumps(kwargs, sort_keys=True)}",
+                 bool(kwargs.get("fold_value_biases", False)))
 
 
 def _saelens(folder: str, budget) -> tuple[Dictionary, Space]:
@@ -459,8 +466,15 @@ def _saelens(folder: str, budget) -> tuple[Dictionary, Space]:
         raise _fail(cfg_path, "names no hook (metadata.hook_name, or hook_point before SAELens 6)")
     if arch not in _SAE_ARCHS:
         raise _fail(cfg_path, f"architecture {arch!r} is not supported (HexRay reads {', '.join(sorted(_SAE_ARCHS))})")
-    if (cfg.get("reshape_activations") or "none") != "none" or "hook_z" in hook:
-        raise _fail(cfg_path, f"hook {hook!r}: attention-output (hook_z) dictionaries are not supported yet")
+    reshape = cfg.get("reshape_activations") or "none"
+    # A hook_z dictionary reads the heads' outputs concatenated ([n, n_heads * d_head]): SAELens 6 says so with
+    # reshape_activations: hook_z, earlier versions reshaped any hook ending in _z.
+    if reshape not in ("none", "hook_z") or (reshape == "hook_z" and not hook.endswith("attn.hook_z")):
+        raise _fail(cfg_path, f"hook {hook!r} with reshape_activations {reshape!r}: HexRay reshapes only hook_z "
+                              "(heads concatenated)")
+    head = meta.get("hook_head_index", cfg.get("hook_head_index", cfg.get("hook_point_head_index")))
+    if head is not None:
+        raise _fail(cfg_path, f"hook_head_index {head!r}: dictionaries of a single head are not supported")
     hook_out = meta.get("hook_name_out") or cfg.get("hook_name_out") or hook
     norm = cfg.get("normalize_activations") or "none"
     if norm is True:
@@ -624,12 +638,14 @@ def _hook_from_path(path: str) -> tuple[str, str, bool]:
                           "folder (keep the hub's layout: <repo>/layer_N/width_.../params.*)")
     if "transcoder" in text:
         return f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.hook_mlp_out", True  # what the MLP reads
+    if re.search(r"(^|[-_/])att([-_/]|$)", text):  # the heads' outputs, concatenated, before W_O
+        return f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.attn.hook_z", False
     if re.search(r"(^|[-_/])res([-_/]|$)", text) or "resid" in text:
         return f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_resid_post", False
     if re.search(r"(^|[-_/])mlp([-_/]|$)", text):
         return f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.hook_mlp_out", False
-    raise _fail(path, "cannot tell which hook this Gemma Scope dictionary reads: its path says neither res, mlp "
-                      "nor transcoders (attention dictionaries are not supported yet)")
+    raise _fail(path, "cannot tell which hook this Gemma Scope dictionary reads: its path says neither res, mlp, "
+                      "att nor transcoders")
 
 
 def _gemma_scope(path: str, budget) -> DictionarySet:

@@ -118,18 +118,52 @@ def _normalized(run, layer: int, ln: str, why: str) -> np.ndarray:
     return x / _tensor(run, f"blocks.{layer}.{ln}.hook_scale", why)
 
 
+_REBUILT = ("blocks.L.hook_resid_pre/mid/post, hook_attn_out, hook_mlp_out, attn.hook_z, lnX.hook_normalized, "
+            "ln2.hook_out, mlp.hook_in")
+
+
+def trace_folds_value_biases(trace) -> bool:
+    return bool((trace.meta.get("model", {}).get("processing") or {}).get("fold_value_biases", True))
+
+
+def _value_bias_folded(run, layer: int, fold_ln: bool, fold_value_biases: bool, why: str):
+    """[n_heads, d_head] (or 0): what processing with these flags subtracts from hook_z.
+
+    fold_value_biases moves each head's value bias into b_O (a pattern row sums to one), and with fold_ln that
+    bias already holds ln1's bias through W_V. Centring changes no value."""
+    if not fold_value_biases:
+        return 0
+    out = _raw(run.trace, "b_V", why)[layer]
+    if fold_ln and run.trace.uses_layernorm:
+        out = out + _raw(run.trace, "ln1.b.W_V", why)[layer]
+    return out
+
+
+def _hook_z(run, layer: int, space, why: str) -> np.ndarray:
+    """[n, n_heads * d_head]: the heads' outputs before W_O, concatenated (a hook_z dictionary's input)."""
+    z = np.asarray(_tensor(run, f"blocks.{layer}.attn.hook_z", why), dtype=np.float32)
+    proc = run.trace.meta.get("model", {}).get("processing") or {}
+    trace_flags = (bool(proc.get("fold_ln", True)), trace_folds_value_biases(run.trace))
+    dict_flags = (space.fold_ln, space.fold_value_biases)
+    if trace_flags != dict_flags:
+        z = z + _value_bias_folded(run, layer, *trace_flags, why) - _value_bias_folded(run, layer, *dict_flags, why)
+    return z.reshape(z.shape[0], -1)
+
+
 def activations(run, hook: str, space, why: str | None = None) -> np.ndarray:
-    """[n, d_model]: the activations at TransformerLens hook ``hook`` of a model processed as ``space`` says."""
+    """[n, d]: the activations at TransformerLens hook ``hook`` of a model processed as ``space`` says (d_model
+    wide, or n_heads * d_head for ``attn.hook_z``)."""
     why = why or f"reading {hook}"
     trace = run.trace
     m = _HOOK.fullmatch(hook or "")
     if m is None:
-        raise HexRayError(f"{why}: hook {hook!r} is not one HexRay can rebuild (it reads blocks.L.hook_resid_pre/mid/"
-                          "post, hook_attn_out, hook_mlp_out, lnX.hook_normalized, ln2.hook_out, mlp.hook_in)")
+        raise HexRayError(f"{why}: hook {hook!r} is not one HexRay can rebuild (it reads {_REBUILT})")
     layer, rest = int(m.group(1)), m.group(2)
     if layer >= trace.n_layers:
         raise HexRayError(f"{why}: hook {hook!r} names layer {layer}, but {trace.model_name} has {trace.n_layers} "
                           "layers (a dictionary for another model?)")
+    if rest == "attn.hook_z":
+        return _hook_z(run, layer, space, why)
     shift = trace_centred(trace) and not space.center_writing_weights
     unshift = not trace_centred(trace) and space.center_writing_weights and trace.uses_layernorm
     if rest in _RESID or rest in _WRITES:
@@ -149,8 +183,7 @@ def activations(run, hook: str, space, why: str | None = None) -> np.ndarray:
     nm = _NORMED.fullmatch(rest)
     ln = nm.group(1) if nm else _NORM_OUT.get(rest)
     if ln is None:
-        raise HexRayError(f"{why}: hook {hook!r} is not one HexRay can rebuild (it reads blocks.L.hook_resid_pre/mid/"
-                          "post, hook_attn_out, hook_mlp_out, lnX.hook_normalized, ln2.hook_out, mlp.hook_in)")
+        raise HexRayError(f"{why}: hook {hook!r} is not one HexRay can rebuild (it reads {_REBUILT})")
     x = np.asarray(_normalized(run, layer, ln, why), dtype=np.float32)
     if space.fold_ln or nm:
         return x  # TL 3's norms fire hook_normalized before their weight and bias; LNPre / RMSPre have none
@@ -159,11 +192,19 @@ def activations(run, hook: str, space, why: str | None = None) -> np.ndarray:
     return x * _raw(trace, f"{ln}.w", why)[layer]
 
 
+def reads_hook_z(d: Dictionary) -> bool:
+    return d.hook_in.endswith("attn.hook_z")
+
+
 def _check_model(run, d: Dictionary, why: str) -> None:
-    d_model = int(run.trace.config.get("d_model") or 0)
-    if d_model and d.d_in != d_model:
+    cfg = run.trace.config
+    if reads_hook_z(d):
+        width, what = int(cfg.get("n_heads") or 0) * int(cfg.get("d_head") or 0), "n_heads x d_head"
+    else:
+        width, what = int(cfg.get("d_model") or 0), "d_model"
+    if width and d.d_in != width:
         raise HexRayError(f"{why}: the dictionary reads {d.d_in}-dimensional activations, but {run.trace.model_name} "
-                          f"has d_model {d_model} (a dictionary for another model?)")
+                          f"has {what} {width} (a dictionary for another model?)")
     if not run.trace.uses_layernorm and str(run.trace.config.get("normalization_type", "")).upper() not in ("RMS",):
         raise HexRayError(f"{why}: {run.trace.model_name}'s normalisation "
                           f"({run.trace.config.get('normalization_type')}) is neither LayerNorm nor RMSNorm")
@@ -304,7 +345,13 @@ def feature_logits(trace, d: Dictionary, features, k: int = 5) -> list[tuple[lis
     w = d.W_dec[features]
     if w.ndim == 3:
         w = w.sum(1)
-    if d.d_out != int(trace.config.get("d_model") or d.d_out):
+    if reads_hook_z(d) and d.hook_out == d.hook_in:  # a direction of the heads' outputs reaches the residual via W_O
+        kit = trace.require_kit("top logits of an attention-output feature")
+        w_o = np.asarray(kit["W_O"], dtype=np.float32)[d.layer]  # [n_heads, d_head, d_model]
+        if w.shape[-1] != w_o.shape[0] * w_o.shape[1]:
+            return [([], []) for _ in features]
+        w = np.einsum("fhd,hdm->fm", w.reshape(len(features), w_o.shape[0], w_o.shape[1]), w_o)
+    if w.shape[-1] != int(trace.config.get("d_model") or w.shape[-1]):
         return [([], []) for _ in features]
     if trace.uses_layernorm:
         w = w - w.mean(-1, keepdims=True)

@@ -248,6 +248,11 @@ SAE_SPECS = {
         ("legacy_standard_resid_pre1", "standard", "blocks.1.hook_resid_pre", None, {"apply_b_dec_to_input": True},
          None),
         ("legacy_topk_resid_post2", "topk", "blocks.2.hook_resid_post", None, {"k": 8}, None),
+        # Attention-output SAEs (heads concatenated, SAELens's reshape_activations: hook_z): SAELens's default model
+        # keeps the value biases in hook_z, the second folds them out, as HexRay's trace does (GPT-2 has them).
+        ("standard_z1", "standard", "blocks.1.attn.hook_z", None, {"reshape_activations": "hook_z"}, None),
+        ("jumprelu_z2_folded", "jumprelu", "blocks.2.attn.hook_z", None, {"reshape_activations": "hook_z"},
+         {"center_writing_weights": False, "fold_value_biases": True}),
     ],
     "llama": [
         ("standard_resid_pre1", "standard", "blocks.1.hook_resid_pre", None, {}, None),
@@ -263,6 +268,7 @@ SAE_SPECS = {
          None),
         ("jumprelu_transcoder_resid_mid1", "jumprelu_transcoder", "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out",
          {}, None),
+        ("topk_z1", "topk", "blocks.1.attn.hook_z", None, {"k": 8, "reshape_activations": "hook_z"}, None),  # GQA
     ],
 }
 DEFAULT_KWARGS = {"center_writing_weights": False}  # SAELens's default model_from_pretrained_kwargs
@@ -368,7 +374,8 @@ def sae_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
             _, cache = model.run_with_cache(tokens)
             models[key] = cache
         cache = models[key]
-        x = cache[hook_in][0].float()
+        x_hook = cache[hook_in][0].float()  # hook_z: [n, n_heads, d_head], which SAELens reshapes itself
+        x = x_hook.flatten(-2) if hook_in.endswith("hook_z") else x_hook
         d_out = cache[hook_out].shape[-1] if hook_out else None
         metadata = {"model_name": f"hexray-reference-{kind}", "model_class_name": "HookedTransformer",
                     "hook_name": hook_in, "hook_head_index": None, "prepend_bos": True, "context_size": 64,
@@ -386,12 +393,12 @@ def sae_fixtures(kind: str, folder: Path, tok, out: Path) -> dict:
         assert loaded.cfg.architecture() == arch and loaded.cfg.apply_b_dec_to_input == sae.cfg.apply_b_dec_to_input
         assert loaded.cfg.metadata.hook_name == hook_in
         with torch.no_grad():
-            acts = loaded.encode(x)
+            acts = loaded.encode(x_hook)
             skip = arch in ("skip_transcoder", "jumprelu_skip_transcoder")
-            recon = loaded.forward(x) if skip else loaded.decode(acts)
-        arrays[f"{name}/input"] = x.numpy()
+            recon = loaded.forward(x_hook) if skip else loaded.decode(acts)
+        arrays[f"{name}/input"] = x.numpy()  # hook_z: heads concatenated, as the dictionary reads them
         arrays[f"{name}/feature_acts"] = acts.numpy()
-        arrays[f"{name}/decoded"] = recon.numpy()
+        arrays[f"{name}/decoded"] = recon.reshape(x.shape).numpy()
         if hook_out:
             arrays[f"{name}/target"] = cache[hook_out][0].float().numpy()
         frac = float((acts > 0).float().mean())
@@ -598,6 +605,8 @@ def main(argv=None) -> int:
         entry["saes"] = sae_fixtures(kind, folder, tok, out)
         if not args.skip_graphs:
             entry["graphs"] = graph_fixtures(kind, folder, tok, out)
+        elif "graphs" in manifest["models"].get(kind, {}):  # the graph files stay: so does their description
+            entry["graphs"] = manifest["models"][kind]["graphs"]
         manifest["models"][kind] = entry
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return 0
