@@ -377,9 +377,10 @@ def test_cli_graph_and_bad_input(tiny_gpt2_recorder, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_graph_of_a_rotary_model_has_qk_tracing(tiny_llama_recorder, tmp_path):
+def test_cli_graph_of_a_rotary_model_has_qk_tracing(tiny, tiny_llama_recorder, tmp_path):
     """`hexray graph --json` on a tiny Llama trace (rotary, GQA): the summary lists QK tracings whose split sums to the
-    recorded score, the JSON stays schema-valid with the top logit's ``qk_tracing_results``, nothing on stderr."""
+    recorded score, the JSON stays schema-valid with the top logit's ``qk_tracing_results``, nothing on stderr; a
+    rotation that cannot be rebuilt exactly leaves the graph and one warning line naming why."""
     from hexray_core.replay.graph import random_transcoders, save_circuit_tracer
     from hexray_core.replay.graph.neuronpedia import validate
 
@@ -401,6 +402,19 @@ def test_cli_graph_of_a_rotary_model_has_qk_tracing(tiny_llama_recorder, tmp_pat
     known = {n["node_id"] for n in doc["nodes"]} | set(doc["qk_only_nodes"])
     for q, k, _ in res[0]["qk_tracing_results"]["pair_wise_contributors"]:
         assert q in known and k in known
+    # a rotation the recorder could not write down exactly: the graph is still written, QK tracing says why
+    from hexray_core.record import Recorder
+
+    tok = tiny_llama_recorder.tokenizer
+    hf = tiny.build_tiny_llama(tok, rope={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    dyn = tmp_path / "dynamic.hxr"
+    Recorder(hf, tokenizer=tok).record(PROMPT, dyn, act_dtype="f32", lens=False)
+    p = _cli(dyn, "--transcoders", tc, "-o", out, "--json")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ("hexray: warning: no QK tracing: the rotary embedding of this model cannot be rebuilt exactly: "
+                        "its rotary frequencies depend on the context length (rope_type dynamic)\n")
+    assert json.loads(p.stdout)["qk_tracing"] == []
+    validate(json.loads(out.read_text()))
 
 
 def test_bad_weights_are_one_error(tiny_gpt2_recorder, tmp_path):
