@@ -236,6 +236,92 @@ def test_qk_tracing_splits_the_recorded_score(tiny_gpt2_recorder, tmp_path):
             assert q in known and k in known
 
 
+def test_qk_tracing_of_a_rotary_gqa_model_splits_the_recorded_score(tiny_llama_recorder, tmp_path):
+    """Tiny Llama (rotary, GQA 4/2): for several (layer, head, query, key) the split sums to the recorded score
+    (hook_rot_q · hook_rot_k), and each source's query-side and key-side contributions are Hugging Face's own
+    rotary (the cos/sin of the model's rotary module, ``apply_rotary_pos_emb`` as the bridge calls it) applied to
+    that source's direct effect on the pre-rotation q or k, computed here from the frozen model's backward."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    import hexray
+    from hexray_core.replay.graph import random_transcoders
+    from hexray_core.replay.graph.model import Target
+    from hexray_core.replay.graph.neuronpedia import validate
+    from hexray_core.replay.graph.qk import attach_qk, qk_trace
+
+    rec = tiny_llama_recorder
+    path = tmp_path / "qk.hxr"
+    rec.record(PROMPT, path, act_dtype="f32", lens=False)
+    with hexray.open(path) as t:
+        assert t.meta["attention"]["rotary"]["style"] == "half"
+        g = t.graph(random_transcoders(t.n_layers, 64, 128, seed=1), weights=_weights(rec.bridge))
+        m = g.model
+        assert m.rep == 2  # grouped-query attention: heads 2h and 2h + 1 read key head h
+        n = m.n
+        with torch.no_grad():
+            cos, sin = rec.bridge.original_model.model.rotary_emb(torch.zeros(1), torch.arange(n)[None])
+
+        def rotated(edges, pos):  # [dh, n_src] -> HF's rotation of every source's vector at position pos
+            v = torch.tensor(edges.T[None, :, None, :], dtype=torch.float64)  # [1, n_src (as heads), 1, dh]
+            c, s = cos[:, pos:pos + 1].double(), sin[:, pos:pos + 1].double()
+            return apply_rotary_pos_emb(v, v, c, s)[0][0, :, 0].numpy().T
+
+        for lay, head, query, key in [(0, 0, n - 1, 2), (1, 3, n - 1, 5), (1, 1, 7, 7), (0, 2, 5, 0), (1, 2, 20, 11)]:
+            r = qk_trace(m, lay, head, query, key)
+            scale = t.meta["attention"]["layers"][lay]["scale"]
+            assert r["recorded_score"] == pytest.approx(
+                scale * float(t.run(0)[f"blocks.{lay}.attn.hook_rot_q"][query, head].astype(np.float64)
+                              @ t.run(0)[f"blocks.{lay}.attn.hook_rot_k"][key, head // 2]))
+            assert r["score"] == pytest.approx(r["recorded_score"], rel=1e-4, abs=1e-5)
+            pairs = scale * (r["q_edges"].T.astype(np.float64) @ r["k_edges"].astype(np.float64))
+            assert pairs.sum() == pytest.approx(r["pair_sum"], rel=1e-6, abs=1e-9)
+            assert r["pair_sum"] + r["bias"] == pytest.approx(r["score"], rel=1e-9)
+            np.testing.assert_allclose(r["q"], t.run(0)[f"blocks.{lay}.attn.hook_rot_q"][query, head], atol=1e-4)
+            np.testing.assert_allclose(r["k"], t.run(0)[f"blocks.{lay}.attn.hook_rot_k"][key, head // 2], atol=1e-4)
+            # independently: the pre-rotation direct effects, rotated by Hugging Face's rotary
+            W_Q, W_K = m.w["W_Q"][lay, head], m.w["W_K"][lay, head // 2]
+            eq, _ = m.backward_batched([Target("pre", lay, query, W_Q[:, e] / m.sc1[lay][query]) for e in range(m.dh)])
+            ek, _ = m.backward_batched([Target("pre", lay, key, W_K[:, e] / m.sc1[lay][key]) for e in range(m.dh)])
+            want_q, want_k = rotated(eq, query), rotated(ek, key)
+            assert np.abs(want_q - eq).max() > 1e-3 or query == 0  # the rotation really moves them
+            np.testing.assert_allclose(r["q_edges"], want_q, rtol=0, atol=1e-5 * np.abs(want_q).max())
+            np.testing.assert_allclose(r["k_edges"], want_k, rtol=0, atol=1e-5 * np.abs(want_k).max())
+            np.testing.assert_allclose(r["q_contrib"], scale * (want_q.T @ r["k"]), rtol=0,
+                                       atol=1e-5 * np.abs(r["q_contrib"]).max())
+        pruned = g.prune()
+        pruned.model = m
+        attach_qk(pruned, 2)
+        assert len(pruned.qk) == 2
+        for res in pruned.qk:
+            assert res["score"] == pytest.approx(res["recorded_score"], rel=1e-4, abs=1e-5)
+        doc = pruned.to_neuronpedia()
+        validate(doc)
+        res = [nd for nd in doc["nodes"] if "qk_tracing_results" in nd]
+        assert len(res) == 1 and res[0]["qk_tracing_results"]["pair_wise_contributors"]
+
+
+def test_qk_tracing_refuses_a_rotation_it_cannot_rebuild(tiny_llama_recorder, tmp_path):
+    """One line naming why: a rotation the recorder refused to write down, a rotary trace from before it was."""
+    import hexray
+    from hexray_core.replay.graph import random_transcoders
+    from hexray_core.replay.graph.qk import qk_trace, qk_unavailable
+
+    path = tmp_path / "t.hxr"
+    tiny_llama_recorder.record(PROMPT, path, act_dtype="f32", lens=False)
+    with hexray.open(path) as t:
+        g = t.graph(random_transcoders(t.n_layers, 64, 128, seed=1), weights=_weights(tiny_llama_recorder.bridge))
+        assert qk_unavailable(t) is None
+        spec = t.meta["attention"]
+        spec["rotary"] = {"refused": "its rotary frequencies differ between layers"}
+        with pytest.raises(HexRayError, match="cannot be rebuilt exactly: its rotary frequencies differ") as e:
+            qk_trace(g.model, 1, 0, g.position, 1)
+        assert "\n" not in str(e.value)
+        del spec["rotary"]
+        with pytest.raises(HexRayError, match="record it again"):
+            qk_trace(g.model, 1, 0, g.position, 1)
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "hexray", "graph", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
@@ -288,6 +374,47 @@ def test_cli_graph_and_bad_input(tiny_gpt2_recorder, tmp_path):
                         ((trace, "--transcoders", tmp_path), "config.yaml")]:
         p = _cli(*args, "--weights", wfile, "-o", out)
         assert p.returncode != 0 and p.stderr.count("\n") == 1 and words in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_cli_graph_of_a_rotary_model_has_qk_tracing(tiny, tiny_llama_recorder, tmp_path):
+    """`hexray graph --json` on a tiny Llama trace (rotary, GQA): the summary lists QK tracings whose split sums to the
+    recorded score, the JSON stays schema-valid with the top logit's ``qk_tracing_results``, nothing on stderr; a
+    rotation that cannot be rebuilt exactly leaves the graph and one warning line naming why."""
+    from hexray_core.replay.graph import random_transcoders, save_circuit_tracer
+    from hexray_core.replay.graph.neuronpedia import validate
+
+    trace = tmp_path / "llama.hxr"
+    tiny_llama_recorder.record(PROMPT, trace, act_dtype="f32", lens=False)
+    tc = tmp_path / "tc"
+    save_circuit_tracer(random_transcoders(2, 64, 128, seed=1), tc)
+    out = tmp_path / "g.json"
+    p = _cli(trace, "--transcoders", tc, "-o", out, "--json", "--qk", "3")  # the kit holds the attention weights
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    summary = json.loads(p.stdout)
+    assert len(summary["qk_tracing"]) == 3
+    for r in summary["qk_tracing"]:
+        assert r["score"] == pytest.approx(r["recorded_score"], rel=1e-4, abs=1e-5)
+    doc = json.loads(out.read_text())
+    validate(doc)
+    res = [n for n in doc["nodes"] if "qk_tracing_results" in n]
+    assert len(res) == 1 and res[0]["feature_type"] == "logit"
+    known = {n["node_id"] for n in doc["nodes"]} | set(doc["qk_only_nodes"])
+    for q, k, _ in res[0]["qk_tracing_results"]["pair_wise_contributors"]:
+        assert q in known and k in known
+    # a rotation the recorder could not write down exactly: the graph is still written, QK tracing says why
+    from hexray_core.record import Recorder
+
+    tok = tiny_llama_recorder.tokenizer
+    hf = tiny.build_tiny_llama(tok, rope={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    dyn = tmp_path / "dynamic.hxr"
+    Recorder(hf, tokenizer=tok).record(PROMPT, dyn, act_dtype="f32", lens=False)
+    p = _cli(dyn, "--transcoders", tc, "-o", out, "--json")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ("hexray: warning: no QK tracing: the rotary embedding of this model cannot be rebuilt exactly: "
+                        "its rotary frequencies depend on the context length (rope_type dynamic)\n")
+    assert json.loads(p.stdout)["qk_tracing"] == []
+    validate(json.loads(out.read_text()))
 
 
 def test_bad_weights_are_one_error(tiny_gpt2_recorder, tmp_path):

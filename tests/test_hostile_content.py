@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -159,6 +160,10 @@ CASES = [
     ("attention-softcap-negative", lambda m, r, t: (_layer_field(m, "softcap", -1.0), r, t), "attention.layers"),
     ("attention-window-zero", lambda m, r, t: (_layer_field(m, "window", 0), r, t), "attention.layers"),
     ("attention-n_heads-mismatch", _meta(["attention", "n_heads"], 8), "attention.n_heads"),
+    ("attention-rotary-style", _meta(["attention", "rotary"], {"style": "spiral", "dim": 2, "inv_freq": [1.0],
+                                                               "scale": 1.0, "dtype": "f32"}), "attention.rotary"),
+    ("attention-rotary-nan", _meta(["attention", "rotary"], {"style": "half", "dim": 2, "inv_freq": [math.nan],
+                                                             "scale": 1.0, "dtype": "f32"}), "attention.rotary"),
     ("lens-layers", _tensor("hexray.lens_topk_ids", lambda a: a[:-1].copy()), "hexray.lens_topk_ids"),
     ("lens-lse-1d", _tensor("hexray.lens_logsumexp", lambda a: a[0].copy()), "hexray.lens_logsumexp"),
     ("lens-rank-float", _tensor("hexray.lens_top_rank", lambda a: a.astype(f32)), "hexray.lens_top_rank"),

@@ -106,11 +106,12 @@ def build_tiny_gpt2(tok=None, *, n_layer: int = 2, d_model: int = 64, n_head: in
 
 
 def build_tiny_llama(tok=None, *, n_layer: int = 2, d_model: int = 64, n_head: int = 4, n_kv_head: int = 2,
-                     n_ctx: int = 64, seed: int = 0, biases: bool = True):
+                     n_ctx: int = 64, seed: int = 0, biases: bool = True, rope: dict | None = None):
     """A random LlamaForCausalLM (rotary, RMSNorm, gated SiLU MLP, GQA, untied unembedding).
 
     Llama has no biases by default; ``attention_bias``/``mlp_bias`` are turned on (``biases=True``)
     so that bias folding is exercised too. GGUF has no place for them: use ``biases=False`` there.
+    ``rope``: Hugging Face's ``rope_parameters`` (YaRN, dynamic, ...) instead of the default RoPE.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -120,7 +121,7 @@ def build_tiny_llama(tok=None, *, n_layer: int = 2, d_model: int = 64, n_head: i
                       num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
                       max_position_embeddings=n_ctx, initializer_range=0.2, attention_bias=biases, mlp_bias=biases,
                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=None)
+                      pad_token_id=None, **({"rope_parameters": rope} if rope else {}))
     model = LlamaForCausalLM(cfg).eval()
     _perturb_norms_and_biases(model, seed)
     return model

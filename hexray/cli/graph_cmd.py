@@ -83,7 +83,7 @@ def _load_weights(path):
 def run(args) -> int:
     from hexray_core.replay import open_trace
     from hexray_core.replay.graph import build_graph
-    from hexray_core.replay.graph.qk import attach_qk
+    from hexray_core.replay.graph.qk import attach_qk, qk_unavailable
     from hexray_core.replay.graph.transcoders import as_transcoder_set
 
     _check(args)
@@ -99,8 +99,10 @@ def run(args) -> int:
         g.model = full.model
         g.meta["generation"] = {"max_n_logits": 10, "desired_logit_prob": 0.95, "batch_size": args.batch_size,
                                 "max_feature_nodes": args.max_feature_nodes or full.meta["n_active_features"]}
-        if args.qk and g.model.trace.meta.get("attention", {}).get("store") == "qk" \
-                and "rot" not in str(g.model.trace.meta["attention"].get("q", "")):
+        why = qk_unavailable(trace) if args.qk else None
+        if why is not None:  # the graph stands without it: say so, once
+            print(f"hexray: warning: no QK tracing: {why}", file=sys.stderr)
+        elif args.qk:
             attach_qk(g, args.qk)
         doc = g.to_neuronpedia(slug=os.path.splitext(os.path.basename(args.output))[0] or "graph")
         tmp = args.output + ".tmp"

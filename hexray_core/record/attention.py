@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from .rotary import rotary_spec
+
 #: Rows checked per layer and run: the first, the last (the longest, where a sliding window bites)
 #: and evenly spaced ones between.
 CHECK_ROWS = 8
@@ -75,8 +77,11 @@ def attention_spec(bridge) -> tuple[dict | None, str | None]:
         layers.append({"scale": float(scale), "softcap": float(softcap) if softcap else None,
                        "window": int(w) if w else None})
     n_kv = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
-    return {"store": "qk", "q": q_name, "k": k_name, "n_heads": int(cfg.n_heads), "n_kv_heads": n_kv,
-            "layers": layers}, None
+    spec = {"store": "qk", "q": q_name, "k": k_name, "n_heads": int(cfg.n_heads), "n_kv_heads": n_kv,
+            "layers": layers}
+    if rotary:  # the rotation replay's QK tracing applies to each node's contribution (rotary.py)
+        spec["rotary"] = rotary_spec(bridge)
+    return spec, None
 
 
 def check_rows(n: int, count: int = CHECK_ROWS) -> list[int]:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hexray_core.errors import HexRayError
+from hexray_core.replay.rotary import check_params as check_rotary
 from trace_format import WEIGHTS_RUN, TensorInfo, TraceFormatError, TraceReader
 from trace_format.fileio import shown
 
@@ -127,6 +128,7 @@ META_FIELDS: list[tuple[tuple[str, ...], Check]] = [
     (("attention", "n_kv_heads"), integer(1, MAX_HEADS)),
     (("attention", "layers"), lambda v: _attention_layers(v)),
     (("attention", "lse"), lambda v: _layer_template(v)),
+    (("attention", "rotary"), lambda v: check_rotary(v)),  # rotary.py: R_p for QK tracing
     (("forward",), mapping),  # how the recorder ran attention: flash (blockwise) or eager
     (("forward", "attention"), text()),
 ]

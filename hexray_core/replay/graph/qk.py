@@ -6,8 +6,12 @@ In the frozen model q = Σ_i q_i + q_bias, where q_i is source i's direct effect
 and q_bias gathers the frozen biases and ``b_Q``; the same for k. Then
 ``score = scale · Σ_ij q_i · k_j + bias`` with ``bias = scale · (q_bias · k + q · k_bias − q_bias · k_bias)``:
 the pairwise terms, and the marginal terms ``scale · q_i · k`` (source i's share of the score given the whole
-key). Rotary embeddings would rotate each side per position (linear); traces of rotary models are refused
-here until that is wired in. The split is of the pre-soft-cap score.
+key). Rotary models rotate each side by its position: q_query = R_query (W_Q x + b_Q), k_key = R_key (W_K x + b_K),
+and R is linear, so each q_i above is R_query applied to source i's direct effect on the pre-rotation query (the
+same for k, and for the bias terms): the split stays exact (``hexray_core/replay/rotary.py`` rebuilds R from the
+trace's ``meta.attention.rotary``; a model whose rotation the recorder could not write down is refused, in one line
+saying why). Under grouped-query attention the key side is the head's key/value group. The split is of the
+pre-soft-cap score.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from hexray_core.errors import HexRayError
+from hexray_core.replay.rotary import rotary_params, rotation
 
 from .model import ReplacementModel, Target
 
@@ -40,14 +45,25 @@ def _source_desc(model: ReplacementModel, i: int) -> tuple[str, dict]:
                  "jsNodeId": f"E_{tok}-{p}", "clerp": ""}
 
 
+def qk_unavailable(trace) -> str | None:
+    """Why this trace's scores cannot be QK-traced (patterns stored, a rotation not rebuilt exactly), or None."""
+    spec = trace.meta.get("attention")
+    if not isinstance(spec, dict) or spec.get("store") != "qk":
+        return "QK tracing needs a trace that stores q and k (meta.attention); this one stores patterns"
+    try:
+        rotary_params(trace)
+    except HexRayError as e:
+        return str(e)
+    return None
+
+
 def qk_trace(model: ReplacementModel, layer: int, head: int, query: int, key: int, *, top: int = 10) -> dict:
     """The split of one recorded attention score; ``results`` in circuit-tracer's ``qk_tracing_results`` shape."""
     trace = model.trace
-    spec = trace.meta.get("attention")
-    if not isinstance(spec, dict) or spec.get("store") != "qk":
-        raise HexRayError("QK tracing needs a trace that stores q and k (meta.attention); this one stores patterns")
-    if "rot" in str(spec.get("q", "")):
-        raise HexRayError("QK tracing of rotary-embedding models is not supported yet")
+    why = qk_unavailable(trace)
+    if why is not None:
+        raise HexRayError(why)
+    spec, rot = trace.meta["attention"], rotary_params(trace)
     if not (0 <= layer < model.L and 0 <= head < model.H and 0 <= key <= query < model.n):
         raise HexRayError(f"no attention score at layer {layer}, head {head}, query {query}, key {key}")
     scale = float(spec["layers"][layer]["scale"])
@@ -60,6 +76,10 @@ def qk_trace(model: ReplacementModel, layer: int, head: int, query: int, key: in
     eq, cq = model.backward_batched(tq)  # [dh, n_src], [dh]
     ek, ck = model.backward_batched(tk)
     q_bias, k_bias = cq + b_Q, ck + b_K
+    if rot is not None:  # into the rotated space where the score is a dot product (linear: exact per source)
+        Rq, Rk = rotation(rot, query, dh), rotation(rot, key, dh)
+        eq, ek = (Rq @ eq).astype(np.float32), (Rk @ ek).astype(np.float32)
+        q_bias, k_bias = Rq @ q_bias, Rk @ k_bias
     q = eq.sum(1, dtype=np.float64) + q_bias
     k = ek.sum(1, dtype=np.float64) + k_bias
     score = scale * float(q @ k)
