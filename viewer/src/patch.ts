@@ -57,7 +57,10 @@ export async function renderPatchTab(body: HTMLElement, source: Source, traces: 
   if (all.length) await showSweep(out, source, traces, all[first]);
 }
 
+let shown = 0; // drops the answer for a sweep picked before the last one
+
 async function showSweep(out: HTMLElement, source: Source, traces: TraceOverview[], pick: { t: number; s: PatchSummary }): Promise<void> {
+  const my = ++shown;
   delete document.body.dataset.patch;
   clear(out, h("div", { class: "dim", text: "loading…" }));
   let sweep: PatchSweep | null;
@@ -66,6 +69,7 @@ async function showSweep(out: HTMLElement, source: Source, traces: TraceOverview
   } catch (err) {
     sweep = { error: String(err).replace(/^Error: /, "") } as PatchSweep;
   }
+  if (my !== shown || !out.isConnected) return;
   if (!sweep || sweep.error) {
     clear(out, h("div", { id: "patch-error", class: "dim", text: sweep ? `${traces[pick.t].name}: this sweep cannot be shown: ${sweep.error}`
       : "not embedded in this report" }));
