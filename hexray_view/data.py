@@ -11,11 +11,13 @@ report calls them for the positions it embeds.
     attention_rows(trace, run, pos, layer, head, window)   one head's pattern rows
     component_colours(trace, run)       each component's attribution to every position's next token
     cot(trace, run) / diff(...)         the chain-of-thought and diff views
+    patch_sweep(trace, index)           a `hexray patch -o` sweep as a heatmap grid (the Patching tab)
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -57,6 +59,7 @@ def overview(trace, name: str) -> dict:
         "n_layers": trace.n_layers,
         "n_heads": _n_heads(trace),
         "has_kit": trace.kit is not None,
+        "patch": patch_summaries(trace),
         "runs": [_run_overview(trace, r.id) for r in trace.runs],
     }
 
@@ -284,3 +287,98 @@ def run_features(trace, run: int, dset) -> dict:
                 "error": str(e).splitlines()[0]}
     return out
 
+
+
+# -- activation patching (a trace written by `hexray patch -o`) --------------------------------------
+
+PATCH_VALUES = "hexray.patch_values"  # the raw metric of every patch, in the corrupt run (patch_cmd.py)
+PATCH_AXES = (["layer", "pos"], ["layer", "head"], ["layer", "pos", "head"])
+
+
+def _patch_metas(trace) -> list:
+    """The sweeps' metadata: `meta["patch"]` is one sweep (what `hexray patch -o` writes)."""
+    p = trace.meta.get("patch")
+    return [] if p is None else [p]
+
+
+def patch_summaries(trace) -> list[dict]:
+    """The sweeps a trace holds, as the tab's menu lists them; metadata only, and never an error (a malformed
+    sweep is listed, and says what is wrong when it is opened)."""
+    out = []
+    for i, m in enumerate(_patch_metas(trace)):
+        d = m if isinstance(m, dict) else {}
+        out.append({"index": i, "sweep": str(d.get("sweep", "?"))[:80], "metric": str(d.get("metric", "?"))[:200]})
+    return out
+
+
+def patch_sweep(trace, index: int = 0) -> dict:
+    """One sweep as the heatmap shows it: rows are layers (layer × head for heads-by-pos), columns positions or
+    heads; each cell's raw metric value and its normalised value (0 = the corrupt run, 1 = the clean run).
+
+    The values are checked against the trace (axes, the model's layers and heads, the runs' token count)
+    before they are read, so a malformed sweep is one HexRayError naming what is wrong; non-finite cells
+    travel as None and are counted in ``notes``."""
+    metas = _patch_metas(trace)
+    if not 0 <= index < len(metas):
+        raise HexRayError(f"{trace.path} holds {len(metas)} patching sweep(s); there is no sweep {index}")
+    m = metas[index]
+    where = f"{os.path.basename(trace.path)}: patching sweep"
+    if not isinstance(m, dict):
+        raise HexRayError(f"{where}: meta['patch'] is a {type(m).__name__}, not a mapping")
+    axes = m.get("axes")
+    if axes not in PATCH_AXES:
+        raise HexRayError(f"{where}: axes {str(axes)[:80]} are none of layer × pos, layer × head, layer × pos × head")
+    holders = [r.id for r in trace.runs if trace.has(PATCH_VALUES, r.id)]
+    if not holders:
+        raise HexRayError(f"{where}: no run holds its values ({PATCH_VALUES})")
+    corrupt_run = holders[-1]
+    clean_run = trace.runs[0].id if len(trace.runs) > 1 else corrupt_run
+    n = trace.run(corrupt_run).n_tokens
+    if trace.run(clean_run).n_tokens != n:
+        raise HexRayError(f"{where}: the clean run has {trace.run(clean_run).n_tokens} tokens, the corrupt run {n} "
+                          "(a sweep patches aligned positions)")
+    want = [{"layer": trace.n_layers, "pos": n, "head": _n_heads(trace)}[a] for a in axes]
+    shape = list(trace.reader.info(trace.stored_name(PATCH_VALUES, corrupt_run), corrupt_run).shape)
+    if shape != want:  # checked on the index, before a byte of the tensor is decoded
+        raise HexRayError(f"{where}: {PATCH_VALUES} has shape {shape}, but {' × '.join(axes)} of this trace "
+                          f"({trace.n_layers} layers, {_n_heads(trace)} heads, {n} tokens) is {want}")
+    values = np.asarray(trace.tensor(PATCH_VALUES, corrupt_run), dtype=np.float64)
+    clean, corrupt = _metric_value(m, "clean"), _metric_value(m, "corrupt")
+    notes = []
+    span = None if clean is None or corrupt is None else clean - corrupt
+    if span is None or span == 0:
+        normalized = np.full_like(values, np.nan)
+        notes.append("the clean and corrupt metric values are " + ("equal" if span == 0 else "not both known") +
+                     ": there is no normalised scale (hover a cell for its raw value)")
+    else:
+        normalized = (values - corrupt) / span
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        notes.append(f"{bad} of {values.size} values are not finite numbers (NaN or ±inf): shown as —")
+    heads = [f"H{h}" for h in range(_n_heads(trace))]
+    if axes == ["layer", "pos", "head"]:  # as the terminal: a row per head of each layer, a column per position
+        rows = [f"L{la}H{h}" for la in range(values.shape[0]) for h in range(values.shape[2])]
+        row_keys = [[la, h] for la in range(values.shape[0]) for h in range(values.shape[2])]
+        values, normalized = (a.transpose(0, 2, 1).reshape(len(rows), n) for a in (values, normalized))
+    else:
+        rows = [f"L{la}" for la in range(values.shape[0])]
+        row_keys = [[la, None] for la in range(values.shape[0])]
+    out = {"index": index, "sweep": str(m.get("sweep", "?")), "metric": str(m.get("metric", "?")), "axes": axes,
+           "columns": axes[1], "rows": rows, "row_keys": row_keys,
+           "clean": {"run": clean_run, "prompt": trace.run(clean_run).prompt, "value": clean},
+           "corrupt": {"run": corrupt_run, "prompt": trace.run(corrupt_run).prompt, "value": corrupt},
+           "values": values, "normalized": normalized, "notes": notes}
+    if axes[1] == "pos":
+        out["cols"] = {"clean": trace.run(clean_run).labels, "corrupt": trace.run(corrupt_run).labels}
+    else:
+        out["cols"] = {"clean": heads, "corrupt": heads}
+    return plain(out)
+
+
+def _metric_value(m: dict, side: str) -> float | None:
+    """The clean or corrupt run's metric value from the sweep's metadata (None: absent or not a finite number)."""
+    d = m.get(side)
+    v = d.get("value") if isinstance(d, dict) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)

@@ -4,6 +4,7 @@ What a report embeds, per run: the token strip (every position), the logit lens 
 colours for up to `LENS_POSITIONS` positions, the chain-of-thought view, and the full detail of at
 most `detail` positions: the last ones of the prompt, then the tokens the model found least likely
 (what a bug report is usually about). Diff: the first run against every other run or trace.
+Per trace: every patching sweep it holds (`hexray patch -o`), or the line saying why it cannot be shown.
 A 1,000-token trace of the demo model makes a report of about 1 MB (bench/viewer_bench.py).
 """
 
@@ -14,6 +15,7 @@ import os
 import numpy as np
 
 from hexray_core.errors import HexRayError
+from trace_format import TraceFormatError
 
 from . import data, page
 
@@ -55,10 +57,13 @@ def build(traces: list, names: list[str], *, detail: int = DEFAULT_DETAIL, posit
     (a notebook cell of a trace with a thousand prompts embeds the one it shows)."""
     if detail < 1:
         raise HexRayError(f"--detail must be at least 1, not {detail}")
-    out: dict = {"traces": [], "details": {}, "lens": {}, "colours": {}, "cot": {}, "diffs": [], "features": {}}
+    out: dict = {"traces": [], "details": {}, "lens": {}, "colours": {}, "cot": {}, "diffs": [], "features": {},
+                 "patch": {}}
     for t, (trace, name) in enumerate(zip(traces, names, strict=True)):
         ov = {**data.overview(trace, name), "features": dictionary.describe() if dictionary else None}
         out["traces"].append(ov)
+        for s in ov["patch"]:
+            out["patch"][f"{t}.{s['index']}"] = _sweep(trace, s["index"])
         for r, run in enumerate(ov["runs"]):
             if runs is not None and r not in runs:
                 continue
@@ -97,6 +102,14 @@ def _last_columns(colours: dict, n: int) -> dict:
     if width <= n:
         return colours
     return {**colours, "values": [[None] * (width - n) + row[-n:] for row in values]}
+
+
+def _sweep(trace, index: int) -> dict:
+    """A patching sweep, or {"error": why not} (a malformed sweep is reported in the tab, not fatal to the report)."""
+    try:
+        return data.patch_sweep(trace, index)
+    except (HexRayError, TraceFormatError) as e:
+        return {"error": str(e).splitlines()[0]}
 
 
 def _optional(fn):

@@ -138,6 +138,8 @@ class ViewServer(ThreadingHTTPServer):
             return data.component_colours(trace(), num("run", 0))
         if view == "cot":
             return data.cot(trace(), num("run", 0))
+        if view == "patch":
+            return data.patch_sweep(trace(), num("i", 0))
         if view == "diff":
             return data.diff(trace("ta"), trace("tb"), num("ra", 0), num("rb", 0), num("pa", -1), num("pb", -1))
         return None

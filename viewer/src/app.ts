@@ -3,6 +3,7 @@
 import { barRow, clear, div, h, heatmap, seq } from "./dom";
 import { pct, q, sci, signed, visible } from "./fmt";
 import type { Source } from "./source";
+import { hasPatch, renderPatchTab } from "./patch";
 import { type FeatureRef, featureColour, featureLabel, featuresPanel, featureValues, meaningPanel } from "./features";
 import type { AttnRows, Colours, Detail, LensGrid, RunFeatures, Side, TraceOverview } from "./types";
 
@@ -20,7 +21,7 @@ export class App {
   private head: [number, number] | null = null; // selected attention head (layer, head)
   private colourBy = "probability";
   private colours: Colours | null = null;
-  private tab: "tokens" | "cot" | "diff" = "tokens";
+  private tab: "tokens" | "cot" | "diff" | "patch" = "tokens";
   private seq = 0; // drops answers to an older selection
   private tokens: HTMLSpanElement[] = [];
   private laidOut: HTMLElement[] = []; // strip blocks held laid out while the selection is in them (scrollToToken)
@@ -60,9 +61,9 @@ export class App {
   private render(): void {
     const tr = this.currentTrace();
     const tabs = h("nav", { class: "tabs" },
-      ...(["tokens", "cot", "diff"] as const).map((name) =>
+      ...(["tokens", "cot", "diff", ...(hasPatch(this.traces) ? ["patch"] as const : [])] as const).map((name) =>
         h("button", { class: "tab" + (this.tab === name ? " on" : ""), "data-tab": name,
-          text: { tokens: "Tokens", cot: "Chain of thought", diff: "Diff" }[name],
+          text: { tokens: "Tokens", cot: "Chain of thought", diff: "Diff", patch: "Patching" }[name],
           onclick: () => { this.tab = name; this.render(); } })));
     const traceSel = this.traces.length > 1 ? h("select", { id: "trace-select", onchange: (e) => {
       this.t = Number((e.target as HTMLSelectElement).value); this.run = 0; this.resetRun(); } },
@@ -78,6 +79,7 @@ export class App {
       this.tabBody);
     if (this.tab === "tokens") this.renderTokensTab();
     else if (this.tab === "cot") void this.renderCot();
+    else if (this.tab === "patch") void renderPatchTab(this.tabBody, this.source, this.traces, this.t);
     else this.renderDiffTab();
   }
 

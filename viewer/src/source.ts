@@ -1,6 +1,7 @@
 // Where the data comes from: the `hexray view` server (fetched lazily, one panel at a time), or the
 // JSON a report / notebook cell embeds (null where the report did not embed a position).
 
+import type { PatchSweep } from "./patch";
 import type { AttnRows, Colours, Cot, Detail, Diff, FeatureMeaning, LensGrid, RunFeatures, Side, TraceOverview } from "./types";
 
 export interface Source {
@@ -13,6 +14,7 @@ export interface Source {
   colours(t: number, run: number): Promise<Colours | null>;
   cot(t: number, run: number): Promise<Cot | null>;
   diff(a: Side, b: Side): Promise<Diff | null>;
+  patch(t: number, i: number): Promise<PatchSweep | null>; // a `hexray patch -o` sweep (patch.ts)
   features(t: number, run: number): Promise<RunFeatures | null>; // null: no --dict
   meaning?(layer: number, feature: number): Promise<FeatureMeaning | null>; // hexray view --dataset
   diffSides?(): [Side, Side][];
@@ -49,6 +51,7 @@ export class ServerSource implements Source {
   features(t: number, run: number) { return this.get<RunFeatures>("features", { t, run }); }
   meaning(layer: number, f: number) { return this.get<FeatureMeaning>("meaning", { layer, f }); }
   cot(t: number, run: number) { return this.get<Cot>("cot", { t, run }); }
+  patch(t: number, i: number) { return this.get<PatchSweep>("patch", { t, i }); }
   diff(a: Side, b: Side) {
     return this.get<Diff>("diff", { ta: a.trace, ra: a.run, pa: a.position, tb: b.trace, rb: b.run, pb: b.position });
   }
@@ -62,6 +65,7 @@ export interface Embedded {
   cot: Record<string, Cot>;
   diffs: { a: Side; b: Side; diff: Diff }[];
   features?: Record<string, RunFeatures>; // "t.run", with --dict
+  patch?: Record<string, PatchSweep>; // "t.index": each patching sweep, or {error}
   start?: Side; // where a notebook cell opens
 }
 
@@ -91,6 +95,7 @@ export class EmbeddedSource implements Source {
   async colours(t: number, run: number) { return this.data.colours[`${t}.${run}`] ?? null; }
   async features(t: number, run: number) { return this.data.features?.[`${t}.${run}`] ?? null; }
   async cot(t: number, run: number) { return this.data.cot[`${t}.${run}`] ?? null; }
+  async patch(t: number, i: number) { return this.data.patch?.[`${t}.${i}`] ?? null; }
 
   async diff(a: Side, b: Side) {
     const same = (x: Side, y: Side) => x.trace === y.trace && x.run === y.run && x.position === y.position;

@@ -1,5 +1,7 @@
 // The JSON the Python side (hexray_view/data.py) sends: one interface per panel.
 
+import type { PatchSummary } from "./patch";
+
 export interface RunOverview {
   id: number;
   prompt: string;
@@ -20,6 +22,7 @@ export interface TraceOverview {
   n_layers: number;
   n_heads: number;
   has_kit: boolean;
+  patch?: PatchSummary[]; // the patching sweeps the trace holds (hexray patch -o; patch.ts)
   runs: RunOverview[];
   features?: { name: string; kind: string; layers: number[]; space: string } | null; // the --dict dictionary
   feature_dataset?: string | null; // hexray view --dataset: a clicked feature's meaning over it
