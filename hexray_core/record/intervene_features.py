@@ -44,7 +44,7 @@ _NORM_OUT = {"ln1.hook_out": "ln1", "ln2.hook_out": "ln2", "mlp.hook_in": "ln2",
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: the arrays may be read-only maps
 
 
 class RawMeans:
@@ -312,8 +312,9 @@ def bind_feature(bridge, iv: Intervention, features: list[FeatureDictionary], ca
             b = _t(rawt[f"raw/{ln}.b"][0][fl.layer]) if uses_ln and f"raw/{ln}.b" in rawt else None
             convert["norm"] = (w, b)
     else:
-        raise HexRayError(f"{where}: {fd.name} reads {fl.hook_in!r}; feature interventions read blocks.L.hook_resid_pre/"
-                          "mid/post, hook_attn_out, hook_mlp_out, lnX.hook_normalized, ln2.hook_out or mlp.hook_in")
+        raise HexRayError(f"{where}: {fd.name} reads {fl.hook_in!r}; feature interventions read "
+                          "blocks.L.hook_resid_pre/mid/post, hook_attn_out, hook_mlp_out, lnX.hook_normalized, "
+                          "ln2.hook_out or mlp.hook_in")
     # the writes: one decoder row per output layer
     out_rows = [(fl.layer, fl.W_dec[iv.index])] if not fl.cross_layer else \
         [(fl.layer + j, fl.W_dec[iv.index, j]) for j in range(fl.W_dec.shape[1])]
