@@ -289,3 +289,78 @@ def test_cli_api_and_info_agree(tiny, tiny_tokenizer, tiny_gpt2_dir, dicts, tmp_
     assert main(["info", out, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["interventions"] == [spec] and info["intervention_dicts"][spec]["fingerprint"] == fp
+
+
+def _clt(path):
+    """A circuit-tracer cross-layer transcoder on hook_resid_mid of an unprocessed model: layer 0's features write
+    into layers 0 and 1."""
+    os.makedirs(path, exist_ok=True)
+    for i in range(2):
+        save_file({f"W_enc_{i}": _rand(30, D), f"b_enc_{i}": _rand(30, scale=0.1), f"b_dec_{i}": _rand(D),
+                   f"threshold_{i}": np.full(30, 0.02, np.float32)}, os.path.join(path, f"W_enc_{i}.safetensors"))
+        save_file({f"W_dec_{i}": _rand(30, 2 - i, D)}, os.path.join(path, f"W_dec_{i}.safetensors"))
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        yaml.safe_dump({"model_kind": "cross_layer_transcoder", "feature_input_hook": "hook_resid_mid",
+                        "feature_output_hook": "hook_mlp_out"}, f)
+    return str(path)
+
+
+def test_cross_layer_transcoder_feature_writes_every_later_layer(models, tmp_path):
+    import torch
+
+    arch, rec, raw = models
+    dset = load_dictionary(_clt(tmp_path / "clt"))
+    d = dset[0]
+    ids = rec.tokenize(PROMPT)
+    f = _active_feature(d, raw, ids)
+    path = str(tmp_path / "clt.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=[f"L0F{f}*5"], top_k=8, lens=False,
+               features=feature_dictionaries([dset]))
+    seen = {}
+
+    def read(x, hook):
+        seen["a"] = torch.from_numpy(d.encode(x[0].detach().float().numpy())[:, f])
+
+    def write(j):
+        return lambda x, hook: x + (4 * seen["a"][:, None] * torch.tensor(d.W_dec[f, j]))[None]
+
+    hooks = [("blocks.0.hook_resid_mid", read), ("blocks.0.hook_mlp_out", write(0)),
+             ("blocks.1.hook_mlp_out", write(1))]
+    _assert_equal(path, raw, ids, (f"{arch} clt", hooks))
+    with TraceReader(path) as r:
+        assert r.meta["interventions"][0]["hooks_out"] == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+
+
+def test_grad_sees_the_feature_intervention(models, dicts, tmp_path):
+    """`--grad` with a feature intervention: the stored gradient is that of the intervened model (the feature's
+    activation is differentiated through), equal to a TransformerLens backward hook with a hand-written one."""
+    import torch
+
+    arch, rec, raw = models
+    dset = load_dictionary(dicts["centred"])
+    d = dset[1]
+    bridge = rec.bridge
+    ids = rec.tokenize(PROMPT)
+    f = _active_feature(d, bridge, ids)
+    path = str(tmp_path / "g.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=[f"L1F{f}*8"], lens=False, grad="logit-diff:#5,#7",
+               features=feature_dictionaries([dset]))
+    w, b, bd, wd = (torch.tensor(a) for a in (d.W_enc[:, f], d.b_enc[f:f + 1], d.b_dec, d.W_dec[f]))
+
+    def steer(x, hook):
+        a = torch.relu((x - bd) @ w + b)
+        return x + 7 * a[..., None] * wd
+
+    def grad(fwd):
+        grads = {}
+        with torch.enable_grad(), bridge.hooks(fwd_hooks=fwd, bwd_hooks=[
+                ("blocks.0.hook_resid_pre", lambda g, hook: grads.update(g=g[0].detach()))]):
+            logits = bridge(torch.tensor([ids]))
+            (logits[0, -1, 5] - logits[0, -1, 7]).backward()
+        return grads["g"].numpy()
+
+    want, plain = grad([("blocks.1.hook_resid_pre", steer)]), grad([])
+    with TraceReader(path) as r:
+        got = r.read("grad.blocks.0.hook_resid_pre")
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    assert np.abs(want - plain).max() > 1e-2 * np.abs(want).max()  # the intervention changed the gradient

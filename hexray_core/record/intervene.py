@@ -16,6 +16,9 @@ run (computed in the pass that sees the prompt, kept for cached generation steps
 X·v; ``patch``: the value recorded at the same hook and positions in another trace. With a direction
 u (unit), the act is on the coefficient c = x·u only: x + (c' − c)·u.
 
+A feature (``L3F120``, ``intervene_features.py``) has a read hook where its dictionary reads and a write hook
+where it writes, with the dictionary's activation space rebuilt live.
+
 HexRay writes these hooks itself because TransformerLens offers hooks and patching sweeps but no
 spec language or ablation helpers for single forward passes; the hook functions are a few lines each.
 """
