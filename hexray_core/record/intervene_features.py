@@ -60,6 +60,9 @@ class RawMeans:
         if missing:
             raise HexRayError(f"this model's bridge lacks what compatibility mode removed ({', '.join(missing)}): it "
                               "was handed over already processed, so a raw-space dictionary cannot be read live")
+        if "embed.hook_in" not in bridge.hook_dict:
+            raise HexRayError("this model's bridge has no embed.hook_in (the token ids), so the means compatibility "
+                              "mode removed cannot be tracked: a raw-space dictionary cannot be read live")
         self.state = state
         self.n_layers = int(bridge.cfg.n_layers)
         self.w = {n: _t(a) for n, a in raw.items() if n in need or n == "W_pos.mean"}
@@ -92,28 +95,45 @@ class RawMeans:
         self.total, self.last = total, {}
         return None
 
+    def _add(self, t: torch.Tensor, key) -> None:
+        self.last[key] = t
+        if self.total is None:
+            raise HexRayError("the raw-space offset was not tracked in this pass (embed.hook_in did not fire first)")
+        self.total = self.total + t.to(self.total.device)
+
     def _attn(self, z, layer: int):
-        t = torch.einsum("bphd,hd->bp", z.float(), self._w("W_O.mean", z)[layer]) + self._w("b_O.mean", z)[layer]
-        self.last[("attn", layer)] = t
-        self.total = t if self.total is None else self.total + t
+        self._add(torch.einsum("bphd,hd->bp", z.float(), self._w("W_O.mean", z)[layer])
+                  + self._w("b_O.mean", z)[layer], ("attn", layer))
         return None
 
     def _mlp(self, post, layer: int):
-        t = post.float() @ self._w("W_out.mean", post)[layer] + self._w("b_out.mean", post)[layer]
-        self.last[("mlp", layer)] = t
-        self.total = t if self.total is None else self.total + t
+        self._add(post.float() @ self._w("W_out.mean", post)[layer] + self._w("b_out.mean", post)[layer],
+                  ("mlp", layer))
         return None
 
-    def offset(self, kind: str, layer: int) -> torch.Tensor:
-        """[batch, m]: raw minus centred at a residual read ("resid") or at a layer's write ("attn" / "mlp")."""
-        got = self.total if kind == "resid" else self.last.get((kind, layer))
+    def offset(self, kind: str, layer: int, where: str = "") -> torch.Tensor:
+        """[batch, m]: raw minus centred at a residual read ("resid", ``where`` its hook) or at a layer's write
+        ("attn" / "mlp"). Every write before the read must have been seen in this pass (a hook that did not fire,
+        e.g. in an attention path without hook_z, would make the read silently wrong)."""
+        if kind != "resid":
+            got = self.last.get((kind, layer))
+        else:
+            need = [(k, i) for i in range(layer) for k in ("attn", "mlp")]
+            need += [("attn", layer)] if where in ("hook_resid_mid", "hook_mlp_in", "hook_resid_post") else []
+            need += [("mlp", layer)] if where == "hook_resid_post" else []
+            missing = [k for k in need if k not in self.last]
+            if missing:
+                raise HexRayError(f"the raw-space offset misses layer {missing[0][1]}'s {missing[0][0]} write in "
+                                  "this pass (its hook_z / hook_post did not fire), so the dictionary cannot be read "
+                                  "exactly")
+            got = self.total
         if got is None:
-            raise HexRayError("the raw-space offset was not tracked in this pass (embed.hook_in did not fire)")
+            raise HexRayError("the raw-space offset was not tracked in this pass (embed.hook_in did not fire first)")
         return got
 
     def wrote(self, mean: torch.Tensor) -> None:
         if self.total is not None:
-            self.total = self.total + mean
+            self.total = self.total + mean.to(self.total.device)
 
 
 def _encoder(fl: FeatureLayer, f: int) -> dict:
@@ -190,8 +210,8 @@ class FeatureAct:
         x = x.float()
         c = self.convert
         if c.get("offset") is not None:
-            kind, layer = c["offset"]
-            x = x + self.raw.offset(kind, layer).unsqueeze(-1)
+            kind, layer, where = c["offset"]
+            x = x + self.raw.offset(kind, layer, where).unsqueeze(-1).to(x.device)
         if c.get("norm") is not None:
             w, b = c["norm"]
             if w.device != x.device:
@@ -299,7 +319,7 @@ def bind_feature(bridge, iv: Intervention, features: list[FeatureDictionary], ca
         if centred and not fd.center_writing_weights:
             raw = raw_means()
             convert["offset"] = ("resid" if rest in _RESID else {"hook_attn_out": "attn", "hook_mlp_out": "mlp"}[
-                _WRITES[rest]], fl.layer)
+                _WRITES[rest]], fl.layer, rest)
     elif _NORMED.fullmatch(rest) or rest in _NORM_OUT:
         ln = _NORMED.fullmatch(rest).group(1) if _NORMED.fullmatch(rest) else _NORM_OUT[rest]
         read = hook_name(f"blocks.{fl.layer}.{ln}.hook_normalized", "reads")
