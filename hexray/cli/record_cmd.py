@@ -48,7 +48,7 @@ SPEC = TARGET[~DIR.npy][@POSITIONS]ACTION
             transcoder: hook_mlp_out); L3F120=0 removes its decoded contribution, L3F120*8 adds 7a x row
 examples: L1H2=0  L1H2@3=0  L2N17=mean  L1.mlp=0  blocks.2.hook_resid_pre@5<-clean.hxr
           blocks.1.hook_resid_post~refusal.npy=0  blocks.1.hook_resid_post+=steer.npy*4
-          --dict sae/ L1F12=0  --dict sae/ L1F12@4:9*8  --dict sae/ L1F12=+5 (with --generate: steered)"""
+          with --dict sae/: L1F12=0  L1F12@4:9*8  L1F12=+5 (with --generate: steered generation)"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
