@@ -80,11 +80,32 @@ def record(prompts, model="gpt2", output=None, **opts):
     ``prepend_bos``, ``bundle`` (embed the model kit), ``device``, ``dtype``, ``n_devices``,
     ``device_map``, ``trust_remote_code``, ``revision``, ``cache_dir``, ``interventions`` (a list of
     ``--intervene`` specs, e.g. ``["L1H2=0", "blocks.2.hook_resid_pre@5<-clean.hxr"]``), ``grad`` (a
-    ``--grad`` metric such as ``'logit-diff:" Mary"," John"'``: also store its gradients), ``progress`` (a callable
+    ``--grad`` metric such as ``'logit-diff:" Mary"," John"'``: also store its gradients), ``dict`` (a
+    dictionary path, reference or ``load_dictionary`` result, or a list: as ``--dict``, its features are stored
+    and feature interventions such as ``"L1F12*8"`` use it), ``progress`` (a callable
     ``progress(event, **info)``), ``framework`` of the returned trace ("np" or "pt").
     """
     framework = opts.pop("framework", "np")
+    dicts = opts.pop("dict", None)
+    if dicts is not None:
+        from hexray_core.dataset.record_features import feature_dictionaries, load_dictionaries
+
+        dsets = load_dictionaries(dicts)
+        opts["features"] = feature_dictionaries(dsets)
+        if dsets:
+            return open(_record_with_features(prompts, model, output, dsets, opts), framework=framework)
     return open(_recorder_module().record(prompts, model=model, output=output, **opts), framework=framework)
+
+
+def _record_with_features(prompts, model, output, dsets, opts) -> str:
+    """``record(..., dict=...)``: a Recorder, so the stored features (``RunExtra``) can read its model."""
+    from hexray_core.dataset.record_features import run_extra
+
+    mod = _recorder_module()
+    load = {k: opts.pop(k) for k in ("tokenizer", "device", "dtype", "n_devices", "device_map", "trust_remote_code",
+                                     "revision") if k in opts}
+    rec = mod.Recorder(model, progress=opts.get("progress"), **load)
+    return rec.record(prompts, output, extra=run_extra(rec, dsets), **opts).path
 
 
 def _show(trace, run, position, **kw):

@@ -22,7 +22,8 @@ Modules, one feature each over one document-and-trace model:
     code_lens     "record trace" / "cancel" on the first line
     commands      hexray.recordTrace (progress, cancellation, record on save), status, restart
     worker        the client of the record worker subprocess (start, restart, requests, crashes)
-    (the record worker itself is hexray_core.record.worker: it keeps the model loaded and imports torch)
+    (the record worker itself is hexray_core.record.worker, started as hexray.record_worker: it keeps the model
+    loaded and imports torch)
     protocol      pre-serialised results for large inlay-hint lists
 
 The server process imports pygls, numpy and hexray_core.replay only; never torch.

@@ -2,6 +2,7 @@
 
     hexray.recordTrace      [uri]   record the document's current text; returns {"status": "recorded", ...}
                             [uri, {"interventions": ["L1H2=0", ...]}]   the same with --intervene specs
+                            [uri, {"interventions": ["L1F3*8"], "dict": "sae/"}]   feature interventions (--dict)
                             (file names in them relative to the document's folder)
     hexray.cancelRecording  [uri]   cancel the document's recording (all recordings without a uri)
     hexray.restartWorker            stop the worker; the next recording starts a fresh one
@@ -157,7 +158,7 @@ def _outer_request_future(ls):
 
 
 async def record_document(ls, uri: str, reason: str = "command", request_future=None,
-                          interventions: list[str] | None = None) -> dict:
+                          interventions: list[str] | None = None, dicts: list[str] | None = None) -> dict:
     doc, why = _document(ls, uri)
     if doc is None:
         return _fail(ls, uri, why, reason, diagnostic=False)
@@ -196,6 +197,8 @@ async def record_document(ls, uri: str, reason: str = "command", request_future=
         options = dict(settings.record_options)
         if interventions:
             options["interventions"] = list(interventions)
+        if dicts:  # relative to the document's folder, as intervention files are (the worker resolves them)
+            options["dict"] = list(dicts)
         path = fs_path(uri)
         req_id, fut = await ls.worker.submit("record", {"config": worker_config(settings), "text": text,
                                                         "output": output, "options": options,
@@ -291,7 +294,14 @@ async def record_command(ls, args) -> dict:
                                       or not all(isinstance(s, str) for s in interventions)):
         return _fail(ls, uri, "interventions must be a list of spec strings (e.g. [\"L1H2=0\"])", "command",
                      diagnostic=False)
-    return await record_document(ls, uri, "command", _outer_request_future(ls), interventions=interventions)
+    dicts = extra.get("dict")
+    if isinstance(dicts, str):
+        dicts = [dicts]
+    if dicts is not None and (not isinstance(dicts, list) or not all(isinstance(s, str) for s in dicts)):
+        return _fail(ls, uri, "dict must be a dictionary path or a list of them (e.g. \"sae/\")", "command",
+                     diagnostic=False)
+    return await record_document(ls, uri, "command", _outer_request_future(ls), interventions=interventions,
+                                 dicts=dicts)
 
 
 def cancel_command(ls, args) -> dict:

@@ -1,8 +1,9 @@
 """The record worker: a subprocess that keeps the model loaded and records traces on request.
 
 The language server never imports torch and never runs the model: it starts
-``python -m hexray_core.record.worker`` (with the ``python`` setting's interpreter, which may be another
-environment, e.g. one with a GPU) and talks to it in JSON lines over the worker's stdin/stdout.
+``python -m hexray.record_worker`` (``hexray_core.record.worker`` with the dictionary loader plugged in; with the
+``python`` setting's interpreter, which may be another environment, e.g. one with a GPU) and talks to it in JSON
+lines over the worker's stdin/stdout.
 The worker loads the model once (a name or path through `hexray_core.record.Recorder`, or the
 object a ``modelFactory`` returns) and keeps it, so recording again after a save costs about one
 forward pass.
@@ -117,7 +118,7 @@ class WorkerClient:
             env["HEXRAY_WORKER_THREADS"] = str(self.threads)
             try:
                 self.proc = await asyncio.create_subprocess_exec(
-                    self.python, "-m", "hexray_core.record.worker",
+                    self.python, "-m", "hexray.record_worker",
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                     cwd=self.cwd if self.cwd and os.path.isdir(self.cwd) else None, env=env, limit=1 << 24)
             except OSError as e:

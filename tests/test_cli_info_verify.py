@@ -86,8 +86,8 @@ def test_info_json_schema(traces):
     assert res.returncode == 0, res.stderr
     s = json.loads(res.stdout)
     assert set(s) == {"schema", "path", "file_size", "format", "created", "closed", "kind", "model", "tokenizer",
-                      "kit", "storage", "hooks", "interventions", "forward", "writer", "meta_keys", "runs", "weights",
-                      "totals"}
+                      "kit", "storage", "hooks", "interventions", "intervention_dicts", "forward", "writer",
+                      "meta_keys", "runs", "weights", "totals"}
     assert s["schema"] == 1 and s["file_size"] == os.path.getsize(traces["full"])
     assert s["format"] == {"version": "1.0", "major": 1, "minor": 0, "features": [], "appends": 0,
                            "uuid": s["format"]["uuid"]} and len(s["format"]["uuid"]) == 32

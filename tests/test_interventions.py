@@ -278,7 +278,7 @@ def test_bad_specs_against_the_model(tiny_llama_recorder, tmp_path):
         ("L1N128=0", "neuron 128 does not exist"),
         ("L1H2@99=0", "position 99 is past the run's"),
         ("L3F120*8", "layer 3 does not exist"),
-        ("L1F120*8", "need a dictionary (--dict)"),
+        ("L1F120*8", "needs a dictionary: add --dict DIR"),
         ("blocks.0.hook_nope=0", "the model has no hook 'blocks.0.hook_nope'"),
         (f"blocks.0.hook_resid_pre+={tmp_path}/v3.npy", "vector has 3 entries, the target 64"),
         (f"blocks.0.hook_resid_pre~{tmp_path}/none.npy=0", "direction file"),

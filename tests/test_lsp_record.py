@@ -269,3 +269,30 @@ async def test_record_command_with_interventions(client):
         assert r.meta["interventions"][1]["file"] == str(client.root / "steer.npy")
     bad = await asyncio.wait_for(execute(client, "hexray.recordTrace", uri, {"interventions": ["L9H0=0"]}), 120)
     assert bad["status"] != "recorded" and "layer 9 does not exist" in bad["message"]
+
+
+@vscode_only
+async def test_record_command_with_feature_interventions(client):
+    """`hexray.recordTrace [uri, {"interventions": ["L1F3*8"], "dict": "sae"}]`: the worker reads the dictionary
+    (relative to the document's folder), steers by the feature and names the dictionary in the metadata; a feature
+    the dictionary lacks, or no dictionary, is one message."""
+    from test_feature_interventions import _saelens
+
+    from hexray_core.replay.dictionary import load_dictionary
+    from trace_format import TraceReader
+
+    _saelens(client.root / "sae", "blocks.1.hook_resid_pre")
+    uri = new_doc(client, "featured.prompt", "The quick brown fox")
+    res = await asyncio.wait_for(execute(client, "hexray.recordTrace", uri,
+                                         {"interventions": ["L1F3*8"], "dict": "sae"}), 120)
+    assert res["status"] == "recorded", res
+    with TraceReader(res["path"]) as r:
+        iv = r.meta["interventions"][0]
+        fp = load_dictionary(str(client.root / "sae")).fingerprint
+        assert iv["kind"] == "feature" and iv["dict"]["fingerprint"] == fp
+        assert r.meta["features"][0]["fingerprint"] == iv["dict"]["fingerprint"]
+    for extra, part in [({"interventions": ["L1F999*8"], "dict": "sae"}, "feature 999 does not exist"),
+                        ({"interventions": ["L1F3*8"]}, "needs a dictionary"),
+                        ({"interventions": ["L1F3*8"], "dict": 5}, "dict must be a dictionary path")]:
+        bad = await asyncio.wait_for(execute(client, "hexray.recordTrace", uri, extra), 120)
+        assert bad["status"] != "recorded" and part in bad["message"], bad

@@ -65,6 +65,17 @@ def _interventions(meta: dict) -> list[str] | None:
     return [str(iv.get("spec")) if isinstance(iv, dict) else str(iv) for iv in ivs[:1000]]
 
 
+def _intervention_dicts(meta: dict) -> dict | None:
+    """spec -> the dictionary a feature intervention used ({name, fingerprint, path, kind}), when there are any."""
+    ivs = meta.get("interventions")
+    out = {}
+    for iv in ivs[:1000] if isinstance(ivs, list) else []:
+        d = iv.get("dict") if isinstance(iv, dict) else None
+        if isinstance(d, dict):
+            out[str(iv.get("spec"))] = {k: d.get(k) for k in ("name", "fingerprint", "path", "kind")}
+    return out or None
+
+
 def _get(d, *keys):
     """d[k1][k2]... or None when any level is missing or not a map (metadata keys are all optional)."""
     for k in keys:
@@ -144,6 +155,7 @@ def summarise(r: TraceReader, *, tensors: bool = False, only_run: int | None = N
         "storage": _section(meta, "storage"),
         "hooks": _section(meta, "hooks"),
         "interventions": _interventions(meta),
+        "intervention_dicts": _intervention_dicts(meta),
         "forward": _section(meta, "forward"),
         "writer": _section(meta, "writer"),
         "meta_keys": sorted(str(k) for k in meta),
@@ -274,8 +286,11 @@ def render(s: dict) -> None:
         req = hooks.get("requested")
         say(f"  hooks    {hooks.get('set', '-')}"
                   + (f" ({len(req)} requested)" if isinstance(req, list) else ""))
+    dicts = s.get("intervention_dicts") or {}
     for i, spec in enumerate(s.get("interventions") or []):
-        say(f"  {'intervene' if i == 0 else '':9} {spec}")
+        d = dicts.get(spec)
+        using = f"  (dictionary {d.get('name')}, {d.get('kind')}, fingerprint {d.get('fingerprint')})" if d else ""
+        say(f"  {'intervene' if i == 0 else '':9} {spec}{using}")
     fwd = s["forward"]
     if fwd:
         ran, asked, why = fwd.get("attention"), fwd.get("requested"), fwd.get("fallback")

@@ -10,7 +10,7 @@ from hexray.cli.record_support import Progress, recorder_class
 from hexray_core.errors import HexRayError
 
 SWEEP_CHOICES = ("resid_pre", "attn_out", "mlp_out", "heads", "heads-by-pos", "pattern")
-ESTIMATE_ONLY = ("q", "k")  # AtP* of queries and keys (from two traces)
+ESTIMATE_ONLY = ("q", "k", "features")  # AtP* of queries and keys, AtP of a dictionary's features (two traces)
 
 DESCRIPTION = """\
 Patch the clean run's activations into the corrupt run, one layer/position/head at a time, with
@@ -22,7 +22,9 @@ With -o, both runs are recorded into a trace and the sweep is stored beside them
 alone (no model, numpy only): (a_clean - a_corrupt) . gradient, the gradient recorded in the corrupt
 trace by hexray record --grad METRIC, and AtP* for queries and keys (--sweep q|k: the softmax
 recomputed from both traces' q and k). With --model as well, the real sweep runs too and the
-correlation of the estimates with it is reported."""
+correlation of the estimates with it is reported. --sweep features --dict D: every feature of the
+dictionary at every position, (f_clean - f_corrupt) x (W_dec[f] . gradient at the dictionary's
+output hook); the --top largest are shown."""
 
 EPILOG = """\
 examples:
@@ -31,7 +33,8 @@ examples:
       --sweep heads -o ioi.hxr
   hexray patch --model hexray-demo --clean "..." --corrupt "..." --sweep resid_pre --json
   hexray record --model gpt2 --prompt "$CORRUPT" --grad 'logit-diff:" Mary"," John"' --act-dtype float32 -o x.hxr
-  hexray patch --estimate clean.hxr x.hxr --sweep heads-by-pos"""
+  hexray patch --estimate clean.hxr x.hxr --sweep heads-by-pos
+  hexray patch --estimate clean.hxr x.hxr --sweep features --dict sae/ --top 10"""
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -47,7 +50,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--sweep", choices=SWEEP_CHOICES + ESTIMATE_ONLY, default="resid_pre",
                    help="resid_pre | attn_out | mlp_out (layer x position), heads | pattern (layer x head), "
                         "heads-by-pos (layer x position x head); with --estimate also q (layer x position x head) "
-                        "and k (layer x position x kv head), AtP* (default resid_pre)")
+                        "and k (layer x position x kv head), AtP*, and features (with --dict) (default resid_pre)")
+    p.add_argument("--dict", metavar="DIR", help="with --estimate --sweep features: the dictionary whose features "
+                                                 "are estimated (as hexray features --dict)")
+    p.add_argument("--top", type=int, default=20, metavar="N",
+                   help="--sweep features: how many of the largest estimates to show (default 20)")
     p.add_argument("--target", help="the token the metric reads (default: the clean run's top prediction)")
     p.add_argument("--baseline", help="logit-diff's second token (default: the corrupt run's top prediction)")
     p.add_argument("--metric", choices=["logit-diff", "logit", "logprob"], default="logit-diff",
@@ -68,7 +75,10 @@ def run(args) -> int:
     if args.estimate:
         return run_estimate(args)
     if args.sweep in ESTIMATE_ONLY:
-        raise HexRayError(f"--sweep {args.sweep} is an AtP* estimate: use it with --estimate CLEAN.hxr CORRUPT.hxr")
+        raise HexRayError(f"--sweep {args.sweep} is an estimate from two traces: use it with --estimate CLEAN.hxr "
+                          "CORRUPT.hxr")
+    if args.dict:
+        raise HexRayError("--dict goes with --estimate CLEAN.hxr CORRUPT.hxr --sweep features")
     args.model = args.model or "gpt2"
     if args.clean is None or args.corrupt is None:
         raise HexRayError("hexray patch needs --clean TEXT and --corrupt TEXT")
@@ -123,7 +133,11 @@ def run_estimate(args) -> int:
     if args.clean or args.corrupt or args.target or args.baseline or args.output:
         raise HexRayError("--estimate takes the prompts and the metric from the traces: drop --clean/--corrupt/"
                           "--target/--baseline/-o")
+    if (args.sweep == "features") != bool(args.dict):
+        raise HexRayError("--sweep features needs --dict DIR (the dictionary), and --dict needs --sweep features")
     clean, corrupt = open_trace(args.estimate[0]), open_trace(args.estimate[1])
+    if args.sweep == "features":
+        return _feature_estimate(args, clean, corrupt)
     est = estimate(clean, corrupt)
     if args.sweep not in est:
         raise HexRayError(f"--sweep {args.sweep}: the traces lack what it needs (hooks or gradients); available: "
@@ -168,6 +182,40 @@ def run_estimate(args) -> int:
         r = out["patch"]["real"]
         print(f"real sweep beside the estimates: Pearson r = {r['pearson']:.3f}, Spearman rho = {r['spearman']:.3f} "
               f"over {r['cells']} cells")
+    return 0
+
+
+def _feature_estimate(args, clean, corrupt) -> int:
+    """--sweep features: AtP of every feature at every position, the --top largest shown."""
+    from hexray_core.replay.atp_features import feature_estimates, top_features
+    from hexray_core.replay.dictionary import load_dictionary
+
+    if args.model:
+        raise HexRayError("--sweep features has no real sweep to compare with: drop --model")
+    if args.top < 1:
+        raise HexRayError(f"--top must be at least 1, not {args.top}")
+    dset = load_dictionary(args.dict)
+    est = feature_estimates(clean, corrupt, dset)
+    strs = corrupt.run(0).str_tokens
+    rows = [{"layer": layer, "position": p, "token": strs[p] if p < len(strs) else None, "feature": f,
+             "label": dset[layer].labels.get(f), "estimate": v} for layer, p, f, v in top_features(est, args.top)]
+    grad = corrupt.meta.get("grad") or {}
+    if args.json:
+        from hexray.cli import render
+
+        render.print_json({"patch": {"sweep": "features (AtP estimate)", "metric": grad.get("spec"),
+                                     "metric_value": corrupt.run(0).info.get("grad", {}).get("metric_value"),
+                                     "dict": {"name": dset.name, "kind": dset.kind, "fingerprint": dset.fingerprint},
+                                     "clean": {"prompt": clean.run(0).prompt, "path": clean.path},
+                                     "corrupt": {"prompt": corrupt.run(0).prompt, "path": corrupt.path},
+                                     "features": rows}})
+        return 0
+    print(f"AtP of {dset.name}'s features ({dset.kind}), metric {grad.get('spec')}: "
+          f"(f_clean - f_corrupt) x W_dec[f] . gradient, the {len(rows)} largest")
+    for r in rows:
+        label = f"  {r['label']}" if r["label"] else ""
+        where = f"pos {r['position']:>4} {r['token']!r:<14}"
+        print(f"  L{r['layer']}F{r['feature']:<6} {where} {r['estimate']:+.4g}{label}")
     return 0
 
 

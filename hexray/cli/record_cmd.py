@@ -27,6 +27,7 @@ examples:
   hexray record --model gpt2 --prompt "Step 1:" --generate 40 --temperature 0.7 --seed 1 -o cot.hxr
   hexray record --model gpt2 --prompt "..." --intervene L1H2=0 --intervene L2N17@3=mean -o ablated.hxr
   hexray record --model gpt2 --prompt "..." --intervene "blocks.2.hook_resid_pre@5<-clean.hxr" -o patched.hxr
+  hexray record --model gpt2 --prompt "..." --dict sae/ --intervene L1F12*8 --generate 20 -o steered.hxr
   hexray record --model gpt2 --list-hooks
   hexray record --model gpt2 --prompts-file data.jsonl -o out/ --ray      # a dataset: shards + manifest, on Ray"""
 
@@ -35,14 +36,19 @@ INTERVENE_HELP = """\
 SPEC = TARGET[~DIR.npy][@POSITIONS]ACTION
   TARGET    L1H2 (head 2 of layer 1: its hook_z), L2N17 (neuron 17: mlp.hook_post),
             L1.attn / L1.mlp / L1.resid_pre / L1.resid_post (layer outputs, the stream),
-            or any hook name (blocks.2.hook_resid_pre)
+            or any hook name (blocks.2.hook_resid_pre);
+            L3F120: feature 120 of the --dict dictionary's layer 3 (SAE or transcoder)
   ~DIR.npy  act on the component along this direction only (a vector, normalised)
   @POS      3 | 3,5 | 2:6 (positions 2-5); default every position
   ACTION    =0 | =mean (its mean over the prompt's positions) | =X (set) | =+X / =-X (add) | *X (scale)
             +=VEC.npy[*X] (add X times the vector: steering) | <-TRACE.hxr[#RUN] (patch from a trace:
             the same hook recorded there; token counts must agree)
+  a feature: its live activation a (in the dictionary's space) becomes a' (=0, =mean, =X, =+X, *X) and
+            (a' - a) x its decoder row is added where the dictionary writes (an SAE: its hook; a
+            transcoder: hook_mlp_out); L3F120=0 removes its decoded contribution, L3F120*8 adds 7a x row
 examples: L1H2=0  L1H2@3=0  L2N17=mean  L1.mlp=0  blocks.2.hook_resid_pre@5<-clean.hxr
-          blocks.1.hook_resid_post~refusal.npy=0  blocks.1.hook_resid_post+=steer.npy*4"""
+          blocks.1.hook_resid_post~refusal.npy=0  blocks.1.hook_resid_post+=steer.npy*4
+          with --dict sae/: L1F12=0  L1F12@4:9*8  L1F12=+5 (with --generate: steered generation)"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -94,7 +100,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     r.add_argument("--dict", action="append", metavar="DIR",
                    help="also store this dictionary's features, sparsely, computed from the unrounded activations "
-                        "(its input hook need not be recorded; repeatable). `hexray features` reads them")
+                        "(its input hook need not be recorded; repeatable). `hexray features` reads them. "
+                        "Feature interventions (--intervene L3F120*8) use the one --dict holding layer 3")
     r.add_argument("--list-hooks", action="store_true", help="print the model's hook names and exit")
 
     iv = p.add_argument_group(
@@ -187,6 +194,15 @@ def run(args) -> int:
     from hexray_core.record.intervene_spec import parse_interventions
 
     interventions = parse_interventions(args.intervene)  # torch-free: a bad spec fails before the model loads
+    features = None
+    if any(iv.kind == "feature" for iv in interventions):
+        from hexray_core.dataset.record_features import feature_dictionaries
+        from hexray_core.record.feature_weights import pick_dictionary
+
+        features = feature_dictionaries(dsets or [])
+        for iv in interventions:  # a missing --dict, layer or feature fails before the model loads
+            if iv.kind == "feature":
+                pick_dictionary(iv, features)
     grad = None
     if args.grad is not None:
         from hexray_core.record.metric_spec import parse_metric
@@ -236,7 +252,8 @@ def run(args) -> int:
                                 temperature=args.temperature, seed=args.seed,
                                 prepend_bos=False if args.no_bos else None, bundle=args.bundle, progress=progress,
                                 lens={"auto": "auto", "on": True, "off": False}[args.lens], extra=extra,
-                                interventions=interventions, grad=grad, attention=args.attention)
+                                interventions=interventions, grad=grad, attention=args.attention,
+                                features=features)
     if args.list_hooks:
         from hexray_core.record.hooks import DEFAULT_HOOKS, list_hooks, plan_hooks
 

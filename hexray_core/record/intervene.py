@@ -16,6 +16,9 @@ run (computed in the pass that sees the prompt, kept for cached generation steps
 X·v; ``patch``: the value recorded at the same hook and positions in another trace. With a direction
 u (unit), the act is on the coefficient c = x·u only: x + (c' − c)·u.
 
+A feature (``L3F120``, ``intervene_features.py``) has a read hook where its dictionary reads and a write hook
+where it writes, with the dictionary's activation space rebuilt live.
+
 HexRay writes these hooks itself because TransformerLens offers hooks and patching sweeps but no
 spec language or ablation helpers for single forward passes; the hook functions are a few lines each.
 """
@@ -32,6 +35,7 @@ from hexray_core.errors import HexRayError
 from trace_format import TraceReader
 
 from .hooks import canonical_names
+from .intervene_features import FeatureAct, RawMeans, bind_feature
 from .intervene_spec import Intervention, parse_interventions
 
 _QUERY_AXIS_HOOKS = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]: positions are queries
@@ -70,6 +74,12 @@ class _Act:
         self.source: torch.Tensor | None = None  # patch: the recorded activation, [1, n, ...]
         self.mean: torch.Tensor | None = None
         self.fired = 0  # calls since the last reset: a hook that never fires would be a silent no-op
+
+    def hooks(self) -> list:
+        return [(self.hook, self)]
+
+    def describe(self) -> dict:
+        return self.iv.describe() | {"hook": self.hook}
 
     def _view(self, x: torch.Tensor) -> torch.Tensor:
         """The target as a view into x: [batch, pos, ...]."""
@@ -131,14 +141,14 @@ class _Act:
 class Interventions:
     """Interventions bound to one model: hooks to add, metadata to record, per-run checks."""
 
-    def __init__(self, acts: list[_Act], state: dict):
-        self.acts, self.state = acts, state
+    def __init__(self, acts: list, state: dict, raw: RawMeans | None = None):
+        self.acts, self.state, self.raw = acts, state, raw
 
     def __bool__(self) -> bool:
         return bool(self.acts)
 
     def describe(self) -> list[dict]:
-        return [a.iv.describe() | {"hook": a.hook} for a in self.acts]
+        return [a.describe() for a in self.acts]
 
     def check_run(self, n_prompt: int, n_total: int, generate: int = 0) -> None:
         """Positions inside the run; a patch trace's token count equal to the run's."""
@@ -160,6 +170,8 @@ class Interventions:
         """Before a run: forget the previous run's means and call counts."""
         for a in self.acts:
             a.mean, a.fired = None, 0
+            if isinstance(a, FeatureAct):
+                a.act = None
         self.window(0, 0)
 
     def check_fired(self) -> None:
@@ -177,12 +189,17 @@ class Interventions:
         if not self.acts:
             yield
             return
-        with bridge.hooks(fwd_hooks=[(a.hook, a) for a in self.acts]):
+        # the raw-space tracker first: its hooks fire in the model's order, before any read that needs them
+        hooks = self.raw.hooks() if self.raw is not None else []
+        for a in self.acts:
+            hooks += a.hooks()
+        with bridge.hooks(fwd_hooks=hooks):
             yield
 
 
-def bind(bridge, specs, base_dir: str | None = None) -> Interventions:
-    """Parse (if needed) and check every spec against the bridge's model."""
+def bind(bridge, specs, base_dir: str | None = None, features=None) -> Interventions:
+    """Parse (if needed) and check every spec against the bridge's model. ``features``: the dictionaries
+    (``feature_weights.FeatureDictionary``) that ``L<l>F<f>`` specs name (``--dict``)."""
     ivs = parse_interventions(specs, base_dir)
     state = {"start": 0, "n_prompt": 0}
     if not ivs:
@@ -192,13 +209,20 @@ def bind(bridge, specs, base_dir: str | None = None) -> Interventions:
     d_mlp = int(getattr(cfg, "d_mlp", 0) or 0)
     canon = canonical_names(dict(bridge.hook_dict))
     acts = []
+    tracker: list[RawMeans] = []
+
+    def raw_means() -> RawMeans:
+        if not tracker:
+            tracker.append(RawMeans(bridge, state))
+        return tracker[0]
+
     for iv in ivs:
         where = f"--intervene {iv.spec!r}"
         if iv.layer is not None and not 0 <= iv.layer < n_layers:
             raise HexRayError(f"{where}: layer {iv.layer} does not exist (the model has layers 0-{n_layers - 1})")
         if iv.kind == "feature":
-            raise HexRayError(f"{where}: feature interventions need a dictionary (--dict), which this build "
-                              "cannot load yet")
+            acts.append(bind_feature(bridge, iv, list(features or []), canon, state, raw_means))
+            continue
         if iv.kind == "head" and not 0 <= iv.index < n_heads:
             raise HexRayError(f"{where}: head {iv.index} does not exist (layer {iv.layer} has heads 0-{n_heads - 1})")
         if iv.kind == "neuron" and not 0 <= iv.index < d_mlp:
@@ -240,7 +264,11 @@ def bind(bridge, specs, base_dir: str | None = None) -> Interventions:
                     raise HexRayError(f"{where}: {iv.file} holds {hook} of shape {list(act.source.shape[1:])}, "
                                       f"this model's is [n, {', '.join(map(str, want))}]")
         acts.append(act)
-    return Interventions(acts, state)
+    raw = tracker[0] if tracker else None
+    for a in acts:  # every centred feature write counts its removed mean where a raw-space read needs it
+        if isinstance(a, FeatureAct):
+            a.raw = raw
+    return Interventions(acts, state, raw)
 
 
 def _probe_shape(bridge, hook: str) -> tuple[int, ...]:

@@ -3,7 +3,8 @@
     SPEC      := TARGET [~DIRFILE] [@POSITIONS] ACTION
     TARGET    := L<l>H<h>          head h of layer l: blocks.<l>.attn.hook_z[:, h, :] (its output before W_O)
                | L<l>N<n>          neuron n of layer l: blocks.<l>.mlp.hook_post[:, n]
-               | L<l>F<f>          feature f of a dictionary (--dict; not available yet)
+               | L<l>F<f>          feature f of the --dict dictionary's layer l (intervene_features.py: its
+                                   activation a becomes a', and (a' - a) * its decoder row is written)
                | L<l>.attn | L<l>.mlp | L<l>.resid_pre | L<l>.resid_mid | L<l>.resid_post
                                    blocks.<l>.hook_attn_out, hook_mlp_out, hook_resid_pre, ...
                | HOOK              any hook name, e.g. blocks.2.hook_resid_pre

@@ -115,7 +115,7 @@ class Recorder:
                cache_dir: str | None = None, progress=None, lens: bool | str = "auto",
                extra: RunExtra | None = None, interventions=None, grad=None, extra_meta: dict | None = None,
                run_tensors: dict[int, dict[str, np.ndarray]] | None = None,
-               attention: str = "auto") -> RecordResult:
+               attention: str = "auto", features=None) -> RecordResult:
         """Record each prompt as one run of a new trace at ``output`` (replaced atomically when complete).
 
         ``extra``: per-run tensors computed from activations kept in memory (float32 numpy; they need not be
@@ -126,6 +126,8 @@ class Recorder:
         ``intervene_spec.py``) applied during generation and the recorded forward pass of every prompt.
         ``grad``: a ``--grad`` metric (``logit-diff:" Mary"," John"``): also store the gradient of that
         metric with respect to every recorded activation, as ``grad.<hook name>``.
+        ``features``: the dictionaries (``feature_weights.FeatureDictionary``, built by
+        ``hexray_core.dataset.record_features``) that feature interventions (``L3F120*8``) name.
         ``extra_meta`` / ``run_tensors`` (``{run: {name: array}}``): what a caller such as ``hexray patch``
         stores beside the recording.
         ``attention``: ``flash`` runs attention blockwise without n × n scores (flash.py), ``eager`` runs
@@ -136,7 +138,7 @@ class Recorder:
         check_generation(temperature, seed)  # a 64-bit seed, before anything runs
         opts = self.validate(prompts, output, act_dtype=act_dtype, overflow=overflow, top_k=top_k,
                              generate=generate, temperature=temperature, prepend_bos=prepend_bos,
-                             cache_dir=cache_dir, interventions=interventions, grad=grad)
+                             cache_dir=cache_dir, interventions=interventions, grad=grad, features=features)
         if attention not in ATTENTION_MODES:
             raise HexRayError(f"--attention {attention}: expected eager, flash or auto")
         plan = self._plan(opts, hooks, lens, progress, attention)
@@ -191,7 +193,7 @@ class Recorder:
     def validate(self, prompts, output=None, *, act_dtype: str = "auto", overflow: str = "f32",
                  top_k: int = DEFAULT_TOP_K, generate: int = 0, temperature: float = 0.0,
                  prepend_bos: bool | None = None, cache_dir: str | None = None,
-                 interventions=None, grad=None) -> RecordOptions:
+                 interventions=None, grad=None, features=None) -> RecordOptions:
         """Check every option and tokenize every prompt before anything runs (one HexRayError per problem)."""
         prompts = normalize_prompts(prompts)
         if output is None:
@@ -221,7 +223,7 @@ class Recorder:
                 extra = f" + {generate} to generate = {len(ids) + int(generate)}" if generate else ""
                 which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
                 raise HexRayError(f"{which} is {len(ids)} tokens{extra}, over the model's context of {n_ctx} tokens")
-        bound = bind(self.bridge, interventions)
+        bound = bind(self.bridge, interventions, features=features)
         for ids in token_lists:
             bound.check_run(len(ids), len(ids) + int(generate), int(generate))
         metric = self._grad_metric(grad, token_lists, int(generate)) if grad is not None else None

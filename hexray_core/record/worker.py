@@ -1,6 +1,8 @@
 """The record worker process: keeps the model loaded and records traces on request.
 
-Started by `hexray_lsp.worker.WorkerClient` as ``python -m hexray_core.record.worker``; the protocol is
+Started by `hexray_lsp.worker.WorkerClient` as ``python -m hexray.record_worker`` (this module's ``main`` with the
+dictionary loader plugged in by the composition root; ``python -m hexray_core.record.worker`` runs it without
+dictionaries); the protocol is
 described in `hexray_lsp.worker`. It belongs to the recorder (it loads the model and imports torch), so the
 language server reaches the recorder only through this process and never imports torch itself.
 """
@@ -33,8 +35,11 @@ class _Job:
 
 
 class _Worker:
-    def __init__(self, out):
+    def __init__(self, out, dictionaries=None):
         self.out = out
+        # dictionaries(recorder, paths) -> recorder.record keywords (features=, extra=): dictionaries are read by
+        # the replay side, which this package never imports; `python -m hexray.record_worker` plugs it in
+        self.dictionaries = dictionaries
         self.lock = threading.Lock()
         self.jobs: queue.Queue = queue.Queue()
         self.cancelled_ids: set = set()
@@ -191,6 +196,18 @@ class _Worker:
             base = msg.get("base_dir")
             options["interventions"] = parse_interventions(options["interventions"],
                                                            base if isinstance(base, str) else None)
+        dicts = options.pop("dict", None)
+        if dicts:  # --dict: the dictionaries' features stored, and the ones feature interventions name
+            if self.dictionaries is None:
+                raise _UserError("dictionaries (dict) need the worker started as python -m hexray.record_worker")
+            base = msg.get("base_dir")
+            paths = [dicts] if isinstance(dicts, str) else list(dicts)
+            if not all(isinstance(p, str) for p in paths):
+                raise _UserError("dict must be a dictionary path or a list of them")
+            if isinstance(base, str):  # a relative folder from the document's; a reference (hf://...) as given
+                paths = [os.path.join(base, p) if os.path.exists(os.path.join(base, os.path.expanduser(p))) else p
+                         for p in paths]
+            options.update(self.dictionaries(self.recorder, paths))  # a bad dictionary: a HexRayError, one line
         folder = os.path.dirname(os.path.abspath(output))
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{os.path.basename(output)}.{os.getpid()}-{job.id}.recording.hxr")
@@ -280,7 +297,7 @@ def _set_threads() -> None:
         torch.set_num_threads(n)
 
 
-def main() -> None:
+def main(dictionaries=None) -> None:
     # Below the server in CPU priority: a forward pass must not make the editor's hovers wait.
     try:
         os.nice(max(0, min(19, int(os.environ.get("HEXRAY_WORKER_NICE", "10")))))
@@ -292,7 +309,7 @@ def main() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _Worker(proto).run()
+    _Worker(proto, dictionaries).run()
 
 
 if __name__ == "__main__":

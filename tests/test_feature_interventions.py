@@ -1,0 +1,366 @@
+"""Feature interventions (`--intervene L1F5=0 / *8 / =+5 / =mean` with `--dict`): each equals a hand-written
+TransformerLens hook on a bridge running in the dictionary's own space (tiny GPT-2 and tiny Llama, float32), during
+`--generate` too (the KV cache changes nothing); the CLI, `hexray.record(dict=...)` and `hexray info` agree; specs a
+dictionary cannot serve are one line.
+
+The reference reads the feature with the dictionary's own numpy ``encode`` at its input hook and adds
+(a' − a) · W_dec[f] at its output hook. For a dictionary trained on an unprocessed model (SAELens's default
+``center_writing_weights=False``, circuit-tracer's ``fold_ln=False``) that bridge is a fresh *unprocessed* one, so
+the recorder's live conversion of spaces (the means compatibility mode removed, the norm's weight and bias) is
+checked against the model itself, not against the same formula; for a centred dictionary it is the recording
+bridge. Logits are compared within 1e-5 of their scale (two differently processed float32 models differ by
+rounding only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import save_file
+
+import hexray
+from hexray.cli.main import main
+from hexray_core.dataset.record_features import feature_dictionaries
+from hexray_core.errors import HexRayError
+from hexray_core.replay.dictionary import load_dictionary
+from trace_format import TraceReader
+
+PROMPT = "The quick brown fox jumps over"
+D = 64
+
+
+def _rand(*shape, scale=0.3, seed=[100]):  # noqa: B006 (a counter shared across calls)
+    seed[0] += 1
+    return (np.random.default_rng(seed[0]).standard_normal(shape) * scale).astype(np.float32)
+
+
+def _saelens(path, hook, *, arch="standard", center=False, fold=True, n=48, extra=None):
+    """A SAELens folder (cfg.json + sae_weights.safetensors) with random weights of the tiny models' shapes."""
+    os.makedirs(path, exist_ok=True)
+    w = {"W_enc": _rand(D, n), "W_dec": _rand(n, D), "b_enc": _rand(n, scale=0.1), "b_dec": _rand(D)}
+    if "jumprelu" in arch:
+        w["threshold"] = np.full(n, 0.05, np.float32)
+    save_file(w, os.path.join(path, "sae_weights.safetensors"))
+    cfg = {"architecture": arch, "d_in": D, "d_sae": n, "d_out": D, "dtype": "float32",
+           "apply_b_dec_to_input": "transcoder" not in arch, "normalize_activations": "none",
+           "metadata": {"hook_name": hook, "hook_name_out": hook.replace("ln2.hook_normalized", "hook_mlp_out"),
+                        "model_from_pretrained_kwargs": {"center_writing_weights": center, "fold_ln": fold}},
+           **(extra or {})}
+    with open(os.path.join(path, "cfg.json"), "w") as f:
+        json.dump(cfg, f)
+    return str(path)
+
+
+def _circuit_tracer(path):
+    """A circuit-tracer transcoder set reading mlp.hook_in of an unprocessed model (the norm's weight and bias)."""
+    os.makedirs(path, exist_ok=True)
+    for i in range(2):
+        save_file({"W_enc": _rand(40, D), "W_dec": _rand(40, D), "b_enc": _rand(40, scale=0.1), "b_dec": _rand(D),
+                   "activation_function.threshold": np.full(40, 0.02, np.float32)},
+                  os.path.join(path, f"layer_{i}.safetensors"))
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        yaml.safe_dump({"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in",
+                        "feature_output_hook": "hook_mlp_out",
+                        "transcoders": ["layer_0.safetensors", "layer_1.safetensors"]}, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dicts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fdicts")
+    return {
+        "resid_pre": _saelens(root / "rp", "blocks.1.hook_resid_pre"),
+        "resid_post": _saelens(root / "rq", "blocks.0.hook_resid_post", arch="jumprelu"),
+        "centred": _saelens(root / "c", "blocks.1.hook_resid_pre", center=True),
+        "attn_out": _saelens(root / "ao", "blocks.1.hook_attn_out", arch="topk", extra={"k": 6}),
+        "transcoder": _saelens(root / "tc", "blocks.0.ln2.hook_normalized", arch="skip_transcoder"),
+        "circuit_tracer": _circuit_tracer(root / "ct"),
+    }
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def models(request, tiny, tiny_tokenizer):
+    """(the recorder, an unprocessed bridge of the same weights)."""
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+
+    rec = request.getfixturevalue(f"tiny_{request.param}_recorder")
+    build = tiny.build_tiny_gpt2 if request.param == "gpt2" else tiny.build_tiny_llama
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = TransformerBridge.boot_transformers("raw", hf_model=build(tiny_tokenizer).eval(),
+                                                  tokenizer=tiny_tokenizer, device="cpu", dtype=torch.float32)
+    return request.param, rec, raw
+
+
+def _feature_hooks(d, f, new, positions=None, n_prompt=None):
+    """Hand-written: read feature f with the dictionary's numpy encode at its input hook, add (a' − a)·W_dec[f] at
+    its output hook. ``new(a, a_prompt)`` gives a'."""
+    import torch
+
+    seen = {}
+
+    def read(x, hook):
+        a = d.encode(x[0].detach().float().numpy())[:, f]
+        seen["a"] = torch.from_numpy(a)
+        if n_prompt is not None and x.shape[1] >= n_prompt:
+            seen.setdefault("prompt", seen["a"][:n_prompt].clone())
+
+    def write(x, hook):
+        a = seen["a"]
+        change = new(a, seen.get("prompt")) - a
+        if positions is not None:
+            keep = torch.zeros_like(change)
+            idx = [p for p in positions if p < len(change)]
+            keep[idx] = change[idx]
+            change = keep
+        return x + (change[:, None] * torch.from_numpy(d.W_dec[f]))[None].to(x.dtype)
+
+    return [(d.hook_in, read), (d.hook_out, write)]
+
+
+def _logits_of(path):
+    with TraceReader(path) as r:
+        return r.read("hexray.topk_logits"), r.read("hexray.logsumexp"), r.runs[0]["tokens"]
+
+
+def _assert_equal(path, ref, ids, what):
+    import torch
+
+    top, lse, _ = _logits_of(path)
+    with torch.no_grad():
+        logits = ref.run_with_hooks(torch.tensor([ids]), fwd_hooks=what[1])[0].float()
+        plain = ref(torch.tensor([ids]))[0].float()
+    scale = max(1.0, float(logits.abs().max()))
+    np.testing.assert_allclose(top, logits.topk(top.shape[1], -1).values.numpy(), atol=1e-5 * scale, rtol=0,
+                               err_msg=what[0])
+    np.testing.assert_allclose(lse, torch.logsumexp(logits, -1).numpy(), atol=1e-5 * scale, rtol=0, err_msg=what[0])
+    assert float((logits - plain).abs().max()) > 1e-2, what[0]  # the intervention changed something
+
+
+CASES = [  # (dictionary, spec with {l} the layer and {f} the feature, a' from (a, a over the prompt), positions)
+    ("resid_pre", "L{l}F{f}=0", lambda a, p: a * 0, None),
+    ("resid_pre", "L{l}F{f}*8", lambda a, p: a * 8, None),
+    ("resid_pre", "L{l}F{f}@2,4=+5", lambda a, p: a + 5, (2, 4)),
+    ("resid_post", "L{l}F{f}=mean", lambda a, p: p.mean().expand_as(a), None),
+    ("centred", "L{l}F{f}=-3", lambda a, p: a - 3, None),
+    ("attn_out", "L{l}F{f}*4", lambda a, p: a * 4, None),
+    ("transcoder", "L{l}F{f}=0", lambda a, p: a * 0, None),
+    ("transcoder", "L{l}F{f}@1:4=2.5", lambda a, p: torch_full(a, 2.5), (1, 2, 3)),
+    ("circuit_tracer", "L1F{f}*-2", lambda a, p: a * -2, None),
+]
+
+
+def torch_full(a, v):
+    import torch
+
+    return torch.full_like(a, v)
+
+
+def _active_feature(d, ref, ids):
+    """A feature that fires on this prompt (so =0 and *8 change something)."""
+    import torch
+
+    got = {}
+    with torch.no_grad():
+        ref.run_with_hooks(torch.tensor([ids]), fwd_hooks=[(d.hook_in, lambda x, hook: got.update(x=x[0].float()))])
+    acts = d.encode(got["x"].numpy())
+    return int(np.argmax((acts > 0).sum(0) * 1000 + acts.sum(0)))
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[c[0] + ":" + c[1] for c in CASES])
+def test_feature_interventions_equal_hand_written_hooks(models, dicts, tmp_path, case):
+    arch, rec, raw = models
+    name, spec, new, positions = CASES[case]
+    dset = load_dictionary(dicts[name])
+    layer = sorted(dset.layers)[-1] if name == "circuit_tracer" else sorted(dset.layers)[0]
+    d = dset[layer]
+    centred_dict = dset.space.center_writing_weights
+    ref = rec.bridge if centred_dict else raw  # the bridge whose activations are in the dictionary's space
+    ids = rec.tokenize(PROMPT)
+    f = _active_feature(d, ref, ids)
+    spec = spec.format(l=layer, f=f)
+    path = str(tmp_path / "t.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=[spec], top_k=8, lens=False,
+               features=feature_dictionaries([dset]))
+    hooks = _feature_hooks(d, f, new, positions, n_prompt=len(ids))
+    _assert_equal(path, ref, ids, (f"{arch} {name} {spec}", hooks))
+    with TraceReader(path) as r:
+        iv = r.meta["interventions"][0]
+    assert iv["kind"] == "feature" and iv["index"] == f and iv["dict"]["fingerprint"] == dset.fingerprint
+    assert iv["hook_in"] == d.hook_in
+
+
+def test_two_features_raw_space_after_a_centred_write(models, dicts, tmp_path):
+    """A raw-space read after an earlier feature write: the tracker counts the mean the centred write removed."""
+    arch, rec, raw = models
+    d0, d1 = load_dictionary(dicts["resid_post"]), load_dictionary(dicts["resid_pre"])
+    ids = rec.tokenize(PROMPT)
+    f0, f1 = _active_feature(d0[0], raw, ids), _active_feature(d1[1], raw, ids)
+    path = str(tmp_path / "two.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=[f"L0F{f0}=+4", f"L1F{f1}*3"], top_k=8,
+               lens=False, features=feature_dictionaries([d0, d1]))
+    hooks = _feature_hooks(d0[0], f0, lambda a, p: a + 4) + _feature_hooks(d1[1], f1, lambda a, p: a * 3)
+    _assert_equal(path, raw, ids, (f"{arch} two features", hooks))
+
+
+def test_steered_generation_with_the_cache_equals_without(models, dicts, tmp_path):
+    """Greedy `--generate` with the KV cache under feature steering = one full steered forward per token."""
+    import torch
+
+    arch, rec, raw = models
+    dset = load_dictionary(dicts["resid_pre"])
+    d = dset[1]
+    ids = rec.tokenize(PROMPT)
+    n = len(ids)
+    f = _active_feature(d, raw, ids)
+    specs = [f"L1F{f}*6", f"L1F{(f + 1) % d.d_sae}@{n + 1}=+7"]
+    path = str(tmp_path / "g.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=specs, top_k=8, lens=False, generate=6,
+               features=feature_dictionaries([dset]))
+    _, _, got = _logits_of(path)
+    hooks = _feature_hooks(d, f, lambda a, p: a * 6) + _feature_hooks(d, (f + 1) % d.d_sae, lambda a, p: a + 7,
+                                                                        positions=(n + 1,))
+    seq, plain = list(ids), list(ids)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(raw.run_with_hooks(torch.tensor([seq]), fwd_hooks=hooks)[0, -1].argmax()))
+            plain.append(int(raw(torch.tensor([plain]))[0, -1].argmax()))
+    assert got == seq
+    assert seq != plain  # the steering changed the continuation
+    _assert_equal(path, raw, seq, (f"{arch} steered generation", hooks))
+
+
+def test_refusals_are_one_line(tiny_gpt2_recorder, tiny_gpt2_dir, dicts, tmp_path, capsys):
+    rec = tiny_gpt2_recorder
+    fd = feature_dictionaries([load_dictionary(dicts["resid_pre"])])
+    out = str(tmp_path / "bad.hxr")
+    for specs, features, part in [
+        (["L1F48=0"], fd, "feature 48 does not exist (rp layer 1 has features 0-47)"),
+        (["L0F3=0"], fd, "no --dict has a dictionary for layer 0 (rp: layers [1])"),
+        (["L1F3=0"], None, "a feature intervention needs a dictionary: add --dict DIR"),
+        (["L1F3~x.npy=0"], fd, "a feature is one number"),
+    ]:
+        with pytest.raises(HexRayError) as e:
+            rec.record(PROMPT, out, interventions=specs, features=features)
+        assert part in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert not os.path.exists(out)
+    # the command line: refused before the model loads, one line, exit 1
+    for argv, part in [
+        (["--intervene", "L1F3=0"], "a feature intervention needs a dictionary: add --dict DIR"),
+        (["--dict", dicts["resid_pre"], "--intervene", "L1F480*8"], "feature 480 does not exist"),
+        (["--dict", dicts["resid_pre"], "--intervene", "L0F3*8"], "no --dict has a dictionary for layer 0"),
+        (["--dict", dicts["resid_pre"], "--dict", dicts["centred"], "--intervene", "L1F3*8"],
+         "2 --dict dictionaries have layer 1"),
+    ]:
+        rc = main(["record", "--model", tiny_gpt2_dir, "--prompt", PROMPT, "-q", "-o", out, *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and part in err[0], err
+        assert not os.path.exists(out)
+
+
+def test_cli_api_and_info_agree(tiny, tiny_tokenizer, tiny_gpt2_dir, dicts, tmp_path, capsys):
+    """`hexray record --dict D --intervene L1F3*8` = `hexray.record(..., dict=D, interventions=[...])`; `hexray
+    info` names the dictionary; the trace also stores the dictionary's (intervened) features."""
+    out = str(tmp_path / "cli.hxr")
+    spec = "L1F3*8"
+    rc = main(["record", "--model", tiny_gpt2_dir, "--prompt", PROMPT, "-q", "--act-dtype", "float32",
+               "--top-k", "8", "--dict", dicts["resid_pre"], "--intervene", spec, "-o", out])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    tr = hexray.record(PROMPT, tiny.build_tiny_gpt2(tiny_tokenizer), str(tmp_path / "api.hxr"),
+                       tokenizer=tiny_tokenizer, act_dtype="float32", top_k=8, dict=dicts["resid_pre"],
+                       interventions=[spec])
+    a, b = _logits_of(out), _logits_of(tr.path)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5, rtol=0)
+    plain = hexray.record(PROMPT, tiny.build_tiny_gpt2(tiny_tokenizer), str(tmp_path / "plain.hxr"),
+                          tokenizer=tiny_tokenizer, act_dtype="float32", top_k=8)
+    assert np.abs(_logits_of(plain.path)[0] - a[0]).max() > 1e-3
+    fp = load_dictionary(dicts["resid_pre"]).fingerprint
+    assert tr.meta["features"][0]["fingerprint"] == fp
+    assert main(["info", out]) == 0
+    text = capsys.readouterr().out
+    assert f"intervene {spec}  (dictionary rp, sae, fingerprint {fp})" in text, text
+    assert main(["info", out, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["interventions"] == [spec] and info["intervention_dicts"][spec]["fingerprint"] == fp
+
+
+def _clt(path):
+    """A circuit-tracer cross-layer transcoder on hook_resid_mid of an unprocessed model: layer 0's features write
+    into layers 0 and 1."""
+    os.makedirs(path, exist_ok=True)
+    for i in range(2):
+        save_file({f"W_enc_{i}": _rand(30, D), f"b_enc_{i}": _rand(30, scale=0.1), f"b_dec_{i}": _rand(D),
+                   f"threshold_{i}": np.full(30, 0.02, np.float32)}, os.path.join(path, f"W_enc_{i}.safetensors"))
+        save_file({f"W_dec_{i}": _rand(30, 2 - i, D)}, os.path.join(path, f"W_dec_{i}.safetensors"))
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        yaml.safe_dump({"model_kind": "cross_layer_transcoder", "feature_input_hook": "hook_resid_mid",
+                        "feature_output_hook": "hook_mlp_out"}, f)
+    return str(path)
+
+
+def test_cross_layer_transcoder_feature_writes_every_later_layer(models, tmp_path):
+    import torch
+
+    arch, rec, raw = models
+    dset = load_dictionary(_clt(tmp_path / "clt"))
+    d = dset[0]
+    ids = rec.tokenize(PROMPT)
+    f = _active_feature(d, raw, ids)
+    path = str(tmp_path / "clt.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=[f"L0F{f}*5"], top_k=8, lens=False,
+               features=feature_dictionaries([dset]))
+    seen = {}
+
+    def read(x, hook):
+        seen["a"] = torch.from_numpy(d.encode(x[0].detach().float().numpy())[:, f])
+
+    def write(j):
+        return lambda x, hook: x + (4 * seen["a"][:, None] * torch.tensor(d.W_dec[f, j]))[None]
+
+    hooks = [("blocks.0.hook_resid_mid", read), ("blocks.0.hook_mlp_out", write(0)),
+             ("blocks.1.hook_mlp_out", write(1))]
+    _assert_equal(path, raw, ids, (f"{arch} clt", hooks))
+    with TraceReader(path) as r:
+        assert r.meta["interventions"][0]["hooks_out"] == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+
+
+def test_grad_sees_the_feature_intervention(models, dicts, tmp_path):
+    """`--grad` with a feature intervention: the stored gradient is that of the intervened model (the feature's
+    activation is differentiated through), equal to a TransformerLens backward hook with a hand-written one."""
+    import torch
+
+    arch, rec, raw = models
+    dset = load_dictionary(dicts["centred"])
+    d = dset[1]
+    bridge = rec.bridge
+    ids = rec.tokenize(PROMPT)
+    f = _active_feature(d, bridge, ids)
+    path = str(tmp_path / "g.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=[f"L1F{f}*8"], lens=False, grad="logit-diff:#5,#7",
+               features=feature_dictionaries([dset]))
+    w, b, bd, wd = (torch.tensor(a) for a in (d.W_enc[:, f], d.b_enc[f:f + 1], d.b_dec, d.W_dec[f]))
+
+    def steer(x, hook):
+        a = torch.relu((x - bd) @ w + b)
+        return x + 7 * a[..., None] * wd
+
+    def grad(fwd):
+        grads = {}
+        with torch.enable_grad(), bridge.hooks(fwd_hooks=fwd, bwd_hooks=[
+                ("blocks.0.hook_resid_pre", lambda g, hook: grads.update(g=g[0].detach()))]):
+            logits = bridge(torch.tensor([ids]))
+            (logits[0, -1, 5] - logits[0, -1, 7]).backward()
+        return grads["g"].numpy()
+
+    want, plain = grad([("blocks.1.hook_resid_pre", steer)]), grad([])
+    with TraceReader(path) as r:
+        got = r.read("grad.blocks.0.hook_resid_pre")
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    assert np.abs(want - plain).max() > 1e-2 * np.abs(want).max()  # the intervention changed the gradient
