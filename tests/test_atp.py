@@ -137,3 +137,31 @@ def test_bad_metric(spec, part):
 
     with pytest.raises(HexRayError, match=part):
         parse_metric(spec)
+
+
+def test_estimate_stored_in_a_trace_reads_like_a_real_sweep(tiny_gpt2_recorder, tmp_path, capsys):
+    """-o with --estimate: both runs copied at their stored dtype, the estimate as hexray.patch_values; the
+    viewer's heatmap data equals what --json printed, and the copied runs replay as the originals do."""
+    import hexray
+    from hexray_view.data import patch_sweep
+
+    clean, corrupt = _traces(tiny_gpt2_recorder, tmp_path)
+    out = str(tmp_path / "est.hxr")
+    rc = main(["patch", "--estimate", clean.path, corrupt.path, "--sweep", "resid_pre", "-o", out, "--json", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    d = json.loads(capsys.readouterr().out)["patch"]
+    est = hexray.open(out)
+    assert [r.prompt for r in est.runs] == [clean.run(0).prompt, corrupt.run(0).prompt]
+    for src, run in ((clean, 0), (corrupt, 1)):
+        for name in src.reader.names(0):
+            np.testing.assert_array_equal(est.reader.read(name, run, dtype="stored"),
+                                          src.reader.read(name, 0, dtype="stored"), err_msg=name)
+    grid = patch_sweep(est)
+    assert grid["sweep"] == d["sweep"] and grid["axes"] == ["layer", "pos"]
+    np.testing.assert_allclose(grid["values"], np.array(d["values"], dtype=np.float64), rtol=1e-6)
+    np.testing.assert_allclose(grid["normalized"], np.array(d["normalized"], dtype=np.float64), rtol=1e-5)
+    a, b = est.attribution(-1, run=1), corrupt.attribution(-1, run=0)
+    assert (a.target, a.logit, a.probability) == (b.target, b.logit, b.probability)
+    assert [(c.label, c.value) for c in a.contributions] == [(c.label, c.value) for c in b.contributions]
+    rc = main(["patch", "--estimate", clean.path, corrupt.path, "--sweep", "resid_pre", "-o", clean.path, "-q"])
+    assert rc == 1 and "one of the traces the estimate reads" in capsys.readouterr().err

@@ -64,7 +64,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="spread the sweep's forward passes over Ray workers (auto: $RAY_ADDRESS, else a local "
                         "cluster); each worker loads the model once")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="chunks of the sweep for --ray (default 2)")
-    p.add_argument("-o", "--output", metavar="OUT.hxr", help="record both runs into this trace, with the sweep")
+    p.add_argument("-o", "--output", metavar="OUT.hxr", help="record both runs into this trace, with the sweep (with "
+                                                             "--estimate: copy both traces' runs, with the estimate)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true",
                    help='print {"patch": {"sweep", "metric", "clean", "corrupt", "labels", "values"}}')
@@ -130,9 +131,12 @@ def run_estimate(args) -> int:
     from hexray_core.replay import open_trace
     from hexray_core.replay.atp import estimate
 
-    if args.clean or args.corrupt or args.target or args.baseline or args.output:
+    if args.clean or args.corrupt or args.target or args.baseline:
         raise HexRayError("--estimate takes the prompts and the metric from the traces: drop --clean/--corrupt/"
-                          "--target/--baseline/-o")
+                          "--target/--baseline")
+    if args.output and args.sweep == "features":
+        raise HexRayError("-o stores a layer x position or layer x head sweep; --sweep features prints its --top "
+                          "features (use --json to keep them)")
     if (args.sweep == "features") != bool(args.dict):
         raise HexRayError("--sweep features needs --dict DIR (the dictionary), and --dict needs --sweep features")
     clean, corrupt = open_trace(args.estimate[0]), open_trace(args.estimate[1])
@@ -172,6 +176,10 @@ def run_estimate(args) -> int:
     out["patch"]["estimate"] = values.tolist()
     if args.model:
         out["patch"]["real"] = _real_sweep(args, result, grad, values)
+    if args.output:
+        from hexray_core.replay.patch_trace import write_estimate_trace
+
+        write_estimate_trace(clean, corrupt, args.output, result.meta(), result.values)
     if args.json:
         from hexray.cli import render
 
@@ -182,6 +190,8 @@ def run_estimate(args) -> int:
         r = out["patch"]["real"]
         print(f"real sweep beside the estimates: Pearson r = {r['pearson']:.3f}, Spearman rho = {r['spearman']:.3f} "
               f"over {r['cells']} cells")
+    if args.output:
+        print(f"hexray: both runs and the estimate -> {args.output}")
     return 0
 
 
