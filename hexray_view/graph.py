@@ -116,7 +116,8 @@ def _label(kind: str, node_id: str, layer, pos: int, feature, tokens: list[str],
         return f"{quote(tokens[pos]) if 0 <= pos < len(tokens) else node_id}@{pos}"
     if kind == "logit":
         if clerp.startswith('Output "') and '"' in clerp[8:]:
-            return "logit " + quote(clerp[8:clerp.rindex('"')])
+            # the clerp holds the token as hexray's token_str shows it (byte escapes already written out)
+            return "logit " + quote(clerp[8:clerp.rindex('"')], literal_byte_escapes=True)
         return f"logit #{feature}"
     return _text(clerp or node_id, 80)
 
@@ -159,8 +160,12 @@ def _feature_extra(v, where: str) -> dict:
             and isinstance(c.get("position"), int) and isinstance(c.get("start"), int)
         if not ok:
             raise _Bad(f"{where}.top_contexts[{j}]: expected tokens, activation, position, start")
+        acts = c.get("activations")
+        acts = acts if isinstance(acts, list) and len(acts) == len(c["tokens"]) and all(
+            isinstance(a, int | float) and not isinstance(a, bool) and math.isfinite(a) for a in acts) else None
         good.append({"tokens": [_text(t, 200) for t in c["tokens"]], "activation": c["activation"],
-                     "position": c["position"], "start": c["start"], "id": str(c.get("id", ""))[:200]})
+                     "position": c["position"], "start": c["start"], "id": str(c.get("id", ""))[:200],
+                     "activations": acts})
     out["top_contexts"] = good
     for key in ("density", "dataset"):
         if isinstance(v.get(key), int | float | str) and not isinstance(v.get(key), bool):

@@ -43,9 +43,9 @@ def add_parser(sub) -> None:
                    help="QK-trace the N head/key pairs writing most into the top logit (default 3; 0: none; each "
                         "costs 2 x d_head backward passes, like as many feature rows)")
     p.add_argument("--dataset", metavar="DIR",
-                   help="a recorded dataset (hexray record --prompts-file F -o DIR/): each kept feature's top-activating "
-                        "contexts over it go into the JSON, for the viewer's graph tab (one pass over the dataset; "
-                        "the transcoders must load as a dictionary, as for hexray features --dict)")
+                   help="a recorded dataset (hexray record --prompts-file F -o DIR/): each kept feature's top "
+                        "activating contexts over it go into the JSON, for the viewer's graph tab (one pass over the "
+                        "dataset; the transcoders must load as a dictionary, as for hexray features --dict)")
     p.add_argument("--contexts", type=int, default=5, metavar="K",
                    help="with --dataset: top-activating contexts per feature (default 5)")
     p.add_argument("--top-logits", type=int, default=10, metavar="K",
