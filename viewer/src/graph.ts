@@ -47,10 +47,19 @@ const LEFT = 54; // row labels
 const TOP = 30; // token labels
 const BUCKETS = 8; // edge widths (per sign): one stroke call each
 const EDGES_SHOWN = 12; // strongest incoming / outgoing edges listed in the panel
-const SVG = "http://www.w3.org/2000/svg";
+let svgNs: string | null = null; // the SVG namespace, as the HTML parser gives it (no URL in the shipped script)
+
+function svgNamespace(): string {
+  if (!svgNs) {
+    const div = document.createElement("div");
+    div.innerHTML = "<svg></svg>";
+    svgNs = div.firstElementChild!.namespaceURI!;
+  }
+  return svgNs;
+}
 
 function svg<K extends keyof SVGElementTagNameMap>(tag: K, attrs: Record<string, string | number>): SVGElementTagNameMap[K] {
-  const el = document.createElementNS(SVG, tag);
+  const el = document.createElementNS(svgNamespace(), tag) as SVGElementTagNameMap[K];
   for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
   return el;
 }
