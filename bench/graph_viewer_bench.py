@@ -3,7 +3,7 @@ served by `hexray view graph.json` and opened from `hexray report`'s file.
 
     python bench/graph_viewer_bench.py [--clicks 20] [--json out.json]
 
-Graphs: the real pipeline. The embedded demo model (4 layers, d_model 128) records one 64-token prompt; random
+Graphs: the real pipeline. The embedded demo model (4 layers, d_model 128) records one 63-token prompt; random
 transcoders (d_sae 512, compat space) give it a few thousand active features; `hexray graph` builds the graph with
 --node-threshold 1.0 --edge-threshold 1.0 (nothing pruned by influence) and --max-edges N keeps the N strongest
 edges. Browser: Debian's Chromium through Playwright, a fresh page per graph. Timings are wall clock in the page
