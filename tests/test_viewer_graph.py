@@ -76,6 +76,15 @@ def _click(page, selector: str) -> None:
     page.wait_for_selector("body[data-node]", timeout=20_000)
 
 
+def _hover_arc(page, j: int) -> None:
+    """The mouse onto the middle of QK arc j's stroke (its bounding box's centre is off the curve)."""
+    x, y = page.evaluate("""j => { const el = document.querySelector(`.qk-hit[data-q='${j}']`);
+      el.scrollIntoView({ block: "center", inline: "center" });
+      const p = el.getPointAtLength(el.getTotalLength() / 2), m = el.getScreenCTM();
+      return [m.a * p.x + m.c * p.y + m.e, m.b * p.x + m.d * p.y + m.f]; }""", j)
+    page.mouse.move(x, y)
+
+
 def _top_logits(trace: str, tc: str, layer: int, feature: int, k: int = 10):
     """The feature's decoder row (from the transcoders' own file) through the kit's W_U, centred as the final
     LayerNorm centres what is written: [(token id, value)] of the k largest."""
@@ -140,7 +149,7 @@ def test_report_graph_offline_click_and_qk(built, browser, tmp_path):
 
     # a traced attention score: hover its arc, the split is the JSON's
     qk = doc["hexray_qk_tracing"][0]
-    page.hover(".qk-hit[data-q='0']")
+    _hover_arc(page, 0)
     page.wait_for_selector("#graph-qk:not([hidden])", timeout=5_000)
     assert page.get_attribute("body", "data-qk") == "0"
     head = page.text_content("#qk-hover h4")

@@ -178,7 +178,9 @@ class GraphTab {
     for (const c of cols) {
       const t = svg("text", { x: colX.get(c)! + colW.get(c)! / 2, y: 12, class: "g-col", "text-anchor": "middle" });
       const tok = g.tokens[c];
-      t.textContent = tok === undefined ? `@${c}` : q(tok).slice(1, -1).slice(0, 8);
+      t.textContent = tok === undefined ? `@${c}` : q(tok).slice(1, -1).slice(0, Math.max(1, Math.floor(colW.get(c)! / 6.5)));
+      if (tok !== undefined) t.append(svg("title", {}));
+      if (tok !== undefined) t.lastChild!.textContent = q(tok);
       const u = svg("text", { x: colX.get(c)! + colW.get(c)! / 2, y: 24, class: "g-col dim", "text-anchor": "middle" });
       u.textContent = String(c);
       s.append(t, u);
@@ -190,8 +192,12 @@ class GraphTab {
       const yb = rowY.get(row)! + 4;
       const xk = colX.get(r.key)! + colW.get(r.key)! / 2;
       const xq = colX.get(r.query)! + colW.get(r.query)! / 2;
-      const arc = svg("path", { d: `M${xk},${yb} Q${(xk + xq) / 2},${yb - 18} ${xq},${yb}`, class: "qk-arc", "data-q": j });
-      const hit = svg("path", { d: `M${xk},${yb} Q${(xk + xq) / 2},${yb - 18} ${xq},${yb}`, class: "qk-hit", "data-q": j });
+      // higher for a farther key, so that arcs into one query nest instead of covering each other; a query
+      // attending to itself gets a small loop
+      const d = xk === xq ? `M${xk - 1},${yb} C${xk - 12},${yb - 22} ${xk + 12},${yb - 22} ${xk + 1},${yb}`
+        : `M${xk},${yb} Q${(xk + xq) / 2},${yb - 16 - Math.abs(xq - xk) / 5} ${xq},${yb}`;
+      const arc = svg("path", { d, class: "qk-arc", "data-q": j });
+      const hit = svg("path", { d, class: "qk-hit", "data-q": j });
       hit.addEventListener("mouseenter", (e) => this.showQk(j, e as MouseEvent));
       hit.addEventListener("mouseleave", () => { this.qkBox.hidden = true; delete document.body.dataset.qk; });
       s.append(arc, hit);
