@@ -21,9 +21,13 @@ import os
 from hexray_core.errors import HexRayError, json_problem, one_line
 from hexray_core.replay.tokentext import quote
 
-MAX_GRAPH_BYTES = 64 << 20  # a 64-token graph pruned as circuit-tracer does is a few MB; its unpruned one 1.7 GB
+# A 64-token graph pruned as circuit-tracer does is a few MB (100k edges and 5k nodes: 8.7 MB), its unpruned one
+# 1.7 GB. Parsed, JSON costs Python 10-26x its bytes, so the file and what it holds are counted before parsing:
+MAX_GRAPH_BYTES = 32 << 20
 MAX_NODES = 200_000
-MAX_LINKS = 2_000_000
+MAX_LINKS = 500_000
+MAX_CONTAINERS = 1_000_000  # objects and arrays: an empty one costs ~80 bytes for its 3 ("{},")
+MAX_SEPARATORS = 3_000_000  # commas, ~ values: 64 MiB of '"a",' parsed to 1.1 GB of strings; a link holds 3
 MAX_TEXT = 10_000  # characters of a prompt token, clerp, id shown (longer ones are cut)
 
 KINDS = {"cross layer transcoder": "feature", "transcoder": "feature", "mlp reconstruction error": "error",
@@ -58,6 +62,11 @@ def read(path: str, limit: int = MAX_GRAPH_BYTES) -> dict:
     if len(data) > limit:
         raise HexRayError(f"{name}: over {limit:,} bytes, more than a graph the viewer opens (prune it: hexray graph "
                           "--max-edges N, or circuit-tracer's node and edge thresholds)")
+    # (brackets and commas inside strings count too: a safe over-count)
+    for what, count, limit in (("JSON objects and arrays", data.count(b"{") + data.count(b"["), MAX_CONTAINERS),
+                               ("JSON values", data.count(b","), MAX_SEPARATORS)):
+        if count > limit:
+            raise HexRayError(f"{name}: {count:,} {what}, more than a graph the viewer opens holds ({limit:,})")
     try:
         doc = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:

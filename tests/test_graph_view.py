@@ -89,6 +89,12 @@ def test_non_finite_numbers_and_oversized_files(tmp_path):
     path = _write(tmp_path, json.dumps(_doc()).replace('"weight": 0.25', '"weight": NaN'))
     with pytest.raises(HexRayError, match=r"links\[0\]\.weight: not a finite number"):
         graph.load(path)
+    many = _write(tmp_path, '{"nodes": [' + "{}," * (graph.MAX_CONTAINERS + 1) + "{}]}", "many.json")
+    with pytest.raises(HexRayError, match="JSON objects and arrays, more than"):
+        graph.read(many)  # refused before parsing: a million empty objects would cost Python ~100 MB
+    values = _write(tmp_path, '{"nodes": [' + "1," * (graph.MAX_SEPARATORS + 1) + "1]}", "values.json")
+    with pytest.raises(HexRayError, match="JSON values, more than"):
+        graph.read(values)
     big = _write(tmp_path, _doc(), "big.json")
     with pytest.raises(HexRayError, match="over 100 bytes"):
         graph.read(big, limit=100)  # the limit is read, not the file: memory stays bounded
