@@ -101,6 +101,11 @@ def run(args) -> int:
 
     _check(args)
     weights = _load_weights(args.weights)
+    dataset = None
+    if args.dataset:  # opened first: a wrong folder is one line before the graph's minutes, not after
+        from hexray_core.dataset.reader import open_dataset
+
+        dataset = open_dataset(args.dataset)
     with open_trace(args.trace) as trace:
         tset = as_transcoder_set(args.transcoders, trace.n_layers)
         if tset.model_name and tset.model_name != trace.model_name:
@@ -119,7 +124,7 @@ def run(args) -> int:
         if args.top_logits or args.dataset:
             from hexray_core.replay.graph.neuronpedia import feature_extras
 
-            contexts = _contexts(args, g) if args.dataset else None
+            contexts = _contexts(args, dataset, g) if dataset is not None else None
             doc["hexray_features"] = feature_extras(g, max(args.top_logits, 0), contexts)
         tmp = args.output + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -137,18 +142,16 @@ def run(args) -> int:
     return 0
 
 
-def _contexts(args, g) -> dict:
+def _contexts(args, ds, g) -> dict:
     """(layer, feature) -> {"top_contexts", "density", "dataset"} of every kept feature, in one pass over the dataset
     (hexray_core.dataset.features, as `hexray features DATASET --dict DIR --feature ...`)."""
     from hexray_core.dataset.features import feature_stats
-    from hexray_core.dataset.reader import open_dataset
     from hexray_core.replay.dictionary import load_dictionary
     from hexray_core.replay.graph.neuronpedia import kept_features
 
     feats = kept_features(g)
     if not feats:
         return {}
-    ds = open_dataset(args.dataset)
     stats = feature_stats(ds, load_dictionary(args.transcoders), features=feats, k=args.contexts, m=0, logits=0)
     out = {}
     for layer, f in feats:
