@@ -125,13 +125,20 @@ def write(paths: list[str], output: str, *, detail: int = DEFAULT_DETAIL, positi
     """Write the report atomically (a temporary file renamed over `output`); returns its size in bytes."""
     from hexray_core.replay import open_trace
 
-    traces = [open_trace(p) for p in paths]
+    from . import graph
+
+    graph_paths = [p for p in paths if graph.is_graph(p)]  # a graph JSON is recognised by content
+    graphs = [graph.load(p) for p in graph_paths]
+    trace_paths = [p for p in paths if p not in graph_paths]
+    traces = [open_trace(p) for p in trace_paths]
     try:
-        payload = build(traces, [os.path.basename(p) for p in paths], detail=detail, positions=positions,
+        payload = build(traces, [os.path.basename(p) for p in trace_paths], detail=detail, positions=positions,
                         dictionary=dictionary)
     finally:
         for t in traces:
             t.close()
+    if graphs:
+        payload["graphs"] = graphs  # whole: the graph tab draws every node and edge (graph.MAX_LINKS bounds it)
     text = page.render(" + ".join(os.path.basename(p) for p in paths), payload).encode("utf-8")
     tmp = f"{output}.tmp{os.getpid()}"
     try:

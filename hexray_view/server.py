@@ -39,8 +39,9 @@ class ViewServer(ThreadingHTTPServer):
 
     def __init__(self, traces: list, names: list[str], host: str = "127.0.0.1", port: int = 0, *,
                  idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS, dictionary=None,
-                 meaning=None, dataset_name: str | None = None):
+                 meaning=None, dataset_name: str | None = None, graphs: list | None = None):
         self.traces, self.names, self.dictionary = traces, names, dictionary  # dictionary: a DictionarySet or None
+        self.graphs = graphs or []  # attribution graphs (hexray_view.graph.load), sent whole to the graph tab
         # meaning(layer, feature) -> dict: a clicked feature over a dataset (the CLI plugs in hexray_core.dataset)
         self.meaning, self.dataset_name, self.meanings = meaning, dataset_name, {}
         self.idle_timeout = idle_timeout
@@ -51,7 +52,7 @@ class ViewServer(ThreadingHTTPServer):
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), Handler)
-        self.page = page.render(" + ".join(names)).encode("utf-8")
+        self.page = page.render(" + ".join([*names, *(g["name"] for g in self.graphs)])).encode("utf-8")
 
     def process_request(self, request, client_address) -> None:
         if not self.slots.acquire(blocking=False):  # too many open connections: this one is closed at once
@@ -117,6 +118,8 @@ class ViewServer(ThreadingHTTPServer):
             return [{**data.overview(t, n), "features": self.dictionary.describe() if self.dictionary else None,
                      "feature_dataset": self.dataset_name if self.meaning is not None else None}
                     for t, n in zip(self.traces, self.names, strict=True)]
+        if view == "graphs":
+            return self.graphs
         if view == "meaning":
             if self.meaning is None:
                 raise HexRayError("this viewer was started without a dataset (hexray view --dict D --dataset DIR)")

@@ -42,6 +42,15 @@ def add_parser(sub) -> None:
     p.add_argument("--qk", type=int, default=3, metavar="N",
                    help="QK-trace the N head/key pairs writing most into the top logit (default 3; 0: none; each "
                         "costs 2 x d_head backward passes, like as many feature rows)")
+    p.add_argument("--dataset", metavar="DIR",
+                   help="a recorded dataset (hexray record --prompts-file F -o DIR/): each kept feature's top "
+                        "activating contexts over it go into the JSON, for the viewer's graph tab (one pass over the "
+                        "dataset; the transcoders must load as a dictionary, as for hexray features --dict)")
+    p.add_argument("--contexts", type=int, default=5, metavar="K",
+                   help="with --dataset: top-activating contexts per feature (default 5)")
+    p.add_argument("--top-logits", type=int, default=10, metavar="K",
+                   help="tokens each kept feature promotes and suppresses most (decoder direction . W_U), written "
+                        "into the JSON for the viewer (default 10; 0: none)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the graph JSON")
     p.add_argument("--json", action="store_true", help="print a JSON summary (nodes, edges, top paths)")
 
@@ -55,6 +64,10 @@ def _check(args) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise HexRayError(f"--{name.replace('_', '-')} must be at least 1, not {v}")
+    if args.contexts < 1:
+        raise HexRayError(f"--contexts must be at least 1, not {args.contexts}")
+    if args.top_logits < 0:
+        raise HexRayError(f"--top-logits must be 0 or more, not {args.top_logits}")
     if args.qk < 0:
         raise HexRayError(f"--qk must be 0 or more, not {args.qk}")
 
@@ -88,6 +101,11 @@ def run(args) -> int:
 
     _check(args)
     weights = _load_weights(args.weights)
+    dataset = None
+    if args.dataset:  # opened first: a wrong folder is one line before the graph's minutes, not after
+        from hexray_core.dataset.reader import open_dataset
+
+        dataset = open_dataset(args.dataset)
     with open_trace(args.trace) as trace:
         tset = as_transcoder_set(args.transcoders, trace.n_layers)
         if tset.model_name and tset.model_name != trace.model_name:
@@ -105,6 +123,11 @@ def run(args) -> int:
         elif args.qk:
             attach_qk(g, args.qk)
         doc = g.to_neuronpedia(slug=os.path.splitext(os.path.basename(args.output))[0] or "graph")
+        if args.top_logits or args.dataset:
+            from hexray_core.replay.graph.neuronpedia import feature_extras
+
+            contexts = _contexts(args, dataset, g) if dataset is not None else None
+            doc["hexray_features"] = feature_extras(g, max(args.top_logits, 0), contexts)
         tmp = args.output + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, ensure_ascii=False, separators=(",", ":"))
@@ -119,6 +142,24 @@ def run(args) -> int:
         for p in s["top_paths"]:
             print(f"  {p['score']:.3f}  " + " -> ".join(p["labels"]))
     return 0
+
+
+def _contexts(args, ds, g) -> dict:
+    """(layer, feature) -> {"top_contexts", "density", "dataset"} of every kept feature, in one pass over the dataset
+    (hexray_core.dataset.features, as `hexray features DATASET --dict DIR --feature ...`)."""
+    from hexray_core.dataset.features import feature_stats
+    from hexray_core.replay.dictionary import load_dictionary
+    from hexray_core.replay.graph.neuronpedia import kept_features
+
+    feats = kept_features(g)
+    if not feats:
+        return {}
+    stats = feature_stats(ds, load_dictionary(args.transcoders), features=feats, k=args.contexts, m=0, logits=0)
+    out = {}
+    for layer, f in feats:
+        e = stats.feature(layer, f)
+        out[(layer, f)] = {"top_contexts": e["top_contexts"], "density": e["density"], "dataset": str(ds.path)}
+    return out
 
 
 def _summary(full, g, output: str) -> dict:

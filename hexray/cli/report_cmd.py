@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
                                    "the first run against the others, and every panel for --detail positions "
                                    "per run (the last tokens, then the least likely ones). Nothing is fetched "
                                    "from the network when it is opened.")
-    p.add_argument("traces", nargs="+", help=".hxr traces written by `hexray record`")
+    p.add_argument("traces", nargs="+", help=".hxr traces written by `hexray record`, and/or attribution graph JSON "
+                                             "files (`hexray graph`, circuit-tracer), shown in a graph tab")
     p.add_argument("-o", "--output", help="HTML file to write (default: the first trace's name with .html)")
     p.add_argument("--detail", type=int, default=100, help="positions per run with every panel embedded (default 100)")
     p.add_argument("--position", type=int, action="append", default=[],

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
                        description="Serve the viewer of the named traces on 127.0.0.1 and open the browser. The "
                                    "first line printed is the URL; it carries a random token, and requests "
                                    "without it are refused. Press Ctrl-C to stop.")
-    p.add_argument("traces", nargs="+", help=".hxr traces written by `hexray record`")
+    p.add_argument("traces", nargs="+", help=".hxr traces written by `hexray record`, and/or attribution graph JSON "
+                                             "files (`hexray graph`, circuit-tracer), shown in a graph tab")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1); another address serves other machines "
@@ -57,11 +58,16 @@ def run(args) -> int:
 
         def meaning(layer: int, feature: int) -> dict:
             return feature_meaning(dataset, dictionary, layer, feature)
-    traces = [open_trace(p) for p in args.traces]
+    from hexray_view import graph
+
+    graph_paths = [p for p in args.traces if graph.is_graph(p)]  # recognised by content, not by name
+    graphs = [graph.load(p) for p in graph_paths]
+    trace_paths = [p for p in args.traces if p not in graph_paths]
+    traces = [open_trace(p) for p in trace_paths]
     try:
-        server = ViewServer(traces, [os.path.basename(p) for p in args.traces], host=args.host, port=args.port,
+        server = ViewServer(traces, [os.path.basename(p) for p in trace_paths], host=args.host, port=args.port,
                             idle_timeout=args.idle_timeout, dictionary=dictionary, meaning=meaning,
-                            dataset_name=dataset.path if dataset is not None else None)
+                            dataset_name=dataset.path if dataset is not None else None, graphs=graphs)
     except OSError as e:
         raise HexRayError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(server.url, flush=True)

@@ -544,6 +544,8 @@ def _circuit_tracer(folder: str, budget) -> DictionarySet:
         raise _fail(cfg_path, "feature_input_hook / feature_output_hook must be strings")
     refs = cfg.get("transcoders")
     space = Space(False, False, "circuit-tracer (fold_ln, centring and center_unembed off)")
+    if cfg.get("hexray_space") == "compat":  # written by hexray's save_circuit_tracer for a compatibility-mode set
+        space = Space(True, True, "config.yaml hexray_space: compat (the trace's own processed activations)")
     name = os.path.basename(os.path.normpath(folder))
     layers: dict[int, Dictionary] = {}
     if kind == "cross_layer_transcoder":

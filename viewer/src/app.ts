@@ -5,6 +5,7 @@ import { pct, q, sci, signed, visible } from "./fmt";
 import type { Source } from "./source";
 import { hasPatch, renderPatchTab } from "./patch";
 import { type FeatureRef, featureColour, featureLabel, featuresPanel, featureValues, meaningPanel } from "./features";
+import { type GraphView, mountGraph } from "./graph";
 import type { AttnRows, Colours, Detail, LensGrid, RunFeatures, Side, TraceOverview } from "./types";
 
 const LENS_BEFORE = 12;
@@ -21,7 +22,8 @@ export class App {
   private head: [number, number] | null = null; // selected attention head (layer, head)
   private colourBy = "probability";
   private colours: Colours | null = null;
-  private tab: "tokens" | "cot" | "diff" | "patch" = "tokens";
+  private tab: "tokens" | "cot" | "diff" | "patch" | "graph" = "tokens";
+  private graphs: GraphView[] = []; // attribution graphs given beside the traces (graph.ts)
   private seq = 0; // drops answers to an older selection
   private tokens: HTMLSpanElement[] = [];
   private laidOut: HTMLElement[] = []; // strip blocks held laid out while the selection is in them (scrollToToken)
@@ -45,6 +47,7 @@ export class App {
 
   async start(): Promise<void> {
     this.traces = await this.source.overview();
+    this.graphs = (await this.source.graphs?.()) ?? [];
     const hash = new URLSearchParams(location.hash.slice(1));
     const start = this.source.start;
     this.t = clampInt(hash.get("trace") ?? String(start?.trace ?? ""), 0, this.traces.length - 1, 0);
@@ -61,9 +64,10 @@ export class App {
   private render(): void {
     const tr = this.currentTrace();
     const tabs = h("nav", { class: "tabs" },
-      ...(["tokens", "cot", "diff", ...(hasPatch(this.traces) ? ["patch"] as const : [])] as const).map((name) =>
+      ...(["tokens", "cot", "diff", ...(hasPatch(this.traces) ? ["patch"] as const : []),
+        ...(this.graphs.length ? ["graph"] as const : [])] as const).map((name) =>
         h("button", { class: "tab" + (this.tab === name ? " on" : ""), "data-tab": name,
-          text: { tokens: "Tokens", cot: "Chain of thought", diff: "Diff", patch: "Patching" }[name],
+          text: { tokens: "Tokens", cot: "Chain of thought", diff: "Diff", patch: "Patching", graph: "Graph" }[name],
           onclick: () => { this.tab = name; this.render(); } })));
     const traceSel = this.traces.length > 1 ? h("select", { id: "trace-select", onchange: (e) => {
       this.t = Number((e.target as HTMLSelectElement).value); this.run = 0; this.resetRun(); } },
@@ -80,6 +84,7 @@ export class App {
     if (this.tab === "tokens") this.renderTokensTab();
     else if (this.tab === "cot") void this.renderCot();
     else if (this.tab === "patch") void renderPatchTab(this.tabBody, this.source, this.traces, this.t);
+    else if (this.tab === "graph") mountGraph(this.tabBody, this.graphs);
     else this.renderDiffTab();
   }
 

@@ -2,6 +2,7 @@
 // JSON a report / notebook cell embeds (null where the report did not embed a position).
 
 import type { PatchSweep } from "./patch";
+import type { GraphView } from "./graph";
 import type { AttnRows, Colours, Cot, Detail, Diff, FeatureMeaning, LensGrid, RunFeatures, Side, TraceOverview } from "./types";
 
 export interface Source {
@@ -18,6 +19,7 @@ export interface Source {
   features(t: number, run: number): Promise<RunFeatures | null>; // null: no --dict
   meaning?(layer: number, feature: number): Promise<FeatureMeaning | null>; // hexray view --dataset
   diffSides?(): [Side, Side][];
+  graphs?(): Promise<GraphView[]>; // attribution graphs given beside (or instead of) traces: the graph tab
   embedded?(t: number, run: number): Set<number>; // positions a report holds the details of
 }
 
@@ -52,6 +54,7 @@ export class ServerSource implements Source {
   meaning(layer: number, f: number) { return this.get<FeatureMeaning>("meaning", { layer, f }); }
   cot(t: number, run: number) { return this.get<Cot>("cot", { t, run }); }
   patch(t: number, i: number) { return this.get<PatchSweep>("patch", { t, i }); }
+  graphs() { return this.get<GraphView[]>("graphs", {}); }
   diff(a: Side, b: Side) {
     return this.get<Diff>("diff", { ta: a.trace, ra: a.run, pa: a.position, tb: b.trace, rb: b.run, pb: b.position });
   }
@@ -66,6 +69,7 @@ export interface Embedded {
   diffs: { a: Side; b: Side; diff: Diff }[];
   features?: Record<string, RunFeatures>; // "t.run", with --dict
   patch?: Record<string, PatchSweep>; // "t.index": each patching sweep, or {error}
+  graphs?: GraphView[]; // attribution graph files given to hexray report
   start?: Side; // where a notebook cell opens
 }
 
@@ -96,6 +100,7 @@ export class EmbeddedSource implements Source {
   async features(t: number, run: number) { return this.data.features?.[`${t}.${run}`] ?? null; }
   async cot(t: number, run: number) { return this.data.cot[`${t}.${run}`] ?? null; }
   async patch(t: number, i: number) { return this.data.patch?.[`${t}.${i}`] ?? null; }
+  async graphs() { return this.data.graphs ?? []; }
 
   async diff(a: Side, b: Side) {
     const same = (x: Side, y: Side) => x.trace === y.trace && x.run === y.run && x.position === y.position;

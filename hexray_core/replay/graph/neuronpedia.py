@@ -12,6 +12,8 @@ import json
 import os
 import time
 
+import numpy as np
+
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, Graph
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "graph-schema.json")
@@ -83,6 +85,49 @@ def to_neuronpedia(g: Graph, *, slug: str = "hexray-graph", qk: bool = True) -> 
             nodes[ids.index(target)]["qk_tracing_results"] = g.qk[0]["results"]
         out["qk_only_nodes"] = extra
         out["hexray_qk_tracing"] = [{k: v for k, v in r.items() if k != "nodes"} for r in g.qk]
+    return out
+
+
+def feature_key(layer: int, feature: int) -> str:
+    """The key of a feature in ``hexray_features`` (what the viewer looks a clicked node up by)."""
+    return f"{layer}_{feature}"
+
+
+def kept_features(g: Graph) -> list[tuple[int, int]]:
+    """(layer, feature index) of every feature the graph keeps, once each (a feature can fire at many positions)."""
+    idx = np.nonzero(g.kind == FEATURE)[0]
+    return sorted({(int(g.layer[i]), int(g.feature[i])) for i in idx})
+
+
+def feature_extras(g: Graph, k: int = 10, contexts: dict | None = None) -> dict:
+    """``hexray_features`` of the JSON: per kept feature, the ``k`` tokens its decoder direction promotes and
+    suppresses most through the unembedding (``[[id, text, value]]``, as ``hexray features`` prints them), and
+    its top-activating contexts over a dataset where ``contexts`` holds them. Top-level keys beside the schema's
+    are allowed by it (it sets no ``additionalProperties``); Neuronpedia's viewer ignores them.
+
+    A cross-layer feature's direction is the sum of what it writes into every layer; LayerNorm models centre it
+    (the final norm removes the mean of whatever is written), as ``hexray_core.replay.features.feature_logits``."""
+    model = g.model
+    W_U = np.asarray(model.w["W_U"], np.float32)  # [d, V]
+    k = min(k, W_U.shape[1])
+    out: dict = {}
+    feats = kept_features(g)
+    for layer in sorted({lay for lay, _ in feats}):
+        ids = np.array([f for lay, f in feats if lay == layer], np.int64)
+        w = np.asarray(model.tc.layers[layer].W_dec[ids], np.float32)
+        if w.ndim == 3:
+            w = w.sum(1)
+        if model.ln:
+            w = w - w.mean(-1, keepdims=True)
+        logits = w @ W_U
+        for f, row in zip(ids.tolist(), logits, strict=True):
+            top = np.argsort(-row, kind="stable")[:k]
+            bot = np.argsort(row, kind="stable")[:k]
+            entry = {"top_logits": [[int(i), model.trace.token_str(int(i)), float(row[i])] for i in top],
+                     "bottom_logits": [[int(i), model.trace.token_str(int(i)), float(row[i])] for i in bot]}
+            if contexts and (layer, f) in contexts:
+                entry.update(contexts[(layer, f)])
+            out[feature_key(layer, f)] = entry
     return out
 
 
