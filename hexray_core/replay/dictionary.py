@@ -545,7 +545,7 @@ def _circuit_tracer(folder: str, budget) -> DictionarySet:
     refs = cfg.get("transcoders")
     space = Space(False, False, "circuit-tracer (fold_ln, centring and center_unembed off)")
     if cfg.get("hexray_space") == "compat":  # written by hexray's save_circuit_tracer for a compatibility-mode set
-        space = Space(True, True, "config.yaml hexray_space: compat (the trace's own processed activations)")
+        space = Space(True, True, "config.yaml hexray_space: compat (the trace's own processed activations)", True)
     name = os.path.basename(os.path.normpath(folder))
     layers: dict[int, Dictionary] = {}
     if kind == "cross_layer_transcoder":
