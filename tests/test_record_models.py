@@ -138,8 +138,9 @@ KIT_COMMON = {"W_E", "W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O", "W_
               "b_U", "tokenizer.json"}
 KIT_GPT2 = KIT_COMMON | {"W_pos"} | {f"raw/{n}" for n in ("ln1.w", "ln1.b", "ln2.w", "ln2.b", "ln_final.w",
                                                           "ln_final.b", "W_E.mean", "W_pos.mean", "W_O.mean",
-                                                          "b_O.mean", "W_out.mean", "b_out.mean")}
-KIT_LLAMA = KIT_COMMON | {"W_gate"} | {f"raw/{n}" for n in ("ln1.w", "ln2.w", "ln_final.w")}
+                                                          "b_O.mean", "W_out.mean", "b_out.mean", "b_V",
+                                                          "ln1.b.W_V")}
+KIT_LLAMA = KIT_COMMON | {"W_gate"} | {f"raw/{n}" for n in ("ln1.w", "ln2.w", "ln_final.w", "b_V")}
 
 
 def test_kit_written_once_and_reused(tiny, tiny_tokenizer, tmp_path, fresh_cache):
