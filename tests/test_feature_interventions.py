@@ -378,15 +378,18 @@ def _saelens_z(path, layer, kwargs, *, arch="standard", extra=None):
         "metadata": {"hook_name": hook, "model_from_pretrained_kwargs": kwargs}})
 
 
-@pytest.fixture(scope="module")
-def zdicts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zdicts")
+def z_dictionaries(root):
     return {  # SAELens's default space is unprocessed: value biases stay in hook_z
         "z_raw": _saelens_z(root / "zr", 1, {"fold_value_biases": False}),
         "z_raw0": _saelens_z(root / "zr0", 0, {"fold_value_biases": False}),
         "z_vb": _saelens_z(root / "zv", 1, {"fold_value_biases": True}, arch="topk", extra={"k": 6}),  # b_V only
         "z_folded": _saelens_z(root / "zf", 0, {"fold_ln": True, "fold_value_biases": True}),
     }
+
+
+@pytest.fixture(scope="module")
+def zdicts(tmp_path_factory):
+    return z_dictionaries(tmp_path_factory.mktemp("zdicts"))
 
 
 _NATIVE: dict = {}
