@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_feature_interventions import _saelens
+from test_feature_interventions import _native_bridge, _saelens, z_dictionaries
 
 from hexray.cli.main import main
 from hexray_core.replay.dictionary import load_dictionary
@@ -20,19 +20,19 @@ METRIC = "logit-diff:#5,#7"
 
 
 def _reference(raw, d, ids_clean, ids_corrupt):
-    """[n, d_sae] AtP estimate computed on the bridge itself."""
+    """[n, d_sae] AtP estimate computed on the bridge itself (a hook_z dictionary: the heads concatenated)."""
     import torch
 
     def feats(ids):
         got = {}
         with torch.no_grad():
             raw.run_with_hooks(torch.tensor([ids]), fwd_hooks=[(d.hook_in, lambda x, hook: got.update(x=x[0]))])
-        return d.encode(got["x"].float().numpy()).astype(np.float64)
+        return d.encode(got["x"].float().flatten(1).numpy()).astype(np.float64)
 
     grads = {}
 
     def keep(g, hook):
-        grads["g"] = g[0].detach().double().numpy()
+        grads["g"] = g[0].detach().double().flatten(1).numpy()
 
     with torch.enable_grad(), raw.hooks(bwd_hooks=[(d.hook_out, keep)]):
         logits = raw(torch.tensor([ids_corrupt]))
@@ -101,3 +101,45 @@ def test_feature_atp_refusals(tiny_gpt2_recorder, tmp_path, capsys):
         rc = main(["patch", *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 1 and len(err) == 1 and part in err[0], err
+
+
+@pytest.fixture(scope="module")
+def zdicts(tmp_path_factory):
+    return z_dictionaries(tmp_path_factory.mktemp("zdicts"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_feature_atp_for_hook_z_dictionaries(arch, tiny, tiny_tokenizer, zdicts, tmp_path):
+    """An attention-output (hook_z) dictionary: features in its own value-bias space, the gradient recorded at
+    attn.hook_z (in the default hooks), heads concatenated; equal to torch on a bridge processed as the
+    dictionary's model was."""
+    import hexray
+    from hexray_core.record import Recorder
+    from hexray_core.replay.atp_features import feature_estimates
+
+    build = tiny.build_tiny_gpt2 if arch == "gpt2" else tiny.build_tiny_llama
+    rec = Recorder(build(tiny_tokenizer), tokenizer=tiny_tokenizer)
+    c, x = str(tmp_path / "clean.hxr"), str(tmp_path / "corrupt.hxr")
+    ids_c, ids_x = rec.tokenize(CLEAN), rec.tokenize(CORRUPT)
+    rec.record(CLEAN, c, act_dtype="float32", grad=METRIC, lens=False)
+    rec.record(CORRUPT, x, act_dtype="float32", grad=METRIC, lens=False)
+    clean, corrupt = hexray.open(c), hexray.open(x)
+    assert corrupt[0]["grad.blocks.1.attn.hook_z"].shape[1:] == (4, 16)
+    for name in ("z_raw", "z_vb", "z_folded"):
+        dset = load_dictionary(zdicts[name])
+        layer = sorted(dset.layers)[0]
+        got = feature_estimates(clean, corrupt, dset)[layer]
+        want = _reference(_native_bridge(tiny, tiny_tokenizer, arch, dset.space), dset[layer], ids_c, ids_x)
+        assert np.abs(want).max() > 1e-3, name
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-4, err_msg=f"{arch} {name}")
+
+
+def test_feature_atp_hook_z_without_its_gradient_is_one_line(tiny_gpt2_recorder, zdicts, tmp_path, capsys):
+    rec = tiny_gpt2_recorder
+    c, x = str(tmp_path / "c.hxr"), str(tmp_path / "x.hxr")
+    rec.record(CLEAN, c, act_dtype="float32", lens=False)
+    rec.record(CORRUPT, x, act_dtype="float32", lens=False, grad=METRIC, hooks="blocks.0.hook_resid_pre")
+    rc = main(["patch", "--estimate", c, x, "--sweep", "features", "--dict", zdicts["z_raw"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "holds no gradient at blocks.1.attn.hook_z" in err[0], err
+    assert "--hooks default,blocks.1.attn.hook_z" in err[0], err

@@ -106,7 +106,7 @@ def _feature_hooks(d, f, new, positions=None, n_prompt=None):
     seen = {}
 
     def read(x, hook):
-        a = d.encode(x[0].detach().float().numpy())[:, f]
+        a = d.encode(x[0].detach().float().flatten(1).numpy())[:, f]  # hook_z: the heads concatenated
         seen["a"] = torch.from_numpy(a)
         if n_prompt is not None and x.shape[1] >= n_prompt:
             seen.setdefault("prompt", seen["a"][:n_prompt].clone())
@@ -119,7 +119,7 @@ def _feature_hooks(d, f, new, positions=None, n_prompt=None):
             idx = [p for p in positions if p < len(change)]
             keep[idx] = change[idx]
             change = keep
-        return x + (change[:, None] * torch.from_numpy(d.W_dec[f]))[None].to(x.dtype)
+        return x + (change[:, None] * torch.from_numpy(d.W_dec[f])).reshape(x.shape).to(x.dtype)
 
     return [(d.hook_in, read), (d.hook_out, write)]
 
@@ -168,7 +168,8 @@ def _active_feature(d, ref, ids):
 
     got = {}
     with torch.no_grad():
-        ref.run_with_hooks(torch.tensor([ids]), fwd_hooks=[(d.hook_in, lambda x, hook: got.update(x=x[0].float()))])
+        ref.run_with_hooks(torch.tensor([ids]),
+                           fwd_hooks=[(d.hook_in, lambda x, hook: got.update(x=x[0].float().flatten(1)))])
     acts = d.encode(got["x"].numpy())
     return int(np.argmax((acts > 0).sum(0) * 1000 + acts.sum(0)))
 
@@ -364,3 +365,227 @@ def test_grad_sees_the_feature_intervention(models, dicts, tmp_path):
         got = r.read("grad.blocks.0.hook_resid_pre")
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
     assert np.abs(want - plain).max() > 1e-2 * np.abs(want).max()  # the intervention changed the gradient
+
+
+# -- attention-output (hook_z) dictionaries ------------------------------------------------------------------------
+
+def _saelens_z(path, layer, kwargs, *, arch="standard", extra=None):
+    """A SAELens hook_z SAE (``reshape_activations: hook_z``): reads blocks.L.attn.hook_z with the heads concatenated
+    (4 heads x 16 = 64 wide on the tiny models), trained on a model from_pretrained with ``kwargs``."""
+    hook = f"blocks.{layer}.attn.hook_z"
+    return _saelens(path, hook, arch=arch, extra={
+        "reshape_activations": "hook_z", **(extra or {}),
+        "metadata": {"hook_name": hook, "model_from_pretrained_kwargs": kwargs}})
+
+
+def z_dictionaries(root):
+    return {  # SAELens's default space is unprocessed: value biases stay in hook_z
+        "z_raw": _saelens_z(root / "zr", 1, {"fold_value_biases": False}),
+        "z_raw0": _saelens_z(root / "zr0", 0, {"fold_value_biases": False}),
+        "z_vb": _saelens_z(root / "zv", 1, {"fold_value_biases": True}, arch="topk", extra={"k": 6}),  # b_V only
+        "z_folded": _saelens_z(root / "zf", 0, {"fold_ln": True, "fold_value_biases": True}),
+    }
+
+
+@pytest.fixture(scope="module")
+def zdicts(tmp_path_factory):
+    return z_dictionaries(tmp_path_factory.mktemp("zdicts"))
+
+
+_NATIVE: dict = {}
+
+
+def _native_bridge(tiny, tok, arch, space):
+    """A bridge of the same weights processed as the dictionary's model was (its native hook_z): unprocessed, or
+    TransformerLens's own fold_ln / fold_value_biases (no centring: it moves no hook_z). TransformerLens 4.3 cannot
+    fold a GQA model's value biases without fold_ln; an RMSNorm's fold moves nothing in hook_z, so Llama folds it."""
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+
+    fold_ln = bool(space.fold_ln or (arch == "llama" and space.fold_value_biases))
+    key = (arch, fold_ln, bool(space.fold_value_biases))
+    if key not in _NATIVE:
+        build = tiny.build_tiny_gpt2 if arch == "gpt2" else tiny.build_tiny_llama
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            b = TransformerBridge.boot_transformers("native", hf_model=build(tok).eval(), tokenizer=tok, device="cpu",
+                                                    dtype=torch.float32)
+            if key[1] or key[2]:
+                b.enable_compatibility_mode(disable_warnings=True, fold_ln=key[1], center_writing_weights=False,
+                                            center_unembed=False, fold_value_biases=key[2])
+        _NATIVE[key] = b
+    return _NATIVE[key]
+
+
+Z_CASES = [
+    ("z_raw", "L1F{f}*8", lambda a, p: a * 8, None),
+    ("z_raw", "L1F{f}@2,4=+5", lambda a, p: a + 5, (2, 4)),
+    ("z_vb", "L1F{f}=0", lambda a, p: a * 0, None),
+    ("z_vb", "L1F{f}*-3", lambda a, p: a * -3, None),
+    ("z_folded", "L0F{f}=mean", lambda a, p: p.mean().expand_as(a), None),
+    ("z_folded", "L0F{f}@1:4=2.5", lambda a, p: torch_full(a, 2.5), (1, 2, 3)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(Z_CASES)), ids=[c[0] + ":" + c[1] for c in Z_CASES])
+def test_hook_z_feature_interventions_equal_hand_written_hooks(models, zdicts, tiny, tiny_tokenizer, tmp_path, case):
+    """The live (value-bias folded) hook_z, moved into the dictionary's space, encoded, and the change written back
+    through the decoder row reshaped to [n_heads, d_head] = the same edit on a bridge processed as the dictionary's
+    model was."""
+    arch, rec, _ = models
+    name, spec, new, positions = Z_CASES[case]
+    dset = load_dictionary(zdicts[name])
+    layer = sorted(dset.layers)[0]
+    d = dset[layer]
+    assert dset.space.fold_value_biases == (name != "z_raw")
+    ref = _native_bridge(tiny, tiny_tokenizer, arch, dset.space)
+    ids = rec.tokenize(PROMPT)
+    f = _active_feature(d, ref, ids)
+    spec = spec.format(f=f)
+    path = str(tmp_path / "z.hxr")
+    fds = feature_dictionaries([dset])
+    assert fds[0].fold_value_biases == dset.space.fold_value_biases
+    rec.record(PROMPT, path, act_dtype="float32", interventions=[spec], top_k=8, lens=False, features=fds)
+    hooks = _feature_hooks(d, f, new, positions, n_prompt=len(ids))
+    _assert_equal(path, ref, ids, (f"{arch} {name} {spec}", hooks))
+    with TraceReader(path) as r:
+        iv = r.meta["interventions"][0]
+    assert iv["hook"] == iv["hook_in"] == f"blocks.{layer}.attn.hook_z"
+    assert iv["dict"]["space"]["fold_value_biases"] == dset.space.fold_value_biases
+
+
+def test_hook_z_spaces_differ(models, zdicts, tiny, tiny_tokenizer):
+    """The spaces really differ on these models (value biases on, and ln1's bias through W_V on GPT-2), so the tests
+    above exercise the conversion: the recording bridge's hook_z is off the unprocessed one's."""
+    import torch
+
+    arch, rec, _ = models
+    d = load_dictionary(zdicts["z_raw"])
+    ref = _native_bridge(tiny, tiny_tokenizer, arch, d.space)
+    ids = torch.tensor([rec.tokenize(PROMPT)])
+    got = {}
+    with torch.no_grad():
+        for k, b in (("live", rec.bridge), ("raw", ref)):
+            b.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_z", lambda x, hook, k=k: got.update({k: x}))])
+    assert float((got["live"] - got["raw"]).abs().max()) > 1e-2
+
+
+def test_hook_z_write_then_raw_space_read(models, dicts, zdicts, tmp_path):
+    """A hook_z feature write at layer 0, then a raw-space residual read at layer 1 (GPT-2: the read adds back the
+    means compatibility mode removed, and the hook_z write moved layer 0's attention mean through W_O)."""
+    arch, rec, raw = models
+    dz, dr = load_dictionary(zdicts["z_raw0"]), load_dictionary(dicts["resid_pre"])
+    ids = rec.tokenize(PROMPT)
+    f0, f1 = _active_feature(dz[0], raw, ids), _active_feature(dr[1], raw, ids)
+    path = str(tmp_path / "zr.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=[f"L0F{f0}*6", f"L1F{f1}*3"], top_k=8,
+               lens=False, features=feature_dictionaries([dz, dr]))
+    hooks = _feature_hooks(dz[0], f0, lambda a, p: a * 6) + _feature_hooks(dr[1], f1, lambda a, p: a * 3)
+    _assert_equal(path, raw, ids, (f"{arch} hook_z then resid_pre", hooks))
+
+
+def test_hook_z_steered_generation_with_the_cache_equals_without(models, zdicts, tmp_path):
+    import torch
+
+    arch, rec, raw = models
+    dset = load_dictionary(zdicts["z_raw"])
+    d = dset[1]
+    ids = rec.tokenize(PROMPT)
+    n = len(ids)
+    f = _active_feature(d, raw, ids)
+    g = (f + 1) % d.d_sae
+    specs = [f"L1F{f}*8", f"L1F{g}@{n + 1}=+9"]
+    path = str(tmp_path / "zg.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=specs, top_k=8, lens=False, generate=6,
+               features=feature_dictionaries([dset]))
+    _, _, got = _logits_of(path)
+    hooks = _feature_hooks(d, f, lambda a, p: a * 8) + _feature_hooks(d, g, lambda a, p: a + 9, positions=(n + 1,))
+    seq, plain = list(ids), list(ids)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(raw.run_with_hooks(torch.tensor([seq]), fwd_hooks=hooks)[0, -1].argmax()))
+            plain.append(int(raw(torch.tensor([plain]))[0, -1].argmax()))
+    assert got == seq
+    assert seq != plain  # the steering changed the continuation
+    _assert_equal(path, raw, seq, (f"{arch} hook_z steered generation", hooks))
+
+
+def test_grad_sees_a_hook_z_feature_intervention(models, zdicts, tmp_path):
+    """`--grad` through a hook_z feature (differentiated through its activation) = a TransformerLens backward hook
+    with a hand-written torch one on the recording bridge (its hook_z is this dictionary's space: fold_ln and
+    fold_value_biases, centring moves nothing there)."""
+    import torch
+
+    arch, rec, _ = models
+    dset = load_dictionary(zdicts["z_folded"])
+    d = dset[0]
+    bridge = rec.bridge
+    ids = rec.tokenize(PROMPT)
+    f = _active_feature(d, bridge, ids)
+    path = str(tmp_path / "zgrad.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=[f"L0F{f}*8"], lens=False, grad="logit-diff:#5,#7",
+               features=feature_dictionaries([dset]))
+    w, b, bd, wd = (torch.tensor(a) for a in (d.W_enc[:, f], d.b_enc[f:f + 1], d.b_dec, d.W_dec[f]))
+
+    def steer(z, hook):
+        a = torch.relu((z.flatten(-2) - bd) @ w + b)
+        return z + (7 * a[..., None] * wd).reshape(z.shape)
+
+    def grad(fwd):
+        grads = {}
+        with torch.enable_grad(), bridge.hooks(fwd_hooks=fwd, bwd_hooks=[
+                ("blocks.0.hook_resid_pre", lambda g, hook: grads.update(g=g[0].detach()))]):
+            logits = bridge(torch.tensor([ids]))
+            (logits[0, -1, 5] - logits[0, -1, 7]).backward()
+        return grads["g"].numpy()
+
+    want, plain = grad([("blocks.0.attn.hook_z", steer)]), grad([])
+    with TraceReader(path) as r:
+        got = r.read("grad.blocks.0.hook_resid_pre")
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    assert np.abs(want - plain).max() > 1e-2 * np.abs(want).max()
+
+
+def test_hook_z_refusals(tiny, tiny_tokenizer, zdicts, tmp_path):
+    """A bridge handed over already processed has no raw/b_V: a dictionary in another value-bias space is refused
+    in one line; one in the bridge's own space still works."""
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from hexray_core.record import Recorder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = TransformerBridge.boot_transformers("done", hf_model=tiny.build_tiny_gpt2(tiny_tokenizer).eval(),
+                                                tokenizer=tiny_tokenizer, device="cpu", dtype=torch.float32)
+        b.enable_compatibility_mode(disable_warnings=True, center_unembed=False)
+    rec = Recorder(b, tokenizer=tiny_tokenizer)
+    out = str(tmp_path / "bad.hxr")
+    with pytest.raises(HexRayError) as e:
+        rec.record(PROMPT, out, interventions=["L1F3*8"],
+                   features=feature_dictionaries([load_dictionary(zdicts["z_raw"])]))
+    msg = str(e.value)
+    assert "lacks raw/b_V, raw/ln1.b.W_V" in msg and "\n" not in msg, msg
+    assert not os.path.exists(out)
+    rec.record(PROMPT, out, interventions=["L0F3*8"], features=feature_dictionaries([load_dictionary(
+        zdicts["z_folded"])]))
+
+
+def test_neuron_edit_then_raw_space_read(models, dicts, tmp_path):
+    """The raw-space tracker sees the edited hook_post (its hooks run after every edit of the same hook point): a
+    neuron scaled at layer 0, then a raw-space residual read at layer 1, equals the same on the unprocessed bridge."""
+    arch, rec, raw = models
+    dr = load_dictionary(dicts["resid_pre"])
+    ids = rec.tokenize(PROMPT)
+    f1 = _active_feature(dr[1], raw, ids)
+    path = str(tmp_path / "nr.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=["L0N5*40", f"L1F{f1}*3"], top_k=8, lens=False,
+               features=feature_dictionaries([dr]))
+
+    def neuron(x, hook):
+        x = x.clone()
+        x[..., 5] *= 40
+        return x
+
+    hooks = [("blocks.0.mlp.hook_post", neuron)] + _feature_hooks(dr[1], f1, lambda a, p: a * 3)
+    _assert_equal(path, raw, ids, (f"{arch} neuron then resid_pre", hooks))

@@ -48,7 +48,8 @@ def feature_dictionaries(dsets) -> list:
                 relu_before_threshold=d.relu_before_threshold, b_gate=d.b_gate, r_mag=d.r_mag, b_mag=d.b_mag)
         out.append(FeatureDictionary(name=ds.name, fingerprint=ds.fingerprint, path=ds.path, kind=ds.kind,
                                      fold_ln=bool(ds.space.fold_ln),
-                                     center_writing_weights=bool(ds.space.center_writing_weights), layers=layers))
+                                     center_writing_weights=bool(ds.space.center_writing_weights), layers=layers,
+                                     fold_value_biases=bool(ds.space.fold_value_biases)))
     return out
 
 

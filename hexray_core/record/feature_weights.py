@@ -49,8 +49,9 @@ class FeatureLayer:
 
 @dataclass
 class FeatureDictionary:
-    """A dictionary set: ``layers`` by layer; ``fold_ln`` / ``center_writing_weights``: the TransformerLens 3
-    processing of the model it was trained on (its activation space)."""
+    """A dictionary set: ``layers`` by layer; ``fold_ln`` / ``center_writing_weights`` / ``fold_value_biases``: the
+    TransformerLens 3 processing of the model it was trained on (its activation space; the last only moves a
+    hook_z dictionary's input)."""
 
     name: str
     fingerprint: str
@@ -59,11 +60,13 @@ class FeatureDictionary:
     fold_ln: bool
     center_writing_weights: bool
     layers: dict[int, FeatureLayer] = field(default_factory=dict)
+    fold_value_biases: bool = False
 
     def describe(self) -> dict:
         """The dictionary's identity, as ``meta["interventions"]`` records it beside a feature intervention."""
         return {"name": self.name, "fingerprint": self.fingerprint, "path": self.path, "kind": self.kind,
-                "space": {"fold_ln": self.fold_ln, "center_writing_weights": self.center_writing_weights}}
+                "space": {"fold_ln": self.fold_ln, "center_writing_weights": self.center_writing_weights,
+                          "fold_value_biases": self.fold_value_biases}}
 
 
 def pick_dictionary(iv, features: list[FeatureDictionary]) -> tuple[FeatureDictionary, FeatureLayer]:

@@ -189,10 +189,12 @@ class Interventions:
         if not self.acts:
             yield
             return
-        # the raw-space tracker first: its hooks fire in the model's order, before any read that needs them
-        hooks = self.raw.hooks() if self.raw is not None else []
+        # the raw-space tracker last: its hooks fire in the model's order, before any later read that needs them,
+        # and after every edit of the same hook point (a head's hook_z, a neuron's hook_post), so it sees them
+        hooks = []
         for a in self.acts:
             hooks += a.hooks()
+        hooks += self.raw.hooks() if self.raw is not None else []
         with bridge.hooks(fwd_hooks=hooks):
             yield
 

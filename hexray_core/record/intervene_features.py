@@ -18,8 +18,16 @@ the per-position mean centring removed, tracked during the pass from the tokens,
 ``mlp.hook_post`` (``raw/W_E.mean`` ...), unless the dictionary's model was centred too. The write: every read of
 the residual stream of a LayerNorm model goes through a norm that removes the mean, so adding v to the raw
 residual is adding centre(v) to the centred one; HexRay adds centre(v) (the trace stays centred) and counts the
-removed mean in the tracker, so a later raw-space read is still exact. RMSNorm models are never centred. Anything
-else (normalised dictionaries, ``hook_z`` dictionaries, a write to ``hook_resid_mid``) is refused in one line.
+removed mean in the tracker, so a later raw-space read is still exact. RMSNorm models are never centred.
+
+**Attention-output (``attn.hook_z``) dictionaries** read and write the heads' outputs before W_O, concatenated
+([n, n_heads · d_head]). The live hook_z is value-bias folded (compatibility mode): the dictionary's z is it plus
+what the recording's processing removed minus what the dictionary's removed (``fold_value_biases``: each query
+head's b_V, and with ``fold_ln`` on a LayerNorm model ln1's bias through W_V: the kit's ``raw/b_V`` and
+``raw/ln1.b.W_V``), a constant per head, as ``replay/features._hook_z`` does from a trace. The write adds
+(a' − a) · W_dec[f] reshaped to [n_heads, d_head] (the constant cancels in a change); the tracker's hook_z hook
+runs after every edit of that hook, so a later raw-space read counts the write's mean through W_O. Anything else
+(normalised dictionaries, a write to ``hook_resid_mid``) is refused in one line.
 """
 
 from __future__ import annotations
@@ -168,6 +176,7 @@ class FeatureAct:
         self.enc = _encoder(fl, iv.index)
         self.writes = [(h, _t(row / (self.enc["scale"] or 1.0)), centre) for h, row, centre in writes]
         self.act: torch.Tensor | None = None  # [batch, m] of the current pass
+        self.z_layer = fl.layer if "z_shift" in convert else None  # a hook_z dictionary's layer
         self.mean: torch.Tensor | None = None
         self.fired = 0
 
@@ -209,6 +218,13 @@ class FeatureAct:
         """The live activation at the read hook, in the dictionary's space (float32)."""
         x = x.float()
         c = self.convert
+        if "z_shift" in c:  # hook_z [batch, m, n_heads, d_head]: the heads concatenated, plus the folded biases
+            x = x.flatten(-2)
+            if c["z_shift"] is not None:
+                if c["z_shift"].device != x.device:
+                    c["z_shift"] = c["z_shift"].to(x.device)
+                x = x + c["z_shift"]
+            return x
         if c.get("offset") is not None:
             kind, layer, where = c["offset"]
             x = x + self.raw.offset(kind, layer, where).unsqueeze(-1).to(x.device)
@@ -265,6 +281,8 @@ class FeatureAct:
             change = torch.where(mask, self._target(a) - a, torch.zeros_like(a))  # [batch, m]
             r = row.to(device=x.device)
             delta = change.unsqueeze(-1) * r  # [batch, m, d]
+            if self.z_layer is not None:  # hook_z: the decoder row is the heads' outputs concatenated
+                delta = delta.reshape(x.shape)  # the raw-space tracker, registered after it, sees the edited z
             if centre:
                 mu = delta.mean(-1, keepdim=True)
                 delta = delta - mu
@@ -298,6 +316,8 @@ def bind_feature(bridge, iv: Intervention, features: list[FeatureDictionary], ca
                           "intervening on its features is not supported yet")
     uses_ln = str(getattr(bridge.cfg, "normalization_type", "LN") or "LN").upper().startswith("LN")
     centred = uses_ln  # the recording bridge is in compatibility mode: LayerNorm models are centred
+    if (fl.hook_in or "").endswith("attn.hook_z"):
+        return _bind_hook_z(bridge, iv, fd, fl, canon, state, uses_ln)
     d_model = int(bridge.cfg.d_model)
     if fl.W_enc.shape[0] != d_model or fl.W_dec.shape[-1] != d_model:
         raise HexRayError(f"{where}: {fd.name} reads {fl.W_enc.shape[0]} and writes {fl.W_dec.shape[-1]} dimensions, "
@@ -360,3 +380,51 @@ def bind_feature(bridge, iv: Intervention, features: list[FeatureDictionary], ca
                               "space (it writes residual hooks, hook_attn_out, hook_mlp_out and lnX.hook_normalized)")
         writes.append((target, np.asarray(row, dtype=np.float32), centre))
     return FeatureAct(iv, fd, fl, read, convert, writes, state, raw)
+
+
+def _z_removed(bridge, fold_ln: bool, fold_value_biases: bool, layer: int, uses_ln: bool, where: str, name: str):
+    """[n_heads, d_head] (or None): what processing with these flags subtracts from layer ``layer``'s hook_z
+    (``replay/features._value_bias_folded``, from the bridge's copy of the kit's raw/ tensors)."""
+    if not fold_value_biases:
+        return None
+    raw = getattr(bridge, "_hexray_raw", None) or {}
+    need = ["raw/b_V"] + (["raw/ln1.b.W_V"] if fold_ln and uses_ln else [])
+    missing = [n for n in need if n not in raw]
+    if missing:
+        raise HexRayError(f"{where}: {name} reads hook_z in another value-bias space, and this model's bridge lacks "
+                          f"{', '.join(missing)} (it was handed over already processed)")
+    out = _t(raw["raw/b_V"][0][layer])
+    if len(need) > 1:
+        out = out + _t(raw["raw/ln1.b.W_V"][0][layer])
+    return out
+
+
+def _bind_hook_z(bridge, iv: Intervention, fd: FeatureDictionary, fl: FeatureLayer, canon: dict, state: dict,
+                 uses_ln: bool) -> FeatureAct:
+    """An attention-output dictionary: read and write ``blocks.L.attn.hook_z``, heads concatenated."""
+    where = f"--intervene {iv.spec!r}"
+    cfg = bridge.cfg
+    n_heads, d_head = int(cfg.n_heads), int(cfg.d_head)
+    width = n_heads * d_head
+    if fl.W_enc.shape[0] != width or fl.W_dec.shape[-1] != width:
+        raise HexRayError(f"{where}: {fd.name} reads {fl.W_enc.shape[0]} and writes {fl.W_dec.shape[-1]} dimensions, "
+                          f"the model's hook_z has n_heads x d_head = {width} (a dictionary for another model?)")
+    if fl.hook_out != fl.hook_in or fl.cross_layer:
+        raise HexRayError(f"{where}: {fd.name} reads {fl.hook_in} and writes {fl.hook_out}; an attention-output "
+                          "dictionary intervenes where it reads (hook_z)")
+    hook = f"blocks.{fl.layer}.attn.hook_z"
+    if hook not in canon:
+        raise HexRayError(f"{where}: {fd.name} reads {hook!r}, which this model does not have")
+    proc = getattr(bridge, "_hexray_processing", None) or {}
+    live = (bool(proc.get("fold_ln", True)), bool(proc.get("fold_value_biases", True)))
+    mine = (bool(fd.fold_ln), bool(fd.fold_value_biases))
+    shift = None
+    if live != mine:
+        plus = _z_removed(bridge, *live, fl.layer, uses_ln, where, fd.name)
+        minus = _z_removed(bridge, *mine, fl.layer, uses_ln, where, fd.name)
+        if plus is not None or minus is not None:
+            zero = torch.zeros(n_heads, d_head)
+            shift = ((plus if plus is not None else zero) - (minus if minus is not None else zero)).reshape(-1)
+    convert = {"z_shift": shift}
+    writes = [(canon[hook], np.asarray(fl.W_dec[iv.index], dtype=np.float32), False)]
+    return FeatureAct(iv, fd, fl, canon[hook], convert, writes, state, None)

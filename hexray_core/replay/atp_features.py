@@ -9,9 +9,11 @@ dictionary writes there by (f_clean − f_corrupt) · W_dec[f] (as a feature int
 with the features read from the traces (stored by ``record --dict`` or computed from the recorded hooks, in the
 dictionary's space) and the gradient recorded by ``record --grad`` at the dictionary's output hook (or a hook with
 the same gradient: ``hook_mlp_out`` = ``hook_resid_post`` = the next ``hook_resid_pre``; ``hook_attn_out`` =
-``hook_resid_mid``). The trace is centred for LayerNorm models and a raw-space write v acts as centre(v) there, so
-the decoder row is centred before the product. A cross-layer transcoder's feature sums its rows over the layers it
-writes. Result: ``{layer: [n, d_sae]}`` (float64), zero wherever the feature is off in both runs.
+``hook_resid_mid``; an attention-output dictionary's ``attn.hook_z``, heads concatenated: the value-bias spaces
+differ by a constant there, so the gradient is the same in each). The trace is centred for LayerNorm models
+and a raw-space write v acts as centre(v) there, so a residual decoder row is centred before the product. A
+cross-layer transcoder's feature sums its rows over the layers it writes. Result: ``{layer: [n, d_sae]}``
+(float64), zero wherever the feature is off in both runs.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ def feature_estimates(clean, corrupt, dset: DictionarySet, *, run_clean: int = 0
             if centred and hook.endswith(_RESIDUAL):
                 wl = wl - wl.mean(-1, keepdims=True)
             g = _grad_at(corrupt, run_corrupt, hook)
+            g = g.reshape(g.shape[0], -1)  # hook_z [n, n_heads, d_head]: the heads concatenated, as the dictionary
+            if g.shape[1] != wl.shape[-1]:
+                raise HexRayError(f"{dset.name} writes {wl.shape[-1]} dimensions at {hook}; the corrupt trace's "
+                                  f"gradient there has {g.shape[1]} (a dictionary for another model?)")
             effect += g @ wl.T  # [n, d_sae]: W_dec[f] · gradient at each position
         fc = run_features(clean.run(run_clean), dset, layer).dense().astype(np.float64)
         fx = run_features(corrupt.run(run_corrupt), dset, layer).dense().astype(np.float64)
