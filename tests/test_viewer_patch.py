@@ -182,7 +182,7 @@ def _page(browser, url: str):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("request", lambda r: requests.append(r.url))
     page.goto(url)
-    page.wait_for_selector("body[data-pos]", timeout=20_000)
+    page.wait_for_selector("body[data-pos], body[data-patch]", timeout=20_000)  # tokens tab, or a sweep's heatmap
     return page, errors, requests
 
 
@@ -225,9 +225,13 @@ def test_served_view_and_report_show_the_sweep(browser, resid, tmp_path):
         labels = [t.run(0).labels, t.run(1).labels]
     s = Served(path)
     try:
-        page, errors, _ = _page(browser, s.url)
-        _open_tab(page)
+        page, errors, _ = _page(browser, s.url)  # a sweep's trace opens on its heatmap
+        page.wait_for_selector("body[data-patch]", timeout=20_000)
+        assert page.eval_on_selector_all("button.tab.on", "bs => bs.map(b => b.dataset.tab)") == ["patch"]
         _assert_heatmap_is_the_sweep(page, want, labels)
+        tokens, _, _ = _page(browser, s.url + "#tab=tokens")  # unless the URL names another tab
+        tokens.wait_for_selector("body[data-pos]", timeout=20_000)
+        assert tokens.eval_on_selector_all("button.tab.on", "bs => bs.map(b => b.dataset.tab)") == ["tokens"]
         page.screenshot(path=str(tmp_path / "patch-served.png"), full_page=True)
         assert errors == []
     finally:

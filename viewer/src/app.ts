@@ -54,6 +54,11 @@ export class App {
     this.run = clampInt(hash.get("run") ?? String(start?.run ?? ""), 0, this.traces[this.t].runs.length - 1, 0);
     const n = this.currentRun().labels.length;
     this.pos = clampInt(hash.get("pos") ?? String(start?.position ?? ""), 0, n - 1, n - 1);
+    // A sweep written by `hexray patch -o` is opened to be looked at: its heatmap first, unless the URL says
+    const tab = hash.get("tab");
+    if (tab === "tokens" || tab === "cot" || tab === "diff" || (tab === "patch" && hasPatch(this.traces))) this.tab = tab;
+    else if (tab === "graph" && this.graphs.length) this.tab = tab;
+    else if (!tab && (this.traces[this.t].patch ?? []).length > 0) this.tab = "patch";
     document.addEventListener("keydown", (e) => this.onKey(e));
     this.render();
   }
