@@ -84,3 +84,39 @@ def test_graph_equals_circuit_tracer(traces, model, name):
     p = g.prune(0.8, 0.98)
     assert sorted(perm[p.origin].tolist()) == np.nonzero(ref["node_mask"])[0].tolist()
     np.testing.assert_allclose(p.influence, ref["cumulative_scores"][perm[p.origin]], rtol=1e-4, atol=1e-6)
+
+
+def test_hexray_graph_json_equals_circuit_tracers_own_file(traces, tmp_path, capsys):
+    """circuit-tracer's own graph JSON (`create_graph_files`, pruned at 0.8 / 0.98; regenerate with
+    `/work/refvenv/bin/python scripts/reference/circuit_tracer_json.py`) against `hexray graph` on the trace of the
+    same model, prompt and transcoders: the same nodes (ids and types, circuit-tracer's id collisions included),
+    the same links with weights within 1e-4 relative, the same activations and feature influences. HexRay's viewer
+    opens both files with the same nodes and links."""
+    from hexray.cli.main import main
+    from hexray_view import graph as view_graph
+
+    theirs_path = REF / "circuit_tracer_gpt2_plt.json"
+    ours_path = tmp_path / "ours.json"
+    assert main(["graph", traces["gpt2"], "--transcoders", str(REF / "transcoders" / "gpt2_plt"),
+                 "-o", str(ours_path), "--qk", "0"]) == 0
+    assert "checked by shapes and hooks only" in capsys.readouterr().err  # a local folder's name is no evidence
+    ours, theirs = json.loads(ours_path.read_text()), json.loads(theirs_path.read_text())
+    assert ours["metadata"]["prompt_tokens"] == theirs["metadata"]["prompt_tokens"]
+    key = lambda n: (n["node_id"], n["feature_type"])  # noqa: E731
+    assert sorted(map(key, ours["nodes"])) == sorted(map(key, theirs["nodes"]))
+    assert len(theirs["nodes"]) > 30 and {n["feature_type"] for n in theirs["nodes"]} == {
+        "embedding", "cross layer transcoder", "mlp reconstruction error", "logit"}
+    by_key = {key(n): n for n in theirs["nodes"]}
+    for n in ours["nodes"]:
+        t = by_key[key(n)]
+        if t.get("activation") is not None:
+            assert n["activation"] == pytest.approx(t["activation"], rel=1e-5, abs=1e-6)
+        if n["feature_type"] == "cross layer transcoder":
+            assert n["influence"] == pytest.approx(t["influence"], rel=1e-4, abs=1e-6)
+    links = lambda d: sorted((e["source"], e["target"], e["weight"]) for e in d["links"])  # noqa: E731
+    a, b = links(ours), links(theirs)
+    assert len(a) == len(b) > 300
+    for (s1, t1, w1), (s2, t2, w2) in zip(a, b, strict=True):
+        assert (s1, t1) == (s2, t2) and w1 == pytest.approx(w2, rel=1e-4, abs=1e-6)
+    va, vb = view_graph.load(str(ours_path)), view_graph.load(str(theirs_path))
+    assert (len(va["nodes"]), len(va["w"])) == (len(vb["nodes"]), len(vb["w"])) == (len(theirs["nodes"]), len(b))

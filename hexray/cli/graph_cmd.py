@@ -109,8 +109,12 @@ def run(args) -> int:
     with open_trace(args.trace) as trace:
         tset = as_transcoder_set(args.transcoders, trace.n_layers)
         if tset.model_name and tset.model_name != trace.model_name:
-            raise HexRayError(f"{args.transcoders}: transcoders for {tset.model_name}, but the trace recorded "
-                              f"{trace.model_name}")
+            if trace.meta.get("model", {}).get("source") == "hub":  # two hub ids: another model
+                raise HexRayError(f"{args.transcoders}: transcoders for {tset.model_name}, but the trace recorded "
+                                  f"{trace.model_name}")
+            # A local folder's name says nothing about which model it holds: the shapes and hooks decide
+            print(f"hexray: warning: {args.transcoders} names the model {tset.model_name}; the trace recorded the "
+                  f"folder {trace.model_name} (checked by shapes and hooks only)", file=sys.stderr)
         full = build_graph(trace, tset, run=args.run, position=args.position, targets=_targets(args.target),
                            max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size, weights=weights)
         g = full.prune(args.node_threshold, args.edge_threshold, max_nodes=args.max_nodes, max_edges=args.max_edges)
