@@ -27,12 +27,12 @@ def _reference(raw, d, ids_clean, ids_corrupt):
         got = {}
         with torch.no_grad():
             raw.run_with_hooks(torch.tensor([ids]), fwd_hooks=[(d.hook_in, lambda x, hook: got.update(x=x[0]))])
-        return d.encode(got["x"].float().numpy()).astype(np.float64)
+        return d.encode(got["x"].float().reshape(len(ids), -1).numpy()).astype(np.float64)  # hook_z: heads concatenated
 
     grads = {}
 
     def keep(g, hook):
-        grads["g"] = g[0].detach().double().numpy()
+        grads["g"] = g[0].detach().double().reshape(len(ids_corrupt), -1).numpy()
 
     with torch.enable_grad(), raw.hooks(bwd_hooks=[(d.hook_out, keep)]):
         logits = raw(torch.tensor([ids_corrupt]))
@@ -64,8 +64,10 @@ def test_feature_atp_equals_torch_on_the_bridge(arch, tiny, tiny_tokenizer, tmp_
     clean, corrupt = hexray.open(c), hexray.open(x)
     for name, hook, kind in [("sae", "blocks.1.hook_resid_pre", "standard"),
                              ("post", "blocks.0.hook_resid_post", "standard"),
-                             ("tc", "blocks.1.ln2.hook_normalized", "transcoder")]:
-        path = _saelens(tmp_path / name, hook, arch=kind)
+                             ("tc", "blocks.1.ln2.hook_normalized", "transcoder"),
+                             ("z", "blocks.1.attn.hook_z", "standard")]:
+        path = _saelens(tmp_path / name, hook, arch=kind,
+                        extra={"reshape_activations": "hook_z"} if "hook_z" in hook else None)
         dset = load_dictionary(path)
         layer = sorted(dset.layers)[0]
         got = feature_estimates(clean, corrupt, dset)[layer]

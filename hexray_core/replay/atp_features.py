@@ -31,7 +31,8 @@ _RESIDUAL = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_o
 
 
 def _grad_at(trace, run: int, hook: str) -> np.ndarray:
-    """[n, d]: the recorded gradient at ``hook``, or at a hook whose gradient is the same tensor's."""
+    """[n, ...]: the recorded gradient at ``hook``, or at a hook whose gradient is the same tensor's (hook_z:
+    [n, n_heads, d_head], which a hook_z dictionary reads concatenated)."""
     if trace.has(f"grad.{hook}", run):
         return trace.tensor(f"grad.{hook}", run).astype(np.float64)
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
@@ -74,7 +75,7 @@ def feature_estimates(clean, corrupt, dset: DictionarySet, *, run_clean: int = 0
             if centred and hook.endswith(_RESIDUAL):
                 wl = wl - wl.mean(-1, keepdims=True)
             g = _grad_at(corrupt, run_corrupt, hook)
-            effect += g @ wl.T  # [n, d_sae]: W_dec[f] · gradient at each position
+            effect += g.reshape(len(g), -1) @ wl.T  # [n, d_sae]: W_dec[f] · gradient at each position
         fc = run_features(clean.run(run_clean), dset, layer).dense().astype(np.float64)
         fx = run_features(corrupt.run(run_corrupt), dset, layer).dense().astype(np.float64)
         out[layer] = (fc - fx) * effect
