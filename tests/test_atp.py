@@ -165,3 +165,20 @@ def test_estimate_stored_in_a_trace_reads_like_a_real_sweep(tiny_gpt2_recorder, 
     assert [(c.label, c.value) for c in a.contributions] == [(c.label, c.value) for c in b.contributions]
     rc = main(["patch", "--estimate", clean.path, corrupt.path, "--sweep", "resid_pre", "-o", clean.path, "-q"])
     assert rc == 1 and "one of the traces the estimate reads" in capsys.readouterr().err
+
+
+def test_a_key_estimate_stored_in_a_trace_has_a_column_per_kv_head(tiny_llama_recorder, tmp_path, capsys):
+    """--sweep k -o on a grouped-query model (tiny Llama: 4 heads, 2 key/value heads): the viewer's grid has a row
+    per key/value head of each layer, with the values --json printed."""
+    import hexray
+    from hexray_view.data import patch_sweep
+
+    clean, corrupt = _traces(tiny_llama_recorder, tmp_path)
+    out = str(tmp_path / "k.hxr")
+    rc = main(["patch", "--estimate", clean.path, corrupt.path, "--sweep", "k", "-o", out, "--json", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    d = json.loads(capsys.readouterr().out)["patch"]
+    grid = patch_sweep(hexray.open(out))
+    assert grid["rows"] == ["L0KV0", "L0KV1", "L1KV0", "L1KV1"] and grid["cols"]["clean"] == clean.run(0).labels
+    want = np.array(d["values"], dtype=np.float64)  # [layer, pos, kv head]
+    np.testing.assert_allclose(grid["values"], want.transpose(0, 2, 1).reshape(4, -1), rtol=1e-6)
