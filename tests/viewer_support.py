@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -17,6 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+# (the benchmarks) JS: a promise resolved once the next frame is painted; the ms from navigation start to it
+FRAME = "new Promise(r => requestAnimationFrame(() => setTimeout(r, 0)))"
+PAINTED = f"(async () => {{ await {FRAME}; return performance.now(); }})()"
 PROMPTS = [
     "Step 1: The capital of France is Paris.\nStep 2: The capital of Germany is Berlin.\nSo the answer is",
     "The cat sat on the mat. The dog sat on the",
@@ -115,3 +119,9 @@ def new_page(browser, url: str | None = None, *, width: int = 1300):
         page.goto(url)
         page.wait_for_selector("body[data-pos]", timeout=30_000)
     return page, errors, requests
+
+
+def median_p90(name: str, times) -> dict:
+    """``{name}_median_ms`` and ``{name}_p90_ms`` of a benchmark's timings."""
+    xs = sorted(times)
+    return {f"{name}_median_ms": statistics.median(xs), f"{name}_p90_ms": xs[int(0.9 * (len(xs) - 1))]}
