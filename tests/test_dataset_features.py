@@ -211,3 +211,26 @@ def test_a_dataset_recorded_with_dict_stores_features_the_statistics_read(data, 
     check_against_brute_force(doc, rows, 3, 2, fired)
     rc, _, err = run_cli(capsys, *argv[:-3], "-q")  # a resume without the dictionary is refused
     assert rc == 1 and "other options" in err and "dicts" in err
+
+
+def test_a_dataset_recorded_with_an_embedded_dictionary_by_name(tmp_path, capsys):
+    """`--dict hexray-demo-sae` (a name, not a folder) reaches every shard as it does a single trace, and a resume
+    from another folder names the same dictionary."""
+    from trace_format import TraceReader
+
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
+    out = str(tmp_path / "ds") + "/"
+    argv = ["record", "--model", "hexray-demo", "--prompts-file", src, "-o", out, "--dict", "hexray-demo-sae", "-q"]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    assert json.load(open(os.path.join(out, "dataset.json")))["record"]["dicts"] == ["hexray-demo-sae"]
+    shard = next(n for n in os.listdir(os.path.join(out, "shards")) if n.endswith(".hxr"))
+    with TraceReader(os.path.join(out, "shards", shard)) as r:
+        assert [f["name"] for f in r.meta["features"]] == ["hexray-demo-sae"]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        rc, _, err = run_cli(capsys, *argv)
+    finally:
+        os.chdir(cwd)
+    assert rc == 0, err
