@@ -182,3 +182,26 @@ def test_a_key_estimate_stored_in_a_trace_has_a_column_per_kv_head(tiny_llama_re
     assert grid["rows"] == ["L0KV0", "L0KV1", "L1KV0", "L1KV1"] and grid["cols"]["clean"] == clean.run(0).labels
     want = np.array(d["values"], dtype=np.float64)  # [layer, pos, kv head]
     np.testing.assert_allclose(grid["values"], want.transpose(0, 2, 1).reshape(4, -1), rtol=1e-6)
+
+
+def test_an_estimate_trace_keeps_only_the_stored_features_its_metadata_names(tiny_gpt2_recorder, tmp_path):
+    """Clean and corrupt recorded with different --dict: the estimate trace carries the corrupt trace's metadata, so
+    the clean run's stored features (of another dictionary, in the same slot) are left behind, and its features
+    are computed from its recorded hooks instead of read as the other dictionary's."""
+    from test_feature_interventions import _saelens
+
+    import hexray
+    from hexray_core.dataset.record_features import run_extra
+    from hexray_core.replay.dictionary import load_dictionary
+
+    rec = tiny_gpt2_recorder
+    a = load_dictionary(_saelens(tmp_path / "a", "blocks.1.hook_resid_pre"))
+    b = load_dictionary(_saelens(tmp_path / "b", "blocks.1.hook_resid_pre"))
+    c, x, out = (str(tmp_path / n) for n in ("clean.hxr", "corrupt.hxr", "est.hxr"))
+    rec.record(CLEAN, c, act_dtype="float32", grad=METRIC, lens=False, extra=run_extra(rec, [a]))
+    rec.record(CORRUPT, x, act_dtype="float32", grad=METRIC, lens=False, extra=run_extra(rec, [b]))
+    assert main(["patch", "--estimate", c, x, "--sweep", "resid_pre", "-o", out, "-q"]) == 0
+    est, clean, corrupt = hexray.open(out), hexray.open(c), hexray.open(x)
+    np.testing.assert_allclose(est.run(0).features(b, 1).dense(), clean.run(0).features(b, 1).dense(), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_array_equal(est.run(1).features(b, 1).dense(), corrupt.run(0).features(b, 1).dense())
