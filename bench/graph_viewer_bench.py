@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,12 +28,11 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served  # noqa: E402
+from viewer_support import FRAME, PAINTED, Served, chromium, median_p90  # noqa: E402
 
 EDGES = (1_000, 10_000, 100_000)
 PROMPT = ("Step 1: The capital of France is Paris. Step 2: The capital of Germany is Berlin. Step 3: The capital "
           "of Italy is Rome. So the capital of Spain is")
-FRAME = "new Promise(r => requestAnimationFrame(() => setTimeout(r, 0)))"
 CLICK = """async (i) => {
   const el = document.querySelector(`.gnode[data-i='${i}']`);
   el.scrollIntoView({ block: "center", inline: "center" });
@@ -83,14 +81,14 @@ def measure(browser, url: str, clicks: int) -> dict:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url, wait_until="commit")
     page.wait_for_selector("body[data-ready]", timeout=120_000)
-    paint = page.evaluate(f"(async () => {{ await {FRAME}; return performance.now(); }})()")
+    paint = page.evaluate(PAINTED)
     nodes = page.eval_on_selector_all(".gnode", "els => els.length")
     edges = page.evaluate("document.getElementById('graph-summary').textContent")
     rnd = random.Random(1)
-    times = sorted(page.evaluate(CLICK, rnd.randrange(nodes)) for _ in range(clicks))
+    times = [page.evaluate(CLICK, rnd.randrange(nodes)) for _ in range(clicks)]
     page.close()
-    return {"nodes": nodes, "summary": edges, "first_paint_ms": paint, "click_median_ms": statistics.median(times),
-            "click_p90_ms": times[int(0.9 * (len(times) - 1))], "clicks": len(times)}
+    return {"nodes": nodes, "summary": edges, "first_paint_ms": paint, **median_p90("click", times),
+            "clicks": len(times)}
 
 
 def main() -> None:
@@ -103,11 +101,8 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     paths = build(work)
 
-    from playwright.sync_api import sync_playwright
-
     results: dict = {"view": {}, "report": {}, "machine": os.uname().machine, "cpus": os.cpu_count()}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         for n, path in paths.items():
             s = Served(path)
             try:
@@ -122,7 +117,6 @@ def main() -> None:
                                         "bytes": os.path.getsize(html)}
             print(f"  report {os.path.getsize(html) / 1e6:.1f} MB: first paint {r['first_paint_ms']:.0f} ms, click → "
                   f"panel median {r['click_median_ms']:.0f} ms (p90 {r['click_p90_ms']:.0f} ms)", flush=True)
-        browser.close()
     base = results["view"][EDGES[0]]["first_paint_ms"]
     for n in EDGES[1:]:
         print(f"  first paint {n} / {EDGES[0]} edges: {results['view'][n]['first_paint_ms'] / base:.2f}x")

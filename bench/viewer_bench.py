@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,13 +30,12 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served  # noqa: E402
+from viewer_support import FRAME, PAINTED, Served, chromium, median_p90  # noqa: E402
 
 WORDS = ["the", "model", "attends", "to", "Paris", "token", ",", ".", "and", "cats", "step", "answer", "is", "5",
          "so", "we", "think", "\n"]
 SIZES = (64, 1000, 16000)
 
-FRAME = "new Promise(r => requestAnimationFrame(() => setTimeout(r, 0)))"
 CLICK = """async ([i, scroll]) => {
   const tok = document.querySelector(`#strip .tok[data-i='${i}']`);
   if (scroll) {  // as a user would: the token is scrolled into view (and painted) before it is clicked
@@ -91,17 +89,16 @@ def measure_view(browser, path: str, clicks: int) -> dict:
         page = browser.new_page(viewport={"width": 1300, "height": 1000})
         page.goto(s.url, wait_until="commit")
         page.wait_for_selector("body[data-ready]", timeout=60_000)
-        paint = page.evaluate(f"(async () => {{ await {FRAME}; return performance.now(); }})()")
+        paint = page.evaluate(PAINTED)
         page.wait_for_selector("body[data-pos]", timeout=60_000)
-        panels = page.evaluate(f"(async () => {{ await {FRAME}; return performance.now(); }})()")
+        panels = page.evaluate(PAINTED)
         n = page.eval_on_selector_all("#strip .tok", "els => els.length")
         rnd = random.Random(1)
-        times = sorted(page.evaluate(CLICK, [rnd.randrange(n), True]) for _ in range(clicks))
-        jumps = sorted(page.evaluate(CLICK, [rnd.randrange(n), False]) for _ in range(clicks))
+        times = [page.evaluate(CLICK, [rnd.randrange(n), True]) for _ in range(clicks)]
+        jumps = [page.evaluate(CLICK, [rnd.randrange(n), False]) for _ in range(clicks)]
         page.close()
-        return {"tokens": n, "first_paint_ms": paint, "panels_ms": panels, "click_median_ms": statistics.median(times),
-                "click_p90_ms": times[int(0.9 * (len(times) - 1))], "clicks": len(times),
-                "jump_median_ms": statistics.median(jumps), "jump_p90_ms": jumps[int(0.9 * (len(jumps) - 1))]}
+        return {"tokens": n, "first_paint_ms": paint, "panels_ms": panels, **median_p90("click", times),
+                "clicks": len(times), **median_p90("jump", jumps)}
     finally:
         s.close()
 
@@ -116,11 +113,8 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     paths = record(work)
 
-    from playwright.sync_api import sync_playwright
-
     results: dict = {"view": {}, "machine": os.uname().machine, "cpus": os.cpu_count()}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         for n, path in paths.items():
             r = measure_view(browser, path, args.clicks)
             results["view"][n] = r
@@ -128,7 +122,6 @@ def main() -> None:
                   f"{r['panels_ms']:.0f} ms, click → panels median {r['click_median_ms']:.0f} ms "
                   f"(p90 {r['click_p90_ms']:.0f} ms); selecting a token out of view (the strip scrolls to it) "
                   f"median {r['jump_median_ms']:.0f} ms (p90 {r['jump_p90_ms']:.0f} ms)", flush=True)
-        browser.close()
     out = os.path.join(work, "r1000.html")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "hexray_core", "report", paths[1000], "-o", out], check=True, cwd=REPO,

@@ -337,11 +337,16 @@ def patch_sweep(trace, index: int = 0) -> dict:
     if trace.run(clean_run).n_tokens != n:
         raise HexRayError(f"{where}: the clean run has {trace.run(clean_run).n_tokens} tokens, the corrupt run {n} "
                           "(a sweep patches aligned positions)")
-    want = [{"layer": trace.n_layers, "pos": n, "head": _n_heads(trace)}[a] for a in axes]
+    # AtP* of keys (`hexray patch --estimate --sweep k -o`) has a column per key/value head (grouped-query models)
+    kv = str(m.get("sweep", "")).startswith("k ")
+    n_heads = int(trace.config.get("n_key_value_heads") or _n_heads(trace)) if kv else _n_heads(trace)
+    head = "KV" if kv else "H"
+    want = [{"layer": trace.n_layers, "pos": n, "head": n_heads}[a] for a in axes]
     shape = list(trace.reader.info(trace.stored_name(PATCH_VALUES, corrupt_run), corrupt_run).shape)
     if shape != want:  # checked on the index, before a byte of the tensor is decoded
         raise HexRayError(f"{where}: {PATCH_VALUES} has shape {shape}, but {' × '.join(axes)} of this trace "
-                          f"({trace.n_layers} layers, {_n_heads(trace)} heads, {n} tokens) is {want}")
+                          f"({trace.n_layers} layers, {n_heads} {'key/value ' if kv else ''}heads, {n} tokens) is "
+                          f"{want}")
     values = np.asarray(trace.tensor(PATCH_VALUES, corrupt_run), dtype=np.float64)
     clean, corrupt = _metric_value(m, "clean"), _metric_value(m, "corrupt")
     notes = []
@@ -355,9 +360,9 @@ def patch_sweep(trace, index: int = 0) -> dict:
     bad = int((~np.isfinite(values)).sum())
     if bad:
         notes.append(f"{bad} of {values.size} values are not finite numbers (NaN or ±inf): shown as —")
-    heads = [f"H{h}" for h in range(_n_heads(trace))]
+    heads = [f"{head}{h}" for h in range(n_heads)]
     if axes == ["layer", "pos", "head"]:  # as the terminal: a row per head of each layer, a column per position
-        rows = [f"L{la}H{h}" for la in range(values.shape[0]) for h in range(values.shape[2])]
+        rows = [f"L{la}{head}{h}" for la in range(values.shape[0]) for h in range(values.shape[2])]
         row_keys = [[la, h] for la in range(values.shape[0]) for h in range(values.shape[2])]
         values, normalized = (a.transpose(0, 2, 1).reshape(len(rows), n) for a in (values, normalized))
     else:

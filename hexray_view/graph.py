@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 from hexray_core.errors import HexRayError, json_problem, one_line
 from hexray_core.replay.tokentext import quote
@@ -73,6 +74,10 @@ def read(path: str, limit: int = MAX_GRAPH_BYTES) -> dict:
         raise HexRayError(f"{name}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise HexRayError(f"{name}: not JSON ({json_problem(e)})") from None
+    except ValueError as e:  # an integer longer than Python parses (sys.get_int_max_str_digits)
+        m = re.search(r"value has (\d+) digits", str(e))
+        raise HexRayError(f"{name}: not JSON ({f'an integer of {int(m.group(1)):,} digits' if m else one_line(str(e))})"
+                          ) from None
     except RecursionError:
         raise HexRayError(f"{name}: JSON nested too deeply") from None
     if not isinstance(doc, dict):
@@ -84,6 +89,14 @@ class _Bad(Exception):
     pass
 
 
+def _finite(v) -> bool:
+    """Whether a JSON number is one a float holds: not NaN or infinite, nor an integer past 1.8e308."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _get(obj: dict, key: str, types, where: str, optional: bool = False):
     v = obj.get(key)
     if v is None and optional:
@@ -91,7 +104,7 @@ def _get(obj: dict, key: str, types, where: str, optional: bool = False):
     if not isinstance(v, types) or isinstance(v, bool):  # (a bool is an int to isinstance; no field is one)
         want = getattr(types, "__name__", None) or "number"
         raise _Bad(f"{where}.{key}: expected {want}, not {type(v).__name__ if v is not None else 'nothing'}")
-    if isinstance(v, float) and not math.isfinite(v):
+    if isinstance(v, int | float) and types is not int and not _finite(v):
         raise _Bad(f"{where}.{key}: not a finite number")
     return v
 
@@ -140,7 +153,7 @@ def _qk(res, where: str) -> dict:
             raise _Bad(f"{where}.{key}: expected a list")
         for j, r in enumerate(rows):
             ok = isinstance(r, list) and len(r) == width and all(isinstance(x, str) for x in r[:-1]) \
-                and isinstance(r[-1], int | float) and not isinstance(r[-1], bool) and math.isfinite(r[-1])
+                and isinstance(r[-1], int | float) and not isinstance(r[-1], bool) and _finite(r[-1])
             if not ok:
                 raise _Bad(f"{where}.{key}[{j}]: expected {width - 1} node ids and a number")
         out[key] = [[_text(x, 200) if isinstance(x, str) else x for x in r] for r in rows]
@@ -156,7 +169,7 @@ def _feature_extra(v, where: str) -> dict:
         rows = v.get(key, [])
         if not isinstance(rows, list) or len(rows) > 1000 or not all(
                 isinstance(r, list) and len(r) == 3 and isinstance(r[0], int) and isinstance(r[1], str)
-                and isinstance(r[2], int | float) and math.isfinite(r[2]) for r in rows):
+                and isinstance(r[2], int | float) and _finite(r[2]) for r in rows):
             raise _Bad(f"{where}.{key}: expected [[token id, text, value], ...]")
         out[key] = rows
     ctx = v.get("top_contexts", [])
@@ -171,7 +184,7 @@ def _feature_extra(v, where: str) -> dict:
             raise _Bad(f"{where}.top_contexts[{j}]: expected tokens, activation, position, start")
         acts = c.get("activations")
         acts = acts if isinstance(acts, list) and len(acts) == len(c["tokens"]) and all(
-            isinstance(a, int | float) and not isinstance(a, bool) and math.isfinite(a) for a in acts) else None
+            isinstance(a, int | float) and not isinstance(a, bool) and _finite(a) for a in acts) else None
         good.append({"tokens": [_text(t, 200) for t in c["tokens"]], "activation": c["activation"],
                      "position": c["position"], "start": c["start"], "id": str(c.get("id", ""))[:200],
                      "activations": acts})

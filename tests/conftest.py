@@ -20,6 +20,8 @@ torch + transformers + TransformerLens, ~6-10 s, paid once per session):
     tiny_llama_dir       the same for the tiny Llama
     fresh_cache          a new empty HEXRAY_CACHE for one test; returns its path
 
+    browser              Chromium driven by Playwright, per module (skipped without it, failed under CI)
+
 A bridge rewrites the weights of the Hugging Face model it wraps (compatibility mode): to compare
 with Hugging Face logits, build a fresh model with ``tiny.build_tiny_gpt2(tok)`` and compute the
 reference (``tiny.hf_logits``) before recording it.
@@ -106,6 +108,15 @@ def tiny_gpt2_dir(tiny, tiny_tokenizer, tmp_path_factory):
 def tiny_llama_dir(tiny, tiny_tokenizer, tmp_path_factory):
     return tiny.save_tiny_model(tiny.build_tiny_llama(tiny_tokenizer), tiny_tokenizer,
                                 tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium driven by Playwright (viewer_support.chromium), one per test module."""
+    from viewer_support import chromium
+
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture

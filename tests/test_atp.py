@@ -165,3 +165,43 @@ def test_estimate_stored_in_a_trace_reads_like_a_real_sweep(tiny_gpt2_recorder, 
     assert [(c.label, c.value) for c in a.contributions] == [(c.label, c.value) for c in b.contributions]
     rc = main(["patch", "--estimate", clean.path, corrupt.path, "--sweep", "resid_pre", "-o", clean.path, "-q"])
     assert rc == 1 and "one of the traces the estimate reads" in capsys.readouterr().err
+
+
+def test_a_key_estimate_stored_in_a_trace_has_a_column_per_kv_head(tiny_llama_recorder, tmp_path, capsys):
+    """--sweep k -o on a grouped-query model (tiny Llama: 4 heads, 2 key/value heads): the viewer's grid has a row
+    per key/value head of each layer, with the values --json printed."""
+    import hexray
+    from hexray_view.data import patch_sweep
+
+    clean, corrupt = _traces(tiny_llama_recorder, tmp_path)
+    out = str(tmp_path / "k.hxr")
+    rc = main(["patch", "--estimate", clean.path, corrupt.path, "--sweep", "k", "-o", out, "--json", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    d = json.loads(capsys.readouterr().out)["patch"]
+    grid = patch_sweep(hexray.open(out))
+    assert grid["rows"] == ["L0KV0", "L0KV1", "L1KV0", "L1KV1"] and grid["cols"]["clean"] == clean.run(0).labels
+    want = np.array(d["values"], dtype=np.float64)  # [layer, pos, kv head]
+    np.testing.assert_allclose(grid["values"], want.transpose(0, 2, 1).reshape(4, -1), rtol=1e-6)
+
+
+def test_an_estimate_trace_keeps_only_the_stored_features_its_metadata_names(tiny_gpt2_recorder, tmp_path):
+    """Clean and corrupt recorded with different --dict: the estimate trace carries the corrupt trace's metadata, so
+    the clean run's stored features (of another dictionary, in the same slot) are left behind, and its features
+    are computed from its recorded hooks instead of read as the other dictionary's."""
+    from test_feature_interventions import _saelens
+
+    import hexray
+    from hexray_core.dataset.record_features import run_extra
+    from hexray_core.replay.dictionary import load_dictionary
+
+    rec = tiny_gpt2_recorder
+    a = load_dictionary(_saelens(tmp_path / "a", "blocks.1.hook_resid_pre"))
+    b = load_dictionary(_saelens(tmp_path / "b", "blocks.1.hook_resid_pre"))
+    c, x, out = (str(tmp_path / n) for n in ("clean.hxr", "corrupt.hxr", "est.hxr"))
+    rec.record(CLEAN, c, act_dtype="float32", grad=METRIC, lens=False, extra=run_extra(rec, [a]))
+    rec.record(CORRUPT, x, act_dtype="float32", grad=METRIC, lens=False, extra=run_extra(rec, [b]))
+    assert main(["patch", "--estimate", c, x, "--sweep", "resid_pre", "-o", out, "-q"]) == 0
+    est, clean, corrupt = hexray.open(out), hexray.open(c), hexray.open(x)
+    np.testing.assert_allclose(est.run(0).features(b, 1).dense(), clean.run(0).features(b, 1).dense(), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_array_equal(est.run(1).features(b, 1).dense(), corrupt.run(0).features(b, 1).dense())

@@ -64,8 +64,10 @@ def test_feature_atp_equals_torch_on_the_bridge(arch, tiny, tiny_tokenizer, tmp_
     clean, corrupt = hexray.open(c), hexray.open(x)
     for name, hook, kind in [("sae", "blocks.1.hook_resid_pre", "standard"),
                              ("post", "blocks.0.hook_resid_post", "standard"),
-                             ("tc", "blocks.1.ln2.hook_normalized", "transcoder")]:
-        path = _saelens(tmp_path / name, hook, arch=kind)
+                             ("tc", "blocks.1.ln2.hook_normalized", "transcoder"),
+                             ("z", "blocks.1.attn.hook_z", "standard")]:
+        path = _saelens(tmp_path / name, hook, arch=kind,
+                        extra={"reshape_activations": "hook_z"} if "hook_z" in hook else None)
         dset = load_dictionary(path)
         layer = sorted(dset.layers)[0]
         got = feature_estimates(clean, corrupt, dset)[layer]

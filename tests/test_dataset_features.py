@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 import pytest
+from ray_support import local_ray
 from safetensors.numpy import save_file
 from test_dataset import PROMPTS, run_cli, write_jsonl
 
@@ -22,7 +23,6 @@ from hexray_core.replay.dictionary import load_dictionary
 from hexray_core.replay.features import dictionary_input
 
 pytestmark = pytest.mark.slow  # records a dataset with the demo model
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYER, D_SAE = 2, 192
 
 
@@ -165,20 +165,10 @@ def test_bad_requests_get_one_line(data, capsys, argv, message):
 
 
 def test_ray_tasks_give_the_same_statistics(data, capsys):
-    ray = pytest.importorskip("ray")
     out, sae = data
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = REPO + (os.pathsep + old if old else "")  # Ray's workers import this checkout
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray():
         rc, text, err = run_cli(capsys, "features", out, "--dict", sae, "--feature", f"L{LAYER}F3",
                                 "--feature", f"L{LAYER}F50", "--contexts", "4", "--ray", "--json")
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
     assert rc == 0, err
     check_against_brute_force(json.loads(text)["feature_stats"], brute_force(out, sae), 4, 3, [3, 50])
 
@@ -204,18 +194,8 @@ def test_a_dataset_recorded_with_dict_stores_features_the_statistics_read(data, 
     argv = ["record", "--model", "hexray-demo", "--prompts-file", src, "-o", slim, "--shard-size", "4",
             "--act-dtype", "float32", "--hooks", "blocks.0.hook_resid_post", "--dict", sae, "-q"]
     if engine == "ray":
-        ray = pytest.importorskip("ray")
-        old = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = REPO + (os.pathsep + old if old else "")  # Ray's workers import this checkout
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
+        with local_ray():
             rc, _, err = run_cli(capsys, *argv, "--ray", "auto", "--workers", "2")
-        finally:
-            ray.shutdown()
-            if old is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = old
     else:
         rc, _, err = run_cli(capsys, *argv)
     assert rc == 0, err
@@ -231,3 +211,26 @@ def test_a_dataset_recorded_with_dict_stores_features_the_statistics_read(data, 
     check_against_brute_force(doc, rows, 3, 2, fired)
     rc, _, err = run_cli(capsys, *argv[:-3], "-q")  # a resume without the dictionary is refused
     assert rc == 1 and "other options" in err and "dicts" in err
+
+
+def test_a_dataset_recorded_with_an_embedded_dictionary_by_name(tmp_path, capsys):
+    """`--dict hexray-demo-sae` (a name, not a folder) reaches every shard as it does a single trace, and a resume
+    from another folder names the same dictionary."""
+    from trace_format import TraceReader
+
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
+    out = str(tmp_path / "ds") + "/"
+    argv = ["record", "--model", "hexray-demo", "--prompts-file", src, "-o", out, "--dict", "hexray-demo-sae", "-q"]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    assert json.load(open(os.path.join(out, "dataset.json")))["record"]["dicts"] == ["hexray-demo-sae"]
+    shard = next(n for n in os.listdir(os.path.join(out, "shards")) if n.endswith(".hxr"))
+    with TraceReader(os.path.join(out, "shards", shard)) as r:
+        assert [f["name"] for f in r.meta["features"]] == ["hexray-demo-sae"]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        rc, _, err = run_cli(capsys, *argv)
+    finally:
+        os.chdir(cwd)
+    assert rc == 0, err

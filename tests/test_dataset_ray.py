@@ -22,27 +22,18 @@ pytestmark = pytest.mark.slow  # a local Ray cluster whose workers each load the
 
 ray = require_module("ray", "the [dev] or [ray] extra: pip install 'ray[data]'", module_level=True)
 
+from ray_support import local_ray  # noqa: E402
 from test_dataset import PROMPTS, assert_exactly_once, manifest, run_cli  # noqa: E402
 
 from hexray_core.dataset.writer import record_dataset  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITEMS = [{"prompt": f"{p} {k}", "id": f"r{k}-{i}", "k": k} for k in range(2) for i, p in enumerate(PROMPTS)]  # 22
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Ray's workers inherit this environment: the checkout (when hexray is not installed) and the
-    # session's HEXRAY_CACHE (conftest) so the kit lands in the test's cache.
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = REPO + (os.pathsep + old if old else "")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = old
+    with local_ray() as ray:
+        yield ray
 
 
 def events():

@@ -204,6 +204,19 @@ def test_prune_paths_and_neuronpedia_schema(recorded):
         validate({**doc, "nodes": [{"node_id": 1}]})
 
 
+def _check_qk_json(doc: dict) -> None:
+    """A graph JSON with QK tracing: valid Neuronpedia, the split on the target logit's node, every contributor a
+    node of the graph or of qk_only_nodes."""
+    from hexray_core.replay.graph.neuronpedia import validate
+
+    validate(doc)
+    res = [n for n in doc["nodes"] if "qk_tracing_results" in n]
+    assert len(res) == 1 and res[0]["feature_type"] == "logit"
+    known = {n["node_id"] for n in doc["nodes"]} | set(doc["qk_only_nodes"])
+    for q, k, _ in res[0]["qk_tracing_results"]["pair_wise_contributors"]:
+        assert q in known and k in known
+
+
 def test_qk_tracing_splits_the_recorded_score(tiny_gpt2_recorder, tmp_path):
     import hexray
     from hexray_core.replay.graph import random_transcoders
@@ -225,15 +238,7 @@ def test_qk_tracing_splits_the_recorded_score(tiny_gpt2_recorder, tmp_path):
         pruned.model = g.model
         attach_qk(pruned, 2)
         assert len(pruned.qk) == 2
-        doc = pruned.to_neuronpedia()
-        from hexray_core.replay.graph.neuronpedia import validate
-
-        validate(doc)
-        res = [n for n in doc["nodes"] if "qk_tracing_results" in n]
-        assert len(res) == 1 and res[0]["feature_type"] == "logit"
-        known = {n["node_id"] for n in doc["nodes"]} | set(doc["qk_only_nodes"])
-        for q, k, _ in res[0]["qk_tracing_results"]["pair_wise_contributors"]:
-            assert q in known and k in known
+        _check_qk_json(pruned.to_neuronpedia())
 
 
 def test_qk_tracing_of_a_rotary_gqa_model_splits_the_recorded_score(tiny_llama_recorder, tmp_path):
@@ -395,13 +400,7 @@ def test_cli_graph_of_a_rotary_model_has_qk_tracing(tiny, tiny_llama_recorder, t
     assert len(summary["qk_tracing"]) == 3
     for r in summary["qk_tracing"]:
         assert r["score"] == pytest.approx(r["recorded_score"], rel=1e-4, abs=1e-5)
-    doc = json.loads(out.read_text())
-    validate(doc)
-    res = [n for n in doc["nodes"] if "qk_tracing_results" in n]
-    assert len(res) == 1 and res[0]["feature_type"] == "logit"
-    known = {n["node_id"] for n in doc["nodes"]} | set(doc["qk_only_nodes"])
-    for q, k, _ in res[0]["qk_tracing_results"]["pair_wise_contributors"]:
-        assert q in known and k in known
+    _check_qk_json(json.loads(out.read_text()))
     # a rotation the recorder could not write down exactly: the graph is still written, QK tracing says why
     from hexray_core.record import Recorder
 

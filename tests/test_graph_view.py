@@ -74,6 +74,10 @@ BAD = [
     (_doc(links=[{"source": "E_5_0", "target": "0_7_0", "weight": "x"}]), "links[0].weight: expected number"),
     (_doc(metadata={"prompt_tokens": "abc"}), "metadata.prompt_tokens: expected list"),
     (_doc(hexray_features={"0_7": {"top_logits": [["x"]]}}), "top_logits: expected [[token id"),
+    # integers no float holds: 1e400 written out (a weight, a top logit's value), and one Python will not parse
+    (json.dumps(_doc()).replace('"weight": 0.25', '"weight": 1' + "0" * 400), "links[0].weight: not a finite number"),
+    (_doc(hexray_features={"0_7": {"top_logits": [[9, " b", 10 ** 400]]}}), "top_logits: expected [[token id"),
+    ('{"metadata": {}, "n": 1' + "0" * 5000 + "}", "not JSON (an integer of 5,001 digits"),
 ]
 
 

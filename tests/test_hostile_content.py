@@ -174,6 +174,9 @@ CASES = [
     ("kit-W_U-rows", _tensor("kit/W_U", lambda a: a[:-1].copy(), run=WEIGHTS_RUN), "W_U"),
     ("kit-W_O-layers", _tensor("kit/W_O", lambda a: a[:-1].copy(), run=WEIGHTS_RUN), "W_O"),
     ("kit-b_U-short", _tensor("kit/b_U", lambda a: a[:-1].copy(), run=WEIGHTS_RUN), "b_U"),
+    # what fold_value_biases took out of hook_z, per query head (hook_z dictionaries add it back)
+    ("kit-raw-b_V-heads", _tensor("kit/raw/b_V", lambda a: a[:, :1].copy(), run=WEIGHTS_RUN), "raw/b_V"),
+    ("kit-raw-ln1-W_V", _tensor("kit/raw/ln1.b.W_V", lambda a: a[..., :-1].copy(), run=WEIGHTS_RUN), "raw/ln1.b.W_V"),
 ]
 
 

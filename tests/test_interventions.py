@@ -319,3 +319,49 @@ def test_cli_bad_spec_is_one_line(tmp_path, capsys):
     assert rc == 1 and len(err) == 1
     assert err[0] == "hexray: error: --intervene 'L1H2@x=0': position 'x' is not an index or a range A:B " \
                      "(indices count from 0)"
+
+
+@pytest.mark.parametrize("edit", ["L0N5*20", "L0H1*3"])
+def test_a_raw_space_feature_read_sees_an_edit_of_an_earlier_layer(tiny, tiny_tokenizer, tmp_path, edit):
+    """A neuron or head edit and a feature intervention whose dictionary reads an unprocessed model's residual: the
+    means compatibility mode removed are tracked from the edited hook_post / hook_z (what the residual stream gets),
+    so the logits equal hand-written hooks on an unprocessed bridge, in either order of the specs."""
+    import warnings
+
+    import torch
+    from test_feature_interventions import PROMPT as FPROMPT
+    from test_feature_interventions import _active_feature, _assert_equal, _feature_hooks, _saelens
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from hexray_core.dataset.record_features import feature_dictionaries
+    from hexray_core.record import Recorder
+    from hexray_core.replay.dictionary import load_dictionary
+
+    rec = Recorder(tiny.build_tiny_gpt2(tiny_tokenizer), tokenizer=tiny_tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = TransformerBridge.boot_transformers("raw", hf_model=tiny.build_tiny_gpt2(tiny_tokenizer).eval(),
+                                                  tokenizer=tiny_tokenizer, device="cpu", dtype=torch.float32)
+    dset = load_dictionary(_saelens(tmp_path / "sae", "blocks.1.hook_resid_pre"))  # center_writing_weights off
+    d = dset[1]
+    ids = rec.tokenize(FPROMPT)
+    f = _active_feature(d, raw, ids)
+
+    with torch.no_grad():  # what compatibility mode's fold_ln + fold_value_biases take out of head 1's z
+        b_v = raw.b_V[0, 1] + torch.einsum("d,de->e", raw.blocks[0].ln1.bias, raw.W_V[0, 1])
+
+    def edited(x, hook):
+        x = x.clone()
+        if edit.startswith("L0N"):
+            x[..., 5] *= 20  # mlp.hook_post [batch, pos, d_mlp]
+        else:  # attn.hook_z [batch, pos, head, d_head]: the recorder scales the processed z, z_raw - b_v
+            x[..., 1, :] = 3 * (x[..., 1, :] - b_v) + b_v
+        return x
+
+    hook = "blocks.0.mlp.hook_post" if edit.startswith("L0N") else "blocks.0.attn.hook_z"
+    hooks = [(hook, edited)] + _feature_hooks(d, f, lambda a, p: a * 0)
+    for specs in ([edit, f"L1F{f}=0"], [f"L1F{f}=0", edit]):
+        path = str(tmp_path / "t.hxr")
+        rec.record(FPROMPT, path, act_dtype="float32", interventions=specs, top_k=8, lens=False,
+                   features=feature_dictionaries([dset]))
+        _assert_equal(path, raw, ids, (f"{specs}", hooks))

@@ -337,3 +337,15 @@ def test_worker_protocol_and_crash(tmp_path):
         assert not w.alive
 
     asyncio.run(go())
+
+
+def test_worker_dict_paths_expand_home_and_resolve_from_the_document(tmp_path, monkeypatch):
+    from hexray_core.record.worker import dict_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "sae").mkdir(parents=True)
+    (tmp_path / "doc" / "rel").mkdir(parents=True)
+    doc = str(tmp_path / "doc")
+    assert dict_path(doc, "~/sae") == str(tmp_path / "home" / "sae")  # was doc/~/sae, which does not exist
+    assert dict_path(doc, "rel") == os.path.join(doc, "rel")
+    assert dict_path(doc, "hf://org/repo") == "hf://org/repo"

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from ray_support import local_ray
 
 from hexray.cli.main import main
 from hexray_core.errors import HexRayError
@@ -82,16 +83,11 @@ def test_cli_json_and_trace(tiny_llama_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_sweep_on_ray_equals_one_process(tiny_gpt2_dir, capsys):
     """--ray: the index table cut into chunks, each a Ray task in its own worker, gives the same values."""
-    import ray
-
     args = ["patch", "--model", tiny_gpt2_dir, "--clean", CLEAN, "--corrupt", CORRUPT, "--sweep", "attn_out",
             "--target", "#5", "--baseline", "#7", "-q", "--json"]
     assert main(args) == 0
     one = json.loads(capsys.readouterr().out)["patch"]["values"]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray():
         assert main([*args, "--ray", "--workers", "3"]) == 0
         spread = json.loads(capsys.readouterr().out)["patch"]["values"]
-    finally:
-        ray.shutdown()
     assert spread == one

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
 
 import pytest
-from prereq import missing, require_module
-from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served, hexray, record_demo, replay_json, wait_for
+from viewer_support import Served, hexray, new_page, record_demo, replay_json, require_browser, wait_for
 
 pytestmark = pytest.mark.slow  # a real browser, and the demo model recorded in a subprocess per test
 
-if not os.path.exists(CHROMIUM):
-    missing(f"{CHROMIUM} is not installed (apt-get install chromium)", module_level=True)
-sync_api = require_module("playwright.sync_api", "the [dev] extra: pip install playwright", module_level=True)
+require_browser(module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +22,11 @@ def demo_trace(tmp_path_factory):
     return record_demo(tmp_path_factory.mktemp("viewer-browser"))
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 class Page:
     """A page that records console errors and every request it makes."""
 
     def __init__(self, browser):
-        self.page = browser.new_page(viewport={"width": 1300, "height": 1000})
-        self.errors: list[str] = []
-        self.requests: list[str] = []
-        self.page.on("console", lambda m: self.errors.append(m.text) if m.type in ("error", "warning") else None)
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page, self.errors, self.requests = new_page(browser)
 
     def open(self, url: str):
         self.page.goto(url)

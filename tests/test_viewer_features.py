@@ -12,13 +12,9 @@ import os
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served, hexray, record_demo, replay_json
+from viewer_support import Served, hexray, new_page, record_demo, replay_json, require_browser
 
-if not os.path.exists(CHROMIUM):
-    if os.environ.get("HEXRAY_CI"):
-        raise RuntimeError(f"{CHROMIUM} is not installed although HEXRAY_CI is set (.ci/run installs chromium)")
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
+require_browser(module_level=True)
 pytestmark = pytest.mark.slow
 
 
@@ -42,23 +38,6 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("viewer-features")
     trace = record_demo(root)
     return trace, _sae(root / "sae", 128), _sae(root / "wide", 96)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-def _open(browser, url: str):
-    page = browser.new_page(viewport={"width": 1300, "height": 1000})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
-    page.wait_for_selector("body[data-pos]", timeout=30_000)
-    return page, errors
 
 
 def _select(page, action) -> None:
@@ -95,7 +74,7 @@ def test_served_viewer_features_panel_colours_the_strip(browser, setup):
     trace, sae, _ = setup
     server = Served(trace, extra=["--dict", sae])
     try:
-        page, errors = _open(browser, server.url + "#trace=0&run=1&pos=5")
+        page, errors, _ = new_page(browser, server.url + "#trace=0&run=1&pos=5")
         _check_panel_and_strip(page, trace, sae, 1)
         assert not errors
     finally:
@@ -106,7 +85,7 @@ def test_report_embeds_the_features(browser, setup, tmp_path):
     trace, sae, _ = setup
     out = tmp_path / "r.html"
     hexray("report", trace, "--dict", sae, "-o", out, "--detail", "4")
-    page, errors = _open(browser, out.as_uri() + "#trace=0&run=1&pos=3")
+    page, errors, _ = new_page(browser, out.as_uri() + "#trace=0&run=1&pos=3")
     _check_panel_and_strip(page, trace, sae, 1)
     assert not errors
 
@@ -115,7 +94,7 @@ def test_a_dictionary_for_another_model_is_refused_in_the_panel(browser, setup):
     trace, _, wide = setup
     server = Served(trace, extra=["--dict", wide])
     try:
-        page, _ = _open(browser, server.url)
+        page, _, _ = new_page(browser, server.url)
         page.wait_for_selector("#features-error", timeout=30_000)
         assert "d_model 128" in page.text_content("#features-error")
     finally:
@@ -130,7 +109,7 @@ def test_a_clicked_feature_shows_its_meaning_over_a_dataset(browser, setup):
            os.path.join(folder, "prompts.jsonl"), "-o", dataset, "--act-dtype", "float32", "-q")
     server = Served(trace, extra=["--dict", sae, "--dataset", dataset])
     try:
-        page, errors = _open(browser, server.url + "#trace=0&run=0&pos=4")
+        page, errors, _ = new_page(browser, server.url + "#trace=0&run=0&pos=4")
         label = page.get_attribute("#p-features .feat-row", "data-label")
         page.click(f"#p-features .feat-row[data-label='{label}']")
         page.wait_for_selector("#p-meaning .feat-ctx", timeout=60_000)

@@ -16,14 +16,11 @@ import re
 
 import numpy as np
 import pytest
-from prereq import missing, require_module
-from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served, hexray
+from viewer_support import Served, hexray, new_page, require_browser
 
 pytestmark = pytest.mark.slow  # the demo model recorded in subprocesses, a real browser
 
-if not os.path.exists(CHROMIUM):
-    missing(f"{CHROMIUM} is not installed (apt-get install chromium)", module_level=True)
-sync_api = require_module("playwright.sync_api", "the [dev] extra: pip install playwright", module_level=True)
+require_browser(module_level=True)
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 DATASET = ["The cat sat on the mat. The dog sat on the", "Step 1: The capital of France is Paris.",
@@ -51,23 +48,6 @@ def built(tmp_path_factory):
     with open(out, encoding="utf-8") as f:
         doc = json.load(f)
     return trace, tc, ds, out, doc
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-def _page(browser):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    errors, requests = [], []
-    page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("request", lambda r: requests.append(r.url))
-    return page, errors, requests
 
 
 def _click(page, selector: str) -> None:
@@ -114,7 +94,7 @@ def test_report_graph_offline_click_and_qk(built, browser, tmp_path):
     trace, tc, ds, path, doc = built
     html = str(tmp_path / "g.html")
     hexray("report", path, "-o", html)
-    page, errors, requests = _page(browser)
+    page, errors, requests = new_page(browser, width=1400)
     url = "file://" + html
     page.goto(url)
     page.wait_for_selector("body[data-ready='1']", timeout=20_000)
@@ -175,7 +155,7 @@ def test_view_serves_the_graph_alone_and_beside_a_trace(built, browser):
     trace, _, _, path, doc = built
     s = Served(path)
     try:
-        page, errors, requests = _page(browser)
+        page, errors, requests = new_page(browser, width=1400)
         page.goto(s.url)
         page.wait_for_selector("body[data-ready='1']", timeout=20_000)
         assert page.eval_on_selector_all(".gnode", "els => els.length") == len(doc["nodes"])
@@ -188,7 +168,7 @@ def test_view_serves_the_graph_alone_and_beside_a_trace(built, browser):
         s.close()
     s = Served(trace, path)  # a trace and its graph: the token view, and a graph tab
     try:
-        page, errors, _ = _page(browser)
+        page, errors, _ = new_page(browser, width=1400)
         page.goto(s.url)
         page.wait_for_selector("body[data-pos]", timeout=20_000)
         page.click("button[data-tab='graph']")

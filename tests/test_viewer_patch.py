@@ -9,14 +9,12 @@ import contextlib
 import http.client
 import io
 import json
-import os
 import threading
 
 import numpy as np
 import pytest
 from hostile_support import load, replace_tensor, write
-from prereq import missing, require_module
-from viewer_support import CHROMIUM, CHROMIUM_ARGS, Served, hexray
+from viewer_support import Served, hexray, new_page
 
 from hexray_core.errors import HexRayError
 
@@ -164,28 +162,6 @@ def test_nan_values_and_an_unknown_clean_value_are_shown_not_fatal(resid, tmp_pa
 # -- in a real browser ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        missing(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    sync_api = require_module("playwright.sync_api", "the [dev] extra: pip install playwright")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-def _page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1300, "height": 1000})
-    errors, requests = [], []
-    page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("request", lambda r: requests.append(r.url))
-    page.goto(url)
-    page.wait_for_selector("body[data-pos], body[data-patch]", timeout=20_000)  # tokens tab, or a sweep's heatmap
-    return page, errors, requests
-
-
 def _open_tab(page) -> None:
     page.click("button[data-tab='patch']")
     page.wait_for_selector("body[data-patch]", timeout=20_000)
@@ -225,11 +201,11 @@ def test_served_view_and_report_show_the_sweep(browser, resid, tmp_path):
         labels = [t.run(0).labels, t.run(1).labels]
     s = Served(path)
     try:
-        page, errors, _ = _page(browser, s.url)  # a sweep's trace opens on its heatmap
+        page, errors, _ = new_page(browser, s.url)  # a sweep's trace opens on its heatmap
         page.wait_for_selector("body[data-patch]", timeout=20_000)
         assert page.eval_on_selector_all("button.tab.on", "bs => bs.map(b => b.dataset.tab)") == ["patch"]
         _assert_heatmap_is_the_sweep(page, want, labels)
-        tokens, _, _ = _page(browser, s.url + "#tab=tokens")  # unless the URL names another tab
+        tokens, _, _ = new_page(browser, s.url + "#tab=tokens")  # unless the URL names another tab
         tokens.wait_for_selector("body[data-pos]", timeout=20_000)
         assert tokens.eval_on_selector_all("button.tab.on", "bs => bs.map(b => b.dataset.tab)") == ["tokens"]
         page.screenshot(path=str(tmp_path / "patch-served.png"), full_page=True)
@@ -238,7 +214,7 @@ def test_served_view_and_report_show_the_sweep(browser, resid, tmp_path):
         s.close()
     out = tmp_path / "resid.html"
     hexray("report", path, "-o", out)
-    page, errors, requests = _page(browser, out.as_uri())
+    page, errors, requests = new_page(browser, out.as_uri())
     _open_tab(page)
     _assert_heatmap_is_the_sweep(page, want, labels)
     page.screenshot(path=str(tmp_path / "patch-report.png"), full_page=True)
@@ -255,7 +231,7 @@ def test_report_of_two_sweeps_selects_each_and_shows_what_is_wrong(browser, resi
     v[1, 2] = np.nan
     nan = _rewrite(resid[0], tmp_path / "nan.hxr", values=v)
     report.write([bad, nan], str(tmp_path / "two.html"), detail=2)
-    page, errors, _ = _page(browser, (tmp_path / "two.html").as_uri())
+    page, errors, _ = new_page(browser, (tmp_path / "two.html").as_uri())
     _open_tab(page)
     assert page.get_attribute("body", "data-patch") == "error"
     assert "hexray.patch_values has shape [3, 7]" in page.text_content("#patch-error")
@@ -276,6 +252,6 @@ def test_no_patching_tab_without_a_sweep(browser, resid, tmp_path):
     plain = _rewrite(resid[0], tmp_path / "plain.hxr", meta=lambda m: {k: v for k, v in m.items() if k != "patch"},
                      drop=True)
     report.write([plain], str(tmp_path / "plain.html"), detail=2)
-    page, errors, _ = _page(browser, (tmp_path / "plain.html").as_uri())
+    page, errors, _ = new_page(browser, (tmp_path / "plain.html").as_uri())
     assert page.eval_on_selector_all("button.tab", "bs => bs.map(b => b.dataset.tab)") == ["tokens", "cot", "diff"]
     assert errors == []

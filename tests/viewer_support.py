@@ -1,18 +1,26 @@
-"""Shared by the viewer tests: a real demo-model trace on disk, the `hexray` CLI, a served viewer."""
+"""Shared by the viewer tests: a real demo-model trace on disk, the `hexray` CLI, a served viewer, Chromium
+driven by Playwright (conftest's ``browser`` fixture) and pages that record their errors and requests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
+
+from prereq import missing, require_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+# (the benchmarks) JS: a promise resolved once the next frame is painted; the ms from navigation start to it
+FRAME = "new Promise(r => requestAnimationFrame(() => setTimeout(r, 0)))"
+PAINTED = f"(async () => {{ await {FRAME}; return performance.now(); }})()"
 PROMPTS = [
     "Step 1: The capital of France is Paris.\nStep 2: The capital of Germany is Berlin.\nSo the answer is",
     "The cat sat on the mat. The dog sat on the",
@@ -78,3 +86,42 @@ def wait_for(predicate, timeout: float = 10.0):
             return value
         time.sleep(0.05)
     raise AssertionError("timed out")
+
+
+def require_browser(*, module_level: bool = False):
+    """``playwright.sync_api``, once Chromium is there too (without either: skipped, failed under CI)."""
+    if not os.path.exists(CHROMIUM):
+        missing(f"{CHROMIUM} is not installed (apt-get install chromium)", module_level=module_level)
+    return require_module("playwright.sync_api", "the [dev] extra: pip install playwright", module_level=module_level)
+
+
+@contextlib.contextmanager
+def chromium():
+    """Debian's Chromium, launched by Playwright for the block."""
+    with require_browser().sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def new_page(browser, url: str | None = None, *, width: int = 1300):
+    """(page, errors, requests): a page whose console errors and warnings, page errors and requests fill the two
+    lists as it runs; with ``url``, opened there and waited on until the viewer shows a selection."""
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    errors: list[str] = []
+    requests: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    if url is not None:
+        page.goto(url)
+        page.wait_for_selector("body[data-pos], body[data-patch]", timeout=30_000)  # tokens, or a sweep's heatmap
+    return page, errors, requests
+
+
+def median_p90(name: str, times) -> dict:
+    """``{name}_median_ms`` and ``{name}_p90_ms`` of a benchmark's timings."""
+    xs = sorted(times)
+    return {f"{name}_median_ms": statistics.median(xs), f"{name}_p90_ms": xs[int(0.9 * (len(xs) - 1))]}

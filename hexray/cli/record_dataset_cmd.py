@@ -79,10 +79,17 @@ def run(args) -> int:
                "generate": args.generate, "temperature": args.temperature, "seed": args.seed,
                "prepend_bos": False if args.no_bos else None,
                "lens": {"auto": "auto", "on": True, "off": False}[args.lens], "attention": args.attention,
-               "dicts": [os.path.abspath(os.path.expanduser(p)) for p in args.dict or []]}
+               "dicts": [_dict_option(p) for p in args.dict or []]}
     with ray_quietly(args.ray is not None), DatasetProgress(args.quiet) as progress:
         result = record_dataset(rows, args.output, model=args.model, ray=args.ray, workers=args.workers,
                                 worker_cpus=args.worker_cpus, shard_size=args.shard_size, progress=progress,
                                 model_opts=model_opts, **options)
     print(f"hexray: {result.summary()}")
     return 0
+
+
+def _dict_option(p: str) -> str:
+    """A --dict as dataset.json keeps it (and Ray workers load it): a local path made absolute, a reference or an
+    embedded dictionary's name (hf://..., hexray-demo-sae) as given."""
+    q = os.path.expanduser(p)
+    return os.path.abspath(q) if os.path.exists(q) else p

@@ -189,12 +189,14 @@ class Interventions:
         if not self.acts:
             yield
             return
-        # the raw-space tracker last: its hooks fire in the model's order, before any later read that needs them,
-        # and after every edit of the same hook point (a head's hook_z, a neuron's hook_post), so it sees them
         hooks = []
         for a in self.acts:
             hooks += a.hooks()
-        hooks += self.raw.hooks() if self.raw is not None else []
+        # the raw-space tracker last: on a hook it shares with an edit (L0N5*20 on mlp.hook_post, L1H2=0 on
+        # attn.hook_z) it must see the edited value, the one the residual stream gets. Its hooks (embed.hook_in,
+        # hook_z, hook_post) are none a feature reads at, so every read still comes after what it needs.
+        if self.raw is not None:
+            hooks += self.raw.hooks()
         with bridge.hooks(fwd_hooks=hooks):
             yield
 

@@ -34,6 +34,13 @@ class _Job:
         self.cancelled = threading.Event()
 
 
+def dict_path(base: str, p: str) -> str:
+    """A ``dict`` option's path as the worker loads it: ``~`` expanded, a relative folder from the document's
+    (``base``) where it is there, anything else (a reference such as hf://...) as given."""
+    q = os.path.join(base, os.path.expanduser(p))  # (the expanded path itself when absolute)
+    return q if os.path.exists(q) else p
+
+
 class _Worker:
     def __init__(self, out, dictionaries=None):
         self.out = out
@@ -204,9 +211,8 @@ class _Worker:
             paths = [dicts] if isinstance(dicts, str) else list(dicts)
             if not all(isinstance(p, str) for p in paths):
                 raise _UserError("dict must be a dictionary path or a list of them")
-            if isinstance(base, str):  # a relative folder from the document's; a reference (hf://...) as given
-                paths = [os.path.join(base, p) if os.path.exists(os.path.join(base, os.path.expanduser(p))) else p
-                         for p in paths]
+            if isinstance(base, str):
+                paths = [dict_path(base, p) for p in paths]
             options.update(self.dictionaries(self.recorder, paths))  # a bad dictionary: a HexRayError, one line
         folder = os.path.dirname(os.path.abspath(output))
         os.makedirs(folder, exist_ok=True)

@@ -51,8 +51,8 @@ def _pair(clean, corrupt, rc: int, rx: int, name: str) -> tuple[np.ndarray, np.n
     return a, b, g
 
 
-def estimate(clean, corrupt, *, run_clean: int = 0, run_corrupt: int = 0, star: bool = True) -> dict:
-    """Every AtP estimate the two traces allow: ``{name: array}`` in the layouts above, plus ``"metric"``."""
+def check_pair(clean, corrupt, run_clean: int = 0, run_corrupt: int = 0) -> dict:
+    """The corrupt trace's ``meta["grad"]``, once it is known to hold gradients and both runs to be as long."""
     grad = corrupt.meta.get("grad")
     if not isinstance(grad, dict):
         raise HexRayError(f"{corrupt.path} holds no gradients: record the corrupt prompt with hexray record --grad "
@@ -61,6 +61,12 @@ def estimate(clean, corrupt, *, run_clean: int = 0, run_corrupt: int = 0, star: 
     if nc != nx:
         raise HexRayError(f"clean and corrupt runs must have the same token count: clean is {nc} tokens, "
                           f"corrupt {nx}")
+    return grad
+
+
+def estimate(clean, corrupt, *, run_clean: int = 0, run_corrupt: int = 0, star: bool = True) -> dict:
+    """Every AtP estimate the two traces allow: ``{name: array}`` in the layouts above, plus ``"metric"``."""
+    grad = check_pair(clean, corrupt, run_clean, run_corrupt)
     n_layers = corrupt.n_layers
     out: dict = {"metric": grad, "metric_value": corrupt.run(run_corrupt).info.get("grad", {}).get("metric_value")
                  if isinstance(corrupt.run(run_corrupt).info.get("grad"), dict) else None}

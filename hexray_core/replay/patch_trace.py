@@ -15,13 +15,17 @@ import numpy as np
 from hexray_core.errors import HexRayError
 from trace_format import WEIGHTS_RUN, TraceWriter, check_output_path
 
+from .features import STORED
+
 PATCH_VALUES = "hexray.patch_values"  # as hexray_view.data reads it
 
 
-def _copy_run(w: TraceWriter, reader, run: int, extra: dict | None = None) -> None:
+def _copy_run(w: TraceWriter, reader, run: int, extra: dict | None = None, features: bool = True) -> None:
     info = {k: v for k, v in reader.runs[run].items() if k not in ("id", "status")}
     w.begin_run(**info)
     for t in reader.tensors(run):
+        if not features and t.name.startswith(STORED + "."):
+            continue
         w.write(t.name, reader.read(t.name, run, dtype="stored"), dtype=t.dtype, attrs=t.attrs or None)
     for name, arr in (extra or {}).items():
         w.write(name, arr)
@@ -39,8 +43,11 @@ def write_estimate_trace(clean, corrupt, out: str, patch_meta: dict, values: np.
     meta = {k: v for k, v in corrupt.meta.items() if k != "patch"}
     meta["patch"] = patch_meta
     cr, xr = clean.reader, corrupt.reader
+    # stored features (record --dict) are named by slot in meta["features"], which is the corrupt trace's: the
+    # clean run's go along only where its trace stored the same dictionaries (else its features are computed)
+    same = clean.meta.get("features") == corrupt.meta.get("features")
     with TraceWriter(out, meta) as w:
-        _copy_run(w, cr, clean.run(0).id)
+        _copy_run(w, cr, clean.run(0).id, features=same)
         _copy_run(w, xr, corrupt.run(0).id, {PATCH_VALUES: np.asarray(values, dtype=np.float32)})
         for t in xr.tensors(WEIGHTS_RUN):  # a bundled kit (--bundle) travels with the runs
             w.write(t.name, xr.read(t.name, WEIGHTS_RUN, dtype="stored"), run=WEIGHTS_RUN, dtype=t.dtype,

@@ -249,6 +249,7 @@ KIT_TENSORS: list[tuple[str, Shape]] = [
     (r"raw/W_E\.mean", Shape(("d_vocab",))),
     (r"raw/W_pos\.mean", Shape(("n_ctx",))),
     (r"raw/W_O\.mean", Shape(("n_layers", "n_heads", "d_head"))),
+    (r"raw/b_V|raw/ln1\.b\.W_V", Shape(("n_layers", "n_heads", "d_head"))),  # per query head (GQA repeated)
     (r"raw/b_O\.mean|raw/b_out\.mean", Shape(("n_layers",))),
     (r"raw/W_out\.mean", Shape(("n_layers", "d_mlp"))),
     (r"tokenizer\.json", Shape(("tokenizer_bytes",), frozenset({"u8"}))),

@@ -83,9 +83,9 @@ async function showSweep(out: HTMLElement, source: Source, traces: TraceOverview
   // Tokens quoted as the CLI quotes them (a space token is `" "`, not a blank header); clean/corrupt where they differ.
   const cols = byPos ? sw.cols.clean.map((c, j) => (c === sw.cols.corrupt[j] ? q(c) : `${q(c)}/${q(sw.cols.corrupt[j])}`)) : sw.cols.clean;
   const where = (i: number, j: number) => {
-    const [layer, head] = sw.row_keys[i];
+    // the row's name (L3, L3H2, L3KV1: a key estimate's key/value head), and the column's head or position
     const at = byPos ? `position ${j} ${q(sw.cols.clean[j])}` + (sw.cols.clean[j] !== sw.cols.corrupt[j] ? ` (corrupt ${q(sw.cols.corrupt[j])})` : "") : "";
-    return [`L${layer}` + (head != null ? `H${head}` : byPos ? "" : `H${j}`), at].filter(Boolean).join(" · ");
+    return [byPos ? sw.rows[i] : sw.rows[i] + sw.cols.clean[j], at].filter(Boolean).join(" · ");
   };
   const info = h("div", { id: "patch-cell", class: "patch-cell dim", text: "click a cell for its values" });
   const show = (i: number, j: number) => {
