@@ -363,7 +363,8 @@ def test_grad_sees_the_feature_intervention(models, dicts, tmp_path):
     want, plain = grad([("blocks.1.hook_resid_pre", steer)]), grad([])
     with TraceReader(path) as r:
         got = r.read("grad.blocks.0.hook_resid_pre")
-    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    # float32 backward through every layer: the two graphs sum in different orders (and thread splits), ~1e-5 relative
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=3e-5)
     assert np.abs(want - plain).max() > 1e-2 * np.abs(want).max()  # the intervention changed the gradient
 
 
