@@ -246,6 +246,10 @@ def test_refusals_are_one_line(tiny_gpt2_recorder, tiny_gpt2_dir, dicts, tmp_pat
         (["L0F3=0"], fd, "no --dict has a dictionary for layer 0 (rp: layers [1])"),
         (["L1F3=0"], None, "a feature intervention needs a dictionary: add --dict DIR"),
         (["L1F3~x.npy=0"], fd, "a feature is one number"),
+        # a raw-space read after an edit of a layer's whole write: its uncentred residual is not defined
+        (["L0.mlp=0", "L1F3=0"], fd, "edits blocks.0.hook_mlp_out, and a feature of a dictionary read in the "
+                                     "uncentred space"),
+        (["blocks.0.hook_resid_post*2", "L1F3=0"], fd, "their raw-space residual is not defined"),
     ]:
         with pytest.raises(HexRayError) as e:
             rec.record(PROMPT, out, interventions=specs, features=features)
@@ -267,7 +271,8 @@ def test_refusals_are_one_line(tiny_gpt2_recorder, tiny_gpt2_dir, dicts, tmp_pat
 
 def test_cli_api_and_info_agree(tiny, tiny_tokenizer, tiny_gpt2_dir, dicts, tmp_path, capsys):
     """`hexray record --dict D --intervene L1F3*8` = `hexray.record(..., dict=D, interventions=[...])`; `hexray
-    info` names the dictionary; the trace also stores the dictionary's (intervened) features."""
+    info` names the dictionary (whose layer-1 features are not stored: an uncentred-space SAE steered at its own hook
+    has no defined input there, see test_an_edit_of_a_whole_write_leaves_no_uncentred_residual)."""
     out = str(tmp_path / "cli.hxr")
     spec = "L1F3*8"
     rc = main(["record", "--model", tiny_gpt2_dir, "--prompt", PROMPT, "-q", "--act-dtype", "float32",
@@ -590,3 +595,27 @@ def test_neuron_edit_then_raw_space_read(models, dicts, tmp_path):
 
     hooks = [("blocks.0.mlp.hook_post", neuron)] + _feature_hooks(dr[1], f1, lambda a, p: a * 3)
     _assert_equal(path, raw, ids, (f"{arch} neuron then resid_pre", hooks))
+
+
+def test_an_edit_of_a_whole_write_leaves_no_uncentred_residual(tiny_gpt2_dir, dicts, tmp_path, capsys):
+    """`--intervene L0.mlp=0` zeroes the centred MLP output: what the uncentred (raw) model's residual would be is
+    not defined, so a raw-space dictionary's features are left out at record time with `--dict` (one warning line)
+    and refused in one line at replay on such a trace; a centred-space dictionary, or an edit after the
+    dictionary's layer, is fine."""
+    out = tmp_path / "t.hxr"
+    base = ["record", "--model", tiny_gpt2_dir, "--prompt", PROMPT, "-q", "-o", str(out)]
+    rc = main([*base, "--dict", dicts["resid_pre"], "--intervene", "L0.mlp=0"])  # stored features: left out, said
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 0 and len(err) == 1 and "rp layer 1: features not stored" in err[0], err
+    assert "the uncentred residual this dictionary reads is not defined" in err[0]
+    with TraceReader(str(out)) as r:
+        assert not [n for n in r.names(0) if n.startswith("hexray.features.")]
+    assert main([*base, "--dict", dicts["centred"], "--intervene", "L0.mlp=0"]) == 0  # the trace's own space
+    assert main([*base, "--dict", dicts["resid_pre"], "--intervene", "L1.mlp=0"]) == 0  # after layer 1's input
+    capsys.readouterr()
+    assert main([*base, "--intervene", "L0.mlp=0"]) == 0
+    capsys.readouterr()
+    rc = main(["features", str(out), "--dict", dicts["resid_pre"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "recorded with --intervene 'L0.mlp=0'" in err[0], err
+    assert main(["features", str(out), "--dict", dicts["centred"]]) == 0

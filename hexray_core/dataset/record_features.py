@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 
+from hexray_core.errors import HexRayError
+
 
 def run_extra(recorder, dict_paths):
     """A ``RunExtra`` for ``Recorder.record(extra=...)`` that stores every listed dictionary's features."""
     import numpy as np
 
     from hexray_core.record.recorder import RunExtra
-    from hexray_core.replay.features import ArrayRun, needed_hooks, stored_meta, stored_tensors
+    from hexray_core.replay.features import ArrayRun, check_defined, needed_hooks, stored_meta, stored_tensors
 
     dsets = load_dictionaries(dict_paths)
     model_meta = recorder.loaded.model_meta
@@ -26,10 +28,24 @@ def run_extra(recorder, dict_paths):
            if name.startswith("raw/")}
     meta = {"model": model_meta, "hooks": {"set": "kept in memory"}}
 
-    def compute(arrays, ids):
-        return stored_tensors(ArrayRun(arrays, ids, meta, kit), dsets)
+    skip: set = set()  # (slot, layer) whose input the recording's edits leave undefined
 
-    return RunExtra(hooks=needed_hooks(n_layers, upto), compute=compute, meta=stored_meta(dsets))
+    def compute(arrays, ids):
+        return stored_tensors(ArrayRun(arrays, ids, meta, kit), dsets, skip)
+
+    def check(trace_meta):  # what the recording edits decides which spaces are defined (--intervene L0.mlp=0)
+        meta["interventions"] = trace_meta.get("interventions") or []
+        run, warnings = ArrayRun({}, [], meta, kit), []
+        for slot, dset in enumerate(dsets):
+            for layer, d in sorted(dset.layers.items()):
+                try:
+                    check_defined(run.trace, d)
+                except HexRayError as e:
+                    skip.add((slot, layer))
+                    warnings.append(f"{dset.name} layer {layer}: features not stored ({e})")
+        return warnings
+
+    return RunExtra(hooks=needed_hooks(n_layers, upto), compute=compute, meta=stored_meta(dsets), check=check)
 
 
 def feature_dictionaries(dsets) -> list:

@@ -151,8 +151,12 @@ class Recorder:
                                                "the trace will name it but replay may lack its weights")
         else:
             _emit(progress, "kit", path=kit.path, written=kit.written, sha256=kit.sha256)
+        meta = {**self._meta(opts, plan, kit, bundle), **(extra_meta or {})}
+        if plan.extra is not None and plan.extra.check is not None:
+            for message in plan.extra.check(meta) or []:
+                _emit(progress, "warning", message=message)
         try:
-            writer = TraceWriter(opts.output, meta={**self._meta(opts, plan, kit, bundle), **(extra_meta or {})})
+            writer = TraceWriter(opts.output, meta=meta)
         except OSError as e:
             raise _write_error(opts.output, e) from None
         capture = Capture(self.bridge, plan.hooks, writer, act_tag=opts.act_tag, overflow=opts.overflow,
@@ -459,11 +463,13 @@ class RunExtra:
     ``hooks``: canonical hook names to keep for the run (captured even when not stored); ``compute(arrays, ids)``
     gets them as float32 numpy arrays (batch removed) and returns {tensor name: (float32 array, "act" | "raw")}:
     "act" tensors are stored in the trace's activation dtype, "raw" ones as they are (indices, offsets).
-    ``meta``: merged into the trace's metadata."""
+    ``meta``: merged into the trace's metadata. ``check(meta)``: called with the trace's whole metadata before the
+    forward pass (interventions included); returns warnings (what ``compute`` will leave out as not exact)."""
 
     hooks: tuple[str, ...]
     compute: object
     meta: dict
+    check: object = None
 
 
 def _write_extra(writer: TraceWriter, extra: RunExtra, kept: dict, ids: list[int], act_tag: str) -> int:
