@@ -116,3 +116,29 @@ def test_hook_z_in_every_processing_equals_a_bridge_processed_so(tiny, tiny_toke
             b.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_z", lambda x, hook: got.update(z=x[0]))])
         space = Space(fold_ln, False, "test", fold_vb)
         _close(activations(run, "blocks.1.attn.hook_z", space), got["z"].reshape(len(run.tokens), -1))
+
+
+def test_attention_feature_logits_are_left_out_where_a_norm_follows_attention(tiny, tiny_tokenizer, tmp_path):
+    """Gemma 2 normalises the attention output (ln1_post, weight not in the kit) before the residual: a hook_z
+    feature's decoder row through W_O is not the direction it writes, so no top logits are given rather than a
+    plausible wrong ranking; the recording says so (config post_norms). GPT-2 has none and gets them."""
+    from hexray_core.record import Recorder
+    from hexray_core.replay.dictionary import Dictionary
+    from hexray_core.replay.features import feature_logits
+
+    def z_dict(trace):
+        cfg = trace.config
+        width, d_sae = int(cfg["n_heads"]) * int(cfg["d_head"]), 8
+        rng = np.random.default_rng(0)
+        w = rng.standard_normal((2, width, d_sae)).astype(np.float32)
+        return Dictionary(W_enc=w[0], b_enc=np.zeros(d_sae, np.float32), W_dec=w[1].T.copy(),
+                          b_dec=np.zeros(width, np.float32), hook_in="blocks.0.attn.hook_z",
+                          hook_out="blocks.0.attn.hook_z", architecture="standard", layer=0)
+
+    for build, post in ((tiny.build_tiny_gemma2, True), (tiny.build_tiny_gpt2, False)):
+        path = Recorder(build(tiny_tokenizer), tokenizer=tiny_tokenizer, device="cpu").record(
+            PROMPT, tmp_path / f"{post}.hxr", bundle=True).path
+        trace = hexray.open(path)
+        assert trace.config["post_norms"] is post
+        logits = feature_logits(trace, z_dict(trace), range(3), k=4)
+        assert all((len(top), len(bottom)) == ((0, 0) if post else (4, 4)) for top, bottom in logits)

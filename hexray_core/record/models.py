@@ -336,6 +336,11 @@ def _describe(bridge, tok, *, name: str, source: str, revision, path, processing
         "dtype": DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", "")),
         "config": _config_meta(bridge.cfg), "processing": processing,
     }
+    blocks = getattr(bridge, "blocks", None)
+    block = blocks[0] if blocks is not None and len(blocks) else None
+    # Gemma 2/3, OLMo 2, ...: a norm after attention (and the MLP) sits between W_O and the residual stream
+    model_meta["config"]["post_norms"] = bool(block is not None and (hasattr(block, "ln1_post")
+                                                                        or hasattr(block, "ln2_post")))
     if path is not None:
         model_meta["path"] = path
     # The embedded model's tokenizer is named, not located: its folder is an install detail.

@@ -387,6 +387,10 @@ def feature_logits(trace, d: Dictionary, features, k: int = 5) -> list[tuple[lis
     w = d.W_dec[features]
     if w.ndim == 3:
         w = w.sum(1)
+    if reads_hook_z(d) and trace.config.get("post_norms", "Gemma" in str(trace.meta.get("model", {}).get("class"))):
+        # a norm after attention (its weight is not in the kit) turns W_O's output before the residual: no exact
+        # direction to rank logits by (traces before the flag: Gemma classes are taken to have one)
+        return [([], []) for _ in features]
     if reads_hook_z(d) and d.hook_out == d.hook_in:  # a direction of the heads' outputs reaches the residual via W_O
         kit = trace.require_kit("top logits of an attention-output feature")
         w_o = np.asarray(kit["W_O"], dtype=np.float32)[d.layer]  # [n_heads, d_head, d_model]
