@@ -205,3 +205,15 @@ def test_an_estimate_trace_keeps_only_the_stored_features_its_metadata_names(tin
     np.testing.assert_allclose(est.run(0).features(b, 1).dense(), clean.run(0).features(b, 1).dense(), rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_array_equal(est.run(1).features(b, 1).dense(), corrupt.run(0).features(b, 1).dense())
+
+
+def test_traces_of_two_models_are_refused(tiny_gpt2_recorder, tiny_llama_recorder, tmp_path, capsys):
+    """An estimate pairs two recordings of one model: traces of another model (another kit) are one line."""
+    clean, _ = _traces(tiny_gpt2_recorder, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, corrupt = _traces(tiny_llama_recorder, other)
+    for sweep in ("resid_pre", "heads"):
+        rc = main(["patch", "--estimate", clean.path, corrupt.path, "--sweep", sweep, "-q"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and "recorded from different models" in err[0], err

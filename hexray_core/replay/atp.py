@@ -57,6 +57,10 @@ def check_pair(clean, corrupt, run_clean: int = 0, run_corrupt: int = 0) -> dict
     if not isinstance(grad, dict):
         raise HexRayError(f"{corrupt.path} holds no gradients: record the corrupt prompt with hexray record --grad "
                           "METRIC (e.g. --grad 'logit-diff:\" Mary\",\" John\"')")
+    kit_c, kit_x = (t.meta.get("kit") or {} for t in (clean, corrupt))
+    if isinstance(kit_c, dict) and isinstance(kit_x, dict) and kit_c.get("sha256") != kit_x.get("sha256"):
+        raise HexRayError(f"{clean.path} and {corrupt.path} were recorded from different models (their kits "
+                          f"{str(kit_c.get('sha256'))[:12]} and {str(kit_x.get('sha256'))[:12]} differ)")
     nc, nx = clean.run(run_clean).n_tokens, corrupt.run(run_corrupt).n_tokens
     if nc != nx:
         raise HexRayError(f"clean and corrupt runs must have the same token count: clean is {nc} tokens, "

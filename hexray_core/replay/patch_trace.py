@@ -38,7 +38,7 @@ def write_estimate_trace(clean, corrupt, out: str, patch_meta: dict, values: np.
     sources = {os.path.realpath(p) for p in (clean.path, corrupt.path)}
     if os.path.realpath(out) in sources:
         raise HexRayError(f"-o {out}: that is one of the traces the estimate reads; write to another file")
-    if clean.meta.get("kit") != corrupt.meta.get("kit"):
+    if (clean.meta.get("kit") or {}).get("sha256") != (corrupt.meta.get("kit") or {}).get("sha256"):
         raise HexRayError("the clean and corrupt traces were recorded from different models (their kits differ)")
     meta = {k: v for k, v in corrupt.meta.items() if k != "patch"}
     meta["patch"] = patch_meta
