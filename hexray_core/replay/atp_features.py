@@ -24,6 +24,7 @@ import numpy as np
 
 from hexray_core.errors import HexRayError
 
+from .atp import check_pair
 from .dictionary import DictionarySet
 from .features import run_features, trace_centred
 
@@ -49,13 +50,8 @@ def _grad_at(trace, run: int, hook: str) -> np.ndarray:
 
 def feature_estimates(clean, corrupt, dset: DictionarySet, *, run_clean: int = 0, run_corrupt: int = 0) -> dict:
     """``{layer: [n, d_sae]}``: the AtP estimate of patching each feature at each position (see the module)."""
-    if not isinstance(corrupt.meta.get("grad"), dict):
-        raise HexRayError(f"{corrupt.path} holds no gradients: record the corrupt prompt with hexray record --grad "
-                          "METRIC")
-    nc, nx = clean.run(run_clean).n_tokens, corrupt.run(run_corrupt).n_tokens
-    if nc != nx:
-        raise HexRayError(f"clean and corrupt runs must have the same token count: clean is {nc} tokens, "
-                          f"corrupt {nx}")
+    check_pair(clean, corrupt, run_clean, run_corrupt)
+    nx = corrupt.run(run_corrupt).n_tokens
     centred = trace_centred(corrupt)
     out = {}
     for layer in sorted(dset.layers):
