@@ -210,23 +210,26 @@ def test_two_features_raw_space_after_a_centred_write(models, dicts, tmp_path):
     _assert_equal(path, raw, ids, (f"{arch} two features", hooks))
 
 
-def test_steered_generation_with_the_cache_equals_without(models, dicts, tmp_path):
-    """Greedy `--generate` with the KV cache under feature steering = one full steered forward per token."""
+@pytest.mark.parametrize("which", ["resid_pre", "z_raw"])
+def test_steered_generation_with_the_cache_equals_without(models, request, tmp_path, which):
+    """Greedy `--generate` with the KV cache under feature steering = one full steered forward per token (a
+    residual SAE, and an attention-output SAE steering hook_z)."""
     import torch
 
     arch, rec, raw = models
-    dset = load_dictionary(dicts["resid_pre"])
+    folders = request.getfixturevalue("zdicts" if which.startswith("z_") else "dicts")
+    dset = load_dictionary(folders[which])
     d = dset[1]
     ids = rec.tokenize(PROMPT)
     n = len(ids)
     f = _active_feature(d, raw, ids)
-    specs = [f"L1F{f}*6", f"L1F{(f + 1) % d.d_sae}@{n + 1}=+7"]
+    g = (f + 1) % d.d_sae
+    specs = [f"L1F{f}*6", f"L1F{g}@{n + 1}=+7"]
     path = str(tmp_path / "g.hxr")
     rec.record(PROMPT, path, act_dtype="float32", interventions=specs, top_k=8, lens=False, generate=6,
                features=feature_dictionaries([dset]))
     _, _, got = _logits_of(path)
-    hooks = _feature_hooks(d, f, lambda a, p: a * 6) + _feature_hooks(d, (f + 1) % d.d_sae, lambda a, p: a + 7,
-                                                                        positions=(n + 1,))
+    hooks = _feature_hooks(d, f, lambda a, p: a * 6) + _feature_hooks(d, g, lambda a, p: a + 7, positions=(n + 1,))
     seq, plain = list(ids), list(ids)
     with torch.no_grad():
         for _ in range(6):
@@ -234,7 +237,7 @@ def test_steered_generation_with_the_cache_equals_without(models, dicts, tmp_pat
             plain.append(int(raw(torch.tensor([plain]))[0, -1].argmax()))
     assert got == seq
     assert seq != plain  # the steering changed the continuation
-    _assert_equal(path, raw, seq, (f"{arch} steered generation", hooks))
+    _assert_equal(path, raw, seq, (f"{arch} {which} steered generation", hooks))
 
 
 def test_refusals_are_one_line(tiny_gpt2_recorder, tiny_gpt2_dir, dicts, tmp_path, capsys):
@@ -488,32 +491,6 @@ def test_hook_z_write_then_raw_space_read(models, dicts, zdicts, tmp_path):
                lens=False, features=feature_dictionaries([dz, dr]))
     hooks = _feature_hooks(dz[0], f0, lambda a, p: a * 6) + _feature_hooks(dr[1], f1, lambda a, p: a * 3)
     _assert_equal(path, raw, ids, (f"{arch} hook_z then resid_pre", hooks))
-
-
-def test_hook_z_steered_generation_with_the_cache_equals_without(models, zdicts, tmp_path):
-    import torch
-
-    arch, rec, raw = models
-    dset = load_dictionary(zdicts["z_raw"])
-    d = dset[1]
-    ids = rec.tokenize(PROMPT)
-    n = len(ids)
-    f = _active_feature(d, raw, ids)
-    g = (f + 1) % d.d_sae
-    specs = [f"L1F{f}*8", f"L1F{g}@{n + 1}=+9"]
-    path = str(tmp_path / "zg.hxr")
-    rec.record(PROMPT, path, act_dtype="float32", interventions=specs, top_k=8, lens=False, generate=6,
-               features=feature_dictionaries([dset]))
-    _, _, got = _logits_of(path)
-    hooks = _feature_hooks(d, f, lambda a, p: a * 8) + _feature_hooks(d, g, lambda a, p: a + 9, positions=(n + 1,))
-    seq, plain = list(ids), list(ids)
-    with torch.no_grad():
-        for _ in range(6):
-            seq.append(int(raw.run_with_hooks(torch.tensor([seq]), fwd_hooks=hooks)[0, -1].argmax()))
-            plain.append(int(raw(torch.tensor([plain]))[0, -1].argmax()))
-    assert got == seq
-    assert seq != plain  # the steering changed the continuation
-    _assert_equal(path, raw, seq, (f"{arch} hook_z steered generation", hooks))
 
 
 def test_grad_sees_a_hook_z_feature_intervention(models, zdicts, tmp_path):
