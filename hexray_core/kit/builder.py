@@ -159,6 +159,8 @@ def raw_arrays(bridge) -> dict[str, tuple[np.ndarray, str]]:
             except (AttributeError, NotImplementedError, RuntimeError):
                 pass
             w_o_mean = bridge.W_O.float().mean(-1)  # [L, H, d_head]
+            if "b_V" not in f32 or "ln1.b.W_V" not in f32:  # value weights not in TransformerLens's layout
+                return {}
             b_v = f32["b_V"] + f32["ln1.b.W_V"]  # all that fold_ln and fold_value_biases move into b_O
             f32["W_O.mean"] = w_o_mean
             f32["b_O.mean"] = bridge.b_O.float().mean(-1) + (b_v * w_o_mean).sum((-1, -2))
