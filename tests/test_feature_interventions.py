@@ -250,14 +250,16 @@ def test_refusals_are_one_line(tiny_gpt2_recorder, tiny_gpt2_dir, dicts, tmp_pat
         (["L1F3=0"], None, "a feature intervention needs a dictionary: add --dict DIR"),
         (["L1F3~x.npy=0"], fd, "a feature is one number"),
         # a raw-space read after an edit of a layer's whole write: its uncentred residual is not defined
-        (["L0.mlp=0", "L1F3=0"], fd, "edits blocks.0.hook_mlp_out, and a feature of a dictionary read in the "
-                                     "uncentred space"),
+        (["L0.mlp=0", "L1F3=0"], fd, "it edits blocks.0.hook_mlp_out, before 'L1F3=0' reads blocks.1.hook_resid_pre "
+                                     "in the uncentred space"),
         (["blocks.0.hook_resid_post*2", "L1F3=0"], fd, "their raw-space residual is not defined"),
     ]:
         with pytest.raises(HexRayError) as e:
             rec.record(PROMPT, out, interventions=specs, features=features)
         assert part in str(e.value) and "\n" not in str(e.value), str(e.value)
         assert not os.path.exists(out)
+    # an edit after the feature's read (layer 1's MLP writes after blocks.1.hook_resid_pre) leaves it defined
+    rec.record(PROMPT, str(tmp_path / "after.hxr"), interventions=["L1.mlp=0", "L1F3=0"], features=fd)
     # the command line: refused before the model loads, one line, exit 1
     for argv, part in [
         (["--intervene", "L1F3=0"], "a feature intervention needs a dictionary: add --dict DIR"),

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 
 import numpy as np
 import torch
 
 from hexray_core.errors import HexRayError
+from hexray_core.stream_order import reaches
 from trace_format import TraceReader
 
 from .hooks import canonical_names
@@ -270,24 +270,20 @@ def bind(bridge, specs, base_dir: str | None = None, features=None) -> Intervent
                                       f"this model's is [n, {', '.join(map(str, want))}]")
         acts.append(act)
     raw = tracker[0] if tracker else None
-    if raw is not None:
+    readers = [a for a in acts if isinstance(a, FeatureAct) and "offset" in a.convert]  # raw-space reads
+    for r in readers:
         for a in acts:
-            if not isinstance(a, FeatureAct) and _RESIDUAL_WRITE.search(a.hook):
+            if not isinstance(a, FeatureAct) and reaches(a.hook, r.fl.hook_in):
                 # The tracker rebuilds the raw (uncentred) residual from the means of what each layer writes; an
                 # edit of a whole write or of the residual itself has no defined raw-space mean (zeroing the
                 # centred MLP output says nothing of its mean), so the feature would be read off by an unknown amount.
-                raise HexRayError(f"--intervene {a.iv.spec!r}: it edits {a.hook}, and a feature of a dictionary read "
-                                  "in the uncentred space is intervened on in the same pass; their raw-space residual "
-                                  "is not defined: edit heads (L1H2) or neurons (L2N17) instead, or record separately")
+                raise HexRayError(f"--intervene {a.iv.spec!r}: it edits {a.hook}, before {r.iv.spec!r} reads "
+                                  f"{r.fl.hook_in} in the uncentred space; their raw-space residual is not defined "
+                                  "there: edit heads (L1H2) or neurons (L2N17) instead, or record separately")
     for a in acts:  # every centred feature write counts its removed mean where a raw-space read needs it
         if isinstance(a, FeatureAct):
             a.raw = raw
     return Interventions(acts, state, raw)
-
-
-# hooks whose edit changes what a layer writes into the residual stream as a whole (or the stream itself)
-_RESIDUAL_WRITE = re.compile(r"(hook_resid_(pre|mid|post)|hook_attn_out|hook_mlp_out|attn\.hook_out|mlp\.hook_out|"
-                             r"hook_embed|hook_pos_embed)$")
 
 
 def _probe_shape(bridge, hook: str) -> tuple[int, ...]:

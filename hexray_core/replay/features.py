@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hexray_core.errors import HexRayError
+from hexray_core.stream_order import reaches
 
 from .dictionary import Dictionary, DictionarySet, load_dictionary
 from .missing import MissingHook
@@ -70,33 +71,13 @@ def layer_means(run, layer: int, kind: str, why: str) -> np.ndarray:
     return run.memo(("feature_means", layer, kind), build)
 
 
-# an intervention on one of these changes a layer's whole write (or the stream): its raw-space mean is undefined
-_RESIDUAL_WRITE = re.compile(r"(hook_resid_(pre|mid|post)|hook_attn_out|hook_mlp_out|attn\.hook_out|mlp\.hook_out|"
-                             r"hook_embed|hook_pos_embed)$")
-
-
-def _stream_order(hook: str) -> int:
-    """Where along the residual stream a hook sits (embeddings -1, then per layer resid_pre, attention write,
-    resid_mid, MLP write, resid_post = the next resid_pre): an edit at one order reaches reads at it and after."""
-    if hook.endswith(("hook_embed", "hook_pos_embed")):
-        return -1
-    m = _HOOK.fullmatch(hook)
-    if m is None:
-        return -1
-    layer, rest = int(m.group(1)), m.group(2)
-    step = {"hook_resid_pre": 0, "hook_attn_out": 1, "attn.hook_out": 1, "hook_resid_mid": 2, "hook_mlp_in": 2,
-            "hook_mlp_out": 3, "mlp.hook_out": 3, "hook_resid_post": 4}.get(rest, 0)
-    return 4 * layer + step
-
-
 def _check_no_residual_edit(trace, hook: str, why: str) -> None:
     """The raw residual is rebuilt from the means of what each layer wrote (from hook_z / hook_post): a recording
     that edited a whole write or the stream before ``hook`` (``--intervene L0.mlp=0``, a transcoder feature's write,
     whose removed mean went unrecorded) has no defined raw-space value there."""
-    read = _stream_order(hook)
     for iv in trace.meta.get("interventions") or []:
         edit = iv.get("hook") if isinstance(iv, dict) else None
-        if isinstance(edit, str) and _RESIDUAL_WRITE.search(edit) and _stream_order(edit) <= read:
+        if isinstance(edit, str) and reaches(edit, hook):
             raise HexRayError(f"{why}: the trace was recorded with --intervene {str(iv.get('spec'))[:80]!r} (an edit "
                               f"of {edit[:80]}), so the uncentred residual this dictionary reads is not defined for "
                               "it; use a dictionary of the centred space, or a recording without that edit")
