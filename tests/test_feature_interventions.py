@@ -342,42 +342,6 @@ def test_cross_layer_transcoder_feature_writes_every_later_layer(models, tmp_pat
         assert r.meta["interventions"][0]["hooks_out"] == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
 
 
-def test_grad_sees_the_feature_intervention(models, dicts, tmp_path):
-    """`--grad` with a feature intervention: the stored gradient is that of the intervened model (the feature's
-    activation is differentiated through), equal to a TransformerLens backward hook with a hand-written one."""
-    import torch
-
-    arch, rec, raw = models
-    dset = load_dictionary(dicts["centred"])
-    d = dset[1]
-    bridge = rec.bridge
-    ids = rec.tokenize(PROMPT)
-    f = _active_feature(d, bridge, ids)
-    path = str(tmp_path / "g.hxr")
-    rec.record(PROMPT, path, act_dtype="float32", interventions=[f"L1F{f}*8"], lens=False, grad="logit-diff:#5,#7",
-               features=feature_dictionaries([dset]))
-    w, b, bd, wd = (torch.tensor(a) for a in (d.W_enc[:, f], d.b_enc[f:f + 1], d.b_dec, d.W_dec[f]))
-
-    def steer(x, hook):
-        a = torch.relu((x - bd) @ w + b)
-        return x + 7 * a[..., None] * wd
-
-    def grad(fwd):
-        grads = {}
-        with torch.enable_grad(), bridge.hooks(fwd_hooks=fwd, bwd_hooks=[
-                ("blocks.0.hook_resid_pre", lambda g, hook: grads.update(g=g[0].detach()))]):
-            logits = bridge(torch.tensor([ids]))
-            (logits[0, -1, 5] - logits[0, -1, 7]).backward()
-        return grads["g"].numpy()
-
-    want, plain = grad([("blocks.1.hook_resid_pre", steer)]), grad([])
-    with TraceReader(path) as r:
-        got = r.read("grad.blocks.0.hook_resid_pre")
-    # float32 backward through every layer: the two graphs sum in different orders (and thread splits), ~1e-5 relative
-    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=3e-5)
-    assert np.abs(want - plain).max() > 1e-2 * np.abs(want).max()  # the intervention changed the gradient
-
-
 # -- attention-output (hook_z) dictionaries ------------------------------------------------------------------------
 
 def _saelens_z(path, layer, kwargs, *, arch="standard", extra=None):
@@ -495,26 +459,32 @@ def test_hook_z_write_then_raw_space_read(models, dicts, zdicts, tmp_path):
     _assert_equal(path, raw, ids, (f"{arch} hook_z then resid_pre", hooks))
 
 
-def test_grad_sees_a_hook_z_feature_intervention(models, zdicts, tmp_path):
-    """`--grad` through a hook_z feature (differentiated through its activation) = a TransformerLens backward hook
-    with a hand-written torch one on the recording bridge (its hook_z is this dictionary's space: fold_ln and
-    fold_value_biases, centring moves nothing there)."""
+@pytest.mark.parametrize("which", ["centred", "z_folded"])
+def test_grad_sees_the_feature_intervention(models, request, tmp_path, which):
+    """`--grad` with a feature intervention: the stored gradient is that of the intervened model (the feature's
+    activation is differentiated through), equal to a TransformerLens backward hook with a hand-written one on the
+    recording bridge, whose space both dictionaries read: a centred residual SAE at layer 1, and an
+    attention-output SAE at layer 0 (its hook_z folded as the bridge's: fold_ln and fold_value_biases, centring
+    moves nothing there)."""
     import torch
 
     arch, rec, _ = models
-    dset = load_dictionary(zdicts["z_folded"])
-    d = dset[0]
+    folders = request.getfixturevalue("zdicts" if which.startswith("z_") else "dicts")
+    dset = load_dictionary(folders[which])
+    layer = min(dset.layers)
+    d = dset[layer]
     bridge = rec.bridge
     ids = rec.tokenize(PROMPT)
     f = _active_feature(d, bridge, ids)
-    path = str(tmp_path / "zgrad.hxr")
-    rec.record(PROMPT, path, act_dtype="float32", interventions=[f"L0F{f}*8"], lens=False, grad="logit-diff:#5,#7",
-               features=feature_dictionaries([dset]))
+    path = str(tmp_path / "g.hxr")
+    rec.record(PROMPT, path, act_dtype="float32", interventions=[f"L{layer}F{f}*8"], lens=False,
+               grad="logit-diff:#5,#7", features=feature_dictionaries([dset]))
     w, b, bd, wd = (torch.tensor(a) for a in (d.W_enc[:, f], d.b_enc[f:f + 1], d.b_dec, d.W_dec[f]))
 
-    def steer(z, hook):
-        a = torch.relu((z.flatten(-2) - bd) @ w + b)
-        return z + (7 * a[..., None] * wd).reshape(z.shape)
+    def steer(x, hook):  # hook_z [b, n, heads, d_head] is read with its heads concatenated
+        flat = x.flatten(-2) if d.hook_in.endswith("hook_z") else x
+        a = torch.relu((flat - bd) @ w + b)
+        return x + (7 * a[..., None] * wd).reshape(x.shape)
 
     def grad(fwd):
         grads = {}
@@ -524,11 +494,12 @@ def test_grad_sees_a_hook_z_feature_intervention(models, zdicts, tmp_path):
             (logits[0, -1, 5] - logits[0, -1, 7]).backward()
         return grads["g"].numpy()
 
-    want, plain = grad([("blocks.0.attn.hook_z", steer)]), grad([])
+    want, plain = grad([(d.hook_in, steer)]), grad([])
     with TraceReader(path) as r:
         got = r.read("grad.blocks.0.hook_resid_pre")
-    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
-    assert np.abs(want - plain).max() > 1e-2 * np.abs(want).max()
+    # float32 backward through every layer: the two graphs sum in different orders (and thread splits), ~1e-5 relative
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=3e-5 if which == "centred" else 0)
+    assert np.abs(want - plain).max() > 1e-2 * np.abs(want).max()  # the intervention changed the gradient
 
 
 def test_hook_z_refusals(tiny, tiny_tokenizer, zdicts, tmp_path):
