@@ -26,6 +26,7 @@ from hexray_core.replay import attention, attribution, lens
 from hexray_core.replay import cot as cot_mod
 from hexray_core.replay import diff as diff_mod
 from hexray_core.replay.jsonable import plain
+from hexray_core.replay.patch_trace import PATCH_VALUES
 from hexray_core.replay.tokentext import running_texts
 
 TOP_PREDICTIONS = 10
@@ -291,7 +292,6 @@ def run_features(trace, run: int, dset) -> dict:
 
 # -- activation patching (a trace written by `hexray patch -o`) --------------------------------------
 
-PATCH_VALUES = "hexray.patch_values"  # the raw metric of every patch, in the corrupt run (patch_cmd.py)
 PATCH_AXES = (["layer", "pos"], ["layer", "head"], ["layer", "pos", "head"])
 
 

@@ -109,9 +109,11 @@ def run(args) -> int:
         if args.output:
             import numpy as np
 
+            from hexray_core.replay.patch_trace import PATCH_VALUES
+
             rec.record([args.clean, args.corrupt], args.output, progress=progress, act_dtype="float32",
                        extra_meta={"patch": result.meta()},
-                       run_tensors={1: {"hexray.patch_values": result.values.astype(np.float32)}})
+                       run_tensors={1: {PATCH_VALUES: result.values.astype(np.float32)}})
     if args.json:
         from hexray.cli import render
 

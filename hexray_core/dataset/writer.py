@@ -35,7 +35,7 @@ RECORD_DEFAULTS = {"hooks": "default", "act_dtype": "auto", "overflow": "f32", "
                    "attention": "auto", "dicts": []}
 # Options added after datasets were first written: a folder whose dataset.json lacks one was recorded the
 # way its default records now (it can be resumed without naming it).
-LATER_OPTIONS = {"attention": "auto", "dicts": []}
+LATER_OPTIONS = {k: RECORD_DEFAULTS[k] for k in ("attention", "dicts")}
 
 
 @dataclass

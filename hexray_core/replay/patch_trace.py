@@ -13,14 +13,14 @@ import os
 import numpy as np
 
 from hexray_core.errors import HexRayError
-from trace_format import WEIGHTS_RUN, TraceWriter, check_output_path
+from trace_format import WEIGHTS_RUN, check_output_path
 
 from .features import STORED
 
-PATCH_VALUES = "hexray.patch_values"  # as hexray_view.data reads it
+PATCH_VALUES = "hexray.patch_values"  # the raw metric of every patch, in the corrupt run (written by hexray patch -o)
 
 
-def _copy_run(w: TraceWriter, reader, run: int, extra: dict | None = None, features: bool = True) -> None:
+def _copy_run(w, reader, run: int, extra: dict | None = None, features: bool = True) -> None:
     info = {k: v for k, v in reader.runs[run].items() if k not in ("id", "status")}
     w.begin_run(**info)
     for t in reader.tensors(run):
@@ -34,6 +34,8 @@ def _copy_run(w: TraceWriter, reader, run: int, extra: dict | None = None, featu
 
 def write_estimate_trace(clean, corrupt, out: str, patch_meta: dict, values: np.ndarray) -> str:
     """Write ``out``: both runs and the estimate (see the module docstring). Returns ``out``."""
+    from trace_format import TraceWriter  # loaded on first use (the viewer imports this module for its name)
+
     check_output_path(out)
     sources = {os.path.realpath(p) for p in (clean.path, corrupt.path)}
     if os.path.realpath(out) in sources:
